@@ -1,0 +1,166 @@
+"""Reading lichess PGN: stream games out of `.pgn` / `.pgn.zst`, pull the `%eval` annotations,
+replay the moves and return every evaluated position as board-state tuples (see encoding.py).
+
+A lichess game is its header tags, a blank line, the whole movetext on one line, a blank line:
+    1. e4 { [%eval 0.17] [%clk 0:03:00] } 1... c5 { [%eval 0.19] [%clk 0:03:00] } 2. Nf3 ... 0-1
+`%eval` is in pawns from White's view (`#N`: White mates in N, `#-N`: Black does) and describes the
+position after the move it follows.
+"""
+
+import codecs
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import chess
+import zstandard
+
+from encoding import board_state
+
+RESULTS = ("1-0", "0-1", "1/2-1/2", "*")
+_EVAL = re.compile(r"\[%eval\s+([^\]\s]+)\s*\]")
+_HEADER = re.compile(r'^\[(\w+)\s+"(.*)"\]\s*$')
+# One movetext token: a comment, a move number, a result, a NAG, a variation bracket, or a SAN.
+_TOKEN = re.compile(r"\{[^}]*\}|\{|\d+\.(?:\.\.)?|1-0|0-1|1/2-1/2|\*|\$\d+|[()]|[^\s{}()$]+")
+_MOVE_NUMBER = re.compile(r"\d+\.(?:\.\.)?$")
+
+
+class BadGame(ValueError):
+    """A game that cannot be used; `reason` is the counter it is skipped under."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class CorruptArchive(RuntimeError):
+    """The compressed stream itself is broken; carries the file and the byte offset reached."""
+
+
+CHUNK_BYTES = 1 << 20
+
+
+def read_chunks(path: Path) -> Iterator[bytes]:
+    """Decompressed bytes of `.pgn.zst` (all frames) or `.pgn`, a chunk at a time: never the whole
+    archive in memory. A corrupt or truncated archive raises CorruptArchive with the byte offset."""
+    with open(path, "rb") as raw:
+        if path.suffix != ".zst":
+            while chunk := raw.read(CHUNK_BYTES):
+                yield chunk
+            return
+        decompressor = zstandard.ZstdDecompressor()
+        frame = decompressor.decompressobj()
+        in_frame = False
+        while chunk := raw.read(CHUNK_BYTES):
+            while chunk:
+                try:
+                    out = frame.decompress(chunk)
+                except zstandard.ZstdError as exc:
+                    raise CorruptArchive(f"{path}: corrupt zstd data in the {CHUNK_BYTES}-byte block "
+                                         f"ending at compressed byte {raw.tell()}: {exc}") from None
+                in_frame = True
+                if out:
+                    yield out
+                chunk = b""
+                if frame.eof:  # one frame done; lichess archives may hold several
+                    chunk, frame, in_frame = frame.unused_data, decompressor.decompressobj(), False
+        if in_frame:
+            raise CorruptArchive(f"{path}: truncated zstd archive: it ends inside a frame at compressed "
+                                 f"byte {raw.tell()}")
+
+
+def iter_games(path: Path) -> Iterator[str]:
+    """Yield each game's text. A new game starts at a header line that follows movetext, so
+    missing or doubled blank lines do not matter."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    lines: list[str] = []
+    seen_moves = False
+    pending = ""
+    for chunk in read_chunks(path):
+        pending += decoder.decode(chunk)
+        *complete, pending = pending.split("\n")
+        for line in complete:
+            if line.startswith("[") and seen_moves:
+                yield "\n".join(lines) + "\n"
+                lines, seen_moves = [], False
+            if line.strip() and not line.startswith("["):
+                seen_moves = True
+            lines.append(line)
+    lines.append(pending)
+    if any(line.strip() for line in lines):
+        yield "\n".join(lines) + "\n"
+
+
+def parse_headers(game: str) -> tuple[dict[str, str], str]:
+    """Split a game into its header tags and its movetext (all non-header lines joined)."""
+    headers, moves = {}, []
+    for line in game.splitlines():
+        match = _HEADER.match(line)
+        if match:
+            headers[match.group(1)] = match.group(2)
+        elif line.strip():
+            moves.append(line.strip())
+    return headers, " ".join(moves)
+
+
+def parse_eval(text: str) -> tuple[int, int]:
+    """Lichess eval notation -> (centipawns, mate). `0.17` -> (17, 0); `#-3` -> (0, -3)."""
+    if text.startswith("#"):
+        mate = int(text[1:])
+        if mate == 0:
+            raise ValueError(f"mate in 0 is not an eval: {text!r}")
+        return 0, mate
+    return round(float(text) * 100), 0
+
+
+def format_eval(cp: int, mate: int) -> str:
+    """(centipawns, mate) -> lichess notation: `0.17`, `-1.50`, `#3`, `#-2`."""
+    return f"#{mate}" if mate else f"{cp / 100:.2f}"
+
+
+def game_positions(game: str) -> tuple[dict[str, str], list[tuple], list[int], list[int]]:
+    """Replay one game; return its headers and, for every position that carries an eval,
+    its board state, centipawns and mate. Raises BadGame for anything unusable."""
+    headers, movetext = parse_headers(game)
+    if "Variant" in headers and headers["Variant"] != "Standard" or "FEN" in headers:
+        raise BadGame("variant")
+    board = chess.Board()
+    states, cps, mates = [], [], []
+    moved_since_eval = False  # an eval belongs to the move right before it
+    depth = 0  # inside a (variation): skipped
+    result = None
+    for token in _TOKEN.findall(movetext):
+        if token.startswith("{"):
+            if not token.endswith("}"):
+                raise BadGame("broken_comment", "unclosed {")
+            match = _EVAL.search(token)
+            if match and depth == 0 and moved_since_eval:
+                try:
+                    cp, mate = parse_eval(match.group(1))
+                except ValueError:
+                    raise BadGame("bad_eval", match.group(1)) from None
+                states.append(board_state(board))
+                cps.append(cp)
+                mates.append(mate)
+                moved_since_eval = False
+        elif token == "(":
+            depth += 1
+        elif token == ")":
+            depth -= 1
+            if depth < 0:
+                raise BadGame("broken_variation")
+        elif depth or token.startswith("$") or _MOVE_NUMBER.match(token):
+            continue
+        elif token in RESULTS:
+            result = token
+            break
+        else:
+            san = token.rstrip("!?")
+            try:
+                board.push_san(san)
+            except ValueError:
+                raise BadGame("illegal_move", f"{token} at ply {board.ply()}") from None
+            moved_since_eval = True
+    if result is None:
+        raise BadGame("missing_result")
+    return headers, states, cps, mates
