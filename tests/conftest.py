@@ -1,0 +1,45 @@
+"""Shared fixtures: a small prepared dataset cut from the bundled sample, and random legal games."""
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import chess
+import pytest
+
+import data
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample.pgn.zst"
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """The first 300 games of the bundled sample, prepared (train/val/test)."""
+    out = tmp_path_factory.mktemp("prepared")
+    data.prepare([SAMPLE], out, max_games=300)
+    return out
+
+
+def random_games(count: int, seed: int, max_plies: int = 200):
+    """Random legal games (promotions, castling, en passant, checks and mates all occur)."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        board = chess.Board()
+        while not board.is_game_over() and board.ply() < max_plies:
+            moves = list(board.legal_moves)
+            # favour captures, promotions and castling so they turn up often
+            special = [m for m in moves if m.promotion or board.is_castling(m) or board.is_en_passant(m)]
+            board.push(rng.choice(special) if special and rng.random() < 0.5 else rng.choice(moves))
+        yield board
+
+
+def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None,
+               program: str = sys.executable):
+    """Run a repository script in a fresh process (one thread per process on the 2-core CI)."""
+    import os
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run([program, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
