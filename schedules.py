@@ -1,0 +1,40 @@
+"""Schedules: pure functions of the optimizer step (0-based), so resuming needs only the step.
+
+The learning rate follows one of:
+  constant   base_lr
+  cosine     linear warmup from base_lr/warmup to base_lr, then cosine decay to min_lr at total_steps
+  noam       scale * d_model^-0.5 * min(n^-0.5, n * warmup^-1.5) with n = step + 1 (Vaswani et al. 2017)
+"""
+
+import math
+
+LR_SCHEDULES = ("constant", "cosine", "noam")
+
+
+def constant(step: int, base_lr: float) -> float:
+    return base_lr
+
+
+def warmup_cosine(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (base_lr - min_lr)
+
+
+def noam(step: int, scale: float, d_model: int, warmup_steps: int) -> float:
+    n = step + 1  # the formula is undefined at 0
+    return scale * d_model**-0.5 * min(n**-0.5, n * max(1, warmup_steps) ** -1.5)
+
+
+def learning_rate(step: int, kind: str, base_lr: float, warmup_steps: int, total_steps: int,
+                  min_lr_ratio: float, noam_scale: float, d_model: int) -> float:
+    """The learning rate at `step` for the schedule named `kind` (one of LR_SCHEDULES)."""
+    if kind == "constant":
+        return constant(step, base_lr)
+    if kind == "cosine":
+        return warmup_cosine(step, base_lr, warmup_steps, total_steps, base_lr * min_lr_ratio)
+    if kind == "noam":
+        return noam(step, noam_scale, d_model, warmup_steps)
+    raise ValueError(f"unknown schedule {kind!r}; expected one of {', '.join(LR_SCHEDULES)}")
