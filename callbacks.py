@@ -1,0 +1,216 @@
+"""Hooks: plain functions `hook(run)` that the loop in train.py calls at named points.
+
+Points: `after_step` (after every optimizer step), `on_log` (every log.every steps, after the loop
+has put the training metrics in `run.log_row`; hooks may add to it), `on_validation_end` (metrics
+in `run.val_metrics`), `on_train_end`. A factory below returns {point: [functions]} for one concern;
+`merge` joins them. Nothing here syncs with the device except where it says so.
+
+Also here: checkpoint writing (atomic: temp file, fsync, rename), finding one to resume from, and
+the RNG states a checkpoint carries.
+"""
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed
+from tqdm import tqdm
+
+from config import to_dict
+
+Hooks = dict[str, list]
+
+
+def merge(*groups: Hooks) -> Hooks:
+    merged: Hooks = {}
+    for group in groups:
+        for point, functions in group.items():
+            merged.setdefault(point, []).extend(functions)
+    return merged
+
+
+def call(hooks: Hooks, point: str, run) -> None:
+    for hook in hooks.get(point, []):
+        hook(run)
+
+
+# ---------------------------------------------------------------- progress, throughput, LR
+
+
+def throughput() -> Hooks:
+    """samples/s, steps/s and the learning rate, measured between log intervals (wall clock)."""
+    last = {"time": None, "step": 0}
+
+    def start(run) -> None:
+        last["time"], last["step"] = time.perf_counter(), run.step
+
+    def measure(run) -> None:
+        now = time.perf_counter()
+        steps = run.step - last["step"]
+        if last["time"] is not None and steps > 0:
+            seconds = now - last["time"]
+            run.log_row["perf/steps_per_s"] = steps / seconds
+            run.log_row["perf/samples_per_s"] = steps * run.cfg.data.batch_size / seconds
+        run.log_row["train/lr"] = run.lr
+        run.log_row["train/epoch"] = run.epoch
+        last["time"], last["step"] = now, run.step
+
+    return {"on_train_start": [start], "on_log": [measure]}
+
+
+def progress_bar(total_steps: int) -> Hooks:
+    """tqdm on rank 0: advances every step (no sync), shows the last logged values."""
+    bar = {}
+
+    def start(run) -> None:
+        if run.fabric.is_global_zero:
+            bar["tqdm"] = tqdm(total=total_steps, initial=run.step, desc=run.cfg.task, unit="step",
+                               dynamic_ncols=True, smoothing=0.1)
+
+    def advance(run) -> None:
+        if "tqdm" in bar:
+            bar["tqdm"].update(1)
+
+    def show(run) -> None:
+        if "tqdm" in bar:
+            row = run.log_row
+            bar["tqdm"].set_postfix(loss=f"{row.get('train/loss', math.nan):.3f}", lr=f"{run.lr:.2e}",
+                                    samples_s=f"{row.get('perf/samples_per_s', 0):.0f}", refresh=False)
+
+    def close(run) -> None:
+        if "tqdm" in bar:
+            bar.pop("tqdm").close()
+
+    return {"on_train_start": [start], "after_step": [advance], "on_log": [show], "on_train_end": [close]}
+
+
+# ---------------------------------------------------------------- early stopping
+
+
+def improved(score: float, best: float | None, mode: str) -> bool:
+    return best is None or (score < best if mode == "min" else score > best)
+
+
+def early_stopping(patience: int) -> Hooks:
+    """Stop after `patience` validations without a better monitored metric. The metric is reduced
+    over ranks, so every rank takes the same decision."""
+
+    def check(run) -> None:
+        score = run.val_metrics[run.cfg.checkpoint.monitor]
+        if improved(score, run.early_stop_best, run.cfg.checkpoint.mode):
+            run.early_stop_best, run.bad_validations = score, 0
+            return
+        run.bad_validations += 1
+        if run.bad_validations >= patience:
+            run.fabric.print(f"early stopping: {run.cfg.checkpoint.monitor} has not improved for {patience} validations")
+            run.should_stop = True
+
+    return {"on_validation_end": [check]}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpointing() -> Hooks:
+    """At every validation: write step-N.ckpt, keep the best k by the monitored metric, point
+    last.ckpt at it. With checkpoint.every, also refresh last.ckpt every N steps."""
+
+    def at_validation(run) -> None:
+        ckpt = run.cfg.checkpoint
+        path = run.run_dir / "checkpoints" / f"step-{run.step:08d}.ckpt"
+        score = run.val_metrics[ckpt.monitor]
+        run.best.append((score, path.name))
+        run.best.sort(key=lambda item: item[0], reverse=ckpt.mode == "max")
+        dropped = run.best[ckpt.keep_best:] if ckpt.keep_best > 0 else []
+        del run.best[len(run.best) - len(dropped):]
+        save_checkpoint(run, path)
+        link_last(run, path)
+        if run.fabric.is_global_zero:
+            for _, name in dropped:
+                (run.run_dir / "checkpoints" / name).unlink(missing_ok=True)
+
+    def every_n(run) -> None:
+        every = run.cfg.checkpoint.every
+        if every and run.step % every == 0 and not run.validated_this_step:
+            save_checkpoint(run, run.run_dir / "checkpoints" / "last.ckpt")
+
+    return {"on_validation_end": [at_validation], "after_step": [every_n]}
+
+
+def rng_states(fabric) -> list[dict]:
+    """Every rank's RNG states (python, numpy, torch, cuda), gathered so rank 0 can save them all."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if fabric.world_size == 1:
+        return [state]
+    gathered = [None] * fabric.world_size
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def restore_rng(states: list[dict], rank: int) -> None:
+    state = states[rank % len(states)]  # a changed world size reuses states; resume then is not bitwise
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run, path: Path) -> None:
+    """Write atomically: every rank takes part (Fabric writes on rank 0, or shards under FSDP), into
+    a temporary name that is fsynced and renamed, so a crash leaves the previous file intact."""
+    fabric = run.fabric
+    state = {"model": run.model, "optimizer": run.optimizer, "progress": run.progress(),
+             "rng": rng_states(fabric), "config": to_dict(run.cfg)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fabric.save(tmp, state)
+    fabric.barrier()
+    if fabric.is_global_zero:
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    fabric.barrier()
+
+
+def link_last(run, path: Path) -> None:
+    """Make last.ckpt the same file as `path` (a hard link; a copy where links are not supported)."""
+    if not run.fabric.is_global_zero:
+        return
+    last = path.parent / "last.ckpt"
+    tmp = path.parent / "last.ckpt.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        import shutil
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, last)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, the one to try first first: last.ckpt, then step files newest first."""
+    folder = run_dir / "checkpoints"
+    steps = sorted(folder.glob("step-*.ckpt"), reverse=True)
+    return ([folder / "last.ckpt"] if (folder / "last.ckpt").exists() else []) + steps
+
+
+def newest_run(out_dir: Path) -> Path | None:
+    """The run folder under `out_dir` whose newest checkpoint is the most recent (for `--resume auto`)."""
+    checkpoints = [p for p in out_dir.glob("*/checkpoints/*.ckpt")]
+    return max(checkpoints, key=os.path.getmtime).parent.parent if checkpoints else None

@@ -1,0 +1,291 @@
+"""Run configuration: one dataclass per concern, a docstring per field (these become `--help`).
+
+Saved as `config.json` in every run folder and inside every checkpoint; `--config FILE` loads one
+back as the defaults, and flags given after it override it.
+"""
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from schedules import LR_SCHEDULES
+
+SAMPLE_PGN = Path("data/sample.pgn.zst")
+PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
+              "transformer-engine", "transformer-engine-float16")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "dp")
+LOGGERS = ("wandb", "tensorboard", "csv", "none")
+CHESS_MONITORS = ("val/l1", "val/rmse", "val/sign_acc", "val/loss")
+
+
+@dataclass
+class FabricConfig:
+    """Devices, strategy and precision. Left at their defaults, they defer to the launcher:
+    `fabric run`, torchrun and SLURM set them, and Fabric refuses code that contradicts them."""
+
+    accelerator: str = "auto"
+    """cpu, cuda, gpu, mps, tpu or auto (CUDA when present, else CPU)."""
+    devices: str = "auto"
+    """Devices per node: a count ("2"), a list of indices ("0,1"), "-1" for all, or auto (1 on CPU, all GPUs)."""
+    num_nodes: int | None = None
+    """Number of nodes; unset = 1 or what the launcher says."""
+    strategy: str = "auto"
+    """auto, ddp, ddp_spawn, fsdp, deepspeed, ... (Fabric's strategy names)."""
+    precision: str | None = None
+    """32-true, bf16-mixed, 16-mixed, bf16-true, 64-true, ...; unset = 32-true or the launcher's choice."""
+    matmul_precision: str = "high"
+    """torch.set_float32_matmul_precision on CUDA: highest, high (TF32) or medium."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; weight decay applies only to parameters with 2 or more dimensions (not biases)."""
+
+    lr: float = 1e-3
+    """Peak learning rate (the schedule scales it; the noam schedule ignores it)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on matrices."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning rate as a pure function of the optimizer step (schedules.py)."""
+
+    kind: str = "cosine"
+    """constant, cosine (linear warmup then cosine decay) or noam."""
+    warmup_steps: int = 100
+    """Steps of linear warmup (cosine) or the warmup of the noam formula."""
+    min_lr_ratio: float = 0.1
+    """cosine: the floor, as a fraction of the peak lr."""
+    total_steps: int | None = None
+    """cosine: the step at which the floor is reached; unset = train.max_steps (or the epochs' steps)."""
+    noam_scale: float = 1.0
+    """noam: the scale factor."""
+    noam_d_model: int | None = None
+    """noam: d_model; unset = the model's width."""
+
+
+@dataclass
+class DataConfig:
+    """Where positions come from and how they are batched."""
+
+    sources: list[Path] = field(default_factory=lambda: [SAMPLE_PGN])
+    """lichess .pgn / .pgn.zst files; prepared into `dir` on first use (cached after)."""
+    dir: Path = Path("data/cache/sample")
+    """Prepared data directory (see `python data.py prepare`)."""
+    batch_size: int = 512
+    """Global batch per optimizer step, over all devices and accumulation micro-batches."""
+    eval_batch_size: int = 4096
+    """Batch size per device for validation and test."""
+    num_workers: int = 0
+    """DataLoader worker processes (batches are one memmap gather: 0 is usually fastest)."""
+    clamp: float = 15.0
+    """Targets are pawns clamped to +-clamp; mate scores map to the clamp with their sign."""
+    flip: bool = True
+    """Augment training batches: colour-mirror a random half of each batch and negate its evals (on the device)."""
+
+
+@dataclass
+class ChessModelConfig:
+    """The MLP evaluator (model.py)."""
+
+    width: int = 808
+    """Width of each hidden layer."""
+    depth: int = 4
+    """Number of hidden Linear+ReLU blocks."""
+
+
+@dataclass
+class LogConfig:
+    """Tracking. `metrics.csv` in the run folder is always written; `logger` picks a tracker beside it."""
+
+    logger: str = "wandb"
+    """wandb, tensorboard, csv (the CSV alone) or none (not even the CSV)."""
+    wandb_mode: str = "offline"
+    """offline (no account needed; `wandb sync` uploads later), online or disabled."""
+    project: str = "kibitz"
+    """wandb project name."""
+    every: int = 50
+    """Log training metrics every N optimizer steps (the only host syncs of the loop)."""
+    progress_bar: bool = True
+    """A tqdm progress bar on rank 0."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints in `<run>/checkpoints/`: `step-N.ckpt`, the best k of them kept, and `last.ckpt`."""
+
+    every: int | None = None
+    """Write a checkpoint every N optimizer steps; unset = at every validation."""
+    keep_best: int = 2
+    """How many step checkpoints to keep, ranked by `monitor` (-1 keeps all)."""
+    monitor: str = "val/l1"
+    """The validation metric that ranks checkpoints and drives early stopping."""
+    mode: str = "min"
+    """min or max: whether a lower or a higher `monitor` is better."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop."""
+
+    max_steps: int | None = 1200
+    """Stop after this many optimizer steps."""
+    max_epochs: int | None = None
+    """Stop after this many epochs."""
+    max_time: float | None = None
+    """Stop after this many minutes (checked at log intervals)."""
+    val_every: int = 200
+    """Validate every N optimizer steps (and at the end of every epoch)."""
+    accumulate: int = 1
+    """Micro-batches per optimizer step (gradient accumulation)."""
+    clip: float | None = 1.0
+    """Clip the global gradient norm to this value; unset = no clipping."""
+    seed: int = 1337
+    """Seed for initialisation and data order."""
+    compile: bool = False
+    """torch.compile the model before Fabric wraps it."""
+    early_stop_patience: int | None = None
+    """Stop after this many validations without improvement of checkpoint.monitor; unset = never."""
+
+
+@dataclass
+class ChessConfig:
+    """Train the chess evaluator: an MLP over the 808-bit position, L1 on the Stockfish eval in pawns."""
+
+    fabric: FabricConfig = field(default_factory=FabricConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ChessModelConfig = field(default_factory=ChessModelConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: Path = Path("runs")
+    """Folder that holds one folder per run."""
+    run_name: str | None = None
+    """Name of this run's folder; unset = <task>-<date>-<time> (or the resumed run's)."""
+    resume: str | None = None
+    """A checkpoint path to continue from, or `auto` for the newest checkpoint of `run_name` (or of the newest run)."""
+    task: str = "chess"
+    """The task (set by the subcommand)."""
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line naming the field."""
+
+
+def to_dict(cfg) -> dict:
+    """A JSON-ready dict (paths as strings)."""
+    def plain(value):
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+    return {k: (to_dict(v) if dataclasses.is_dataclass(v) else plain(v))
+            for k, v in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))}
+
+
+def from_dict(cls, values: dict, where: str = ""):
+    """Rebuild a config dataclass from `to_dict` output, naming any unknown key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{where}{key}: unknown config field (expected one of {', '.join(sorted(names))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value, f"{where}{key}.")
+        elif value is not None and _mentions_path(hint):
+            kwargs[key] = [Path(v) for v in value] if isinstance(value, list) else Path(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _mentions_path(hint) -> bool:
+    if hint is Path:
+        return True
+    return any(_mentions_path(arg) for arg in typing.get_args(hint)) if isinstance(
+        hint, (types.UnionType, types.GenericAlias)) or typing.get_origin(hint) else False
+
+
+def load_json(path: Path, cls):
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--config {path}: cannot read a JSON config ({exc})") from None
+    values.pop("resume", None)  # a saved config describes a run, not how it was started
+    return from_dict(cls, values)
+
+
+def save_json(cfg, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def check(cfg: ChessConfig) -> None:
+    """Raise ConfigError for the first value outside what is allowed."""
+    def need(ok: bool, name: str, allowed: str, value) -> None:
+        if not ok:
+            raise ConfigError(f"{name}: expected {allowed}, got {value!r}")
+
+    f, o, s, d, t = cfg.fabric, cfg.optim, cfg.schedule, cfg.data, cfg.train
+    need(f.accelerator in ACCELERATORS, "fabric.accelerator", "one of " + ", ".join(ACCELERATORS), f.accelerator)
+    need(f.strategy in STRATEGIES, "fabric.strategy", "one of " + ", ".join(STRATEGIES), f.strategy)
+    need(f.precision is None or f.precision in PRECISIONS, "fabric.precision", "one of " + ", ".join(PRECISIONS),
+         f.precision)
+    need(f.devices == "auto" or all(p.strip().lstrip("-").isdigit() for p in f.devices.split(",")),
+         "fabric.devices", "auto, a count, -1 or a list like 0,1", f.devices)
+    need(f.num_nodes is None or f.num_nodes >= 1, "fabric.num_nodes", "a count >= 1", f.num_nodes)
+    need(f.matmul_precision in ("highest", "high", "medium"), "fabric.matmul_precision", "highest, high or medium",
+         f.matmul_precision)
+    need(o.lr > 0, "optim.lr", "a positive number", o.lr)
+    need(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
+    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "values in [0, 1)", (o.beta1, o.beta2))
+    need(o.eps > 0, "optim.eps", "a positive number", o.eps)
+    need(s.kind in LR_SCHEDULES, "schedule.kind", "one of " + ", ".join(LR_SCHEDULES), s.kind)
+    need(s.warmup_steps >= 0, "schedule.warmup_steps", "a count >= 0", s.warmup_steps)
+    need(t.max_steps is None or s.warmup_steps <= t.max_steps, "schedule.warmup_steps",
+         f"at most train.max_steps ({t.max_steps})", s.warmup_steps)
+    need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "a value in [0, 1]", s.min_lr_ratio)
+    need(s.noam_scale > 0, "schedule.noam_scale", "a positive number", s.noam_scale)
+    need(d.batch_size > 0, "data.batch_size", "a positive count", d.batch_size)
+    need(d.eval_batch_size > 0, "data.eval_batch_size", "a positive count", d.eval_batch_size)
+    need(d.num_workers >= 0, "data.num_workers", "a count >= 0", d.num_workers)
+    need(d.clamp > 0, "data.clamp", "a positive number of pawns", d.clamp)
+    need(cfg.model.width > 0 and cfg.model.depth >= 0, "model.width/depth", "width > 0 and depth >= 0",
+         (cfg.model.width, cfg.model.depth))
+    need(cfg.log.logger in LOGGERS, "log.logger", "one of " + ", ".join(LOGGERS), cfg.log.logger)
+    need(cfg.log.wandb_mode in ("offline", "online", "disabled"), "log.wandb_mode", "offline, online or disabled",
+         cfg.log.wandb_mode)
+    need(cfg.log.every > 0, "log.every", "a positive count", cfg.log.every)
+    need(cfg.checkpoint.every is None or cfg.checkpoint.every > 0, "checkpoint.every", "a positive count",
+         cfg.checkpoint.every)
+    need(cfg.checkpoint.keep_best == -1 or cfg.checkpoint.keep_best >= 1, "checkpoint.keep_best",
+         "-1 (all) or a count >= 1", cfg.checkpoint.keep_best)
+    need(cfg.checkpoint.monitor in CHESS_MONITORS, "checkpoint.monitor", "one of " + ", ".join(CHESS_MONITORS),
+         cfg.checkpoint.monitor)
+    need(cfg.checkpoint.mode in ("min", "max"), "checkpoint.mode", "min or max", cfg.checkpoint.mode)
+    need(any(v is not None for v in (t.max_steps, t.max_epochs, t.max_time)), "train.max_steps",
+         "a limit: set max_steps, max_epochs or max_time", None)
+    for name in ("max_steps", "max_epochs", "val_every", "accumulate"):
+        value = getattr(t, name)
+        need(value is None or value >= 1, f"train.{name}", "a count >= 1", value)
+    need(t.max_time is None or t.max_time > 0, "train.max_time", "a positive number of minutes", t.max_time)
+    need(t.clip is None or t.clip > 0, "train.clip", "a positive norm", t.clip)
+    need(t.early_stop_patience is None or t.early_stop_patience >= 1, "train.early_stop_patience",
+         "a count >= 1", t.early_stop_patience)

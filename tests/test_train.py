@@ -1,0 +1,148 @@
+"""The training loop end to end on a small slice of the bundled sample (tiny models, CPU)."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT, SAMPLE, run_script
+
+
+def tiny_args(prepared: Path, out: Path, *extra: str) -> list[str]:
+    return ["chess", "--data.dir", str(prepared), "--data.sources", str(SAMPLE), "--model.width", "32",
+            "--model.depth", "1", "--data.batch-size", "256", "--train.max-steps", "12", "--train.val-every", "4",
+            "--schedule.warmup-steps", "2", "--log.every", "4", "--log.logger", "csv", "--log.no-progress-bar", "--out-dir", str(out),
+            *extra]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["model"]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "metrics.csv") as f:
+        return {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == "train/loss"}
+
+
+def test_accumulation_matches_one_full_batch(prepared, tmp_path):
+    # float64: Adam divides by sqrt(v), which magnifies float32 summation-order noise on tiny gradients
+    common = ["--data.no-flip", "--fabric.precision", "64-true", "--train.clip", "1e9", "--train.max-steps", "6", "--checkpoint.keep-best", "-1"]
+    assert train.main(tiny_args(prepared, tmp_path, *common, "--run-name", "full")) == 0
+    assert train.main(tiny_args(prepared, tmp_path, *common, "--train.accumulate", "4", "--run-name", "micro")) == 0
+    full, micro = weights(tmp_path / "full"), weights(tmp_path / "micro")
+    for name in full:
+        torch.testing.assert_close(micro[name], full[name], rtol=1e-9, atol=1e-12)
+    initial = torch.load(tmp_path / "full" / "checkpoints" / "step-00000004.ckpt", weights_only=False)["model"]
+    assert not torch.equal(initial["layers.0.weight"], full["layers.0.weight"])  # training moved the weights
+
+
+def test_resume_mid_epoch_is_exact(prepared, tmp_path):
+    # batch 4096 over ~21k positions: 5 steps an epoch, so step 7 is inside the second epoch.
+    args = ["--data.batch-size", "4096", "--train.max-steps", "21", "--train.val-every", "7",
+            "--checkpoint.keep-best", "-1", "--log.every", "1"]
+    assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "whole")) == 0
+    start = tmp_path / "whole" / "checkpoints" / "step-00000007.ckpt"
+    progress = torch.load(start, weights_only=False)["progress"]
+    assert progress["epoch"] == 1 and progress["step_in_epoch"] > 0
+    assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "resumed", "--resume", str(start))) == 0
+    whole, resumed = train_losses(tmp_path / "whole"), train_losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(8, 22))
+    assert all(resumed[step] == whole[step] for step in resumed)  # bitwise, not approximately
+    final_whole, final_resumed = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
+    assert all(torch.equal(final_whole[k], final_resumed[k]) for k in final_whole)
+
+
+def test_resume_auto_continues_the_newest_run(prepared, tmp_path):
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "r", "--train.max-steps", "8")) == 0
+    assert train.main(tiny_args(prepared, tmp_path, "--train.max-steps", "12", "--resume", "auto")) == 0
+    assert sorted(train_losses(tmp_path / "r")) == [4, 8, 12]  # one run folder, continued
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+    assert torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=False)["progress"]["step"] == 12
+
+
+def test_best_k_checkpoints_last_and_test_on_best(prepared, tmp_path, capsys):
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "k", "--checkpoint.keep-best", "2")) == 0
+    folder = tmp_path / "k" / "checkpoints"
+    assert len(list(folder.glob("step-*.ckpt"))) == 2 and (folder / "last.ckpt").exists()
+    assert not list(folder.glob("*.tmp"))
+    best = torch.load(folder / "last.ckpt", weights_only=False)["progress"]["best"]
+    assert sorted(name for _, name in best) == sorted(p.name for p in folder.glob("step-*.ckpt"))
+    assert best[0][0] <= best[1][0]  # best first (val/l1, lower is better)
+    assert f"testing the best checkpoint: {best[0][1]}" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "k" / "config.json").read_text())
+    assert saved["model"]["width"] == 32 and saved["resume"] is None
+    assert torch.load(folder / "last.ckpt", weights_only=False)["config"]["model"]["width"] == 32
+
+
+def test_early_stopping(prepared, tmp_path, capsys):
+    # mode max on an error metric that training lowers: no validation ever "improves" after the first
+    args = ["--checkpoint.mode", "max", "--train.early-stop-patience", "1", "--train.max-steps", "40"]
+    assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "es")) == 0
+    assert "early stopping" in capsys.readouterr().out
+    assert max(train_losses(tmp_path / "es")) == 8
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--optim.lr", "-1"], "optim.lr"),
+    (["--schedule.warmup-steps", "500", "--train.max-steps", "100"], "schedule.warmup_steps"),
+    (["--fabric.precision", "fp13"], "fabric.precision"),
+    (["--log.logger", "mlflow"], "log.logger"),
+    (["--data.batch-size", "100", "--train.accumulate", "3"], "data.batch_size"),
+])
+def test_bad_config_is_one_line_naming_the_field(prepared, tmp_path, capsys, flags, field):
+    assert train.main(tiny_args(prepared, tmp_path, *flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {field}")
+
+
+def test_config_file_gives_defaults_and_flags_override(prepared, tmp_path):
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "c", "--optim.lr", "0.003")) == 0
+    saved = tmp_path / "c" / "config.json"
+    cfg = train.parse_args(["chess", "--config", str(saved), "--train.max-steps", "99"])
+    assert cfg.optim.lr == 0.003 and cfg.model.width == 32 and cfg.train.max_steps == 99
+    assert isinstance(cfg.data.dir, Path)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"optim": {"learning_rate": 1}}))
+    with pytest.raises(train.ConfigError, match="optim.learning_rate: unknown config field"):
+        train.parse_args(["chess", "--config", str(bad)])
+
+
+def test_two_process_cpu_run(prepared, tmp_path):
+    result = run_script(["train.py", *tiny_args(prepared, tmp_path, "--run-name", "ddp", "--fabric.accelerator", "cpu",
+                                                "--fabric.devices", "2")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stdout and "test metrics" in result.stdout
+    assert sorted(train_losses(tmp_path / "ddp")) == [4, 8, 12]
+
+
+def test_fabric_run_launch(prepared, tmp_path):
+    fabric_cli = str(Path(sys.executable).parent / "fabric")  # the entry point lightning-fabric installs
+    result = run_script(["run", "--accelerator", "cpu", "--devices", "2", "train.py",
+                         *tiny_args(prepared, tmp_path, "--run-name", "cli")], program=fabric_cli)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stdout and "test metrics" in result.stdout
+
+
+def test_wandb_offline_run_is_written(prepared, tmp_path):
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "w", "--log.logger", "wandb")) == 0
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))  # the folder `wandb sync` uploads
+    # Read the run back with wandb's own transaction-log reader.
+    wandb_cli = str(Path(sys.executable).parent / "wandb")
+    result = run_script(["leet", "inspect", str(runs[0]), "--json"], program=wandb_cli, timeout=60)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    history = {int(r["history"]["step"]["num"]): r["history"]["item"] for r in records if r["type"] == "history"}
+    summary = {}
+    for r in records:
+        if r["type"] == "summary":
+            summary.update(r["summary"].get("update", {}))
+    assert sorted(history) == [4, 8, 12]
+    assert {"train/loss", "train/lr", "val/l1", "perf/samples_per_s"} <= set(history[4])
+    assert summary["test/l1"] == json.loads((tmp_path / "w" / "test_metrics.json").read_text())["test/l1"]
+    config = next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
+    assert config["model"]["width"] == 32

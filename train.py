@@ -1,0 +1,331 @@
+"""kibitz: train a network with an explicit Lightning Fabric loop.
+
+    python train.py                       # the chess evaluator on the bundled sample
+    python train.py chess --help          # every option
+    python train.py chess --fabric.devices 2 --train.max-steps 5000
+    python train.py chess --config runs/chess-.../config.json --optim.lr 3e-4
+    python train.py chess --resume auto   # continue the newest run from its last checkpoint
+
+The same script runs under `fabric run`, torchrun and SLURM: configs default to "auto" so the
+launcher's settings apply.
+"""
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import tyro
+from lightning_fabric import Fabric
+
+import callbacks
+import config
+import data
+import losses
+from config import ChessConfig, ConfigError
+from encoding import random_flip
+from model import ChessEvaluator
+from schedules import learning_rate
+
+TASKS = {"chess": ChessConfig}
+
+
+@dataclass
+class Run:
+    """Everything the loop and the hooks share. The counters are what a checkpoint restores."""
+
+    fabric: Fabric
+    cfg: ChessConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    run_dir: Path
+    loggers: object
+    total_steps: int
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps taken in the current epoch (the position inside it)
+    lr: float = 0.0
+    best: list = field(default_factory=list)  # [(score, checkpoint file name)], best first
+    early_stop_best: float | None = None
+    bad_validations: int = 0
+    should_stop: bool = False
+    validated_this_step: bool = False
+    loss_sum: torch.Tensor | None = None  # training loss summed on the device since the last log
+    steps_since_log: int = 0
+    log_row: dict = field(default_factory=dict)
+    val_metrics: dict = field(default_factory=dict)
+
+    def progress(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "best": self.best,
+                "early_stop_best": self.early_stop_best, "bad_validations": self.bad_validations,
+                "loss_sum": self.loss_sum.clone(), "steps_since_log": self.steps_since_log}
+
+
+def make_fabric(cfg: config.FabricConfig) -> Fabric:
+    """Pass Fabric only what the user set: under `fabric run` a value that differs from the
+    launcher's is an error, and under torchrun the device count comes from its environment."""
+    kwargs = {"accelerator": cfg.accelerator, "strategy": cfg.strategy}
+    if cfg.devices != "auto":
+        kwargs["devices"] = int(cfg.devices) if cfg.devices.lstrip("-").isdigit() else cfg.devices
+    elif "LOCAL_WORLD_SIZE" in os.environ and os.environ.get("LT_CLI_USED") != "1":  # torchrun
+        kwargs["devices"] = int(os.environ["LOCAL_WORLD_SIZE"])
+        kwargs["num_nodes"] = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
+    if cfg.num_nodes is not None:
+        kwargs["num_nodes"] = cfg.num_nodes
+    if cfg.precision is not None:
+        kwargs["precision"] = cfg.precision
+    return Fabric(**kwargs)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, fused: bool) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (biases and norms are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+def choose_run_dir(fabric: Fabric, cfg: ChessConfig) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume from (None for a fresh start). Rank 0 decides
+    and broadcasts, so every rank agrees even if clocks differ."""
+    resume_from = None
+    if cfg.run_name:
+        run_dir = cfg.out_dir / cfg.run_name
+    elif cfg.resume and cfg.resume != "auto":
+        run_dir = Path(cfg.resume).resolve().parent.parent  # <run>/checkpoints/<file>
+    elif cfg.resume == "auto" and (latest := callbacks.newest_run(cfg.out_dir)):
+        run_dir = latest
+    else:
+        run_dir = cfg.out_dir / f"{cfg.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    if cfg.resume and cfg.resume != "auto":
+        resume_from = Path(cfg.resume)
+        if not resume_from.is_file():
+            raise ConfigError(f"resume: {resume_from} is not a checkpoint file")
+    return Path(fabric.broadcast(str(run_dir), 0)), resume_from
+
+
+def restore(run: Run, path: Path | None) -> None:
+    """Load model, optimizer, counters and RNG states. With `--resume auto`, try the run's
+    checkpoints newest first and skip any that fails to load, naming it."""
+    candidates = [path] if path else callbacks.resume_candidates(run.run_dir)
+    for candidate in candidates:
+        try:
+            rest = run.fabric.load(candidate, {"model": run.model, "optimizer": run.optimizer}, weights_only=False)
+        except Exception as exc:  # a truncated or foreign file: fall back to the previous one
+            if path:
+                raise SystemExit(f"error: {candidate}: cannot load checkpoint ({type(exc).__name__}: {exc})")
+            run.fabric.print(f"warning: {candidate}: cannot load checkpoint ({type(exc).__name__}); trying an older one")
+            continue
+        for key, value in rest["progress"].items():
+            setattr(run, key, value.to(run.fabric.device) if torch.is_tensor(value) else value)
+        callbacks.restore_rng(rest["rng"], run.fabric.global_rank)
+        run.fabric.print(f"resumed from {candidate} at step {run.step} (epoch {run.epoch})")
+        return
+    if candidates:
+        raise SystemExit(f"error: {run.run_dir}: no loadable checkpoint among {', '.join(map(str, candidates))}")
+
+
+@torch.no_grad()
+def evaluate(fabric: Fabric, model: torch.nn.Module, loader, clamp: float) -> dict[str, float]:
+    """Metrics over a whole split, summed on each rank's device and reduced over ranks once."""
+    model.eval()
+    sums = torch.zeros(len(losses.EVAL_SUM_FIELDS), device=fabric.device, dtype=torch.float64)
+    loader.sampler.start_epoch(0)
+    for packed, target in loader:
+        sums += losses.eval_metric_sums(model(packed), target, packed, clamp).double()
+    model.train()
+    return losses.eval_metrics(fabric.all_reduce(sums, reduce_op="sum"))
+
+
+def log_training(run: Run, hooks: callbacks.Hooks) -> None:
+    """The one host sync of a log interval: the mean training loss since the last log."""
+    loss = run.fabric.all_reduce(run.loss_sum, reduce_op="mean").item() / run.steps_since_log
+    run.log_row = {"train/loss": loss}
+    run.loss_sum.zero_()
+    run.steps_since_log = 0
+    callbacks.call(hooks, "on_log", run)
+    if run.loggers:
+        run.loggers.log(run.log_row, run.step)
+
+
+def print_table(title: str, metrics: dict[str, float]) -> None:
+    print(f"\n{title}")
+    print(f"  {'metric':<24}{'value':>12}")
+    for name, value in metrics.items():
+        print(f"  {name:<24}{value:>12.4f}" if isinstance(value, float) else f"  {name:<24}{value:>12}")
+
+
+def train(cfg: ChessConfig) -> dict[str, float]:
+    config.check(cfg)
+    fabric = make_fabric(cfg.fabric)
+    if os.environ.get("LT_CLI_USED") != "1":  # under `fabric run` the processes already exist
+        fabric.launch()
+    if fabric.device.type == "cuda":
+        torch.set_float32_matmul_precision(cfg.fabric.matmul_precision)
+    world = fabric.world_size
+    micro_batch, remainder = divmod(cfg.data.batch_size, cfg.train.accumulate * world)
+    if remainder or micro_batch == 0:
+        raise ConfigError(f"data.batch_size: expected a multiple of train.accumulate x devices "
+                          f"({cfg.train.accumulate} x {world}), got {cfg.data.batch_size}")
+    fabric.seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights
+
+    # Data: prepared once (rank 0 of each node first), then memory-mapped by every rank.
+    with fabric.rank_zero_first(local=True):
+        data.ensure_prepared(cfg.data.sources, cfg.data.dir)
+    splits = {split: data.PackedPositions(cfg.data.dir, split, cfg.data.clamp) for split in data.SPLITS}
+    train_loader = data.make_loader(splits["train"], micro_batch, True, cfg.train.seed, fabric.global_rank, world,
+                                    drop_last=True, num_workers=cfg.data.num_workers)
+    eval_loaders = {split: data.make_loader(splits[split], cfg.data.eval_batch_size, False, 0, fabric.global_rank,
+                                            world, drop_last=False) for split in ("val", "test")}
+    steps_per_epoch = len(train_loader.sampler) // cfg.train.accumulate
+    if steps_per_epoch == 0:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} exceeds the {len(splits['train'])} training positions")
+
+    # Model, then compile, then Fabric's wrappers, then the optimizer over the wrapped parameters.
+    model = ChessEvaluator(cfg.model.width, cfg.model.depth)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    model = fabric.setup_module(model)
+    optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fused=fabric.device.type == "cuda"))
+    train_loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=False)
+    eval_loaders = {k: fabric.setup_dataloaders(v, use_distributed_sampler=False) for k, v in eval_loaders.items()}
+    train_sampler = train_loader.sampler
+
+    limits = [cfg.train.max_steps or math.inf, (cfg.train.max_epochs or math.inf) * steps_per_epoch]
+    total_steps = int(min(limits)) if min(limits) < math.inf else steps_per_epoch  # max_time alone: per epoch
+    run_dir, resume_from = choose_run_dir(fabric, cfg)
+    run = Run(fabric, cfg, model, optimizer, run_dir, loggers=None, total_steps=total_steps,
+              loss_sum=torch.zeros((), device=fabric.device))
+    if cfg.resume:
+        restore(run, resume_from)
+    if fabric.is_global_zero:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        config.save_json(dataclasses.replace(cfg, resume=None), run_dir / "config.json")
+        run.loggers = open_loggers(cfg, run_dir)
+        print(f"run folder: {run_dir}  ({world} process{'es' if world > 1 else ''}, {fabric.device}, "
+              f"micro-batch {micro_batch} x {cfg.train.accumulate} accumulation x {world} = {cfg.data.batch_size})")
+    hooks = callbacks.merge(
+        callbacks.throughput(),
+        callbacks.progress_bar(total_steps) if cfg.log.progress_bar else {},
+        callbacks.checkpointing(),
+        callbacks.early_stopping(cfg.train.early_stop_patience) if cfg.train.early_stop_patience else {},
+    )
+    schedule = cfg.schedule
+    lr_at = lambda step: learning_rate(step, schedule.kind, cfg.optim.lr, schedule.warmup_steps,  # noqa: E731
+                                       schedule.total_steps or total_steps, schedule.min_lr_ratio,
+                                       schedule.noam_scale, schedule.noam_d_model or cfg.model.width)
+
+    start_time = time.perf_counter()
+    callbacks.call(hooks, "on_train_start", run)
+    while not run.should_stop and run.step < total_steps:
+        train_sampler.start_epoch(run.epoch, skip_batches=run.step_in_epoch * cfg.train.accumulate)
+        batches = iter(train_loader)
+        while run.step_in_epoch < steps_per_epoch and run.step < total_steps and not run.should_stop:
+            run.lr = lr_at(run.step)
+            for group in optimizer.param_groups:
+                group["lr"] = run.lr
+            for micro in range(cfg.train.accumulate):
+                packed, target = next(batches)
+                if cfg.data.flip:
+                    packed, target = random_flip(packed, target)
+                # Gradients are all-reduced only on the last micro-batch of the step.
+                with fabric.no_backward_sync(model, enabled=micro < cfg.train.accumulate - 1):
+                    loss = losses.eval_loss(model(packed), target)
+                    fabric.backward(loss / cfg.train.accumulate)
+                run.loss_sum += loss.detach() / cfg.train.accumulate  # stays on the device
+            callbacks.call(hooks, "after_backward", run)
+            if cfg.train.clip is not None:  # error_if_nonfinite=False: no host sync on every step
+                fabric.clip_gradients(model, optimizer, max_norm=cfg.train.clip, error_if_nonfinite=False)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            run.step_in_epoch += 1
+            run.steps_since_log += 1
+            end_of_epoch = run.step_in_epoch == steps_per_epoch
+            if end_of_epoch:
+                run.epoch, run.step_in_epoch = run.epoch + 1, 0
+
+            if run.step % cfg.log.every == 0 or run.step == total_steps:
+                log_training(run, hooks)
+                if cfg.train.max_time and fabric.broadcast(time.perf_counter() - start_time > cfg.train.max_time * 60):
+                    fabric.print(f"max_time of {cfg.train.max_time} minutes reached at step {run.step}")
+                    run.should_stop = True
+
+            last_step = run.step == total_steps or run.should_stop or (
+                cfg.train.max_epochs is not None and run.epoch >= cfg.train.max_epochs)
+            run.validated_this_step = run.step % cfg.train.val_every == 0 or end_of_epoch or last_step
+            if run.validated_this_step:
+                metrics = evaluate(fabric, model, eval_loaders["val"], cfg.data.clamp)
+                metrics["loss"] = metrics["l1"]
+                run.val_metrics = {f"val/{k}": v for k, v in metrics.items()}
+                if run.loggers:
+                    run.loggers.log(run.val_metrics, run.step)
+                callbacks.call(hooks, "on_validation_end", run)
+            callbacks.call(hooks, "after_step", run)
+            if end_of_epoch:
+                break
+        if cfg.train.max_epochs is not None and run.epoch >= cfg.train.max_epochs:
+            break
+    if run.steps_since_log:  # stopped early inside a log interval
+        log_training(run, hooks)
+    callbacks.call(hooks, "on_train_end", run)
+
+    # Test once, on the best checkpoint (by the monitored validation metric).
+    if run.best:
+        best_path = run_dir / "checkpoints" / run.best[0][1]
+        fabric.load(best_path, {"model": model}, strict=False, weights_only=False)
+        fabric.print(f"testing the best checkpoint: {best_path.name} ({cfg.checkpoint.monitor} {run.best[0][0]:.4f})")
+    test = evaluate(fabric, model, eval_loaders["test"], cfg.data.clamp)
+    if fabric.is_global_zero:
+        print_table(f"test metrics ({int(test['positions'])} positions; pawns, clamped to +-{cfg.data.clamp:g})",
+                    {"l1": test["l1"], "rmse": test["rmse"], "sign_acc (|eval|>1)": test["sign_acc"],
+                     "material baseline l1": test["material_l1"]})
+        (run_dir / "test_metrics.json").write_text(json.dumps({f"test/{k}": v for k, v in test.items()}, indent=2))
+        if run.loggers:
+            run.loggers.summary({f"test/{k}": v for k, v in test.items()})
+            run.loggers.finish()
+    fabric.barrier()
+    return test
+
+
+def open_loggers(cfg: ChessConfig, run_dir: Path):
+    import loggers
+
+    return loggers.make_loggers(cfg.log.logger, run_dir, cfg.log.project, cfg.log.wandb_mode, config.to_dict(cfg))
+
+
+def parse_args(argv: list[str]) -> ChessConfig:
+    """`train.py [TASK] [--config FILE] [flags]`; no task means chess. `--config` loads a saved config
+    as the defaults; flags after it override."""
+    task = argv[0] if argv and not argv[0].startswith("-") else "chess"
+    args = argv[1:] if argv and argv[0] == task else argv
+    if task not in TASKS:
+        raise ConfigError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+    default = TASKS[task]()
+    if "--config" in args:
+        at = args.index("--config")
+        if at + 1 >= len(args):
+            raise ConfigError("--config: expected a JSON file written by a run (config.json)")
+        default = config.load_json(Path(args[at + 1]), TASKS[task])
+        args = args[:at] + args[at + 2:]
+    return tyro.cli(TASKS[task], default=default, args=args, prog=f"train.py {task}")
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = parse_args(argv)
+        train(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
