@@ -57,7 +57,9 @@ def play_game(engine: chess.engine.SimpleEngine, seed: int, depth: int, random_r
     opening_plies = rng.randint(2, 8)
     clocks = [START_CLOCK_S, START_CLOCK_S]
     moves: list[str] = []
-    info = engine.analyse(board, chess.engine.Limit(depth=depth))
+    # game=seed: python-chess sends `ucinewgame` for each new game, which clears Stockfish's hash,
+    # so a game's moves do not depend on the games the same engine played before.
+    info = engine.analyse(board, chess.engine.Limit(depth=depth), game=seed)
     lost_streak, result, termination = 0, None, "Normal"
     while result is None:
         legal = list(board.legal_moves)
@@ -73,7 +75,7 @@ def play_game(engine: chess.engine.SimpleEngine, seed: int, depth: int, random_r
         board.push(move)
         comment = f"[%clk {clock_text(clocks[side])}]"
         if not board.is_checkmate():  # lichess puts no eval after a mating move
-            info = engine.analyse(board, chess.engine.Limit(depth=depth))
+            info = engine.analyse(board, chess.engine.Limit(depth=depth), game=seed)
             text, pawns = score_text(info["score"])
             comment = f"[%eval {text}] {comment}"
             lost_streak = lost_streak + 1 if abs(pawns) >= RESIGN_PAWNS else 0
