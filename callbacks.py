@@ -62,7 +62,7 @@ def throughput() -> Hooks:
     return {"on_train_start": [start], "on_log": [measure]}
 
 
-def progress_bar(total_steps: int) -> Hooks:
+def progress_bar(total_steps: int | None) -> Hooks:
     """tqdm on rank 0: advances every step (no sync), shows the last logged values."""
     bar = {}
 

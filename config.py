@@ -11,6 +11,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tyro
+
 from schedules import LR_SCHEDULES
 
 SAMPLE_PGN = Path("data/sample.pgn.zst")
@@ -177,8 +179,8 @@ class ChessConfig:
     """Name of this run's folder; unset = <task>-<date>-<time> (or the resumed run's)."""
     resume: str | None = None
     """A checkpoint path to continue from, or `auto` for the newest checkpoint of `run_name` (or of the newest run)."""
-    task: str = "chess"
-    """The task (set by the subcommand)."""
+    task: tyro.conf.Suppress[str] = "chess"
+    """The task (set by the subcommand, not a flag)."""
 
 
 class ConfigError(ValueError):

@@ -129,6 +129,7 @@ def restore(run: Run, path: Path | None) -> None:
         return
     if candidates:
         raise SystemExit(f"error: {run.run_dir}: no loadable checkpoint among {', '.join(map(str, candidates))}")
+    run.fabric.print(f"resume auto: no checkpoint in {run.run_dir}; starting a new run")
 
 
 @torch.no_grad()
@@ -198,7 +199,10 @@ def train(cfg: ChessConfig) -> dict[str, float]:
     train_sampler = train_loader.sampler
 
     limits = [cfg.train.max_steps or math.inf, (cfg.train.max_epochs or math.inf) * steps_per_epoch]
-    total_steps = int(min(limits)) if min(limits) < math.inf else steps_per_epoch  # max_time alone: per epoch
+    total_steps = int(min(limits)) if min(limits) < math.inf else sys.maxsize  # max_time alone: no step limit
+    if total_steps == sys.maxsize and cfg.schedule.kind == "cosine" and cfg.schedule.total_steps is None:
+        raise ConfigError("schedule.total_steps: expected a step count for the cosine decay when only "
+                          "train.max_time limits the run")
     run_dir, resume_from = choose_run_dir(fabric, cfg)
     run = Run(fabric, cfg, model, optimizer, run_dir, loggers=None, total_steps=total_steps,
               loss_sum=torch.zeros((), device=fabric.device))
@@ -212,7 +216,7 @@ def train(cfg: ChessConfig) -> dict[str, float]:
               f"micro-batch {micro_batch} x {cfg.train.accumulate} accumulation x {world} = {cfg.data.batch_size})")
     hooks = callbacks.merge(
         callbacks.throughput(),
-        callbacks.progress_bar(total_steps) if cfg.log.progress_bar else {},
+        callbacks.progress_bar(total_steps if total_steps < sys.maxsize else None) if cfg.log.progress_bar else {},
         callbacks.checkpointing(),
         callbacks.early_stopping(cfg.train.early_stop_patience) if cfg.train.early_stop_patience else {},
     )

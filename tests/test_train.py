@@ -146,3 +146,35 @@ def test_wandb_offline_run_is_written(prepared, tmp_path):
     assert summary["test/l1"] == json.loads((tmp_path / "w" / "test_metrics.json").read_text())["test/l1"]
     config = next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
     assert config["model"]["width"] == 32
+
+
+def test_tensorboard_scalars_are_readable(prepared, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "tb", "--log.logger", "tensorboard")) == 0
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [4, 8, 12]
+    assert [e.step for e in events.Scalars("val/l1")] == [4, 8, 12]
+    assert (tmp_path / "tb" / "metrics.csv").exists()  # the CSV record is written beside any tracker
+
+
+def test_help_documents_every_section():
+    result = run_script(["train.py", "--help"], timeout=60)
+    assert result.returncode == 0
+    for flag in ("--fabric.accelerator", "--fabric.strategy", "--fabric.precision", "--optim.lr", "--schedule.kind",
+                 "--data.batch-size", "--log.logger", "--checkpoint.keep-best", "--train.max-steps",
+                 "--train.accumulate", "--train.clip", "--resume"):
+        assert flag in result.stdout
+    assert "Global batch per optimizer step" in result.stdout  # field docstrings become the help
+
+
+def test_max_time_alone_runs_past_one_epoch_until_the_time_is_up(prepared, tmp_path, capsys):
+    # ~21k positions at batch 4096: 5 steps an epoch; 0.05 minutes is many epochs of a tiny model
+    args = ["--train.max-steps", "None", "--train.max-time", "0.05", "--schedule.kind", "constant",
+            "--data.batch-size", "4096", "--log.every", "1", "--train.val-every", "1000"]
+    assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "t")) == 0
+    assert "max_time of 0.05 minutes reached" in capsys.readouterr().out
+    assert max(train_losses(tmp_path / "t")) > 10
+    assert train.main(tiny_args(prepared, tmp_path, "--train.max-steps", "None", "--train.max-time", "1")) == 2
+    assert "schedule.total_steps" in capsys.readouterr().err
