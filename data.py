@@ -92,7 +92,7 @@ def prepare(sources: Annotated[list[Path], tyro.conf.Positional], out: Path,
         counts[split] = {"games": games[split], "positions": len(states)}
     meta = {"layout_version": LAYOUT_VERSION, "sources": [str(s) for s in sources], "games_read": read,
             "splits": counts, "skipped": dict(skipped), "seconds": round(time.perf_counter() - start, 2)}
-    if not counts["train"]["positions"]:
+    if not sum(c["positions"] for c in counts.values()):
         raise SystemExit(f"error: {', '.join(map(str, sources))}: no game with %eval annotations found "
                          f"(read {read} games, skipped {dict(skipped)})")
     tmp = out / "meta.json.tmp"

@@ -5,6 +5,7 @@
     python train.py chess --fabric.devices 2 --train.max-steps 5000
     python train.py chess --config runs/chess-.../config.json --optim.lr 3e-4
     python train.py chess --resume auto   # continue the newest run from its last checkpoint
+    python train.py chess evaluate --ckpt runs/.../checkpoints/last.ckpt   # also: lr-find, export-config
 
 The same script runs under `fabric run`, torchrun and SLURM: configs default to "auto" so the
 launcher's settings apply.
@@ -304,13 +305,17 @@ def open_loggers(cfg: ChessConfig, run_dir: Path):
     return loggers.make_loggers(cfg.log.logger, run_dir, cfg.log.project, cfg.log.wandb_mode, config.to_dict(cfg))
 
 
-def parse_args(argv: list[str]) -> ChessConfig:
-    """`train.py [TASK] [--config FILE] [flags]`; no task means chess. `--config` loads a saved config
-    as the defaults; flags after it override."""
+def split_args(argv: list[str]) -> tuple[str, str | None, list[str], ChessConfig]:
+    """`train.py [TASK] [TOOL] [--config FILE] [flags]` -> task, tool (None = train), the remaining
+    flags, and the defaults: the task's, or a saved config given by `--config` (flags override it)."""
+    import tools
+
     task = argv[0] if argv and not argv[0].startswith("-") else "chess"
     args = argv[1:] if argv and argv[0] == task else argv
     if task not in TASKS:
         raise ConfigError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+    tool = args[0] if args and args[0] in tools.TOOLS else None
+    args = args[1:] if tool else args
     default = TASKS[task]()
     if "--config" in args:
         at = args.index("--config")
@@ -318,13 +323,24 @@ def parse_args(argv: list[str]) -> ChessConfig:
             raise ConfigError("--config: expected a JSON file written by a run (config.json)")
         default = config.load_json(Path(args[at + 1]), TASKS[task])
         args = args[:at] + args[at + 2:]
+    return task, tool, args, default
+
+
+def parse_args(argv: list[str]) -> ChessConfig:
+    """The training config from the command line."""
+    task, _, args, default = split_args(argv)
     return tyro.cli(TASKS[task], default=default, args=args, prog=f"train.py {task}")
 
 
 def main(argv: list[str]) -> int:
     try:
-        cfg = parse_args(argv)
-        train(cfg)
+        task, tool, args, default = split_args(argv)
+        if tool:
+            import tools
+
+            tools.main(task, tool, args, default)
+        else:
+            train(tyro.cli(TASKS[task], default=default, args=args, prog=f"train.py {task}"))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,83 @@
+"""Score chess positions with a trained evaluator.
+
+    python predict.py --ckpt runs/x/checkpoints/last.ckpt "rnbqkbnr/pppppppp/8/8/4P3/8/PPPP1PPP/RNBQKBNR b KQkq e3 0 1"
+    python predict.py --ckpt ... --fens positions.txt          # one FEN per line
+    python predict.py --ckpt ... --pgn games.pgn              # every position of each game's mainline
+
+Prints `FEN<TAB>prediction`, the prediction in pawns from White's view.
+"""
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import chess
+import chess.pgn
+import numpy as np
+import torch
+import tyro
+
+from config import ConfigError
+from encoding import pack_board
+from tools import load_checkpoint
+
+
+@dataclass
+class PredictArgs:
+    ckpt: Path
+    """A chess checkpoint."""
+    positions: Annotated[list[str], tyro.conf.Positional] = field(default_factory=list)
+    """FEN strings."""
+    fens: Path | None = None
+    """A file with one FEN per line."""
+    pgn: Path | None = None
+    """A PGN file: every position of every game's mainline is scored."""
+    batch_size: int = 4096
+    """Positions per forward pass."""
+
+
+def read_positions(args: PredictArgs) -> list[chess.Board]:
+    boards = []
+    fens = list(args.positions)
+    if args.fens:
+        fens += [line.strip() for line in args.fens.read_text().splitlines() if line.strip()]
+    for i, fen in enumerate(fens):
+        try:
+            boards.append(chess.Board(fen))
+        except ValueError as exc:
+            where = f"{args.fens} line {i - len(args.positions) + 1}" if i >= len(args.positions) else "argument"
+            raise ConfigError(f"invalid FEN {fen!r} ({where}): {exc}") from None
+    if args.pgn:
+        with open(args.pgn, encoding="utf-8", errors="replace") as f:
+            while (game := chess.pgn.read_game(f)) is not None:
+                board = game.board()
+                for move in game.mainline_moves():
+                    board.push(move)
+                    boards.append(board.copy(stack=False))
+    if not boards:
+        raise ConfigError("positions: expected FEN arguments, --fens FILE or --pgn FILE")
+    return boards
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, boards: list[chess.Board], batch_size: int) -> np.ndarray:
+    packed = torch.from_numpy(np.stack([pack_board(b) for b in boards]))
+    return torch.cat([model(packed[i:i + batch_size]) for i in range(0, len(packed), batch_size)]).float().numpy()
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = tyro.cli(PredictArgs, args=argv, prog="predict.py")
+        _, model = load_checkpoint(args.ckpt)
+        boards = read_positions(args)
+        for board, value in zip(boards, predict(model, boards, args.batch_size)):
+            print(f"{board.fen(en_passant='fen')}\t{value:.4f}")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
