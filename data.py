@@ -128,7 +128,7 @@ def dump(directory: Annotated[Path, tyro.conf.Positional], split: str = "test", 
         print(f"{row_to_fen(arrays['positions'][i])}\t{format_eval(int(arrays['cp'][i]), int(arrays['mate'][i]))}")
 
 
-def make_sample(out: Path = SAMPLE_PGN, games: int = 2000, depth: int = 8, workers: int = 2, seed: int = 0,
+def make_sample(out: Path = SAMPLE_PGN, games: int = 3000, depth: int = 8, workers: int = 2, seed: int = 0,
                 random_rate: float = 0.08, engine: str | None = None) -> None:
     """Generate the bundled sample: Stockfish self-play in lichess PGN form, zstd-compressed.
 
