@@ -12,10 +12,9 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import chess
 import zstandard
 
-from encoding import board_state
+from replay import FastBoard, IllegalMove
 
 RESULTS = ("1-0", "0-1", "1/2-1/2", "*")
 _EVAL = re.compile(r"\[%eval\s+([^\]\s]+)\s*\]")
@@ -124,8 +123,9 @@ def game_positions(game: str) -> tuple[dict[str, str], list[tuple], list[int], l
     headers, movetext = parse_headers(game)
     if "Variant" in headers and headers["Variant"] != "Standard" or "FEN" in headers:
         raise BadGame("variant")
-    board = chess.Board()
+    board = FastBoard()
     states, cps, mates = [], [], []
+    ply = 0
     moved_since_eval = False  # an eval belongs to the move right before it
     depth = 0  # inside a (variation): skipped
     result = None
@@ -139,7 +139,7 @@ def game_positions(game: str) -> tuple[dict[str, str], list[tuple], list[int], l
                     cp, mate = parse_eval(match.group(1))
                 except ValueError:
                     raise BadGame("bad_eval", match.group(1)) from None
-                states.append(board_state(board))
+                states.append(board.state())
                 cps.append(cp)
                 mates.append(mate)
                 moved_since_eval = False
@@ -155,11 +155,11 @@ def game_positions(game: str) -> tuple[dict[str, str], list[tuple], list[int], l
             result = token
             break
         else:
-            san = token.rstrip("!?")
             try:
-                board.push_san(san)
-            except ValueError:
-                raise BadGame("illegal_move", f"{token} at ply {board.ply()}") from None
+                board.push_san(token.rstrip("!?"))
+            except IllegalMove:
+                raise BadGame("illegal_move", f"{token} at ply {ply}") from None
+            ply += 1
             moved_since_eval = True
     if result is None:
         raise BadGame("missing_result")
