@@ -22,6 +22,8 @@ _HEADER = re.compile(r'^\[(\w+)\s+"(.*)"\]\s*$')
 # One movetext token: a comment, a move number, a result, a NAG, a variation bracket, or a SAN.
 _TOKEN = re.compile(r"\{[^}]*\}|\{|\d+\.(?:\.\.)?|1-0|0-1|1/2-1/2|\*|\$\d+|[()]|[^\s{}()$]+")
 _MOVE_NUMBER = re.compile(r"\d+\.(?:\.\.)?$")
+# Clean lichess movetext: an optional move number, a SAN (or the result), an optional comment.
+_MOVE_AND_COMMENT = re.compile(r"(?:\d+\.(?:\.\.)?\s*)?([^\s{}()$]+)\s*(\{[^}]*\})?")
 
 
 class BadGame(ValueError):
@@ -117,6 +119,40 @@ def format_eval(cp: int, mate: int) -> str:
     return f"#{mate}" if mate else f"{cp / 100:.2f}"
 
 
+def movetext_pairs(movetext: str) -> list[tuple[str, str]]:
+    """The movetext as (SAN or result, the comment after it or ""), variations and NAGs dropped."""
+    pairs = _MOVE_AND_COMMENT.findall(movetext)
+    # One regex covers clean lichess movetext; use it only when every character is accounted for:
+    # no variations or NAGs, and every `{` is a comment that follows a move.
+    if ("(" in movetext or ")" in movetext or "$" in movetext
+            or movetext.count("{") != sum(1 for _, comment in pairs if comment)):
+        return _generic_pairs(movetext)
+    return [(san, comment[1:-1]) for san, comment in pairs]
+
+
+def _generic_pairs(movetext: str) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    depth = 0  # inside a (variation): skipped
+    for token in _TOKEN.findall(movetext):
+        if token.startswith("{"):
+            if not token.endswith("}"):
+                raise BadGame("broken_comment", "unclosed {")
+            if depth == 0 and pairs:
+                pairs[-1] = (pairs[-1][0], pairs[-1][1] + token[1:-1])
+        elif token == "(":
+            depth += 1
+        elif token == ")":
+            depth -= 1
+            if depth < 0:
+                raise BadGame("broken_variation")
+        elif not (depth or token.startswith("$") or _MOVE_NUMBER.match(token)):
+            pairs.append((token, ""))
+    return pairs
+
+
+_eval_cache: dict[str, tuple[int, int]] = {}
+
+
 def game_positions(game: str) -> tuple[dict[str, str], list[tuple], list[int], list[int]]:
     """Replay one game; return its headers and, for every position that carries an eval,
     its board state, centipawns and mate. Raises BadGame for anything unusable."""
@@ -125,42 +161,30 @@ def game_positions(game: str) -> tuple[dict[str, str], list[tuple], list[int], l
         raise BadGame("variant")
     board = FastBoard()
     states, cps, mates = [], [], []
-    ply = 0
-    moved_since_eval = False  # an eval belongs to the move right before it
-    depth = 0  # inside a (variation): skipped
     result = None
-    for token in _TOKEN.findall(movetext):
-        if token.startswith("{"):
-            if not token.endswith("}"):
-                raise BadGame("broken_comment", "unclosed {")
-            match = _EVAL.search(token)
-            if match and depth == 0 and moved_since_eval:
-                try:
-                    cp, mate = parse_eval(match.group(1))
-                except ValueError:
-                    raise BadGame("bad_eval", match.group(1)) from None
-                states.append(board.state())
-                cps.append(cp)
-                mates.append(mate)
-                moved_since_eval = False
-        elif token == "(":
-            depth += 1
-        elif token == ")":
-            depth -= 1
-            if depth < 0:
-                raise BadGame("broken_variation")
-        elif depth or token.startswith("$") or _MOVE_NUMBER.match(token):
-            continue
-        elif token in RESULTS:
-            result = token
+    for ply, (san, comment) in enumerate(movetext_pairs(movetext)):
+        if san in RESULTS:
+            result = san
             break
-        else:
-            try:
-                board.push_san(token.rstrip("!?"))
-            except IllegalMove:
-                raise BadGame("illegal_move", f"{token} at ply {ply}") from None
-            ply += 1
-            moved_since_eval = True
+        try:
+            board.push_san(san.rstrip("!?") if san[-1] in "!?" else san)
+        except IllegalMove:
+            raise BadGame("illegal_move", f"{san} at ply {ply}") from None
+        if comment and "%eval" in comment:
+            match = _EVAL.search(comment)
+            if match:
+                text = match.group(1)
+                value = _eval_cache.get(text)
+                if value is None:
+                    try:
+                        value = parse_eval(text)
+                    except ValueError:
+                        raise BadGame("bad_eval", text) from None
+                    if len(_eval_cache) < 100_000:
+                        _eval_cache[text] = value
+                states.append(board.state())
+                cps.append(value[0])
+                mates.append(value[1])
     if result is None:
         raise BadGame("missing_result")
     return headers, states, cps, mates

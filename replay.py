@@ -69,16 +69,41 @@ def slider_attacks(square: int, occupied: int, rays) -> int:
     return attacks
 
 
+FILE_MASKS = {f: 0x0101010101010101 << (ord(f) - 97) for f in "abcdefgh"}
+RANK_MASKS = {r: 0xFF << 8 * (ord(r) - 49) for r in "12345678"}
+ALL = (1 << 64) - 1
+_parsed: dict[str, tuple | None] = {}  # SAN text -> its parts; games repeat the same few thousand SANs
+
+
+def parse_san(san: str) -> tuple | None:
+    """(kind, origin mask, destination, promotion kind or None, capture sign, pawn from-file) or None
+    when the fast path should not try (odd notation)."""
+    parts = _parsed.get(san, False)
+    if parts is not False:
+        return parts
+    match = None if san.startswith("O") else SAN.match(san)
+    if match is None:
+        parts = None
+    else:
+        letter, from_file, from_rank, target, promotion = match.groups()
+        origin_mask = (FILE_MASKS[from_file] if from_file else ALL) & (RANK_MASKS[from_rank] if from_rank else ALL)
+        parts = (KIND_OF_LETTER[letter] if letter else PAWN, origin_mask, chess.parse_square(target),
+                 KIND_OF_LETTER[promotion] if promotion else None, "x" in san,
+                 ord(from_file) - 97 if from_file and not letter and not from_rank else None)
+        if not letter and (from_rank or (from_file is None and "x" in san)):
+            parts = None  # pawn moves written like e2e4 or xd5: python-chess decides
+    if len(_parsed) < 100_000:
+        _parsed[san] = parts
+    return parts
+
+
 class FastBoard:
     """A position as 12 piece masks plus the counters, with SAN moves applied in place."""
 
-    __slots__ = ("planes", "turn", "castling", "ep", "halfmove", "fullmove", "in_check")
+    __slots__ = ("planes", "occupied", "turn", "castling", "ep", "halfmove", "fullmove", "in_check")
 
     def __init__(self):
-        board = chess.Board()
-        self.planes = [board.pieces_mask(kind, color) for color, kind in PIECE_ORDER]
-        self.turn, self.castling, self.ep, self.halfmove, self.fullmove = 0, A1 | H1 | A8 | H8, -1, 0, 1
-        self.in_check = False
+        self._read(chess.Board())
 
     def state(self) -> tuple:
         """The same tuple as encoding.board_state."""
@@ -87,11 +112,6 @@ class FastBoard:
                  | (FLAG_BLACK_OO if c & H8 else 0) | (FLAG_BLACK_OOO if c & A8 else 0)
                  | (FLAG_BLACK_TO_MOVE if self.turn else 0) | (FLAG_EN_PASSANT if self.ep >= 0 else 0))
         return (*self.planes, self.halfmove, self.fullmove, self.ep, flags)
-
-    def occupied(self, color: int) -> int:
-        p = self.planes
-        o = 6 * color
-        return p[o] | p[o + 1] | p[o + 2] | p[o + 3] | p[o + 4] | p[o + 5]
 
     def attacked(self, square: int, by: int, occupied: int) -> bool:
         """Is `square` attacked by colour `by` (given all occupied squares)?"""
@@ -106,116 +126,134 @@ class FastBoard:
         return bool(bishops & BISHOP_EMPTY[square] and slider_attacks(square, occupied, BISHOP_RAYS) & bishops)
 
     def push_san(self, san: str) -> None:
-        """Apply one SAN move; raise IllegalMove if python-chess would refuse it."""
-        try:
-            if san.startswith("O-O"):
-                raise LookupError  # castling: rare, python-chess checks the squares it crosses
-            self._push_fast(san)
-        except LookupError:  # the fast path cannot decide alone
-            self._push_reference(san)
+        """Apply one SAN move; raise IllegalMove if python-chess would refuse it. The fast path
+        returns early; whatever it cannot decide alone falls through to python-chess."""
+        if san.startswith("O-O"):
+            if san.rstrip("+#") in ("O-O", "O-O-O") and self._castle(san.startswith("O-O-O")):
+                return
+        else:
+            parts = parse_san(san)
+            if parts is not None and self._push_fast(san, *parts):
+                return
+        self._push_reference(san)
 
-    def _push_fast(self, san: str) -> None:
-        match = SAN.match(san)
-        if match is None:
-            raise LookupError
-        letter, from_file, from_rank, target, promotion = match.groups()
-        to = (ord(target[0]) - 97) + 8 * (ord(target[1]) - 49)
-        us, them = self.turn, 1 - self.turn
-        p = self.planes
-        mine, theirs = self.occupied(us), self.occupied(them)
-        occupied = mine | theirs
+    def _castle(self, long: bool) -> bool:
+        """O-O / O-O-O when plainly legal; anything doubtful is left to python-chess."""
+        p, occ, us = self.planes, self.occupied, self.turn
+        them, o, base = 1 - us, 6 * us, 56 * us
+        king, rook = base + 4, base + (0 if long else 7)
+        between = (0b1110 if long else 0b1100000) << base  # b-d or f-g
+        crossed = (3, 2) if long else (5, 6)  # squares the king passes and lands on
+        occupied = occ[0] | occ[1]
+        if (not self.castling >> rook & 1 or not p[o + KING] >> king & 1 or not p[o + ROOK] >> rook & 1
+                or occupied & between or self.in_check
+                or any(self.attacked(base + square, them, occupied) for square in crossed)):
+            return False
+        king_to, rook_to = base + (2 if long else 6), base + (3 if long else 5)
+        p[o + KING] ^= (1 << king) | (1 << king_to)
+        p[o + ROOK] ^= (1 << rook) | (1 << rook_to)
+        occ[us] ^= (1 << king) | (1 << king_to) | (1 << rook) | (1 << rook_to)
+        self.castling &= ~(0xFF << base)
+        self.ep = -1
+        self.halfmove += 1
+        if us:
+            self.fullmove += 1
+        self.turn = them
+        enemy_king = p[6 * them + KING].bit_length() - 1
+        self.in_check = self.attacked(enemy_king, us, occ[0] | occ[1])
+        return True
+
+    def _push_fast(self, san: str, kind: int, origin_mask: int, to: int, promotion, capture_sign: bool,
+                   pawn_file) -> bool:
+        p, occ = self.planes, self.occupied
+        us = self.turn
+        them = 1 - us
+        o, t = 6 * us, 6 * them
         to_bit = 1 << to
+        mine, theirs = occ[us], occ[them]
         if to_bit & mine:
             raise IllegalMove(san)
-        kind = KIND_OF_LETTER[letter] if letter else PAWN
-        o = 6 * us
+        occupied = mine | theirs
         en_passant = False
         if kind == PAWN:
             forward = 8 if us == 0 else -8
-            last_rank = to // 8 == (7 if us == 0 else 0)
-            if bool(promotion) != last_rank or from_rank is not None:
-                raise LookupError
-            if from_file is not None:  # a capture: exd5
-                origin = to - forward + (ord(from_file) - 97) - to % 8
-                if abs((ord(from_file) - 97) - to % 8) != 1 or not 0 <= origin < 64:
-                    raise LookupError
+            if (promotion is not None) != (to >> 3 == (7 if us == 0 else 0)):
+                return False
+            if pawn_file is not None:  # a capture: exd5
+                if abs(pawn_file - (to & 7)) != 1:
+                    return False
                 en_passant = to == self.ep and not to_bit & occupied
                 if not (to_bit & theirs or en_passant):
-                    raise LookupError
-                candidates = (1 << origin) & p[o + PAWN]
+                    return False
+                origin = to - forward + pawn_file - (to & 7)
+                candidates = (1 << origin) & p[o + PAWN] if 0 <= origin < 64 else 0
             else:  # a push: one square, or two from the home rank
-                if to_bit & occupied or "x" in san:
-                    raise LookupError
+                if to_bit & occupied or capture_sign:
+                    return False
                 one = to - forward
                 if 0 <= one < 64 and p[o + PAWN] >> one & 1:
                     candidates = 1 << one
-                elif to // 8 == (3 if us == 0 else 4) and not occupied >> one & 1:
+                elif to >> 3 == (3 if us == 0 else 4) and not occupied >> one & 1:
                     candidates = (1 << (one - forward)) & p[o + PAWN]
                 else:
                     candidates = 0
-        elif kind == KNIGHT:
-            candidates = KNIGHT_ATTACKS[to] & p[o + KNIGHT]
-        elif kind == KING:
-            candidates = KING_ATTACKS[to] & p[o + KING]
-        elif kind == BISHOP:
-            candidates = slider_attacks(to, occupied, BISHOP_RAYS) & p[o + BISHOP]
-        elif kind == ROOK:
-            candidates = slider_attacks(to, occupied, ROOK_RAYS) & p[o + ROOK]
         else:
-            candidates = (slider_attacks(to, occupied, ROOK_RAYS) | slider_attacks(to, occupied, BISHOP_RAYS)) & p[o + QUEEN]
-        if kind != PAWN:
-            if "x" in san and not to_bit & theirs:
-                raise LookupError  # a capture sign with nothing to capture: python-chess decides
-            if from_file is not None:
-                candidates &= 0x0101010101010101 << (ord(from_file) - 97)
-            if from_rank is not None:
-                candidates &= 0xFF << 8 * (ord(from_rank) - 49)
-        if not candidates:
-            raise LookupError  # let python-chess decide (and name the problem)
-        if candidates & (candidates - 1):
-            raise LookupError  # several pieces fit: one of them must be pinned
-        origin = candidates.bit_length() - 1
-        self._apply(origin, to, kind, KIND_OF_LETTER[promotion] if promotion else None, en_passant, occupied, san)
+            if capture_sign and not to_bit & theirs:
+                return False  # a capture sign with nothing to capture: python-chess decides
+            if kind == KNIGHT:
+                candidates = KNIGHT_ATTACKS[to] & p[o + KNIGHT]
+            elif kind == BISHOP:
+                candidates = slider_attacks(to, occupied, BISHOP_RAYS) & p[o + BISHOP]
+            elif kind == ROOK:
+                candidates = slider_attacks(to, occupied, ROOK_RAYS) & p[o + ROOK]
+            elif kind == QUEEN:
+                candidates = p[o + QUEEN] & (slider_attacks(to, occupied, ROOK_RAYS)
+                                             | slider_attacks(to, occupied, BISHOP_RAYS))
+            else:
+                candidates = KING_ATTACKS[to] & p[o + KING]
+            candidates &= origin_mask
+        if not candidates or candidates & (candidates - 1):
+            return False  # none, or several pieces fit (one must be pinned): python-chess decides
+        from_bit = candidates
+        origin = from_bit.bit_length() - 1
 
-    def _apply(self, origin: int, to: int, kind: int, promotion: int | None, en_passant: bool, occupied: int,
-               san: str) -> None:
-        p = self.planes
-        us, them = self.turn, 1 - self.turn
-        o, t = 6 * us, 6 * them
-        from_bit, to_bit = 1 << origin, 1 << to
-        captured = False
-        for plane in range(t, t + 6):
-            if p[plane] & to_bit:
-                if plane == t + KING:
-                    raise IllegalMove(san)
-                p[plane] ^= to_bit
-                captured = True
-                break
+        captured = bool(to_bit & theirs)
+        if captured:
+            if p[t + KING] & to_bit:
+                raise IllegalMove(san)
+            for plane in range(t + 1, t + 6):
+                if p[plane] & to_bit:
+                    p[plane] ^= to_bit
+                    break
+            occ[them] ^= to_bit
+        victim_bit = 0
         if en_passant:
-            victim = to - 8 if us == 0 else to + 8
-            p[t + PAWN] ^= 1 << victim
+            victim_bit = 1 << (to - forward)
+            p[t + PAWN] ^= victim_bit
+            occ[them] ^= victim_bit
             captured = True
         p[o + kind] ^= from_bit
-        p[o + (promotion if promotion is not None else kind)] |= to_bit
-        # A move can leave its own king in check only if: the king moved, the piece stood on a line
-        # with its king (a pin), en passant (two pieces leave a rank), or the king was in check.
+        p[o + (kind if promotion is None else promotion)] |= to_bit
+        occ[us] ^= from_bit | to_bit
+        after = occ[0] | occ[1]
+        # A move can leave its own king in check only if the king moved, the piece stood on a line
+        # with its king (a pin), en passant took two pieces off a line, or the king was in check.
         king = p[o + KING].bit_length() - 1
-        if kind == KING or en_passant or self.in_check or ALIGNED[king] & from_bit:
-            after = (occupied ^ from_bit) | to_bit
-            if en_passant:
-                after ^= 1 << victim
-            if self.attacked(king, them, after):
-                raise IllegalMove(san)
+        if (kind == KING or en_passant or self.in_check or ALIGNED[king] & from_bit) and self.attacked(king, them, after):
+            raise IllegalMove(san)
         self.castling &= ~(from_bit | to_bit)
         if kind == KING:
             self.castling &= ~(0xFF << 56 if us else 0xFF)
-        self.ep = (origin + to) // 2 if kind == PAWN and abs(to - origin) == 16 else -1
+        self.ep = (origin + to) >> 1 if kind == PAWN and (to - origin == 16 or origin - to == 16) else -1
         self.halfmove = 0 if kind == PAWN or captured else self.halfmove + 1
-        if us == 1:
+        if us:
             self.fullmove += 1
         self.turn = them
+        # The mover gives check only through the moved piece or a line it (or a captured pawn) left.
         enemy_king = p[t + KING].bit_length() - 1
-        self.in_check = self.attacked(enemy_king, us, self.occupied(0) | self.occupied(1))
+        self.in_check = bool((ALIGNED[enemy_king] & (from_bit | to_bit | victim_bit) or KNIGHT_ATTACKS[enemy_king] & to_bit)
+                             and self.attacked(enemy_king, us, after))
+        return True
 
     @classmethod
     def from_board(cls, board: chess.Board) -> "FastBoard":
@@ -225,6 +263,7 @@ class FastBoard:
 
     def _read(self, board: chess.Board) -> None:
         self.planes = [board.pieces_mask(kind, color) for color, kind in PIECE_ORDER]
+        self.occupied = [board.occupied_co[chess.WHITE], board.occupied_co[chess.BLACK]]
         self.turn = 0 if board.turn == chess.WHITE else 1
         self.castling = board.castling_rights
         self.ep = board.ep_square if board.ep_square is not None else -1
