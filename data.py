@@ -4,18 +4,14 @@
     python data.py dump data/cache/sample --split test --limit 5
     python data.py make-sample            # regenerate data/sample.pgn.zst with Stockfish
 
-A prepared directory holds, per split (train/val/test), `positions.npy` (N x 101 uint8, see
-encoding.py), `cp.npy` (int32 centipawns, White's view) and `mate.npy` (int16, +-N = mate in N, 0 =
-none), plus `meta.json`, written last, so its presence means the directory is complete.
+A prepared directory (see prepare.py) holds, per split (train/val/test), `positions.npy` (N x 101
+uint8, see encoding.py), `cp.npy` (int32 centipawns, White's view) and `mate.npy` (int16, +-N = mate
+in N, 0 = none), plus `meta.json`, written last, so its presence means the directory is complete.
 Raw evals are stored; the training target (clamped pawns) is chosen when the data is loaded.
 """
 
-import collections
-import hashlib
 import json
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -23,24 +19,18 @@ import numpy as np
 import torch
 import tyro
 
-from encoding import ROW_BYTES, pack_states, row_to_fen
-from pgn import BadGame, CorruptArchive, format_eval, game_positions, iter_games
+import prepare as preparation
+from encoding import ROW_BYTES, row_to_fen
+from pgn import format_eval
 
-SPLITS = ("train", "val", "test")
-LAYOUT_VERSION = 1
+SPLITS = preparation.SPLITS
 SAMPLE_PGN = Path(__file__).parent / "data" / "sample.pgn.zst"
 
 
-def split_of(game: str, val_fraction: float, test_fraction: float) -> str:
-    """Split by a hash of the game text: stable across runs and when more files are added."""
-    bucket = int.from_bytes(hashlib.blake2b(game.encode(), digest_size=8).digest(), "little") / 2**64
-    if bucket < test_fraction:
-        return "test"
-    return "val" if bucket < test_fraction + val_fraction else "train"
-
-
 def prepare(sources: Annotated[list[Path], tyro.conf.Positional], out: Path,
-            val_fraction: float = 0.05, test_fraction: float = 0.05, max_games: int | None = None) -> dict:
+            val_fraction: float = 0.05, test_fraction: float = 0.05, max_games: int | None = None,
+            workers: int = 0, games_per_chunk: int = 20_000, min_ply: int = 0, min_elo: int | None = None,
+            max_elo: int | None = None, time_controls: list[str] | None = None) -> dict:
     """Read lichess `.pgn` / `.pgn.zst` files and write packed positions with their evals.
 
     Args:
@@ -49,59 +39,16 @@ def prepare(sources: Annotated[list[Path], tyro.conf.Positional], out: Path,
         val_fraction: Share of games that go to the validation split.
         test_fraction: Share of games that go to the test split.
         max_games: Stop after this many games have been read (all games when unset).
+        workers: Parallel parsing processes (0 = all cores). The output does not depend on it.
+        games_per_chunk: Games read per unit of work (and per restartable shard).
+        min_ply: Skip games with fewer evaluated positions than this.
+        min_elo: Keep games whose two players are both rated at least this.
+        max_elo: Keep games whose two players are both rated at most this.
+        time_controls: Keep only these TimeControl header values (e.g. 180+2 600+0).
     """
-    for source in sources:
-        if not source.is_file():
-            raise SystemExit(f"error: {source}: no such file (expected a lichess .pgn or .pgn.zst)")
-    start = time.perf_counter()
-    rows = {split: ([], [], []) for split in SPLITS}  # states, cps, mates
-    games = {split: 0 for split in SPLITS}
-    skipped: collections.Counter = collections.Counter()
-    read = 0
-    for source in sources:
-        try:
-            for game in iter_games(source):
-                if max_games is not None and read >= max_games:
-                    break
-                read += 1
-                if "%eval" not in game:  # cheap raw-text test before any chess parsing
-                    skipped["no_eval"] += 1
-                    continue
-                try:
-                    _, states, cps, mates = game_positions(game)
-                except BadGame as bad:
-                    skipped[bad.reason] += 1
-                    continue
-                if not states:
-                    skipped["no_eval"] += 1
-                    continue
-                split = split_of(game, val_fraction, test_fraction)
-                games[split] += 1
-                for column, values in zip(rows[split], (states, cps, mates)):
-                    column.extend(values)
-        except CorruptArchive as exc:
-            raise SystemExit(f"error: {exc}") from None
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # the directory is incomplete until meta.json is back
-    counts = {}
-    for split, (states, cps, mates) in rows.items():
-        (out / split).mkdir(exist_ok=True)
-        np.save(out / split / "positions.npy", pack_states(states))
-        np.save(out / split / "cp.npy", np.array(cps, dtype=np.int32))
-        np.save(out / split / "mate.npy", np.array(mates, dtype=np.int16))
-        counts[split] = {"games": games[split], "positions": len(states)}
-    meta = {"layout_version": LAYOUT_VERSION, "sources": [str(s) for s in sources], "games_read": read,
-            "splits": counts, "skipped": dict(skipped), "seconds": round(time.perf_counter() - start, 2)}
-    if not sum(c["positions"] for c in counts.values()):
-        raise SystemExit(f"error: {', '.join(map(str, sources))}: no game with %eval annotations found "
-                         f"(read {read} games, skipped {dict(skipped)})")
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(out / "meta.json")
-    per_split = ", ".join(f"{split} {c['positions']}" for split, c in counts.items())
-    print(f"prepared {out}: {sum(c['positions'] for c in counts.values())} positions from "
-          f"{sum(games.values())} games ({per_split}); skipped {dict(skipped)}")
-    return meta
+    filters = preparation.Filters(val_fraction, test_fraction, min_ply, min_elo, max_elo,
+                                  tuple(time_controls) if time_controls is not None else None)
+    return preparation.prepare(sources, out, filters, max_games, workers, games_per_chunk)
 
 
 def ensure_prepared(sources: list[Path], out: Path) -> dict:
@@ -109,7 +56,7 @@ def ensure_prepared(sources: list[Path], out: Path) -> dict:
     meta_path = out / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("sources") == [str(s) for s in sources] and meta.get("layout_version") == LAYOUT_VERSION:
+        if meta.get("sources") == [str(s) for s in sources] and meta.get("layout_version") == preparation.LAYOUT_VERSION:
             return meta
     return prepare(sources, out)
 

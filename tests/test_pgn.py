@@ -9,6 +9,7 @@ import zstandard
 import data
 import encoding
 import pgn
+import prepare
 
 HEADERS = '[Event "Rated Blitz game"]\n[Site "https://lichess.org/abcdefgh"]\n[Result "{result}"]\n\n'
 
@@ -82,7 +83,7 @@ def test_split_is_by_game_and_stable(prepared: Path):
     rows = {split: {r.tobytes() for r in data.load_split(prepared, split)["positions"]} for split in data.SPLITS}
     assert all(len(rows[s]) > 0 for s in data.SPLITS)
     games = list(pgn.iter_games(data.SAMPLE_PGN))[:50]
-    assert [data.split_of(g, 0.05, 0.05) for g in games] == [data.split_of(g, 0.05, 0.05) for g in games]
+    assert [prepare.split_of(g, 0.05, 0.05) for g in games] == [prepare.split_of(g, 0.05, 0.05) for g in games]
 
 
 def test_dump_prints_fen_and_lichess_eval(prepared: Path, capsys):

@@ -1,0 +1,221 @@
+"""Turn lichess PGN archives into packed training data, on all cores, restartably.
+
+The main process streams games out of each archive, drops games without `%eval` or of another
+variant on the raw text (hundreds of MB/s), and cuts the rest into chunks of a fixed number of
+games *read*, so chunks, and with them the output, do not depend on the worker count. Workers
+replay the chunks (replay.py); results come back in order and are written as shards, each with a
+small JSON written last. A re-run after a crash skips the shards already complete. At the end the
+shards are joined into one file per split and column, and `meta.json` is written last of all.
+"""
+
+import collections
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from encoding import ROW_BYTES, pack_states
+from pgn import BadGame, CorruptArchive, game_positions, iter_games
+
+SPLITS = ("train", "val", "test")
+COLUMNS = {"positions": np.uint8, "cp": np.int32, "mate": np.int16}
+LAYOUT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which games to keep (header-based filters are off when unset)."""
+
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    min_ply: int = 0
+    min_elo: int | None = None
+    max_elo: int | None = None
+    time_controls: tuple[str, ...] | None = None
+
+
+def split_of(game: str, val_fraction: float, test_fraction: float) -> str:
+    """Split by a hash of the game text: stable across runs and when more files are added."""
+    bucket = int.from_bytes(hashlib.blake2b(game.encode(), digest_size=8).digest(), "little") / 2**64
+    if bucket < test_fraction:
+        return "test"
+    return "val" if bucket < test_fraction + val_fraction else "train"
+
+
+def header_filter(headers: dict[str, str], filters: Filters) -> str | None:
+    """The reason a game is filtered out by its headers, or None to keep it."""
+    if filters.time_controls is not None and headers.get("TimeControl") not in filters.time_controls:
+        return "filtered_time_control"
+    if filters.min_elo is not None or filters.max_elo is not None:
+        for side in ("WhiteElo", "BlackElo"):
+            elo = headers.get(side, "?")
+            if not elo.isdigit():
+                return "filtered_elo"
+            if filters.min_elo is not None and int(elo) < filters.min_elo:
+                return "filtered_elo"
+            if filters.max_elo is not None and int(elo) > filters.max_elo:
+                return "filtered_elo"
+    return None
+
+
+def parse_chunk(games: list[str], filters: Filters) -> tuple[dict, collections.Counter, collections.Counter]:
+    """Replay a chunk of games: per split the packed rows, cps and mates; games kept per split; skips."""
+    states = {split: ([], [], []) for split in SPLITS}
+    kept: collections.Counter = collections.Counter()
+    skipped: collections.Counter = collections.Counter()
+    for game in games:
+        try:
+            headers, game_states, cps, mates = game_positions(game)
+        except BadGame as bad:
+            skipped[bad.reason] += 1
+            continue
+        reason = header_filter(headers, filters)
+        if reason is None and not game_states:
+            reason = "no_eval"
+        if reason is None and filters.min_ply and game_states and len(game_states) < filters.min_ply:
+            reason = "too_short"
+        if reason:
+            skipped[reason] += 1
+            continue
+        split = split_of(game, filters.val_fraction, filters.test_fraction)
+        kept[split] += 1
+        for column, values in zip(states[split], (game_states, cps, mates)):
+            column.extend(values)
+    arrays = {split: {"positions": pack_states(s), "cp": np.array(c, dtype=np.int32),
+                      "mate": np.array(m, dtype=np.int16)} for split, (s, c, m) in states.items()}
+    return arrays, kept, skipped
+
+
+def raw_chunks(sources: list[Path], games_per_chunk: int, max_games: int | None):
+    """Yield (games worth parsing, games read, raw skips) per chunk of `games_per_chunk` games read."""
+    games, skipped, read_in_chunk, read = [], collections.Counter(), 0, 0
+    for source in sources:
+        for game in iter_games(source):
+            if max_games is not None and read >= max_games:
+                break
+            read += 1
+            read_in_chunk += 1
+            if "%eval" not in game:  # the raw-text test: most lichess games carry no eval
+                skipped["no_eval"] += 1
+            elif "[Variant " in game and '[Variant "Standard"]' not in game or "[FEN " in game:
+                skipped["variant"] += 1
+            else:
+                games.append(game)
+            if read_in_chunk == games_per_chunk:
+                yield games, read_in_chunk, skipped
+                games, skipped, read_in_chunk = [], collections.Counter(), 0
+    if read_in_chunk:
+        yield games, read_in_chunk, skipped
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(".tmp-" + path.name)  # same suffix: np.save would append .npy otherwise
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_shard(shards: Path, index: int, arrays: dict, read: int, kept, skipped) -> dict:
+    for split, columns in arrays.items():
+        for name, values in columns.items():
+            _write_atomic(shards / f"{index:06d}.{split}.{name}.npy", lambda tmp, v=values: np.save(tmp, v))
+    info = {"read": read, "kept": dict(kept), "skipped": dict(skipped),
+            "positions": {split: len(arrays[split]["cp"]) for split in SPLITS}}
+    _write_atomic(shards / f"{index:06d}.json", lambda tmp: tmp.write_text(json.dumps(info)))
+    return info
+
+
+def join_shards(shards: Path, out: Path, infos: list[dict]) -> None:
+    """Concatenate the shards of each split and column into `out/<split>/<column>.npy`, streaming."""
+    for split in SPLITS:
+        (out / split).mkdir(parents=True, exist_ok=True)
+        total = sum(info["positions"][split] for info in infos)
+        for name, dtype in COLUMNS.items():
+            shape = (total, ROW_BYTES) if name == "positions" else (total,)
+            tmp = out / split / f"{name}.tmp.npy"
+            joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            at = 0
+            for index, info in enumerate(infos):
+                count = info["positions"][split]
+                if count:
+                    joined[at:at + count] = np.load(shards / f"{index:06d}.{split}.{name}.npy")
+                    at += count
+            joined.flush()
+            del joined
+            os.replace(tmp, out / split / f"{name}.npy")
+
+
+def prepare(sources: list[Path], out: Path, filters: Filters = Filters(), max_games: int | None = None,
+            workers: int = 0, games_per_chunk: int = 20_000) -> dict:
+    """Prepare `out` from lichess PGN `sources`; see the module docstring. workers=0: all cores."""
+    for source in sources:
+        if not source.is_file():
+            raise SystemExit(f"error: {source}: no such file (expected a lichess .pgn or .pgn.zst)")
+    start = time.perf_counter()
+    workers = workers or os.cpu_count() or 1
+    shards = out / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)  # the directory is incomplete until meta.json is back
+    infos: list[dict] = []
+    resumed = 0
+
+    def finish(index: int, result, read: int, raw_skipped) -> None:
+        arrays, kept, skipped = result
+        infos.append(write_shard(shards, index, arrays, read, kept, skipped + raw_skipped))
+
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    pending: collections.deque = collections.deque()  # at most 2 chunks per worker in flight
+    try:
+        for index, (games, read, raw_skipped) in enumerate(raw_chunks(sources, games_per_chunk, max_games)):
+            done = shards / f"{index:06d}.json"
+            if done.exists():  # finished by an earlier, interrupted run
+                infos_wait(pending, finish)  # keep shard order
+                infos.append(json.loads(done.read_text()))
+                resumed += 1
+                continue
+            if pool is None:
+                finish(index, parse_chunk(games, filters), read, raw_skipped)
+                continue
+            pending.append((index, pool.apply_async(parse_chunk, (games, filters)), read, raw_skipped))
+            while len(pending) >= 2 * workers:
+                index_done, result, read_done, raw_done = pending.popleft()
+                finish(index_done, result.get(), read_done, raw_done)
+        infos_wait(pending, finish)
+    except CorruptArchive as exc:
+        infos_wait(pending, finish)  # keep every shard completed before the damage
+        raise SystemExit(f"error: {exc} (the {len(infos)} shards before it are kept; re-run to resume)") from None
+    finally:
+        if pool is not None:
+            pool.terminate()
+    join_shards(shards, out, infos)
+    counts = {split: {"games": sum(i["kept"].get(split, 0) for i in infos),
+                      "positions": sum(i["positions"][split] for i in infos)} for split in SPLITS}
+    skipped: collections.Counter = collections.Counter()
+    for info in infos:
+        skipped.update(info["skipped"])
+    total = sum(c["positions"] for c in counts.values())
+    if not total:
+        raise SystemExit(f"error: {', '.join(map(str, sources))}: no game with %eval annotations found "
+                         f"(read {sum(i['read'] for i in infos)} games, skipped {dict(skipped)})")
+    meta = {"layout_version": LAYOUT_VERSION, "sources": [str(s) for s in sources],
+            "games_read": sum(i["read"] for i in infos), "splits": counts, "skipped": dict(skipped),
+            "filters": {k: v for k, v in vars(filters).items()}, "shards": len(infos), "shards_resumed": resumed,
+            "workers": workers, "seconds": round(time.perf_counter() - start, 2)}
+    _write_atomic(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    shutil.rmtree(shards)
+    per_split = ", ".join(f"{split} {c['positions']}" for split, c in counts.items())
+    print(f"prepared {out}: {total} positions from {sum(c['games'] for c in counts.values())} games "
+          f"({per_split}); skipped {dict(skipped)}; {meta['seconds']} s on {workers} worker(s)")
+    return meta
+
+
+def infos_wait(pending: collections.deque, finish) -> None:
+    """Write every chunk still in flight, in order."""
+    while pending:
+        index, result, read, raw_skipped = pending.popleft()
+        finish(index, result.get(), read, raw_skipped)
