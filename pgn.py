@@ -71,25 +71,33 @@ def read_chunks(path: Path) -> Iterator[bytes]:
 
 
 def iter_games(path: Path) -> Iterator[str]:
-    """Yield each game's text. A new game starts at a header line that follows movetext, so
-    missing or doubled blank lines do not matter."""
+    """Yield each game's text. Games are cut where a blank line is followed by a header line, by
+    str.split on whole chunks (C speed: the main process cuts every game of an archive). A piece
+    with headers but no moves is joined to the next, so a game is always its headers, then moves.
+    A game cut off mid-line (a damaged file) runs into the next one; both are then skipped as bad."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    lines: list[str] = []
-    seen_moves = False
-    pending = ""
+    pending, headers_only = "", ""
     for chunk in read_chunks(path):
-        pending += decoder.decode(chunk)
-        *complete, pending = pending.split("\n")
-        for line in complete:
-            if line.startswith("[") and seen_moves:
-                yield "\n".join(lines) + "\n"
-                lines, seen_moves = [], False
-            if line.strip() and not line.startswith("["):
-                seen_moves = True
-            lines.append(line)
-    lines.append(pending)
-    if any(line.strip() for line in lines):
-        yield "\n".join(lines) + "\n"
+        pieces = (pending + decoder.decode(chunk)).split("\n\n[")
+        pending = pieces.pop() if len(pieces) == 1 else "[" + pieces.pop()
+        for i, piece in enumerate(pieces):
+            game = headers_only + ("[" + piece if i else piece)
+            if _has_movetext(game):
+                headers_only = ""
+                yield game + "\n\n"
+            else:
+                headers_only = game + "\n\n"
+    game = (headers_only + pending).rstrip("\n")
+    if game.strip():
+        yield game + "\n\n"
+
+
+def _has_movetext(game: str) -> bool:
+    """Does anything but headers follow? Usually a blank line ends the headers; else look at lines."""
+    at = game.find("\n\n")
+    if at >= 0:
+        return bool(game[at:].strip())
+    return any(line.strip() and not line.startswith("[") for line in game.split("\n"))
 
 
 def parse_headers(game: str) -> tuple[dict[str, str], str]:
