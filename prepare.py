@@ -168,7 +168,10 @@ def prepare(sources: list[Path], out: Path, filters: Filters = Filters(), max_ga
         arrays, kept, skipped = result
         infos.append(write_shard(shards, index, arrays, read, kept, skipped + raw_skipped))
 
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    # fork where there is one (Linux, as PyTorch's DataLoader workers do): spawn would re-import the
+    # caller's script and torch in every worker, seconds that small jobs never win back.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(workers) if workers > 1 else None
     pending: collections.deque = collections.deque()  # at most 2 chunks per worker in flight
     try:
         for index, (games, read, raw_skipped) in enumerate(raw_chunks(sources, games_per_chunk, max_games)):
