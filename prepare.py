@@ -1,4 +1,5 @@
-"""Turn lichess PGN archives into packed training data, on all cores, restartably.
+"""Turn lichess PGN archives (and position sources, see sources.py) into packed training data, on
+all cores, restartably.
 
 The main process streams games out of each archive, drops games without `%eval` or of another
 variant on the raw text (hundreds of MB/s), and cuts the rest into chunks of a fixed number of
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+import sources as sources_module
 from encoding import ROW_BYTES, pack_states
 from pgn import BadGame, CorruptArchive, game_positions, iter_games
 
@@ -92,26 +94,38 @@ def parse_chunk(games: list[str], filters: Filters) -> tuple[dict, collections.C
     return arrays, kept, skipped
 
 
-def raw_chunks(sources: list[Path], games_per_chunk: int, max_games: int | None):
-    """Yield (games worth parsing, games read, raw skips) per chunk of `games_per_chunk` games read."""
-    games, skipped, read_in_chunk, read = [], collections.Counter(), 0, 0
+def raw_chunks(sources: list[Path], records_per_chunk: int, max_records: int | None):
+    """Yield (kind, records worth parsing, records read, raw skips) per chunk of `records_per_chunk`
+    games or positions read. A chunk never spans two sources (each has one kind)."""
+    read = 0
     for source in sources:
-        for game in iter_games(source):
-            if max_games is not None and read >= max_games:
+        kind = sources_module.kind_of(source)
+        records = iter_games(source) if kind == "pgn" else sources_module.iter_records(source, kind)
+        chunk, skipped, read_in_chunk = [], collections.Counter(), 0
+        for record in records:
+            if max_records is not None and read >= max_records:
                 break
             read += 1
             read_in_chunk += 1
-            if "%eval" not in game:  # the raw-text test: most lichess games carry no eval
+            if kind != "pgn":
+                chunk.append(record)
+            elif "%eval" not in record:  # the raw-text test: most lichess games carry no eval
                 skipped["no_eval"] += 1
-            elif "[Variant " in game and '[Variant "Standard"]' not in game or "[FEN " in game:
+            elif "[Variant " in record and '[Variant "Standard"]' not in record or "[FEN " in record:
                 skipped["variant"] += 1
             else:
-                games.append(game)
-            if read_in_chunk == games_per_chunk:
-                yield games, read_in_chunk, skipped
-                games, skipped, read_in_chunk = [], collections.Counter(), 0
-    if read_in_chunk:
-        yield games, read_in_chunk, skipped
+                chunk.append(record)
+            if read_in_chunk == records_per_chunk:
+                yield kind, chunk, read_in_chunk, skipped
+                chunk, skipped, read_in_chunk = [], collections.Counter(), 0
+        if read_in_chunk:
+            yield kind, chunk, read_in_chunk, skipped
+
+
+def parse_any(kind: str, records: list, filters: Filters):
+    if kind == "pgn":
+        return parse_chunk(records, filters)
+    return sources_module.parse_position_chunk(kind, records, filters)
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -155,7 +169,8 @@ def prepare(sources: list[Path], out: Path, filters: Filters = Filters(), max_ga
     """Prepare `out` from lichess PGN `sources`; see the module docstring. workers=0: all cores."""
     for source in sources:
         if not source.is_file():
-            raise SystemExit(f"error: {source}: no such file (expected a lichess .pgn or .pgn.zst)")
+            raise SystemExit(f"error: {source}: no such file (expected .pgn, .jsonl, .csv (optionally .zst) or .db)")
+        sources_module.kind_of(source)  # an unknown type fails before any work
     start = time.perf_counter()
     workers = workers or os.cpu_count() or 1
     shards = out / "shards"
@@ -174,7 +189,7 @@ def prepare(sources: list[Path], out: Path, filters: Filters = Filters(), max_ga
     pool = multiprocessing.get_context(method).Pool(workers) if workers > 1 else None
     pending: collections.deque = collections.deque()  # at most 2 chunks per worker in flight
     try:
-        for index, (games, read, raw_skipped) in enumerate(raw_chunks(sources, games_per_chunk, max_games)):
+        for index, (kind, records, read, raw_skipped) in enumerate(raw_chunks(sources, games_per_chunk, max_games)):
             done = shards / f"{index:06d}.json"
             if done.exists():  # finished by an earlier, interrupted run
                 infos_wait(pending, finish)  # keep shard order
@@ -182,9 +197,9 @@ def prepare(sources: list[Path], out: Path, filters: Filters = Filters(), max_ga
                 resumed += 1
                 continue
             if pool is None:
-                finish(index, parse_chunk(games, filters), read, raw_skipped)
+                finish(index, parse_any(kind, records, filters), read, raw_skipped)
                 continue
-            pending.append((index, pool.apply_async(parse_chunk, (games, filters)), read, raw_skipped))
+            pending.append((index, pool.apply_async(parse_any, (kind, records, filters)), read, raw_skipped))
             while len(pending) >= 2 * workers:
                 index_done, result, read_done, raw_done = pending.popleft()
                 finish(index_done, result.get(), read_done, raw_done)
