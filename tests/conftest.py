@@ -37,9 +37,20 @@ def random_games(count: int, seed: int, max_plies: int = 200):
 
 def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None,
                program: str = sys.executable):
-    """Run a repository script in a fresh process (one thread per process on the 2-core CI)."""
+    """Run a repository script in a fresh process (one thread per process on the 2-core CI). On a
+    timeout every process of the run (launched ranks too) dumps its Python stacks before the test
+    fails with them, so a hang names the line it hangs on."""
     import os
+    import signal
 
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run([program, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=full_env)
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONFAULTHANDLER": "1",
+                **(env or {})}
+    process = subprocess.Popen([program, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=full_env, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)  # faulthandler prints every thread's stack
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {args}\n{stdout[-3000:]}\n{stderr[-12000:]}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
