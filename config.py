@@ -93,6 +93,8 @@ class DataConfig:
     """DataLoader worker processes (batches are one memmap gather: 0 is usually fastest)."""
     clamp: float = 15.0
     """Targets are pawns clamped to +-clamp; mate scores map to the clamp with their sign."""
+    target: str = "pawns"
+    """pawns: L1 on the clamped eval (the reference setup); win_prob: BCE on sigmoid(cp / 271.6), lichess's win probability."""
     flip: bool = True
     """Augment training batches: colour-mirror a random half of each batch and negate its evals (on the device)."""
 
@@ -269,6 +271,7 @@ def check(cfg: ChessConfig) -> None:
     need(d.eval_batch_size > 0, "data.eval_batch_size", "a positive count", d.eval_batch_size)
     need(d.num_workers >= 0, "data.num_workers", "a count >= 0", d.num_workers)
     need(d.clamp > 0, "data.clamp", "a positive number of pawns", d.clamp)
+    need(d.target in ("pawns", "win_prob"), "data.target", "pawns or win_prob", d.target)
     need(cfg.model.width > 0 and cfg.model.depth >= 0, "model.width/depth", "width > 0 and depth >= 0",
          (cfg.model.width, cfg.model.depth))
     need(cfg.log.logger in LOGGERS, "log.logger", "one of " + ", ".join(LOGGERS), cfg.log.logger)

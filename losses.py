@@ -1,6 +1,7 @@
 """Losses and metrics.
 
-Chess: L1 on the clamped eval in pawns (the reference setup). Validation metrics are accumulated as
+Chess: L1 on the clamped eval in pawns (the reference setup), or BCE on the win probability.
+Metrics are always in pawns (a win-probability logit converts back). They are accumulated as
 sums in one device tensor, reduced over ranks once, and turned into numbers once per validation.
 """
 
@@ -9,12 +10,24 @@ import torch.nn.functional as F
 
 from encoding import material_balance
 
+WIN_PROB_SCALE_CP = 1 / 0.00368208  # lichess: win probability = sigmoid(cp / 271.6)
+TARGETS = ("pawns", "win_prob")
 SIGN_MARGIN = 1.0  # sign accuracy counts positions whose |eval| exceeds this many pawns
 EVAL_SUM_FIELDS = ("count", "abs_err", "sq_err", "sign_count", "sign_correct", "baseline_abs_err")
 
 
-def eval_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.l1_loss(prediction.float(), target)
+def to_pawns(output: torch.Tensor, target: str) -> torch.Tensor:
+    """The network's output in pawns: itself (pawns target) or its logit x 271.6 cp (win_prob target)."""
+    return output.float() if target == "pawns" else output.float() * (WIN_PROB_SCALE_CP / 100)
+
+
+def eval_loss(output: torch.Tensor, target_pawns: torch.Tensor, target: str = "pawns") -> torch.Tensor:
+    """pawns: L1 on the clamped eval. win_prob: BCE of the output (a logit) against lichess's win
+    probability of the clamped eval (so a mate counts as the clamp: 99.6 % at +-15 pawns)."""
+    if target == "pawns":
+        return F.l1_loss(output.float(), target_pawns)
+    win = torch.sigmoid(target_pawns * (100 / WIN_PROB_SCALE_CP))
+    return F.binary_cross_entropy_with_logits(output.float(), win)
 
 
 def eval_metric_sums(prediction: torch.Tensor, target: torch.Tensor, packed: torch.Tensor,

@@ -4,7 +4,8 @@
     python predict.py --ckpt ... --fens positions.txt          # one FEN per line
     python predict.py --ckpt ... --pgn games.pgn              # every position of each game's mainline
 
-Prints `FEN<TAB>prediction`, the prediction in pawns from White's view.
+Prints `FEN<TAB>prediction`, the prediction in pawns from White's view, and for a model trained on
+win probability (`--data.target win_prob`) a third column: White's win probability in [0, 1].
 """
 
 import sys
@@ -20,6 +21,7 @@ import tyro
 
 from config import ConfigError
 from encoding import pack_board
+from losses import to_pawns
 from tools import load_checkpoint
 
 
@@ -69,10 +71,14 @@ def predict(model: torch.nn.Module, boards: list[chess.Board], batch_size: int) 
 def main(argv: list[str]) -> int:
     try:
         args = tyro.cli(PredictArgs, args=argv, prog="predict.py")
-        _, model = load_checkpoint(args.ckpt)
+        cfg, model = load_checkpoint(args.ckpt)
         boards = read_positions(args)
-        for board, value in zip(boards, predict(model, boards, args.batch_size)):
-            print(f"{board.fen(en_passant='fen')}\t{value:.4f}")
+        outputs = torch.from_numpy(predict(model, boards, args.batch_size))
+        pawns = to_pawns(outputs, cfg.data.target).numpy()
+        win = torch.sigmoid(outputs).numpy() if cfg.data.target == "win_prob" else None
+        for i, board in enumerate(boards):
+            extra = f"\t{win[i]:.4f}" if win is not None else ""
+            print(f"{board.fen(en_passant='fen')}\t{pawns[i]:.4f}{extra}")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -75,7 +75,7 @@ def evaluate(args: EvaluateArgs) -> dict[str, float]:
     loader = fabric.setup_dataloaders(
         data.make_loader(split, args.batch_size or cfg.data.eval_batch_size, False, 0, 0, 1, drop_last=False),
         use_distributed_sampler=False)
-    metrics = train.evaluate(fabric, model, loader, cfg.data.clamp)
+    metrics = train.evaluate(fabric, model, loader, cfg.data.clamp, cfg.data.target)
     train.print_table(f"{args.split} metrics of {args.ckpt} on {directory} ({int(metrics['positions'])} positions; "
                       f"pawns, clamped to +-{cfg.data.clamp:g})",
                       {"l1": metrics["l1"], "rmse": metrics["rmse"], "sign_acc (|eval|>1)": metrics["sign_acc"],
@@ -151,7 +151,7 @@ def lr_find(args: LRFindArgs) -> float:
                 packed, target = next(batches)
             if cfg.data.flip:
                 packed, target = random_flip(packed, target)
-            loss = losses.eval_loss(model(packed), target)
+            loss = losses.eval_loss(model(packed), target, cfg.data.target)
             fabric.backward(loss / cfg.train.accumulate)
             total += loss.item() / cfg.train.accumulate  # a host sync per step is fine for a 100-step test
         if cfg.train.clip is not None:

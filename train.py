@@ -134,13 +134,13 @@ def restore(run: Run, path: Path | None) -> None:
 
 
 @torch.no_grad()
-def evaluate(fabric: Fabric, model: torch.nn.Module, loader, clamp: float) -> dict[str, float]:
+def evaluate(fabric: Fabric, model: torch.nn.Module, loader, clamp: float, target: str = "pawns") -> dict[str, float]:
     """Metrics over a whole split, summed on each rank's device and reduced over ranks once."""
     model.eval()
     sums = torch.zeros(len(losses.EVAL_SUM_FIELDS), device=fabric.device, dtype=torch.float64)
     loader.sampler.start_epoch(0)
-    for packed, target in loader:
-        sums += losses.eval_metric_sums(model(packed), target, packed, clamp).double()
+    for packed, pawns in loader:
+        sums += losses.eval_metric_sums(losses.to_pawns(model(packed), target), pawns, packed, clamp).double()
     model.train()
     return losses.eval_metrics(fabric.all_reduce(sums, reduce_op="sum"))
 
@@ -236,12 +236,12 @@ def train(cfg: ChessConfig) -> dict[str, float]:
             for group in optimizer.param_groups:
                 group["lr"] = run.lr
             for micro in range(cfg.train.accumulate):
-                packed, target = next(batches)
+                packed, pawns = next(batches)
                 if cfg.data.flip:
-                    packed, target = random_flip(packed, target)
+                    packed, pawns = random_flip(packed, pawns)
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 with fabric.no_backward_sync(model, enabled=micro < cfg.train.accumulate - 1):
-                    loss = losses.eval_loss(model(packed), target)
+                    loss = losses.eval_loss(model(packed), pawns, cfg.data.target)
                     fabric.backward(loss / cfg.train.accumulate)
                 run.loss_sum += loss.detach() / cfg.train.accumulate  # stays on the device
             callbacks.call(hooks, "after_backward", run)
@@ -266,7 +266,7 @@ def train(cfg: ChessConfig) -> dict[str, float]:
                 cfg.train.max_epochs is not None and run.epoch >= cfg.train.max_epochs)
             run.validated_this_step = run.step % cfg.train.val_every == 0 or end_of_epoch or last_step
             if run.validated_this_step:
-                metrics = evaluate(fabric, model, eval_loaders["val"], cfg.data.clamp)
+                metrics = evaluate(fabric, model, eval_loaders["val"], cfg.data.clamp, cfg.data.target)
                 metrics["loss"] = metrics["l1"]
                 run.val_metrics = {f"val/{k}": v for k, v in metrics.items()}
                 if run.loggers:
@@ -286,7 +286,7 @@ def train(cfg: ChessConfig) -> dict[str, float]:
         best_path = run_dir / "checkpoints" / run.best[0][1]
         fabric.load(best_path, {"model": model}, strict=False, weights_only=False)
         fabric.print(f"testing the best checkpoint: {best_path.name} ({cfg.checkpoint.monitor} {run.best[0][0]:.4f})")
-    test = evaluate(fabric, model, eval_loaders["test"], cfg.data.clamp)
+    test = evaluate(fabric, model, eval_loaders["test"], cfg.data.clamp, cfg.data.target)
     if fabric.is_global_zero:
         print_table(f"test metrics ({int(test['positions'])} positions; pawns, clamped to +-{cfg.data.clamp:g})",
                     {"l1": test["l1"], "rmse": test["rmse"], "sign_acc (|eval|>1)": test["sign_acc"],

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import data
+import losses
 import predict
 import train
 from encoding import row_to_fen
@@ -134,3 +136,16 @@ def tools_export(cfg) -> str:
     import tools
 
     return tools.export_config(cfg)
+
+
+def test_win_probability_model_trains_evaluates_and_predicts(prepared, tmp_path, capsys):
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "wp", "--data.target", "win_prob")) == 0
+    printed = json.loads((tmp_path / "wp" / "test_metrics.json").read_text())
+    ckpt = best_checkpoint(tmp_path / "wp")
+    assert train.main(["chess", "evaluate", "--ckpt", str(ckpt)]) == 0
+    assert printed_table(capsys.readouterr().out)["l1"] == pytest.approx(printed["test/l1"], abs=1e-4)
+    assert predict.main(["--ckpt", str(ckpt), "8/8/8/4k3/8/8/3QK3/8 w - - 0 1"]) == 0
+    fen, pawns, win = capsys.readouterr().out.strip().split("\t")
+    assert 0 < float(win) < 1
+    logit = math.log(float(win) / (1 - float(win)))
+    assert float(pawns) == pytest.approx(logit * losses.WIN_PROB_SCALE_CP / 100, abs=1e-2)
