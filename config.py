@@ -91,6 +91,8 @@ class DataConfig:
     """Batch size per device for validation and test."""
     num_workers: int = 0
     """DataLoader worker processes (batches are one memmap gather: 0 is usually fastest)."""
+    on_device: bool = False
+    """Keep the packed splits in device memory (1 GB per 10M positions); a batch is then one gather there."""
     clamp: float = 15.0
     """Targets are pawns clamped to +-clamp; mate scores map to the clamp with their sign."""
     target: str = "pawns"

@@ -181,10 +181,11 @@ def train(cfg: ChessConfig) -> dict[str, float]:
     with fabric.rank_zero_first(local=True):
         data.ensure_prepared(cfg.data.sources, cfg.data.dir)
     splits = {split: data.PackedPositions(cfg.data.dir, split, cfg.data.clamp) for split in data.SPLITS}
+    on_device = fabric.device if cfg.data.on_device else None
     train_loader = data.make_loader(splits["train"], micro_batch, True, cfg.train.seed, fabric.global_rank, world,
-                                    drop_last=True, num_workers=cfg.data.num_workers)
+                                    drop_last=True, num_workers=cfg.data.num_workers, device=on_device)
     eval_loaders = {split: data.make_loader(splits[split], cfg.data.eval_batch_size, False, 0, fabric.global_rank,
-                                            world, drop_last=False) for split in ("val", "test")}
+                                            world, drop_last=False, device=on_device) for split in ("val", "test")}
     steps_per_epoch = len(train_loader.sampler) // cfg.train.accumulate
     if steps_per_epoch == 0:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} exceeds the {len(splits['train'])} training positions")
@@ -195,8 +196,9 @@ def train(cfg: ChessConfig) -> dict[str, float]:
         model = torch.compile(model)
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fused=fabric.device.type == "cuda"))
-    train_loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=False)
-    eval_loaders = {k: fabric.setup_dataloaders(v, use_distributed_sampler=False) for k, v in eval_loaders.items()}
+    if not cfg.data.on_device:  # Fabric moves each batch to the device
+        train_loader = fabric.setup_dataloaders(train_loader, use_distributed_sampler=False)
+        eval_loaders = {k: fabric.setup_dataloaders(v, use_distributed_sampler=False) for k, v in eval_loaders.items()}
     train_sampler = train_loader.sampler
 
     limits = [cfg.train.max_steps or math.inf, (cfg.train.max_epochs or math.inf) * steps_per_epoch]

@@ -178,3 +178,28 @@ def test_max_time_alone_runs_past_one_epoch_until_the_time_is_up(prepared, tmp_p
     assert max(train_losses(tmp_path / "t")) > 10
     assert train.main(tiny_args(prepared, tmp_path, "--train.max-steps", "None", "--train.max-time", "1")) == 2
     assert "schedule.total_steps" in capsys.readouterr().err
+
+
+def test_data_on_device_trains_bitwise_like_the_memory_map(prepared, tmp_path):
+    args = ["--log.every", "1", "--train.max-steps", "8"]
+    assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "mm")) == 0
+    assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "dev", "--data.on-device")) == 0
+    assert train_losses(tmp_path / "mm") == train_losses(tmp_path / "dev")
+    assert all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "mm").values(), weights(tmp_path / "dev").values()))
+
+
+def test_each_example_once_per_epoch_across_ranks():
+    import numpy as np
+
+    import data
+
+    for drop_last in (True, False):
+        seen = []
+        for rank in range(3):
+            sampler = data.EpochBatches(1000, 64, True, seed=3, rank=rank, world_size=3, drop_last=drop_last)
+            sampler.start_epoch(2)
+            batches = list(sampler)
+            assert len(batches) == len(sampler)
+            seen.extend(np.concatenate(batches).tolist())
+        assert len(seen) == len(set(seen))  # never twice
+        assert len(seen) == (1000 if not drop_last else 3 * (333 // 64) * 64)
