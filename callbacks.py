@@ -91,17 +91,17 @@ def progress_bar(total_steps: int | None) -> Hooks:
 # ---------------------------------------------------------------- early stopping
 
 
-def improved(score: float, best: float | None, mode: str) -> bool:
-    return best is None or (score < best if mode == "min" else score > best)
+def improved(score: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    return best is None or (score < best - min_delta if mode == "min" else score > best + min_delta)
 
 
-def early_stopping(patience: int) -> Hooks:
+def early_stopping(patience: int, min_delta: float = 0.0) -> Hooks:
     """Stop after `patience` validations without a better monitored metric. The metric is reduced
     over ranks, so every rank takes the same decision."""
 
     def check(run) -> None:
         score = run.val_metrics[run.cfg.checkpoint.monitor]
-        if improved(score, run.early_stop_best, run.cfg.checkpoint.mode):
+        if improved(score, run.early_stop_best, run.cfg.checkpoint.mode, min_delta):
             run.early_stop_best, run.bad_validations = score, 0
             return
         run.bad_validations += 1

@@ -163,6 +163,8 @@ class TrainConfig:
     """torch.compile the model before Fabric wraps it."""
     early_stop_patience: int | None = None
     """Stop after this many validations without improvement of checkpoint.monitor; unset = never."""
+    early_stop_min_delta: float = 0.0
+    """The least change of checkpoint.monitor that counts as an improvement."""
 
 
 @dataclass
@@ -296,3 +298,4 @@ def check(cfg: ChessConfig) -> None:
     need(t.clip is None or t.clip > 0, "train.clip", "a positive norm", t.clip)
     need(t.early_stop_patience is None or t.early_stop_patience >= 1, "train.early_stop_patience",
          "a count >= 1", t.early_stop_patience)
+    need(t.early_stop_min_delta >= 0, "train.early_stop_min_delta", "a number >= 0", t.early_stop_min_delta)

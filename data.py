@@ -30,7 +30,7 @@ SAMPLE_PGN = Path(__file__).parent / "data" / "sample.pgn.zst"
 def prepare(sources: Annotated[list[Path], tyro.conf.Positional], out: Path,
             val_fraction: float = 0.05, test_fraction: float = 0.05, max_games: int | None = None,
             workers: int = 0, games_per_chunk: int = 20_000, min_ply: int = 0, min_elo: int | None = None,
-            max_elo: int | None = None, time_controls: list[str] | None = None) -> dict:
+            max_elo: int | None = None, time_controls: list[str] | None = None, dedup: bool = True) -> dict:
     """Read lichess `.pgn` / `.pgn.zst` files and write packed positions with their evals.
 
     Args:
@@ -45,9 +45,11 @@ def prepare(sources: Annotated[list[Path], tyro.conf.Positional], out: Path,
         min_elo: Keep games whose two players are both rated at least this.
         max_elo: Keep games whose two players are both rated at most this.
         time_controls: Keep only these TimeControl header values (e.g. 180+2 600+0).
+        dedup: Merge identical positions within a split (mean eval, count.npy) and remove positions of
+            test from val and train, and of val from train.
     """
     filters = preparation.Filters(val_fraction, test_fraction, min_ply, min_elo, max_elo,
-                                  tuple(time_controls) if time_controls is not None else None)
+                                  tuple(time_controls) if time_controls is not None else None, dedup)
     return preparation.prepare(sources, out, filters, max_games, workers, games_per_chunk)
 
 

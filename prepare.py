@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+import dedup
 import sources as sources_module
 from encoding import ROW_BYTES, pack_states
 from pgn import BadGame, CorruptArchive, game_positions, iter_games
 
 SPLITS = ("train", "val", "test")
 COLUMNS = {"positions": np.uint8, "cp": np.int32, "mate": np.int16}
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: deduplicated splits with count.npy
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Filters:
     min_elo: int | None = None
     max_elo: int | None = None
     time_controls: tuple[str, ...] | None = None
+    dedup: bool = True
 
 
 def split_of(game: str, val_fraction: float, test_fraction: float) -> str:
@@ -211,8 +213,9 @@ def prepare(sources: list[Path], out: Path, filters: Filters = Filters(), max_ga
         if pool is not None:
             pool.terminate()
     join_shards(shards, out, infos)
+    duplicates = dedup.deduplicate(out) if filters.dedup else None  # before meta.json: a crash resumes
     counts = {split: {"games": sum(i["kept"].get(split, 0) for i in infos),
-                      "positions": sum(i["positions"][split] for i in infos)} for split in SPLITS}
+                      "positions": len(np.load(out / split / "cp.npy", mmap_mode="r"))} for split in SPLITS}
     skipped: collections.Counter = collections.Counter()
     for info in infos:
         skipped.update(info["skipped"])
@@ -222,7 +225,8 @@ def prepare(sources: list[Path], out: Path, filters: Filters = Filters(), max_ga
                          f"(read {sum(i['read'] for i in infos)} games, skipped {dict(skipped)})")
     meta = {"layout_version": LAYOUT_VERSION, "sources": [str(s) for s in sources],
             "games_read": sum(i["read"] for i in infos), "splits": counts, "skipped": dict(skipped),
-            "filters": {k: v for k, v in vars(filters).items()}, "shards": len(infos), "shards_resumed": resumed,
+            "duplicates": duplicates, "filters": {k: v for k, v in vars(filters).items()},
+            "shards": len(infos), "shards_resumed": resumed,
             "workers": workers, "seconds": round(time.perf_counter() - start, 2)}
     _write_atomic(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     shutil.rmtree(shards)

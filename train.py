@@ -221,7 +221,8 @@ def train(cfg: ChessConfig) -> dict[str, float]:
         callbacks.throughput(),
         callbacks.progress_bar(total_steps if total_steps < sys.maxsize else None) if cfg.log.progress_bar else {},
         callbacks.checkpointing(),
-        callbacks.early_stopping(cfg.train.early_stop_patience) if cfg.train.early_stop_patience else {},
+        callbacks.early_stopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
+        if cfg.train.early_stop_patience else {},
     )
     schedule = cfg.schedule
     lr_at = lambda step: learning_rate(step, schedule.kind, cfg.optim.lr, schedule.warmup_steps,  # noqa: E731

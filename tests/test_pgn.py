@@ -69,7 +69,7 @@ def test_prepare_skips_and_counts(tmp_path: Path):
     illegal = game("1. e4 { [%eval 0.1] } 1... Ke3 { [%eval 0.1] } 0-1")
     source = tmp_path / "games.pgn.zst"
     source.write_bytes(zstandard.ZstdCompressor().compress((good + no_eval + illegal + good).encode()))
-    meta = data.prepare([source], tmp_path / "out", val_fraction=0, test_fraction=0)
+    meta = data.prepare([source], tmp_path / "out", val_fraction=0, test_fraction=0, dedup=False)
     assert meta["games_read"] == 4
     assert meta["skipped"] == {"no_eval": 1, "illegal_move": 1}
     assert meta["splits"]["train"]["positions"] == 4

@@ -79,8 +79,8 @@ def test_best_k_checkpoints_last_and_test_on_best(prepared, tmp_path, capsys):
 
 
 def test_early_stopping(prepared, tmp_path, capsys):
-    # mode max on an error metric that training lowers: no validation ever "improves" after the first
-    args = ["--checkpoint.mode", "max", "--train.early-stop-patience", "1", "--train.max-steps", "40"]
+    # no change short of 1000 pawns counts as an improvement: the first validation stays the best
+    args = ["--train.early-stop-min-delta", "1000", "--train.early-stop-patience", "1", "--train.max-steps", "40"]
     assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "es")) == 0
     assert "early stopping" in capsys.readouterr().out
     assert max(train_losses(tmp_path / "es")) == 8

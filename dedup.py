@@ -1,0 +1,122 @@
+"""Deduplicate prepared positions: each position once per split, and never in two splits.
+
+Opening positions repeat thousands of times. Within a split, identical positions are merged into
+one row whose eval is the mean of the non-mate evals (a mate is kept only if every copy is one) and
+whose `count.npy` entry says how many were merged. Then a position that is in test is removed from
+val and train, and one in val from train, so no test position is ever trained on.
+
+"Identical" means the board, castling rights, side to move and en-passant square: the position a
+FEN's first four fields describe; the move clocks do not count (the first copy's are kept).
+Data larger than memory is hash-partitioned into buckets first, each deduplicated on its own.
+"""
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from encoding import ROW_BYTES
+
+SPLITS = ("train", "val", "test")
+COLUMNS = {"positions": np.uint8, "cp": np.int32, "mate": np.int16}
+KEY_COLUMNS = np.r_[0:96, 99:101]  # the bitboards, en passant and flags: not the clocks (96..98)
+_MIX = np.array([0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93] * 4,
+                dtype=np.uint64)[:13]
+
+
+def keys(positions: np.ndarray) -> np.ndarray:
+    """One opaque (void) value per row, comparable and sortable by numpy."""
+    key = np.ascontiguousarray(positions[:, KEY_COLUMNS])
+    return key.view(np.dtype((np.void, key.shape[1]))).ravel()
+
+
+def bucket_of(positions: np.ndarray, buckets: int) -> np.ndarray:
+    padded = np.zeros((len(positions), 104), dtype=np.uint8)
+    padded[:, :len(KEY_COLUMNS)] = positions[:, KEY_COLUMNS]
+    with np.errstate(over="ignore"):  # wrapping multiplication is the point of the hash
+        h = (padded.view(np.uint64) * _MIX).sum(axis=1, dtype=np.uint64)
+    return ((h >> np.uint64(17)) % np.uint64(buckets)).astype(np.int64)
+
+
+def merge_split(positions, cp, mate):
+    """Merge identical rows of one split: (unique keys, rows, cp, mate, count)."""
+    unique, first, inverse, count = np.unique(keys(positions), return_index=True, return_inverse=True,
+                                              return_counts=True)
+    inverse = inverse.ravel()
+    plain = (mate == 0).astype(np.float64)
+    plain_count = np.bincount(inverse, weights=plain, minlength=len(unique))
+    cp_sum = np.bincount(inverse, weights=cp * plain, minlength=len(unique))
+    has_plain = plain_count > 0
+    merged_cp = np.where(has_plain, np.round(cp_sum / np.maximum(plain_count, 1)), 0).astype(np.int32)
+    merged_mate = np.where(has_plain, 0, mate[first]).astype(np.int16)
+    return unique, positions[first], merged_cp, merged_mate, count.astype(np.int32)
+
+
+def dedup_bucket(columns: dict) -> tuple[dict, dict, dict]:
+    """columns[split] = (positions, cp, mate) -> merged columns per split, duplicates, overlaps removed."""
+    out, merged, dropped = {}, {}, {}
+    seen = None
+    for split in ("test", "val", "train"):  # priority: a test position stays in test
+        positions, cp, mate = columns[split]
+        unique, rows, new_cp, new_mate, count = merge_split(positions, cp, mate)
+        keep = ~np.isin(unique, seen) if seen is not None and len(seen) else np.ones(len(unique), dtype=bool)
+        out[split] = {"positions": rows[keep], "cp": new_cp[keep], "mate": new_mate[keep], "count": count[keep]}
+        merged[split] = int(len(positions) - len(unique))
+        dropped[split] = int((~keep).sum())
+        seen = unique if seen is None else np.concatenate([seen, unique])
+    return out, merged, dropped
+
+
+def deduplicate(directory: Path, max_bucket_bytes: float = 2e9) -> dict:
+    """Deduplicate a prepared directory in place; returns the counts for meta.json."""
+    sizes = {split: len(np.load(directory / split / "cp.npy", mmap_mode="r")) for split in SPLITS}
+    buckets = max(1, math.ceil(sum(sizes.values()) * ROW_BYTES * 3 / max_bucket_bytes))  # np.unique needs ~3x
+    parts = directory / "dedup-parts"
+    if buckets > 1:
+        partition(directory, parts, buckets)
+    totals = {"merged": dict.fromkeys(SPLITS, 0), "dropped_overlap": dict.fromkeys(SPLITS, 0), "buckets": buckets}
+    results: dict[str, dict[str, list]] = {s: {name: [] for name in (*COLUMNS, "count")} for s in SPLITS}
+    for bucket in range(buckets):
+        columns = {split: read_bucket(directory, parts, split, bucket, buckets) for split in SPLITS}
+        out, merged, dropped = dedup_bucket(columns)
+        for split in SPLITS:
+            totals["merged"][split] += merged[split]
+            totals["dropped_overlap"][split] += dropped[split]
+            for name, values in out[split].items():
+                results[split][name].append(values)
+    for split in SPLITS:
+        for name, pieces in results[split].items():
+            joined = np.concatenate(pieces) if pieces else np.zeros((0,), dtype=np.int32)
+            tmp = directory / split / f".tmp-{name}.npy"
+            np.save(tmp, joined)
+            os.replace(tmp, directory / split / f"{name}.npy")
+    shutil.rmtree(parts, ignore_errors=True)
+    return totals
+
+
+def partition(directory: Path, parts: Path, buckets: int, block: int = 1 << 20) -> None:
+    """Spread every split's rows over bucket files by a hash of the position, a block at a time."""
+    parts.mkdir(exist_ok=True)
+    for split in SPLITS:
+        arrays = {name: np.load(directory / split / f"{name}.npy", mmap_mode="r") for name in COLUMNS}
+        files = {(b, name): open(parts / f"{b}.{split}.{name}.bin", "wb") for b in range(buckets) for name in COLUMNS}
+        try:
+            for start in range(0, len(arrays["cp"]), block):
+                chunk = {name: np.asarray(a[start:start + block]) for name, a in arrays.items()}
+                which = bucket_of(chunk["positions"], buckets)
+                for b in range(buckets):
+                    mask = which == b
+                    for name in COLUMNS:
+                        chunk[name][mask].tofile(files[b, name])
+        finally:
+            for f in files.values():
+                f.close()
+
+
+def read_bucket(directory: Path, parts: Path, split: str, bucket: int, buckets: int):
+    if buckets == 1:
+        return tuple(np.load(directory / split / f"{name}.npy") for name in COLUMNS)
+    read = {name: np.fromfile(parts / f"{bucket}.{split}.{name}.bin", dtype=dtype) for name, dtype in COLUMNS.items()}
+    return read["positions"].reshape(-1, ROW_BYTES), read["cp"], read["mate"]
