@@ -42,7 +42,8 @@ def call(hooks: Hooks, point: str, run) -> None:
 
 
 def throughput() -> Hooks:
-    """samples/s, steps/s and the learning rate, measured between log intervals (wall clock)."""
+    """samples/s, steps/s, the share of time spent waiting for data, and the learning rate, measured
+    between log intervals (wall clock)."""
     last = {"time": None, "step": 0}
 
     def start(run) -> None:
@@ -55,6 +56,8 @@ def throughput() -> Hooks:
             seconds = now - last["time"]
             run.log_row["perf/steps_per_s"] = steps / seconds
             run.log_row["perf/samples_per_s"] = steps * run.cfg.data.batch_size / seconds
+            run.log_row["perf/data_wait_pct"] = 100 * run.data_wait_s / seconds
+        run.data_wait_s = 0.0
         run.log_row["train/lr"] = run.lr
         run.log_row["train/epoch"] = run.epoch
         last["time"], last["step"] = now, run.step
@@ -86,6 +89,118 @@ def progress_bar(total_steps: int | None) -> Hooks:
             bar.pop("tqdm").close()
 
     return {"on_train_start": [start], "after_step": [advance], "on_log": [show], "on_train_end": [close]}
+
+
+# ---------------------------------------------------------------- weights, gradients, non-finite guard
+
+# Dense peaks in TFLOP/s (bf16, and TF32 for fp32 matmuls), by a piece of the CUDA device name; kept
+# here because Fabric 2.6.6's table has the sparse H100 NVL figure and no "NVIDIA H200".
+PEAK_TFLOPS = {"H200": (989, 494), "H100 NVL": (835, 417), "H100 PCIe": (756, 378), "H100": (989, 494),
+               "A100": (312, 156)}
+
+
+def peak_tflops(run) -> tuple[float, str] | None:
+    if run.cfg.monitor.peak_tflops:
+        return run.cfg.monitor.peak_tflops, "--monitor.peak-tflops"
+    if run.fabric.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(run.fabric.device)
+    half = "bf16" in str(run.cfg.fabric.precision) or "16" in str(run.cfg.fabric.precision)
+    for key, (bf16, tf32) in PEAK_TFLOPS.items():
+        if key in name:
+            return (bf16 if half else tf32), f"{name}, {'bf16' if half else 'tf32'} dense"
+    return None
+
+
+def monitoring(cfg, log_every: int) -> Hooks:
+    """Weight/gradient statistics and histograms, gradient norms, update ratios, the non-finite
+    guard, MFU and memory. Everything stays on the device until a logging step's single read."""
+    import monitor
+    from torch import nn
+
+    state: dict = {}
+
+    def logging_step(run, step: int) -> bool:
+        return step % log_every == 0 or step == run.total_steps
+
+    def start(run) -> None:
+        model = getattr(run.model, "_original_module", run.model)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        state["names"], state["params"] = [n for n, _ in named], [p for _, p in named]
+        state["flops_per_sample"] = 6 * sum(m.in_features * m.out_features for m in model.modules()
+                                            if isinstance(m, nn.Linear))  # forward 2, backward 4 per MAC
+        state["peak"] = peak_tflops(run)
+        if state["peak"] and run.fabric.is_global_zero:
+            print(f"MFU against a peak of {state['peak'][0]} TFLOP/s ({state['peak'][1]})")
+        run.nonfinite = torch.zeros((), dtype=torch.bool, device=run.fabric.device)
+        state["first_param"] = torch.zeros((), dtype=torch.long, device=run.fabric.device)
+        state["first_step"] = torch.zeros((), dtype=torch.long, device=run.fabric.device)
+        if cfg.histogram_every and run.loggers is not None:
+            run.loggers.sender = monitor.Sender(run.loggers)
+
+    def after_backward(run) -> None:
+        step = run.step + 1  # the step these gradients belong to
+        params, names = state["params"], state["names"]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        norms = torch.stack(torch._foreach_norm(grads))
+        bad = ~torch.isfinite(norms)
+        if cfg.on_nonfinite == "skip":
+            if bad.any().item():  # the one mode that reads a flag every step: skipping needs the host
+                run.fabric.print(f"warning: step {step}: the gradient of {names[int(bad.int().argmax())]} is not "
+                                 "finite; skipping this step")
+                run.skip_step = True
+        else:  # remember, on the device, where and when it first happened (NaN spreads to every layer)
+            first = ~run.nonfinite & bad.any()
+            state["first_param"] = torch.where(first, bad.int().argmax(), state["first_param"])
+            state["first_step"] = torch.where(first, torch.tensor(step, device=norms.device), state["first_step"])
+            run.nonfinite |= bad.any()
+        if cfg.norms and logging_step(run, step):
+            state["grad_norms"] = norms
+            state["before"] = [p.detach().clone() for p in params]
+        if cfg.histogram_every and step % cfg.histogram_every == 0:
+            scaler = getattr(run.fabric.strategy.precision, "scaler", None)
+            scale = scaler._get_scale_async() if scaler is not None else None  # a tensor: no sync
+            for prefix, tensors, by in (("gradients", grads, scale), ("parameters", params, None)):
+                stats = monitor.gather_shares(run.fabric, names, tensors, cfg.bins, cfg.max_elements, by)
+                if stats is not None and run.loggers is not None:
+                    run.loggers.sender.send(step, prefix, names, stats)
+
+    def on_log(run) -> None:
+        row, names = run.log_row, state["names"]
+        pieces = [torch.stack([run.nonfinite.float(), state["first_param"].float(), state["first_step"].float()])]
+        if "grad_norms" in state:
+            before = state.pop("before")
+            deltas = torch._foreach_sub([p.detach() for p in state["params"]], before)
+            ratios = torch.stack(torch._foreach_norm(deltas)) / torch.stack(torch._foreach_norm(before)).clamp_min(1e-12)
+            norms = state.pop("grad_norms")
+            pieces += [norms.norm().reshape(1), norms, ratios]
+        values = torch.cat([p.float() for p in pieces]).tolist()  # one transfer for all of it
+        (nonfinite, first_param, first_step), values = values[:3], values[3:]
+        if values:
+            row["grad_norm/total"] = values[0]
+            count = len(names)
+            row.update({f"grad_norm/{n}": v for n, v in zip(names, values[1:1 + count])})
+            row.update({f"update_ratio/{n}": v for n, v in zip(names, values[1 + count:])})
+        if "perf/samples_per_s" in row:
+            if state["peak"]:
+                row["perf/mfu"] = row["perf/samples_per_s"] * state["flops_per_sample"] / (state["peak"][0] * 1e12)
+            if run.fabric.device.type == "cuda":
+                row["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(run.fabric.device) / 2**30
+        if nonfinite:
+            message = f"step {int(first_step)}: the gradient of {names[int(first_param)]} is not finite"
+            run.nonfinite.zero_()
+            if cfg.on_nonfinite == "stop":
+                path = run.run_dir / "checkpoints" / f"nonfinite-step-{run.step:08d}.ckpt"
+                save_checkpoint(run, path)
+                raise SystemExit(f"error: {message}; stopped (--monitor.on-nonfinite stop), state saved in {path}")
+            run.fabric.print(f"warning: {message}")
+
+    def end(run) -> None:
+        if run.loggers is not None and run.loggers.sender is not None:
+            run.loggers.sender.flush()
+
+    return {"on_train_start": [start], "after_backward": [after_backward], "on_log": [on_log],
+            "on_train_end": [end]}
 
 
 # ---------------------------------------------------------------- early stopping

@@ -128,6 +128,26 @@ class LogConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Watching the model train (callbacks.monitoring): statistics computed on the device, sent by a
+    background thread; nothing runs on steps that log nothing."""
+
+    histogram_every: int | None = 100
+    """Histograms and statistics of every weight and gradient every N optimizer steps; unset = off."""
+    bins: int = 64
+    """Histogram bins (each tensor over its own range)."""
+    max_elements: int | None = None
+    """Histogram at most this many elements of each tensor (a strided sample), for huge models."""
+    norms: bool = True
+    """Per-layer and total gradient norms and update/weight ratios at every log interval."""
+    on_nonfinite: str = "warn"
+    """A NaN/Inf gradient: warn (at the next log), skip (drop that optimizer step; reads a flag every
+    step) or stop (save a checkpoint, exit non-zero)."""
+    peak_tflops: float | None = None
+    """The accelerator's dense peak for MFU; unset = our table (A100, H100 SXM/PCIe/NVL, H200) by name."""
+
+
+@dataclass
 class CheckpointConfig:
     """Checkpoints in `<run>/checkpoints/`: `step-N.ckpt`, the best k of them kept, and `last.ckpt`."""
 
@@ -178,6 +198,7 @@ class ChessConfig:
     model: ChessModelConfig = field(default_factory=ChessModelConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     out_dir: Path = Path("runs")
     """Folder that holds one folder per run."""
@@ -289,6 +310,13 @@ def check(cfg: ChessConfig) -> None:
     need(cfg.checkpoint.monitor in CHESS_MONITORS, "checkpoint.monitor", "one of " + ", ".join(CHESS_MONITORS),
          cfg.checkpoint.monitor)
     need(cfg.checkpoint.mode in ("min", "max"), "checkpoint.mode", "min or max", cfg.checkpoint.mode)
+    m = cfg.monitor
+    need(m.histogram_every is None or m.histogram_every >= 1, "monitor.histogram_every", "a count >= 1",
+         m.histogram_every)
+    need(m.bins >= 1, "monitor.bins", "a count >= 1", m.bins)
+    need(m.max_elements is None or m.max_elements >= 1, "monitor.max_elements", "a count >= 1", m.max_elements)
+    need(m.on_nonfinite in ("warn", "skip", "stop"), "monitor.on_nonfinite", "warn, skip or stop", m.on_nonfinite)
+    need(m.peak_tflops is None or m.peak_tflops > 0, "monitor.peak_tflops", "a positive number", m.peak_tflops)
     need(any(v is not None for v in (t.max_steps, t.max_epochs, t.max_time)), "train.max_steps",
          "a limit: set max_steps, max_epochs or max_time", None)
     for name in ("max_steps", "max_epochs", "val_every", "accumulate"):

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import secrets
+import threading
 from pathlib import Path
 
 
@@ -23,6 +24,9 @@ class CSVLog:
     def log(self, metrics: dict, step: int) -> None:
         self.writer.writerows([step, name, value] for name, value in metrics.items())
         self.file.flush()
+
+    def log_histograms(self, histograms: dict, step: int) -> None:
+        pass  # their summary scalars (min, max, mean, std, norm) reach the CSV through log()
 
     def summary(self, metrics: dict) -> None:
         pass
@@ -45,9 +49,17 @@ class WandbLog:
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(project=project, name=run_dir.name, id=run_id, dir=run_dir, mode=mode,
                               config=config, resume="allow")
+        for name in ("val/l1", "val/rmse", "val/loss", "val/material_l1"):  # errors summarise as their best
+            self.run.define_metric(name, summary="min")
+        self.run.define_metric("val/sign_acc", summary="max")
+        self.wandb = wandb
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
+
+    def log_histograms(self, histograms: dict, step: int) -> None:
+        self.run.log({name: self.wandb.Histogram(np_histogram=(counts, edges))
+                      for name, (counts, edges, _, _) in histograms.items()}, step=step)
 
     def summary(self, metrics: dict) -> None:
         self.run.summary.update(metrics)
@@ -67,6 +79,13 @@ class TensorBoardLog:
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
 
+    def log_histograms(self, histograms: dict, step: int) -> None:
+        for name, (counts, edges, mean, std) in histograms.items():
+            n = float(counts.sum())  # the raw call: no re-binning of the data on the host
+            self.writer.add_histogram_raw(name, min=float(edges[0]), max=float(edges[-1]), num=n, sum=mean * n,
+                                          sum_squares=(std ** 2 + mean ** 2) * n, bucket_limits=edges[1:].tolist(),
+                                          bucket_counts=counts.tolist(), global_step=step)
+
     def summary(self, metrics: dict) -> None:
         self.writer.add_text("test", "\n".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
 
@@ -75,20 +94,36 @@ class TensorBoardLog:
 
 
 class Loggers:
-    """Fans out to the CSV and the chosen tracker."""
+    """Fans out to the CSV and the chosen tracker. The histogram thread (monitor.Sender) writes
+    through `write`; the loop's `log` first lets it finish, so steps reach wandb in order."""
 
     def __init__(self, sinks: list):
         self.sinks = sinks
+        self.lock = threading.Lock()
+        self.sender = None  # a monitor.Sender, when histograms are on
 
     def log(self, metrics: dict, step: int) -> None:
-        for sink in self.sinks:
-            sink.log(metrics, step)
+        if self.sender is not None:
+            self.sender.flush()
+        self.write(metrics, step)
+
+    def write(self, metrics: dict, step: int) -> None:
+        with self.lock:
+            for sink in self.sinks:
+                sink.log(metrics, step)
+
+    def log_histograms(self, histograms: dict, step: int) -> None:
+        with self.lock:
+            for sink in self.sinks:
+                sink.log_histograms(histograms, step)
 
     def summary(self, metrics: dict) -> None:
         for sink in self.sinks:
             sink.summary(metrics)
 
     def finish(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
         for sink in self.sinks:
             sink.finish()
 

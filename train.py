@@ -59,6 +59,9 @@ class Run:
     validated_this_step: bool = False
     loss_sum: torch.Tensor | None = None  # training loss summed on the device since the last log
     steps_since_log: int = 0
+    data_wait_s: float = 0.0  # host time spent waiting for batches since the last log
+    nonfinite: torch.Tensor | None = None  # set on the device when a gradient was NaN/Inf
+    skip_step: bool = False  # the non-finite guard drops this optimizer step
     log_row: dict = field(default_factory=dict)
     val_metrics: dict = field(default_factory=dict)
 
@@ -219,6 +222,7 @@ def train(cfg: ChessConfig) -> dict[str, float]:
               f"micro-batch {micro_batch} x {cfg.train.accumulate} accumulation x {world} = {cfg.data.batch_size})")
     hooks = callbacks.merge(
         callbacks.throughput(),
+        callbacks.monitoring(cfg.monitor, cfg.log.every),
         callbacks.progress_bar(total_steps if total_steps < sys.maxsize else None) if cfg.log.progress_bar else {},
         callbacks.checkpointing(),
         callbacks.early_stopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
@@ -239,7 +243,9 @@ def train(cfg: ChessConfig) -> dict[str, float]:
             for group in optimizer.param_groups:
                 group["lr"] = run.lr
             for micro in range(cfg.train.accumulate):
+                waited = time.perf_counter()
                 packed, pawns = next(batches)
+                run.data_wait_s += time.perf_counter() - waited
                 if cfg.data.flip:
                     packed, pawns = random_flip(packed, pawns)
                 # Gradients are all-reduced only on the last micro-batch of the step.
@@ -248,9 +254,12 @@ def train(cfg: ChessConfig) -> dict[str, float]:
                     fabric.backward(loss / cfg.train.accumulate)
                 run.loss_sum += loss.detach() / cfg.train.accumulate  # stays on the device
             callbacks.call(hooks, "after_backward", run)
-            if cfg.train.clip is not None:  # error_if_nonfinite=False: no host sync on every step
-                fabric.clip_gradients(model, optimizer, max_norm=cfg.train.clip, error_if_nonfinite=False)
-            optimizer.step()
+            if run.skip_step:  # the non-finite guard drops this update
+                run.skip_step = False
+            else:
+                if cfg.train.clip is not None:  # error_if_nonfinite=False: no host sync on every step
+                    fabric.clip_gradients(model, optimizer, max_norm=cfg.train.clip, error_if_nonfinite=False)
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             run.step += 1
             run.step_in_epoch += 1

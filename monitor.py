@@ -1,0 +1,111 @@
+"""Weight and gradient statistics that cost (almost) nothing: computed on the device, no host sync
+per tensor, one non-blocking copy of all results, payloads built and sent by a background thread.
+
+Why: a TensorBoard `add_histogram` of every weight and gradient in a Lightning hook took 96 % of each
+training step of a 4-layer MLP (float64 copies, numpy binning, a sync per tensor). Here, for every
+tensor: min, max, mean, std, L2 norm and a `bins`-bin histogram over the tensor's own range, built
+with index_add_ (torch.histc would need its range as Python floats: a sync per tensor).
+"""
+
+import queue
+import threading
+
+import numpy as np
+import torch
+
+STAT_FIELDS = ("min", "max", "mean", "std", "norm")
+
+
+def tensor_stats(tensors: list[torch.Tensor], bins: int, max_elements: int | None = None,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(len(tensors), 5 + bins) float32 on the tensors' device: min, max, mean, std, norm, counts.
+    `max_elements` samples a strided subset of huge tensors; `scale` divides first (AMP unscaling)."""
+    rows = []
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1).float()
+        if max_elements is not None and flat.numel() > max_elements:
+            flat = flat[:: -(-flat.numel() // max_elements)]
+        if scale is not None:
+            flat = flat / scale
+        lo, hi = flat.min(), flat.max()
+        width = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        index = ((flat - lo) * (bins / width)).long().clamp_(0, bins - 1)  # x == hi: the last bin, as numpy
+        counts = torch.zeros(bins, device=flat.device).index_add_(0, index, torch.ones_like(flat))
+        rows.append(torch.cat([torch.stack([lo, hi, flat.mean(), flat.std(correction=0), flat.norm()]), counts]))
+    return torch.stack(rows)
+
+
+def to_host(stats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start one non-blocking copy into pinned host memory; the event says when it has landed."""
+    if stats.device.type != "cuda":
+        return stats.cpu(), None
+    host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+    host.copy_(stats, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def gather_shares(fabric, names: list[str], tensors: list[torch.Tensor], bins: int, max_elements: int | None,
+                  scale=None) -> torch.Tensor | None:
+    """Under DDP every rank holds the same weights and reduced gradients: rank r computes the stats
+    of tensors r, r + world, ... and rank 0 gathers them in the original order (None elsewhere)."""
+    world, rank = fabric.world_size, fabric.global_rank
+    mine = list(range(rank, len(tensors), world))
+    stats = tensor_stats([tensors[i] for i in mine], bins, max_elements, scale) if mine else None
+    if world == 1:
+        return stats
+    per_rank = -(-len(tensors) // world)
+    padded = torch.zeros(per_rank, 5 + bins, device=fabric.device)
+    if stats is not None:
+        padded[:len(stats)] = stats
+    gathered = fabric.all_gather(padded)  # (world, per_rank, 5 + bins): small, and only on logging steps
+    if rank != 0:
+        return None
+    ordered = torch.empty(len(tensors), 5 + bins, device=fabric.device)
+    for r in range(world):
+        count = len(range(r, len(tensors), world))
+        ordered[r::world] = gathered[r, :count]
+    return ordered
+
+
+class Sender:
+    """A background thread that waits for copies to land and hands numpy payloads to the loggers,
+    so the training loop never waits for histograms."""
+
+    def __init__(self, loggers):
+        self.loggers = loggers
+        self.jobs: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="histogram-sender", daemon=True)
+        self.thread.start()
+
+    def send(self, step: int, prefix: str, names: list[str], stats: torch.Tensor) -> None:
+        host, event = to_host(stats)
+        self.jobs.put((step, prefix, names, host, event))
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            step, prefix, names, host, event = job
+            if event is not None:
+                event.synchronize()
+            values = host.numpy().astype(np.float64)
+            histograms, scalars = {}, {}
+            for name, row in zip(names, values):
+                lo, hi = row[0], row[1]
+                edges = np.linspace(lo, hi if hi > lo else lo + 1, len(row) - 4)
+                histograms[f"{prefix}/{name}"] = (row[5:], edges, row[2], row[3])
+                for field, value in zip(STAT_FIELDS, row[:5]):
+                    scalars[f"{prefix}_{field}/{name}"] = float(value)
+            self.loggers.log_histograms(histograms, step)
+            self.loggers.write(scalars, step)
+            self.jobs.task_done()
+        self.jobs.task_done()
+
+    def flush(self) -> None:
+        """Wait until everything queued has been sent."""
+        self.jobs.join()
+
+    def close(self) -> None:
+        """Send whatever is queued, then stop."""
+        self.jobs.put(None)
+        self.jobs.join()

@@ -1,0 +1,132 @@
+"""Monitoring read back with the real tools: numpy, wandb's reader, TensorBoard's EventAccumulator."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import monitor
+import train
+from conftest import run_script
+from model import ChessEvaluator
+from test_train import tiny_args, train_losses
+
+
+def test_histogram_counts_match_numpy():
+    torch.manual_seed(0)
+    tensors = [torch.randn(300, 200), torch.rand(1000) * 5 - 1, torch.full((7,), 0.5), torch.randn(10, 3) * 1e-4]
+    stats = monitor.tensor_stats(tensors, bins=64)
+    for tensor, row in zip(tensors, stats):
+        values = tensor.reshape(-1).double().numpy()
+        if values.min() == values.max():
+            assert row[5] == len(values)  # a constant tensor: everything in the first bin
+            continue
+        counts, _ = np.histogram(values, bins=64, range=(values.min(), values.max()))
+        assert np.array_equal(row[5:].numpy().astype(np.int64), counts)
+        assert row[0].item() == pytest.approx(values.min()) and row[1].item() == pytest.approx(values.max())
+        assert row[2].item() == pytest.approx(values.mean(), abs=1e-6)
+        assert row[3].item() == pytest.approx(values.std(), rel=1e-4)
+        assert row[4].item() == pytest.approx(np.linalg.norm(values), rel=1e-5)
+
+
+def test_sampling_caps_the_elements_histogrammed():
+    stats = monitor.tensor_stats([torch.randn(10_000)], bins=8, max_elements=1000)
+    assert stats[0, 5:].sum().item() == 1000
+
+
+HIST = ["--monitor.histogram-every", "4"]
+NAMES = ["layers.0.weight", "layers.0.bias", "layers.2.weight", "layers.2.bias"]
+
+
+def test_wandb_history_holds_histograms_and_norms(prepared, tmp_path):
+    assert train.main(tiny_args(prepared, tmp_path, *HIST, "--run-name", "w", "--log.logger", "wandb")) == 0
+    run = next((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    result = run_script(["leet", "inspect", str(run), "--json"], program=str(Path(sys.executable).parent / "wandb"))
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    history: dict[int, dict] = {}
+    for r in records:
+        if r["type"] == "history":
+            history.setdefault(int(r["history"]["step"]["num"]), {}).update(r["history"]["item"])
+    for step in (4, 8, 12):
+        for name in NAMES:
+            for prefix in ("gradients", "parameters"):
+                key = f"{prefix}/{name}"  # wandb's reader flattens a histogram into key._type, .bins, .values
+                row = {field: history[step][f"{key}.{field}"] for field in ("_type", "bins", "values")}
+                row = {k: json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v for k, v in row.items()}
+                assert row["_type"] == "histogram" and len(row["bins"]) == 65 and sum(row["values"]) > 0
+        assert history[step]["grad_norm/total"] > 0 and "update_ratio/layers.0.weight" in history[step]
+    assert not any(k.startswith("gradients/") for s in history if s % 4 for k in history[s])  # only every 4
+
+
+def test_tensorboard_sees_the_histograms(prepared, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert train.main(tiny_args(prepared, tmp_path, *HIST, "--run-name", "tb", "--log.logger", "tensorboard")) == 0
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    for name in NAMES:
+        assert [e.step for e in events.Histograms(f"gradients/{name}")] == [4, 8, 12]
+        assert [e.step for e in events.Histograms(f"parameters/{name}")] == [4, 8, 12]
+    weight = events.Histograms("parameters/layers.0.weight")[0].histogram_value
+    assert weight.num == 808 * 32 and len(weight.bucket) == 64
+
+
+def plant_nan(monkeypatch, at_backward: int) -> None:
+    """Make the gradient of layers.2.weight NaN on one backward pass of a real training run."""
+    class Planted(ChessEvaluator):
+        def __init__(self, *args):
+            super().__init__(*args)
+            calls = {"n": 0}
+
+            def poison(grad):
+                calls["n"] += 1
+                return grad * float("nan") if calls["n"] == at_backward else grad
+            self.layers[2].weight.register_hook(poison)
+
+    monkeypatch.setattr(train, "ChessEvaluator", Planted)
+
+
+def test_nonfinite_warn_names_the_layer(prepared, tmp_path, monkeypatch, capsys):
+    plant_nan(monkeypatch, at_backward=3)
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "warn", "--train.max-steps", "8")) == 0
+    out = capsys.readouterr().out
+    assert "warning: step 3: the gradient of layers.2.weight is not finite" in out
+
+
+def test_nonfinite_skip_drops_only_that_step(prepared, tmp_path, monkeypatch, capsys):
+    plant_nan(monkeypatch, at_backward=3)
+    args = ["--monitor.on-nonfinite", "skip", "--train.max-steps", "8", "--log.every", "1"]
+    assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "skip")) == 0
+    assert "step 3: the gradient of layers.2.weight is not finite; skipping this step" in capsys.readouterr().out
+    losses = train_losses(tmp_path / "skip")
+    assert all(np.isfinite(v) for v in losses.values()) and sorted(losses) == list(range(1, 9))
+    weights = torch.load(tmp_path / "skip" / "checkpoints" / "last.ckpt", weights_only=False)["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_nonfinite_stop_saves_and_exits(prepared, tmp_path, monkeypatch):
+    plant_nan(monkeypatch, at_backward=3)
+    args = ["--monitor.on-nonfinite", "stop", "--train.max-steps", "8"]
+    with pytest.raises(SystemExit, match="step 3: the gradient of layers.2.weight is not finite; stopped") as info:
+        train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "stop"))
+    assert info.value.code != 0
+    assert (tmp_path / "stop" / "checkpoints" / "nonfinite-step-00000004.ckpt").exists()
+
+
+def test_two_processes_log_each_tensor_once(prepared, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = tiny_args(prepared, tmp_path, *HIST, "--run-name", "ddp", "--log.logger", "tensorboard",
+                     "--fabric.accelerator", "cpu", "--fabric.devices", "2")
+    result = run_script(["train.py", *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(str(tmp_path / "ddp" / "tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    tags = events.Tags()["histograms"]
+    assert sorted(tags) == sorted(f"{p}/{n}" for p in ("gradients", "parameters") for n in NAMES)
+    for tag in tags:
+        assert [e.step for e in events.Histograms(tag)] == [4, 8, 12]  # once per step, not once per rank
+    assert len(list((tmp_path / "ddp" / "tensorboard").glob("events.*"))) == 1
