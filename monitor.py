@@ -17,21 +17,39 @@ STAT_FIELDS = ("min", "max", "mean", "std", "norm")
 
 
 def tensor_stats(tensors: list[torch.Tensor], bins: int, max_elements: int | None = None,
-                 scale: torch.Tensor | None = None) -> torch.Tensor:
+                 scale: torch.Tensor | None = None, moments: bool = False) -> torch.Tensor:
     """(len(tensors), 5 + bins) float32 on the tensors' device: min, max, mean, std, norm, counts.
-    `max_elements` samples a strided subset of huge tensors; `scale` divides first (AMP unscaling)."""
+    `max_elements` samples a strided subset of huge tensors; `scale` divides first (AMP unscaling).
+    Histograms take two passes over each tensor (min and max, then the binning: on a CPU it is
+    memory-bound); the exact mean, std and norm cost two more, so only with `moments` (else NaN)."""
     rows = []
+    nan = torch.tensor(float("nan"))
     for tensor in tensors:
         flat = tensor.detach().reshape(-1).float()
         if max_elements is not None and flat.numel() > max_elements:
             flat = flat[:: -(-flat.numel() // max_elements)]
         if scale is not None:
             flat = flat / scale
-        lo, hi = flat.min(), flat.max()
-        width = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-        index = ((flat - lo) * (bins / width)).long().clamp_(0, bins - 1)  # x == hi: the last bin, as numpy
-        counts = torch.zeros(bins, device=flat.device).index_add_(0, index, torch.ones_like(flat))
-        rows.append(torch.cat([torch.stack([lo, hi, flat.mean(), flat.std(correction=0), flat.norm()]), counts]))
+        lo, hi = torch.aminmax(flat)
+        n = flat.numel()
+        if moments:
+            total, squares = flat.sum(), torch.dot(flat, flat)
+            mean = total / n
+            extra = torch.stack([mean, (squares / n - mean * mean).clamp_min(0).sqrt(), squares.sqrt()])
+        else:
+            extra = nan.to(flat.device).expand(3)
+        if flat.device.type == "cpu" and bins <= 256:  # no device to sync with; uint8 bin indices are
+            if hi > lo:                                   # a quarter of int64's memory traffic (histc: 2x slower)
+                index = ((flat - lo) * (bins / (hi - lo))).to(torch.uint8).clamp_(max=bins - 1)
+                counts = torch.bincount(index, minlength=bins).float()
+            else:
+                counts = torch.zeros(bins)
+                counts[0] = n
+        else:  # the range stays on the device: bin indices, then index_add_ (histc would read it back)
+            width = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+            index = ((flat - lo) * (bins / width)).long().clamp_(0, bins - 1)  # x == hi: the last bin
+            counts = torch.zeros(bins, device=flat.device).index_add_(0, index, torch.ones_like(flat))
+        rows.append(torch.cat([torch.stack([lo, hi]), extra, counts]))
     return torch.stack(rows)
 
 
@@ -89,15 +107,17 @@ class Sender:
             if event is not None:
                 event.synchronize()
             values = host.numpy().astype(np.float64)
-            histograms, scalars = {}, {}
+            histograms = {}
             for name, row in zip(names, values):
-                lo, hi = row[0], row[1]
-                edges = np.linspace(lo, hi if hi > lo else lo + 1, len(row) - 4)
-                histograms[f"{prefix}/{name}"] = (row[5:], edges, row[2], row[3])
-                for field, value in zip(STAT_FIELDS, row[:5]):
-                    scalars[f"{prefix}_{field}/{name}"] = float(value)
+                lo, hi, counts = row[0], row[1], row[5:]
+                edges = np.linspace(lo, hi if hi > lo else lo + 1, len(counts) + 1)
+                mean, std = row[2], row[3]
+                if np.isnan(mean):  # not computed: estimate from the bin centres (TensorBoard wants them)
+                    centres = (edges[:-1] + edges[1:]) / 2
+                    mean = float((counts * centres).sum() / max(counts.sum(), 1))
+                    std = float(np.sqrt(max((counts * (centres - mean) ** 2).sum() / max(counts.sum(), 1), 0)))
+                histograms[f"{prefix}/{name}"] = (counts, edges, mean, std)
             self.loggers.log_histograms(histograms, step)
-            self.loggers.write(scalars, step)
             self.jobs.task_done()
         self.jobs.task_done()
 

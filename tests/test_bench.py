@@ -10,3 +10,11 @@ def test_data_benchmark_smoke():
     for line in ("naive python-chess loop", "prepare, 1 worker", "vs naive", "loader, batch 4096",
                  "one lichess month on 16 cores"):
         assert line in result.stdout
+
+
+def test_histogram_benchmark_smoke():
+    result = run_script(["bench/histograms.py", "--rounds", "1", "--steps", "2", "--width", "32", "--depth", "1"],
+                        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for arm in ("none", "kibitz", "tensorboard add_histogram", "wandb.watch", "one event: kibitz costs"):
+        assert arm in result.stdout

@@ -18,7 +18,8 @@ from test_train import tiny_args, train_losses
 def test_histogram_counts_match_numpy():
     torch.manual_seed(0)
     tensors = [torch.randn(300, 200), torch.rand(1000) * 5 - 1, torch.full((7,), 0.5), torch.randn(10, 3) * 1e-4]
-    stats = monitor.tensor_stats(tensors, bins=64)
+    stats = monitor.tensor_stats(tensors, bins=64, moments=True)
+    assert torch.isnan(monitor.tensor_stats(tensors, bins=64)[:, 2:5]).all()  # moments only when asked
     for tensor, row in zip(tensors, stats):
         values = tensor.reshape(-1).double().numpy()
         if values.min() == values.max():
