@@ -203,6 +203,40 @@ def monitoring(cfg, log_every: int) -> Hooks:
             "on_train_end": [end]}
 
 
+# ---------------------------------------------------------------- sample predictions
+
+
+def prediction_table(dataset, count: int = 16) -> Hooks:
+    """At every validation, rank 0 logs the same `count` validation positions: FEN, target,
+    prediction (pawns) and the board drawn by python-chess. The unwrapped module is used, so no
+    collective runs on one rank alone."""
+    import chess
+    import chess.svg
+
+    from encoding import row_to_fen
+    from losses import to_pawns
+
+    rows = np.array(dataset.positions[:count])
+    fens = [row_to_fen(row) for row in rows]
+    boards = [chess.svg.board(chess.Board(fen), size=160) for fen in fens]
+    targets = dataset.targets[:count].tolist()
+
+    @torch.no_grad()
+    def log(run) -> None:
+        if not run.fabric.is_global_zero or run.loggers is None or not count:
+            return
+        module = getattr(run.model, "_original_module", run.model)
+        packed = torch.from_numpy(rows).to(run.fabric.device)
+        was_training = module.training
+        module.eval()
+        predictions = to_pawns(module(packed), run.cfg.data.target).tolist()
+        module.train(was_training)
+        table = [[fen, target, prediction, board] for fen, target, prediction, board in zip(fens, targets, predictions, boards)]
+        run.loggers.log_table("val/predictions", ["fen", "target", "prediction", "board"], table, run.step)
+
+    return {"on_validation_end": [log]}
+
+
 # ---------------------------------------------------------------- early stopping
 
 
@@ -247,6 +281,10 @@ def checkpointing() -> Hooks:
         if run.fabric.is_global_zero:
             for _, name in dropped:
                 (run.run_dir / "checkpoints" / name).unlink(missing_ok=True)
+            if run.loggers is not None and run.cfg.log.checkpoint_artifacts:
+                aliases = ["last", f"step-{run.step}"] + (["best"] if run.best[0][1] == path.name else [])
+                # from last.ckpt (the same file): `path` itself is gone if it did not make the best k
+                run.loggers.log_checkpoint(path.parent / "last.ckpt", path.name, aliases, [name for _, name in dropped])
 
     def every_n(run) -> None:
         every = run.cfg.checkpoint.every

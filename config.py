@@ -125,6 +125,10 @@ class LogConfig:
     """Log training metrics every N optimizer steps (the only host syncs of the loop)."""
     progress_bar: bool = True
     """A tqdm progress bar on rank 0."""
+    predictions: int = 16
+    """Validation positions shown with their predictions (and boards) in a table at each validation; 0 = none."""
+    checkpoint_artifacts: bool = False
+    """wandb: log each checkpoint as a model artifact (aliases best, last, step-N); copies every file."""
 
 
 @dataclass
@@ -303,6 +307,7 @@ def check(cfg: ChessConfig) -> None:
     need(cfg.log.wandb_mode in ("offline", "online", "disabled"), "log.wandb_mode", "offline, online or disabled",
          cfg.log.wandb_mode)
     need(cfg.log.every > 0, "log.every", "a positive count", cfg.log.every)
+    need(cfg.log.predictions >= 0, "log.predictions", "a count >= 0", cfg.log.predictions)
     need(cfg.checkpoint.every is None or cfg.checkpoint.every > 0, "checkpoint.every", "a positive count",
          cfg.checkpoint.every)
     need(cfg.checkpoint.keep_best == -1 or cfg.checkpoint.keep_best >= 1, "checkpoint.keep_best",

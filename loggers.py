@@ -26,7 +26,13 @@ class CSVLog:
         self.file.flush()
 
     def log_histograms(self, histograms: dict, step: int) -> None:
-        pass  # their summary scalars (min, max, mean, std, norm) reach the CSV through log()
+        pass
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        pass
+
+    def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
+        pass
 
     def summary(self, metrics: dict) -> None:
         pass
@@ -61,6 +67,26 @@ class WandbLog:
         self.run.log({name: self.wandb.Histogram(np_histogram=(counts, edges))
                       for name, (counts, edges, _, _) in histograms.items()}, step=step)
 
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        rows = [[self.wandb.Html(v) if isinstance(v, str) and v.startswith("<svg") else v for v in row] for row in rows]
+        self.run.log({name: self.wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
+        """The checkpoint as a version of the run's model artifact. Versions of checkpoints that the
+        local keep-k deleted lose their aliases and, online, are deleted (offline there is nothing
+        to delete until `wandb sync`)."""
+        artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"file": name})
+        artifact.add_file(str(path), name="model.ckpt")
+        self.run.log_artifact(artifact, aliases=aliases)
+        if dropped and self.run.settings.mode == "online":
+            try:
+                api = self.wandb.Api()
+                for version in api.artifacts("model", f"{self.run.entity}/{self.run.project}/model-{self.run.id}"):
+                    if version.metadata.get("file") in dropped:
+                        version.delete(delete_aliases=True)
+            except Exception as exc:  # a tracker problem must not stop training
+                print(f"warning: wandb: could not delete dropped checkpoint artifacts ({exc})")
+
     def summary(self, metrics: dict) -> None:
         self.run.summary.update(metrics)
 
@@ -85,6 +111,16 @@ class TensorBoardLog:
             self.writer.add_histogram_raw(name, min=float(edges[0]), max=float(edges[-1]), num=n, sum=mean * n,
                                           sum_squares=(std ** 2 + mean ** 2) * n, bucket_limits=edges[1:].tolist(),
                                           bucket_counts=counts.tolist(), global_step=step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        keep = [i for i, c in enumerate(columns) if c != "board"]  # markdown: no pictures
+        lines = ["| " + " | ".join(columns[i] for i in keep) + " |", "|" + " --- |" * len(keep)]
+        lines += ["| " + " | ".join(f"{row[i]:.2f}" if isinstance(row[i], float) else str(row[i]) for i in keep) + " |"
+                  for row in rows]
+        self.writer.add_text(name, "\n".join(lines), step)
+
+    def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
+        pass
 
     def summary(self, metrics: dict) -> None:
         self.writer.add_text("test", "\n".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
@@ -116,6 +152,16 @@ class Loggers:
         with self.lock:
             for sink in self.sinks:
                 sink.log_histograms(histograms, step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        with self.lock:
+            for sink in self.sinks:
+                sink.log_table(name, columns, rows, step)
+
+    def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
+        with self.lock:
+            for sink in self.sinks:
+                sink.log_checkpoint(path, name, aliases, dropped)
 
     def summary(self, metrics: dict) -> None:
         for sink in self.sinks:

@@ -225,6 +225,7 @@ def train(cfg: ChessConfig) -> dict[str, float]:
         callbacks.monitoring(cfg.monitor, cfg.log.every),
         callbacks.progress_bar(total_steps if total_steps < sys.maxsize else None) if cfg.log.progress_bar else {},
         callbacks.checkpointing(),
+        callbacks.prediction_table(splits["val"], cfg.log.predictions),
         callbacks.early_stopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
         if cfg.train.early_stop_patience else {},
     )

@@ -131,3 +131,24 @@ def test_two_processes_log_each_tensor_once(prepared, tmp_path):
     for tag in tags:
         assert [e.step for e in events.Histograms(tag)] == [4, 8, 12]  # once per step, not once per rank
     assert len(list((tmp_path / "ddp" / "tensorboard").glob("events.*"))) == 1
+
+
+def test_wandb_prediction_tables_and_checkpoint_artifacts(prepared, tmp_path):
+    args = ["--run-name", "a", "--log.logger", "wandb", "--log.checkpoint-artifacts", "--checkpoint.keep-best", "1"]
+    assert train.main(tiny_args(prepared, tmp_path, *args)) == 0
+    run = next((tmp_path / "a" / "wandb").glob("offline-run-*"))
+    result = run_script(["leet", "inspect", str(run), "--json"], program=str(Path(sys.executable).parent / "wandb"))
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    tables = {int(r["history"]["step"]["num"]): r["history"]["item"] for r in records
+              if r["type"] == "history" and "val/predictions._type" in r["history"]["item"]}
+    assert sorted(tables) == [4, 8, 12]
+    assert all(t["val/predictions._type"] == "table-file" and t["val/predictions.nrows"] == 16 for t in tables.values())
+    models = [r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["type"] == "model"]
+    assert len(models) == 3  # one per validation checkpoint
+    assert all({"last", f"step-{s}"} <= set(m["aliases"]) for m, s in zip(models, (4, 8, 12)))
+    import csv
+
+    with open(tmp_path / "a" / "metrics.csv") as f:
+        val = {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == "val/l1"}
+    for model, step in zip(models, (4, 8, 12)):  # "best" exactly when it was the best so far
+        assert ("best" in model["aliases"]) == (val[step] == min(v for s, v in val.items() if s <= step))
