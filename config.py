@@ -210,6 +210,8 @@ class ChessConfig:
     """Name of this run's folder; unset = <task>-<date>-<time> (or the resumed run's)."""
     resume: str | None = None
     """A checkpoint path to continue from, or `auto` for the newest checkpoint of `run_name` (or of the newest run)."""
+    init_from: str | None = None
+    """Start a new run from a checkpoint's weights only (fine-tuning): fresh optimizer, step 0."""
     task: tyro.conf.Suppress[str] = "chess"
     """The task (set by the subcommand, not a flag)."""
 
@@ -261,6 +263,7 @@ def load_json(path: Path, cls):
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"--config {path}: cannot read a JSON config ({exc})") from None
     values.pop("resume", None)  # a saved config describes a run, not how it was started
+    values.pop("init_from", None)
     return from_dict(cls, values)
 
 
@@ -322,6 +325,7 @@ def check(cfg: ChessConfig) -> None:
     need(m.max_elements is None or m.max_elements >= 1, "monitor.max_elements", "a count >= 1", m.max_elements)
     need(m.on_nonfinite in ("warn", "skip", "stop"), "monitor.on_nonfinite", "warn, skip or stop", m.on_nonfinite)
     need(m.peak_tflops is None or m.peak_tflops > 0, "monitor.peak_tflops", "a positive number", m.peak_tflops)
+    need(cfg.init_from is None or Path(cfg.init_from).is_file(), "init_from", "a checkpoint file", cfg.init_from)
     need(any(v is not None for v in (t.max_steps, t.max_epochs, t.max_time)), "train.max_steps",
          "a limit: set max_steps, max_epochs or max_time", None)
     for name in ("max_steps", "max_epochs", "val_every", "accumulate"):

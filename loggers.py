@@ -14,7 +14,14 @@ from pathlib import Path
 
 
 class CSVLog:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_step: int | None = None):
+        if resume_step is not None and path.exists():  # rows past the checkpoint will be logged again
+            with open(path, newline="") as f:
+                rows = [row for i, row in enumerate(csv.reader(f)) if i == 0 or int(row[0]) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(rows)
+            os.replace(tmp, path)
         new = not path.exists()
         self.file = open(path, "a", newline="")
         self.writer = csv.writer(self.file)
@@ -174,10 +181,12 @@ class Loggers:
             sink.finish()
 
 
-def make_loggers(kind: str, run_dir: Path, project: str, wandb_mode: str, config: dict) -> Loggers:
+def make_loggers(kind: str, run_dir: Path, project: str, wandb_mode: str, config: dict,
+                 resume_step: int | None = None) -> Loggers:
+    """`resume_step`: the step a resumed run continues from (CSV rows after it are dropped)."""
     if kind == "none":
         return Loggers([])
-    sinks = [CSVLog(run_dir / "metrics.csv")]
+    sinks = [CSVLog(run_dir / "metrics.csv", resume_step)]
     if kind == "wandb" and wandb_mode != "disabled":
         sinks.append(WandbLog(run_dir, project, wandb_mode, config))
     elif kind == "tensorboard":

@@ -16,7 +16,9 @@ import datetime
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,7 @@ class Run:
     data_wait_s: float = 0.0  # host time spent waiting for batches since the last log
     nonfinite: torch.Tensor | None = None  # set on the device when a gradient was NaN/Inf
     skip_step: bool = False  # the non-finite guard drops this optimizer step
+    stop_signal: int = 0  # SIGTERM / SIGUSR1 received: save and stop at the next log interval
     log_row: dict = field(default_factory=dict)
     val_metrics: dict = field(default_factory=dict)
 
@@ -148,6 +151,33 @@ def evaluate(fabric: Fabric, model: torch.nn.Module, loader, clamp: float, targe
     return losses.eval_metrics(fabric.all_reduce(sums, reduce_op="sum"))
 
 
+def stop_on_signals(run: Run) -> None:
+    """SIGTERM, and SIGUSR1 (SLURM's warning before preemption), ask for a checkpoint and a clean
+    exit at the next log interval, taken by every rank together; a second signal exits at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        if run.stop_signal:
+            raise SystemExit(f"{signal.Signals(signum).name} again: exiting at once")
+        run.stop_signal = signum
+        print(f"{signal.Signals(signum).name} received: saving a checkpoint at the next log interval", flush=True)
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, handler)
+
+
+def preempt(run: Run, hooks: callbacks.Hooks) -> None:
+    """Save last.ckpt (every rank takes part) and say how to resume."""
+    callbacks.call(hooks, "on_train_end", run)
+    callbacks.save_checkpoint(run, run.run_dir / "checkpoints" / "last.ckpt")
+    if run.loggers:
+        run.loggers.finish()
+    run.fabric.print(f"stopped at step {run.step} on a signal; checkpoint {run.run_dir / 'checkpoints' / 'last.ckpt'}; "
+                     f"resume with: python train.py {run.cfg.task} --out-dir {run.cfg.out_dir} "
+                     f"--run-name {run.run_dir.name} --resume auto")
+
+
 def log_training(run: Run, hooks: callbacks.Hooks) -> None:
     """The one host sync of a log interval: the mean training loss since the last log."""
     loss = run.fabric.all_reduce(run.loss_sum, reduce_op="mean").item() / run.steps_since_log
@@ -212,12 +242,16 @@ def train(cfg: ChessConfig) -> dict[str, float]:
     run_dir, resume_from = choose_run_dir(fabric, cfg)
     run = Run(fabric, cfg, model, optimizer, run_dir, loggers=None, total_steps=total_steps,
               loss_sum=torch.zeros((), device=fabric.device))
+    if cfg.init_from and not cfg.resume:  # fine-tuning: the weights only, a fresh optimizer and counters
+        fabric.load(cfg.init_from, {"model": model}, strict=False, weights_only=False)
+        fabric.print(f"initialised the weights from {cfg.init_from}")
     if cfg.resume:
         restore(run, resume_from)
+    stop_on_signals(run)
     if fabric.is_global_zero:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         config.save_json(dataclasses.replace(cfg, resume=None), run_dir / "config.json")
-        run.loggers = open_loggers(cfg, run_dir)
+        run.loggers = open_loggers(cfg, run_dir, run.step if cfg.resume else None)
         print(f"run folder: {run_dir}  ({world} process{'es' if world > 1 else ''}, {fabric.device}, "
               f"micro-batch {micro_batch} x {cfg.train.accumulate} accumulation x {world} = {cfg.data.batch_size})")
     hooks = callbacks.merge(
@@ -271,6 +305,9 @@ def train(cfg: ChessConfig) -> dict[str, float]:
 
             if run.step % cfg.log.every == 0 or run.step == total_steps:
                 log_training(run, hooks)
+                if fabric.all_reduce(torch.tensor(float(run.stop_signal), device=fabric.device), reduce_op="max").item():
+                    preempt(run, hooks)
+                    return None
                 if cfg.train.max_time and fabric.broadcast(time.perf_counter() - start_time > cfg.train.max_time * 60):
                     fabric.print(f"max_time of {cfg.train.max_time} minutes reached at step {run.step}")
                     run.should_stop = True
@@ -323,10 +360,11 @@ def shutdown_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def open_loggers(cfg: ChessConfig, run_dir: Path):
+def open_loggers(cfg: ChessConfig, run_dir: Path, resume_step: int | None):
     import loggers
 
-    return loggers.make_loggers(cfg.log.logger, run_dir, cfg.log.project, cfg.log.wandb_mode, config.to_dict(cfg))
+    return loggers.make_loggers(cfg.log.logger, run_dir, cfg.log.project, cfg.log.wandb_mode, config.to_dict(cfg),
+                                resume_step)
 
 
 def split_args(argv: list[str]) -> tuple[str, str | None, list[str], ChessConfig]:

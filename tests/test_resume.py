@@ -1,0 +1,91 @@
+"""Surviving interruptions: SIGTERM, SIGKILL, a damaged checkpoint, and fine-tuning from weights."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import train
+from conftest import ROOT
+from test_train import tiny_args, train_losses, weights
+
+LONG = ["--model.width", "256", "--model.depth", "2", "--train.max-steps", "160", "--train.val-every", "80",
+        "--log.every", "1", "--checkpoint.every", "7", "--checkpoint.keep-best", "-1", "--data.batch-size", "512"]
+
+
+def start(prepared: Path, out: Path, name: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "train.py", *tiny_args(prepared, out, *LONG, "--run-name", name)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if (run_dir / "metrics.csv").exists() and len(train_losses(run_dir)) >= steps:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach {steps} steps: {process.poll()}")
+
+
+def assert_same_as_uninterrupted(prepared: Path, out: Path, name: str) -> None:
+    assert train.main(tiny_args(prepared, out, *LONG, "--run-name", "reference")) == 0
+    reference, resumed = train_losses(out / "reference"), train_losses(out / name)
+    assert sorted(resumed) == list(range(1, 161))  # every step once: nothing missing, nothing twice
+    assert resumed == reference  # the same losses, bitwise
+    final, expected = weights(out / name), weights(out / "reference")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes_exactly(prepared, tmp_path):
+    process = start(prepared, tmp_path, "term")
+    wait_for_steps(tmp_path / "term", 20, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-2000:]
+    assert "SIGTERM received" in output and "resume with: python train.py chess" in output
+    stopped = torch.load(tmp_path / "term" / "checkpoints" / "last.ckpt", weights_only=False)["progress"]["step"]
+    assert 20 <= stopped < 160 and max(train_losses(tmp_path / "term")) == stopped
+    assert train.main(tiny_args(prepared, tmp_path, *LONG, "--run-name", "term", "--resume", "auto")) == 0
+    assert_same_as_uninterrupted(prepared, tmp_path, "term")
+
+
+def test_sigkill_at_any_moment_then_resume_auto_is_exact(prepared, tmp_path):
+    process = start(prepared, tmp_path, "kill")
+    wait_for_steps(tmp_path / "kill", 30, process)
+    process.kill()  # SIGKILL: no handler, no cleanup, possibly in the middle of a write
+    process.communicate(timeout=60)
+    assert train.main(tiny_args(prepared, tmp_path, *LONG, "--run-name", "kill", "--resume", "auto")) == 0
+    assert_same_as_uninterrupted(prepared, tmp_path, "kill")
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(prepared, tmp_path, capsys):
+    args = ["--run-name", "d", "--checkpoint.keep-best", "-1"]
+    assert train.main(tiny_args(prepared, tmp_path, *args)) == 0
+    last = tmp_path / "d" / "checkpoints" / "last.ckpt"
+    damaged = last.with_name("damaged")
+    damaged.write_bytes(last.read_bytes()[:1000])  # a new file: step-00000012.ckpt stays intact
+    os.replace(damaged, last)
+    capsys.readouterr()
+    assert train.main(tiny_args(prepared, tmp_path, *args, "--train.max-steps", "16", "--resume", "auto")) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {last}: cannot load checkpoint" in out
+    assert "resumed from" in out and "step-00000012.ckpt at step 12" in out
+
+
+def test_init_from_takes_the_weights_only(prepared, tmp_path, capsys):
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "base")) == 0
+    source = tmp_path / "base" / "checkpoints" / "last.ckpt"
+    # a learning rate too small to move anything: the new run ends where the source ended
+    args = ["--run-name", "tuned", "--init-from", str(source), "--optim.lr", "1e-30", "--schedule.kind", "constant"]
+    assert train.main(tiny_args(prepared, tmp_path, *args)) == 0
+    assert "initialised the weights from" in capsys.readouterr().out
+    assert sorted(train_losses(tmp_path / "tuned")) == [4, 8, 12]  # a new run: its own steps from 0
+    tuned, base = weights(tmp_path / "tuned"), weights(tmp_path / "base")
+    assert all(torch.equal(tuned[k], base[k]) for k in base)
+    state = torch.load(tmp_path / "tuned" / "checkpoints" / "last.ckpt", weights_only=False)["optimizer"]
+    assert all(s["step"].item() == 12 for s in state["state"].values())  # a fresh optimizer, 12 steps old
