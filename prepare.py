@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,9 +186,11 @@ def prepare(sources: list[Path], out: Path, filters: Filters = Filters(), max_ga
         arrays, kept, skipped = result
         infos.append(write_shard(shards, index, arrays, read, kept, skipped + raw_skipped))
 
-    # fork where there is one (Linux, as PyTorch's DataLoader workers do): spawn would re-import the
-    # caller's script and torch in every worker, seconds that small jobs never win back.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # fork where it is safe: on Linux, from a process with no other thread (e.g. `python data.py
+    # prepare`). spawn re-imports the caller's script and torch in every worker (seconds), but a fork
+    # taken while another thread (wandb, the histogram sender) holds a lock deadlocks the child.
+    safe_fork = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+    method = "fork" if safe_fork else "spawn"
     pool = multiprocessing.get_context(method).Pool(workers) if workers > 1 else None
     pending: collections.deque = collections.deque()  # at most 2 chunks per worker in flight
     try:
