@@ -4,11 +4,15 @@ The learning rate follows one of:
   constant   base_lr
   cosine     linear warmup from base_lr/warmup to base_lr, then cosine decay to min_lr at total_steps
   noam       scale * d_model^-0.5 * min(n^-0.5, n * warmup^-1.5) with n = step + 1 (Vaswani et al. 2017)
+
+Every other scheduled value (the dVAE's KL weight, temperature, hardness and mask fraction) is one
+generic `ramp`: hold a start value, then move to an end value with a chosen shape.
 """
 
 import math
 
 LR_SCHEDULES = ("constant", "cosine", "noam")
+RAMP_SHAPES = ("constant", "linear", "exponential", "cosine", "threshold")
 
 
 def constant(step: int, base_lr: float) -> float:
@@ -38,3 +42,30 @@ def learning_rate(step: int, kind: str, base_lr: float, warmup_steps: int, total
     if kind == "noam":
         return noam(step, noam_scale, d_model, warmup_steps)
     raise ValueError(f"unknown schedule {kind!r}; expected one of {', '.join(LR_SCHEDULES)}")
+
+
+def ramp(step: int, start: float, end: float, hold: int, steps: int, shape: str) -> float:
+    """`start` for the first `hold` steps, then towards `end` over `steps` steps, `end` after that.
+    With s = step - hold in [0, steps) and a = start, b = end:
+      constant     a throughout (the value never moves)
+      linear       a + (b - a) * s / steps
+      exponential  a * (b / a) ** (s / steps)  (geometric: a and b non-zero, same sign)
+      cosine       a + (b - a) * (1 - cos(pi * s / steps)) / 2
+      threshold    a, then b from step hold + steps on"""
+    if shape == "constant":
+        return start
+    if shape not in RAMP_SHAPES:
+        raise ValueError(f"unknown ramp shape {shape!r}; expected one of {', '.join(RAMP_SHAPES)}")
+    if step < hold:
+        return start
+    s = step - hold
+    if s >= steps:
+        return end
+    progress = s / steps
+    if shape == "linear":
+        return start + (end - start) * progress
+    if shape == "exponential":
+        return start * (end / start) ** progress
+    if shape == "cosine":
+        return start + (end - start) * (1 - math.cos(math.pi * progress)) / 2
+    return start  # threshold: not yet

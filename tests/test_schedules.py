@@ -35,3 +35,31 @@ def test_noam_formula():
 def test_unknown_schedule():
     with pytest.raises(ValueError, match="unknown schedule"):
         schedules.learning_rate(0, "linear", 1e-3, 10, 100, 0.1, 1, 512)
+
+
+@pytest.mark.parametrize("shape, formula", [
+    ("linear", lambda a, b, p: a + (b - a) * p),
+    ("exponential", lambda a, b, p: a * (b / a) ** p),
+    ("cosine", lambda a, b, p: a + (b - a) * (1 - math.cos(math.pi * p)) / 2),
+    ("threshold", lambda a, b, p: a),
+])
+def test_ramp_shapes_hold_then_move(shape, formula):
+    start, end, hold, steps = 1.0, 1 / 16, 50, 200
+    ramp = lambda step: schedules.ramp(step, start, end, hold, steps, shape)  # noqa: E731
+    assert ramp(0) == start and ramp(hold - 1) == start  # held
+    assert ramp(hold) == pytest.approx(start)  # the move starts from the held value
+    for s in (1, 50, 100, 199):
+        assert ramp(hold + s) == pytest.approx(formula(start, end, s / steps)), (shape, s)
+    assert ramp(hold + steps) == end and ramp(10_000) == end  # the end T, then stays
+
+
+def test_ramp_specific_values():
+    # KL warmup 0 -> 6.6 over 5,000 steps (DALL-E), halfway is half
+    assert schedules.ramp(2500, 0.0, 6.6, 0, 5000, "linear") == pytest.approx(3.3)
+    # temperature 1 -> 1/16 cosine: halfway is the midpoint, exponential halfway is the geometric mean
+    assert schedules.ramp(75_000, 1.0, 1 / 16, 0, 150_000, "cosine") == pytest.approx((1 + 1 / 16) / 2)
+    assert schedules.ramp(75_000, 1.0, 1 / 16, 0, 150_000, "exponential") == pytest.approx(0.25)
+    assert schedules.ramp(10, 1.0, 5.0, 0, 0, "linear") == 5.0  # no move: the end at once after the hold
+    assert schedules.ramp(10**6, 0.3, 5.0, 0, 10, "constant") == 0.3
+    with pytest.raises(ValueError, match="unknown ramp shape"):
+        schedules.ramp(0, 0, 1, 0, 1, "step")
