@@ -56,6 +56,9 @@ def throughput() -> Hooks:
             seconds = now - last["time"]
             run.log_row["perf/steps_per_s"] = steps / seconds
             run.log_row["perf/samples_per_s"] = steps * run.cfg.data.batch_size / seconds
+            tokens = getattr(getattr(run.model, "_original_module", run.model), "tokens_per_sample", None)
+            if tokens:  # a sequence model: tokens/s as well
+                run.log_row["perf/tokens_per_s"] = run.log_row["perf/samples_per_s"] * tokens
             run.log_row["perf/data_wait_pct"] = 100 * run.data_wait_s / seconds
         run.data_wait_s = 0.0
         run.log_row["train/lr"] = run.lr
@@ -127,8 +130,11 @@ def monitoring(cfg, log_every: int) -> Hooks:
         model = getattr(run.model, "_original_module", run.model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         state["names"], state["params"] = [n for n, _ in named], [p for _, p in named]
-        state["flops_per_sample"] = 6 * sum(m.in_features * m.out_features for m in model.modules()
-                                            if isinstance(m, nn.Linear))  # forward 2, backward 4 per MAC
+        if hasattr(model, "flops_per_sample"):  # a model that applies its layers per token counts itself
+            state["flops_per_sample"] = model.flops_per_sample()
+        else:
+            state["flops_per_sample"] = 6 * sum(m.in_features * m.out_features for m in model.modules()
+                                                if isinstance(m, nn.Linear))  # forward 2, backward 4 per MAC
         state["peak"] = peak_tflops(run)
         if state["peak"] and run.fabric.is_global_zero:
             print(f"MFU against a peak of {state['peak'][0]} TFLOP/s ({state['peak'][1]})")

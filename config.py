@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tyro
 
-from schedules import LR_SCHEDULES
+from schedules import LR_SCHEDULES, RAMP_SHAPES
 
 SAMPLE_PGN = Path("data/sample.pgn.zst")
 PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
@@ -21,7 +21,9 @@ PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-tr
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "dp")
 LOGGERS = ("wandb", "tensorboard", "csv", "none")
-CHESS_MONITORS = ("val/l1", "val/rmse", "val/sign_acc", "val/loss")
+MONITORS = {"chess": ("val/l1", "val/rmse", "val/sign_acc", "val/loss"),
+            "dvae": ("val/token_acc", "val/board_acc", "val/recon_loss", "val/kl", "val/loss")}
+QUANTIZERS = ("gumbel", "reinmax", "softmax")
 
 
 @dataclass
@@ -192,14 +194,13 @@ class TrainConfig:
 
 
 @dataclass
-class ChessConfig:
-    """Train the chess evaluator: an MLP over the 808-bit position, L1 on the Stockfish eval in pawns."""
+class RunConfig:
+    """What every task shares: devices, optimizer, LR schedule, data, logging, checkpoints, the loop."""
 
     fabric: FabricConfig = field(default_factory=FabricConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ChessModelConfig = field(default_factory=ChessModelConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -214,6 +215,87 @@ class ChessConfig:
     """Start a new run from a checkpoint's weights only (fine-tuning): fresh optimizer, step 0."""
     task: tyro.conf.Suppress[str] = "chess"
     """The task (set by the subcommand, not a flag)."""
+
+
+@dataclass
+class ChessConfig(RunConfig):
+    """Train the chess evaluator: an MLP over the 808-bit position, L1 on the Stockfish eval in pawns."""
+
+    model: ChessModelConfig = field(default_factory=ChessModelConfig)
+
+
+@dataclass
+class DVAEModelConfig:
+    """The discrete VAE (model.DiscreteVAE): MLP-mixer encoder, latent queries, codebook, MLP-mixer decoder."""
+
+    latents: int = 32
+    """Latent positions N (each one code)."""
+    codebook: int = 64
+    """Codebook entries C (shared by all latents)."""
+    width: int = 32
+    """Channels per square and per latent."""
+    depth: int = 2
+    """Mixer blocks over the 64 squares in the encoder and in the decoder."""
+
+
+@dataclass
+class Ramp:
+    """A scheduled value (schedules.ramp): `start` for `hold` steps, then to `end` over `steps` steps."""
+
+    start: float = 0.0
+    """The value held first."""
+    end: float = 0.0
+    """The value reached after hold + steps optimizer steps."""
+    hold: int = 0
+    """Optimizer steps at `start` before moving."""
+    steps: int = 0
+    """Optimizer steps of the move."""
+    shape: str = "constant"
+    """constant (always start), linear, exponential, cosine or threshold."""
+
+
+@dataclass
+class DVAELossConfig:
+    """Quantisation, the loss terms and the values scheduled by step (all logged at each log interval)."""
+
+    quantizer: str = "gumbel"
+    """gumbel (Gumbel-softmax), reinmax (Liu et al. 2023; tau clamped to >= 1) or softmax (no noise)."""
+    tau: Ramp = field(default_factory=lambda: Ramp(1.0, 1 / 16, 0, 4000, "cosine"))
+    """Temperature of the soft codes (DALL-E: 1 to 1/16, cosine, over 150k steps)."""
+    hardness: Ramp = field(default_factory=lambda: Ramp(1.0, 1.0, 0, 0, "constant"))
+    """Blend of soft (0) and straight-through hard (1) codes in training; evaluation always uses the argmax code."""
+    kl_weight: Ramp = field(default_factory=lambda: Ramp(0.0, 0.01, 0, 1000, "linear"))
+    """Weight of the KL to the uniform prior (or of the TCVAE terms), warmed up from 0."""
+    mask: Ramp = field(default_factory=lambda: Ramp(0.0, 0.0, 0, 0, "constant"))
+    """Largest fraction of squares replaced by a MASK token per training batch (the fraction is drawn from
+    U(0, value)); never at validation or test."""
+    tcvae: bool = False
+    """Replace the KL by beta-TCVAE's terms: mi_weight*MI + tc_weight*TC + dwkl_weight*DWKL (x kl_weight)."""
+    mi_weight: float = 1.0
+    """beta-TCVAE: weight of the index-code mutual information."""
+    tc_weight: float = 6.0
+    """beta-TCVAE: weight of the total correlation (the paper's beta)."""
+    dwkl_weight: float = 1.0
+    """beta-TCVAE: weight of the dimension-wise KL."""
+    focal_gamma: float = 0.0
+    """Focal modulation of the reconstruction cross-entropy; 0 = plain cross-entropy."""
+    class_weights: list[float] | None = None
+    """13 weights (empty, K Q R B N P k q r b n p) for the reconstruction loss; unset = all 1."""
+
+
+@dataclass
+class DVAEConfig(RunConfig):
+    """Train the discrete VAE: boards as 64 square tokens -> N discrete codes -> the 64 tokens again."""
+
+    model: DVAEModelConfig = field(default_factory=DVAEModelConfig)
+    dvae: DVAELossConfig = field(default_factory=DVAELossConfig)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="noam", warmup_steps=300,
+                                                                            noam_scale=0.2))
+    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=128, flip=False))
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(monitor="val/token_acc",
+                                                                                  mode="max"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=5000, val_every=1000))
+    task: tyro.conf.Suppress[str] = "dvae"
 
 
 class ConfigError(ValueError):
@@ -273,7 +355,7 @@ def save_json(cfg, path: Path) -> None:
     tmp.replace(path)
 
 
-def check(cfg: ChessConfig) -> None:
+def check(cfg: RunConfig) -> None:
     """Raise ConfigError for the first value outside what is allowed."""
     def need(ok: bool, name: str, allowed: str, value) -> None:
         if not ok:
@@ -306,6 +388,8 @@ def check(cfg: ChessConfig) -> None:
     need(d.target in ("pawns", "win_prob"), "data.target", "pawns or win_prob", d.target)
     need(cfg.model.width > 0 and cfg.model.depth >= 0, "model.width/depth", "width > 0 and depth >= 0",
          (cfg.model.width, cfg.model.depth))
+    if cfg.task == "dvae":
+        check_dvae(cfg, need)
     need(cfg.log.logger in LOGGERS, "log.logger", "one of " + ", ".join(LOGGERS), cfg.log.logger)
     need(cfg.log.wandb_mode in ("offline", "online", "disabled"), "log.wandb_mode", "offline, online or disabled",
          cfg.log.wandb_mode)
@@ -315,7 +399,8 @@ def check(cfg: ChessConfig) -> None:
          cfg.checkpoint.every)
     need(cfg.checkpoint.keep_best == -1 or cfg.checkpoint.keep_best >= 1, "checkpoint.keep_best",
          "-1 (all) or a count >= 1", cfg.checkpoint.keep_best)
-    need(cfg.checkpoint.monitor in CHESS_MONITORS, "checkpoint.monitor", "one of " + ", ".join(CHESS_MONITORS),
+    monitors = MONITORS[cfg.task]
+    need(cfg.checkpoint.monitor in monitors, "checkpoint.monitor", "one of " + ", ".join(monitors),
          cfg.checkpoint.monitor)
     need(cfg.checkpoint.mode in ("min", "max"), "checkpoint.mode", "min or max", cfg.checkpoint.mode)
     m = cfg.monitor
@@ -336,3 +421,25 @@ def check(cfg: ChessConfig) -> None:
     need(t.early_stop_patience is None or t.early_stop_patience >= 1, "train.early_stop_patience",
          "a count >= 1", t.early_stop_patience)
     need(t.early_stop_min_delta >= 0, "train.early_stop_min_delta", "a number >= 0", t.early_stop_min_delta)
+
+
+def check_dvae(cfg: DVAEConfig, need) -> None:
+    m, d = cfg.model, cfg.dvae
+    for name in ("latents", "codebook"):
+        need(getattr(m, name) >= 1, f"model.{name}", "a count >= 1", getattr(m, name))
+    need(d.quantizer in QUANTIZERS, "dvae.quantizer", "one of " + ", ".join(QUANTIZERS), d.quantizer)
+    for name in ("tau", "hardness", "kl_weight", "mask"):
+        ramp = getattr(d, name)
+        need(ramp.shape in RAMP_SHAPES, f"dvae.{name}.shape", "one of " + ", ".join(RAMP_SHAPES), ramp.shape)
+        need(ramp.hold >= 0 and ramp.steps >= 0, f"dvae.{name}.hold/steps", "counts >= 0", (ramp.hold, ramp.steps))
+        need(ramp.shape != "exponential" or ramp.start * ramp.end > 0, f"dvae.{name}.start/end",
+             "non-zero values of one sign for an exponential ramp", (ramp.start, ramp.end))
+    need(min(d.tau.start, d.tau.end) > 0, "dvae.tau.start/end", "positive temperatures", (d.tau.start, d.tau.end))
+    for name, allowed in (("hardness", "values in [0, 1]"), ("mask", "fractions in [0, 1]")):
+        ramp = getattr(d, name)
+        need(0 <= ramp.start <= 1 and 0 <= ramp.end <= 1, f"dvae.{name}.start/end", allowed, (ramp.start, ramp.end))
+    need(min(d.kl_weight.start, d.kl_weight.end) >= 0, "dvae.kl_weight.start/end", "weights >= 0",
+         (d.kl_weight.start, d.kl_weight.end))
+    need(d.focal_gamma >= 0, "dvae.focal_gamma", "a number >= 0", d.focal_gamma)
+    need(d.class_weights is None or (len(d.class_weights) == 13 and min(d.class_weights) >= 0),
+         "dvae.class_weights", "13 weights >= 0 (empty, K Q R B N P k q r b n p)", d.class_weights)

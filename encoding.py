@@ -111,6 +111,14 @@ def unpack_bits(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     return bits.reshape(packed.shape[0], -1).to(dtype)
 
 
+def board_tokens(packed: torch.Tensor) -> torch.Tensor:
+    """(B, 101) packed rows -> (B, 64) int64 square tokens: 0 empty, 1 + plane for a piece
+    (1..12 in PIECE_SYMBOLS order: K Q R B N P k q r b n p), squares a1 = 0 ... h8 = 63."""
+    planes = unpack_bits(packed[:, :96], dtype=torch.uint8).reshape(-1, 12, 64)
+    piece_numbers = torch.arange(1, 13, dtype=torch.uint8, device=packed.device)
+    return (planes * piece_numbers[:, None]).sum(1, dtype=torch.int64)  # at most one plane per square
+
+
 def material_balance(packed: torch.Tensor) -> torch.Tensor:
     """Material difference in pawns from White's view, straight from packed rows (the baseline)."""
     planes = unpack_bits(packed[:, :96]).reshape(-1, 12, 64).sum(-1)

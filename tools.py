@@ -1,6 +1,7 @@
 """Tools around a run, as subcommands of train.py:
 
     python train.py chess evaluate --ckpt runs/x/checkpoints/last.ckpt [--data DIR] [--split test]
+    python train.py dvae evaluate --ckpt runs/y/checkpoints/last.ckpt      (token/board accuracy, codebook use)
     python train.py chess lr-find [training flags] [--lr-min 1e-6 --lr-max 1 --steps 100]
     python train.py chess export-config [training flags] > cfg.json
 
@@ -12,6 +13,7 @@ import dataclasses
 import datetime
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -21,15 +23,13 @@ import tyro
 
 import config
 import data
-import losses
-from config import ChessConfig, ConfigError
-from encoding import random_flip
-from model import ChessEvaluator
+from config import ChessConfig, ConfigError, RunConfig
+from tasks import TASKS
 
 TOOLS = ("evaluate", "lr-find", "export-config")
 
 
-def load_checkpoint(path: Path, task: str = "chess") -> tuple[ChessConfig, torch.nn.Module]:
+def load_checkpoint(path: Path, task: str = "chess") -> tuple[RunConfig, torch.nn.Module]:
     """A checkpoint's config and its model with the saved weights (on the CPU)."""
     if not Path(path).is_file():
         raise ConfigError(f"ckpt: {path} is not a file")
@@ -42,8 +42,8 @@ def load_checkpoint(path: Path, task: str = "chess") -> tuple[ChessConfig, torch
     saved_task = checkpoint["config"].get("task")
     if saved_task != task:
         raise ConfigError(f"ckpt: {path} is a checkpoint of the {saved_task!r} task, expected {task!r}")
-    cfg = config.from_dict(ChessConfig, checkpoint["config"])
-    model = ChessEvaluator(cfg.model.width, cfg.model.depth)
+    cfg = config.from_dict(TASKS[task].config, checkpoint["config"])
+    model = TASKS[task].build_model(cfg)
     model.load_state_dict(checkpoint["model"])
     return cfg, model.eval()
 
@@ -64,10 +64,10 @@ class EvaluateArgs:
     """cpu, cuda or auto."""
 
 
-def evaluate(args: EvaluateArgs) -> dict[str, float]:
-    import train  # the loop's own evaluation pass
+def evaluate(args: EvaluateArgs, task: str = "chess") -> dict[str, float]:
+    import train
 
-    cfg, model = load_checkpoint(args.ckpt)
+    cfg, model = load_checkpoint(args.ckpt, task)
     directory = args.data or cfg.data.dir
     split = data.PackedPositions(directory, args.split, cfg.data.clamp)
     fabric = train.Fabric(accelerator=args.accelerator, devices=1)
@@ -75,20 +75,21 @@ def evaluate(args: EvaluateArgs) -> dict[str, float]:
     loader = fabric.setup_dataloaders(
         data.make_loader(split, args.batch_size or cfg.data.eval_batch_size, False, 0, 0, 1, drop_last=False),
         use_distributed_sampler=False)
-    metrics = train.evaluate(fabric, model, loader, cfg.data.clamp, cfg.data.target)
-    train.print_table(f"{args.split} metrics of {args.ckpt} on {directory} ({int(metrics['positions'])} positions; "
-                      f"pawns, clamped to +-{cfg.data.clamp:g})",
-                      {"l1": metrics["l1"], "rmse": metrics["rmse"], "sign_acc (|eval|>1)": metrics["sign_acc"],
-                       "material baseline l1": metrics["material_l1"]})
+    metrics, _ = TASKS[task].evaluate(fabric, cfg, model, loader)  # the loop's own evaluation pass
+    title, rows = TASKS[task].report(cfg, metrics)
+    train.print_table(f"{args.split} metrics of {args.ckpt} on {directory} ({title})", rows)
     return metrics
 
 
+RunT = typing.TypeVar("RunT", bound=RunConfig)
+
+
 @dataclass
-class LRFindArgs:
+class LRFindArgs(typing.Generic[RunT]):
     """The learning-rate range test: train a fresh model for `steps` steps while the LR grows
     exponentially from lr_min to lr_max; suggest the LR where the smoothed loss falls fastest."""
 
-    run: Annotated[ChessConfig, tyro.conf.arg(name="")] = field(default_factory=ChessConfig)
+    run: Annotated[RunT, tyro.conf.arg(name="")] = field(default_factory=ChessConfig)
     lr_min: float = 1e-6
     """The first learning rate."""
     lr_max: float = 1.0
@@ -129,7 +130,8 @@ def lr_find(args: LRFindArgs) -> float:
     micro_batch = cfg.data.batch_size // cfg.train.accumulate
     loader = fabric.setup_dataloaders(data.make_loader(split, micro_batch, True, cfg.train.seed, 0, 1, drop_last=True),
                                       use_distributed_sampler=False)
-    model = fabric.setup_module(ChessEvaluator(cfg.model.width, cfg.model.depth))
+    task = TASKS[cfg.task]
+    model = fabric.setup_module(task.build_model(cfg))
     optimizer = fabric.setup_optimizers(train.make_optimizer(model, cfg.optim, fused=fabric.device.type == "cuda"))
     run_dir = cfg.out_dir / f"lr-find-{datetime.datetime.now():%Y%m%d-%H%M%S}"  # never an existing run's folder
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -143,15 +145,13 @@ def lr_find(args: LRFindArgs) -> float:
         total = 0.0
         for _ in range(cfg.train.accumulate):
             try:
-                packed, target = next(batches)
+                batch = next(batches)
             except StopIteration:
                 epoch += 1
                 loader.sampler.start_epoch(epoch)
                 batches = iter(loader)
-                packed, target = next(batches)
-            if cfg.data.flip:
-                packed, target = random_flip(packed, target)
-            loss = losses.eval_loss(model(packed), target, cfg.data.target)
+                batch = next(batches)
+            loss, _ = task.train_step(cfg, model, batch, step, len(split))
             fabric.backward(loss / cfg.train.accumulate)
             total += loss.item() / cfg.train.accumulate  # a host sync per step is fine for a 100-step test
         if cfg.train.clip is not None:
@@ -192,16 +192,16 @@ def plot_lr_curve(lrs, loss, smoothed, suggestion: float, path: Path) -> None:
     plt.close(fig)
 
 
-def export_config(cfg: ChessConfig) -> str:
+def export_config(cfg: RunConfig) -> str:
     """The full resolved config as JSON; `--config` reads it back unchanged."""
     return json.dumps(config.to_dict(dataclasses.replace(cfg, resume=None)), indent=2)
 
 
-def main(task: str, tool: str, args: list[str], default: ChessConfig) -> None:
+def main(task: str, tool: str, args: list[str], default: RunConfig) -> None:
     prog = f"train.py {task} {tool}"
     if tool == "evaluate":
-        evaluate(tyro.cli(EvaluateArgs, args=args, prog=prog))
+        evaluate(tyro.cli(EvaluateArgs, args=args, prog=prog), task)
     elif tool == "lr-find":
-        lr_find(tyro.cli(LRFindArgs, default=LRFindArgs(run=default), args=args, prog=prog))
+        lr_find(tyro.cli(LRFindArgs[TASKS[task].config], default=LRFindArgs(run=default), args=args, prog=prog))
     elif tool == "export-config":
-        print(export_config(tyro.cli(ChessConfig, default=default, args=args, prog=prog)))
+        print(export_config(tyro.cli(TASKS[task].config, default=default, args=args, prog=prog)))

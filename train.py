@@ -1,6 +1,7 @@
 """kibitz: train a network with an explicit Lightning Fabric loop.
 
     python train.py                       # the chess evaluator on the bundled sample
+    python train.py dvae                  # the discrete VAE of boards on the same sample
     python train.py chess --help          # every option
     python train.py chess --fabric.devices 2 --train.max-steps 5000
     python train.py chess --config runs/chess-.../config.json --optim.lr 3e-4
@@ -30,13 +31,9 @@ from lightning_fabric import Fabric
 import callbacks
 import config
 import data
-import losses
-from config import ChessConfig, ConfigError
-from encoding import random_flip
-from model import ChessEvaluator
+from config import ConfigError, RunConfig
 from schedules import learning_rate
-
-TASKS = {"chess": ChessConfig}
+from tasks import TASKS, Task
 
 
 @dataclass
@@ -44,7 +41,8 @@ class Run:
     """Everything the loop and the hooks share. The counters are what a checkpoint restores."""
 
     fabric: Fabric
-    cfg: ChessConfig
+    cfg: RunConfig
+    task: Task
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     run_dir: Path
@@ -59,7 +57,7 @@ class Run:
     bad_validations: int = 0
     should_stop: bool = False
     validated_this_step: bool = False
-    loss_sum: torch.Tensor | None = None  # training loss summed on the device since the last log
+    loss_sum: torch.Tensor | None = None  # task.train_fields (loss first) summed on the device since the last log
     steps_since_log: int = 0
     data_wait_s: float = 0.0  # host time spent waiting for batches since the last log
     nonfinite: torch.Tensor | None = None  # set on the device when a gradient was NaN/Inf
@@ -98,7 +96,7 @@ def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, fused: bool)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
-def choose_run_dir(fabric: Fabric, cfg: ChessConfig) -> tuple[Path, Path | None]:
+def choose_run_dir(fabric: Fabric, cfg: RunConfig) -> tuple[Path, Path | None]:
     """The run folder and the checkpoint to resume from (None for a fresh start). Rank 0 decides
     and broadcasts, so every rank agrees even if clocks differ."""
     resume_from = None
@@ -139,18 +137,6 @@ def restore(run: Run, path: Path | None) -> None:
     run.fabric.print(f"resume auto: no checkpoint in {run.run_dir}; starting a new run")
 
 
-@torch.no_grad()
-def evaluate(fabric: Fabric, model: torch.nn.Module, loader, clamp: float, target: str = "pawns") -> dict[str, float]:
-    """Metrics over a whole split, summed on each rank's device and reduced over ranks once."""
-    model.eval()
-    sums = torch.zeros(len(losses.EVAL_SUM_FIELDS), device=fabric.device, dtype=torch.float64)
-    loader.sampler.start_epoch(0)
-    for packed, pawns in loader:
-        sums += losses.eval_metric_sums(losses.to_pawns(model(packed), target), pawns, packed, clamp).double()
-    model.train()
-    return losses.eval_metrics(fabric.all_reduce(sums, reduce_op="sum"))
-
-
 def stop_on_signals(run: Run) -> None:
     """SIGTERM, and SIGUSR1 (SLURM's warning before preemption), ask for a checkpoint and a clean
     exit at the next log interval, taken by every rank together; a second signal exits at once."""
@@ -179,9 +165,11 @@ def preempt(run: Run, hooks: callbacks.Hooks) -> None:
 
 
 def log_training(run: Run, hooks: callbacks.Hooks) -> None:
-    """The one host sync of a log interval: the mean training loss since the last log."""
-    loss = run.fabric.all_reduce(run.loss_sum, reduce_op="mean").item() / run.steps_since_log
-    run.log_row = {"train/loss": loss}
+    """The one host sync of a log interval: the mean training loss (and the task's other training
+    values) since the last log, with the values the task's schedules apply at this step."""
+    means = (run.fabric.all_reduce(run.loss_sum, reduce_op="mean") / run.steps_since_log).tolist()
+    run.log_row = {f"train/{name}": value for name, value in zip(run.task.train_fields, means)}
+    run.log_row.update({f"schedule/{k}": v for k, v in run.task.scheduled(run.cfg, run.step).items()})
     run.loss_sum.zero_()
     run.steps_since_log = 0
     callbacks.call(hooks, "on_log", run)
@@ -196,8 +184,9 @@ def print_table(title: str, metrics: dict[str, float]) -> None:
         print(f"  {name:<24}{value:>12.4f}" if isinstance(value, float) else f"  {name:<24}{value:>12}")
 
 
-def train(cfg: ChessConfig) -> dict[str, float]:
+def train(cfg: RunConfig) -> dict[str, float]:
     config.check(cfg)
+    task = TASKS[cfg.task]
     fabric = make_fabric(cfg.fabric)
     if os.environ.get("LT_CLI_USED") != "1":  # under `fabric run` the processes already exist
         fabric.launch()
@@ -224,7 +213,7 @@ def train(cfg: ChessConfig) -> dict[str, float]:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} exceeds the {len(splits['train'])} training positions")
 
     # Model, then compile, then Fabric's wrappers, then the optimizer over the wrapped parameters.
-    model = ChessEvaluator(cfg.model.width, cfg.model.depth)
+    model = task.build_model(cfg)
     if cfg.train.compile:
         model = torch.compile(model)
     model = fabric.setup_module(model)
@@ -240,8 +229,8 @@ def train(cfg: ChessConfig) -> dict[str, float]:
         raise ConfigError("schedule.total_steps: expected a step count for the cosine decay when only "
                           "train.max_time limits the run")
     run_dir, resume_from = choose_run_dir(fabric, cfg)
-    run = Run(fabric, cfg, model, optimizer, run_dir, loggers=None, total_steps=total_steps,
-              loss_sum=torch.zeros((), device=fabric.device))
+    run = Run(fabric, cfg, task, model, optimizer, run_dir, loggers=None, total_steps=total_steps,
+              loss_sum=torch.zeros(len(task.train_fields), device=fabric.device))
     if cfg.init_from and not cfg.resume:  # fine-tuning: the weights only, a fresh optimizer and counters
         fabric.load(cfg.init_from, {"model": model}, strict=False, weights_only=False)
         fabric.print(f"initialised the weights from {cfg.init_from}")
@@ -259,7 +248,7 @@ def train(cfg: ChessConfig) -> dict[str, float]:
         callbacks.monitoring(cfg.monitor, cfg.log.every),
         callbacks.progress_bar(total_steps if total_steps < sys.maxsize else None) if cfg.log.progress_bar else {},
         callbacks.checkpointing(),
-        callbacks.prediction_table(splits["val"], cfg.log.predictions),
+        callbacks.prediction_table(splits["val"], cfg.log.predictions) if cfg.task == "chess" else {},
         callbacks.early_stopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
         if cfg.train.early_stop_patience else {},
     )
@@ -267,6 +256,7 @@ def train(cfg: ChessConfig) -> dict[str, float]:
     lr_at = lambda step: learning_rate(step, schedule.kind, cfg.optim.lr, schedule.warmup_steps,  # noqa: E731
                                        schedule.total_steps or total_steps, schedule.min_lr_ratio,
                                        schedule.noam_scale, schedule.noam_d_model or cfg.model.width)
+    train_size = len(splits["train"])
 
     start_time = time.perf_counter()
     callbacks.call(hooks, "on_train_start", run)
@@ -279,15 +269,13 @@ def train(cfg: ChessConfig) -> dict[str, float]:
                 group["lr"] = run.lr
             for micro in range(cfg.train.accumulate):
                 waited = time.perf_counter()
-                packed, pawns = next(batches)
+                batch = next(batches)
                 run.data_wait_s += time.perf_counter() - waited
-                if cfg.data.flip:
-                    packed, pawns = random_flip(packed, pawns)
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 with fabric.no_backward_sync(model, enabled=micro < cfg.train.accumulate - 1):
-                    loss = losses.eval_loss(model(packed), pawns, cfg.data.target)
+                    loss, logged = task.train_step(cfg, model, batch, run.step, train_size)
                     fabric.backward(loss / cfg.train.accumulate)
-                run.loss_sum += loss.detach() / cfg.train.accumulate  # stays on the device
+                run.loss_sum += logged / cfg.train.accumulate  # stays on the device
             callbacks.call(hooks, "after_backward", run)
             if run.skip_step:  # the non-finite guard drops this update
                 run.skip_step = False
@@ -316,11 +304,12 @@ def train(cfg: ChessConfig) -> dict[str, float]:
                 cfg.train.max_epochs is not None and run.epoch >= cfg.train.max_epochs)
             run.validated_this_step = run.step % cfg.train.val_every == 0 or end_of_epoch or last_step
             if run.validated_this_step:
-                metrics = evaluate(fabric, model, eval_loaders["val"], cfg.data.clamp, cfg.data.target)
-                metrics["loss"] = metrics["l1"]
+                metrics, histograms = task.evaluate(fabric, cfg, model, eval_loaders["val"])
                 run.val_metrics = {f"val/{k}": v for k, v in metrics.items()}
                 if run.loggers:
                     run.loggers.log(run.val_metrics, run.step)
+                    if histograms:
+                        run.loggers.log_histograms(histograms, run.step)
                 callbacks.call(hooks, "on_validation_end", run)
             callbacks.call(hooks, "after_step", run)
             if end_of_epoch:
@@ -336,11 +325,10 @@ def train(cfg: ChessConfig) -> dict[str, float]:
         best_path = run_dir / "checkpoints" / run.best[0][1]
         fabric.load(best_path, {"model": model}, strict=False, weights_only=False)
         fabric.print(f"testing the best checkpoint: {best_path.name} ({cfg.checkpoint.monitor} {run.best[0][0]:.4f})")
-    test = evaluate(fabric, model, eval_loaders["test"], cfg.data.clamp, cfg.data.target)
+    test, _ = task.evaluate(fabric, cfg, model, eval_loaders["test"])
     if fabric.is_global_zero:
-        print_table(f"test metrics ({int(test['positions'])} positions; pawns, clamped to +-{cfg.data.clamp:g})",
-                    {"l1": test["l1"], "rmse": test["rmse"], "sign_acc (|eval|>1)": test["sign_acc"],
-                     "material baseline l1": test["material_l1"]})
+        title, rows = task.report(cfg, test)
+        print_table(f"test metrics ({title})", rows)
         (run_dir / "test_metrics.json").write_text(json.dumps({f"test/{k}": v for k, v in test.items()}, indent=2))
         if run.loggers:
             run.loggers.summary({f"test/{k}": v for k, v in test.items()})
@@ -360,14 +348,14 @@ def shutdown_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def open_loggers(cfg: ChessConfig, run_dir: Path, resume_step: int | None):
+def open_loggers(cfg: RunConfig, run_dir: Path, resume_step: int | None):
     import loggers
 
     return loggers.make_loggers(cfg.log.logger, run_dir, cfg.log.project, cfg.log.wandb_mode, config.to_dict(cfg),
                                 resume_step)
 
 
-def split_args(argv: list[str]) -> tuple[str, str | None, list[str], ChessConfig]:
+def split_args(argv: list[str]) -> tuple[str, str | None, list[str], RunConfig]:
     """`train.py [TASK] [TOOL] [--config FILE] [flags]` -> task, tool (None = train), the remaining
     flags, and the defaults: the task's, or a saved config given by `--config` (flags override it)."""
     import tools
@@ -378,20 +366,22 @@ def split_args(argv: list[str]) -> tuple[str, str | None, list[str], ChessConfig
         raise ConfigError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
     tool = args[0] if args and args[0] in tools.TOOLS else None
     args = args[1:] if tool else args
-    default = TASKS[task]()
+    default = TASKS[task].config()
     if "--config" in args:
         at = args.index("--config")
         if at + 1 >= len(args):
             raise ConfigError("--config: expected a JSON file written by a run (config.json)")
-        default = config.load_json(Path(args[at + 1]), TASKS[task])
+        default = config.load_json(Path(args[at + 1]), TASKS[task].config)
+        if default.task != task:
+            raise ConfigError(f"--config {args[at + 1]}: a config of the {default.task!r} task, expected {task!r}")
         args = args[:at] + args[at + 2:]
     return task, tool, args, default
 
 
-def parse_args(argv: list[str]) -> ChessConfig:
+def parse_args(argv: list[str]) -> RunConfig:
     """The training config from the command line."""
     task, _, args, default = split_args(argv)
-    return tyro.cli(TASKS[task], default=default, args=args, prog=f"train.py {task}")
+    return tyro.cli(TASKS[task].config, default=default, args=args, prog=f"train.py {task}")
 
 
 def main(argv: list[str]) -> int:
@@ -402,7 +392,7 @@ def main(argv: list[str]) -> int:
 
             tools.main(task, tool, args, default)
         else:
-            train(tyro.cli(TASKS[task], default=default, args=args, prog=f"train.py {task}"))
+            train(tyro.cli(TASKS[task].config, default=default, args=args, prog=f"train.py {task}"))
             shutdown_distributed()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

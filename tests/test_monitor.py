@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import monitor
+import tasks
 import train
 from conftest import run_script
 from model import ChessEvaluator
@@ -87,7 +88,7 @@ def plant_nan(monkeypatch, at_backward: int) -> None:
                 return grad * float("nan") if calls["n"] == at_backward else grad
             self.layers[2].weight.register_hook(poison)
 
-    monkeypatch.setattr(train, "ChessEvaluator", Planted)
+    monkeypatch.setattr(tasks, "ChessEvaluator", Planted)
 
 
 def test_nonfinite_warn_names_the_layer(prepared, tmp_path, monkeypatch, capsys):
