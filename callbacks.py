@@ -138,9 +138,9 @@ def monitoring(cfg, log_every: int) -> Hooks:
         state["peak"] = peak_tflops(run)
         if state["peak"] and run.fabric.is_global_zero:
             print(f"MFU against a peak of {state['peak'][0]} TFLOP/s ({state['peak'][1]})")
-        run.nonfinite = torch.zeros((), dtype=torch.bool, device=run.fabric.device)
-        state["first_param"] = torch.zeros((), dtype=torch.long, device=run.fabric.device)
-        state["first_step"] = torch.zeros((), dtype=torch.long, device=run.fabric.device)
+        # Per-layer gradient norms of every step since the last log, kept on the device.
+        state["norm_rows"] = torch.empty(log_every, len(named), device=run.fabric.device)
+        state["rows_used"] = 0
         if cfg.histogram_every and run.loggers is not None:
             run.loggers.sender = monitor.Sender(run.loggers)
 
@@ -148,18 +148,19 @@ def monitoring(cfg, log_every: int) -> Hooks:
         step = run.step + 1  # the step these gradients belong to
         params, names = state["params"], state["names"]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        norms = torch.stack(torch._foreach_norm(grads))
-        bad = ~torch.isfinite(norms)
         if cfg.on_nonfinite == "skip":
+            norms = torch.stack(torch._foreach_norm(grads))
+            bad = ~torch.isfinite(norms)
             if bad.any().item():  # the one mode that reads a flag every step: skipping needs the host
                 run.fabric.print(f"warning: step {step}: the gradient of {names[int(bad.int().argmax())]} is not "
                                  "finite; skipping this step")
                 run.skip_step = True
-        else:  # remember, on the device, where and when it first happened (NaN spreads to every layer)
-            first = ~run.nonfinite & bad.any()
-            state["first_param"] = torch.where(first, bad.int().argmax(), state["first_param"])
-            state["first_step"] = torch.where(first, torch.tensor(step, device=norms.device), state["first_step"])
-            run.nonfinite |= bad.any()
+        else:  # two ops a step: each layer's norm into its row; the next log finds where it first went bad
+            rows = state["norm_rows"]
+            if state["rows_used"] == len(rows):  # a longer interval than log.every (a resumed run): grow
+                state["norm_rows"] = rows = torch.cat([rows, torch.empty_like(rows)])
+            norms = torch.stack(torch._foreach_norm(grads), out=rows[state["rows_used"]])
+            state["rows_used"] += 1
         if cfg.norms and logging_step(run, step):
             state["grad_norms"] = norms
             state["before"] = [p.detach().clone() for p in params]
@@ -173,7 +174,10 @@ def monitoring(cfg, log_every: int) -> Hooks:
 
     def on_log(run) -> None:
         row, names = run.log_row, state["names"]
-        pieces = [torch.stack([run.nonfinite.float(), state["first_param"].float(), state["first_step"].float()])]
+        used, count = state["rows_used"], len(names)
+        bad = ~torch.isfinite(state["norm_rows"][:used]) if cfg.on_nonfinite != "skip" else torch.zeros(1, 1, dtype=torch.bool, device=run.fabric.device)
+        state["rows_used"] = 0
+        pieces = [torch.stack([bad.any().float(), bad.flatten().int().argmax().float()])]
         if "grad_norms" in state:
             before = state.pop("before")
             deltas = torch._foreach_sub([p.detach() for p in state["params"]], before)
@@ -181,7 +185,7 @@ def monitoring(cfg, log_every: int) -> Hooks:
             norms = state.pop("grad_norms")
             pieces += [norms.norm().reshape(1), norms, ratios]
         values = torch.cat([p.float() for p in pieces]).tolist()  # one transfer for all of it
-        (nonfinite, first_param, first_step), values = values[:3], values[3:]
+        (nonfinite, first_bad), values = values[:2], values[2:]
         if values:
             row["grad_norm/total"] = values[0]
             count = len(names)
@@ -193,8 +197,8 @@ def monitoring(cfg, log_every: int) -> Hooks:
             if run.fabric.device.type == "cuda":
                 row["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(run.fabric.device) / 2**30
         if nonfinite:
-            message = f"step {int(first_step)}: the gradient of {names[int(first_param)]} is not finite"
-            run.nonfinite.zero_()
+            first_step = run.step - used + 1 + int(first_bad) // count
+            message = f"step {first_step}: the gradient of {names[int(first_bad) % count]} is not finite"
             if cfg.on_nonfinite == "stop":
                 path = run.run_dir / "checkpoints" / f"nonfinite-step-{run.step:08d}.ckpt"
                 save_checkpoint(run, path)

@@ -18,3 +18,27 @@ def test_histogram_benchmark_smoke():
     assert result.returncode == 0, result.stderr[-3000:]
     for arm in ("none", "kibitz", "tensorboard add_histogram", "wandb.watch", "one event: kibitz costs"):
         assert arm in result.stdout
+
+
+def test_overhead_benchmark_smoke_and_identical_weights():
+    result = run_script(["bench/overhead.py", "--sizes", "tiny", "--rounds", "1", "--tiny-steps", "150"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for arm in ("raw", "fabric", "kibitz", "lightning", "ratios (time per step against the raw loop)"):
+        assert arm in result.stdout
+    # the hand-written loop and kibitz's loop end with bit-identical weights (fp32, same seed)
+    assert "final weights, raw loop vs kibitz (tiny, fp32, seed 1337): identical" in result.stdout
+    # host reads only around the logging steps (50, 100), none on the other steps
+    line = next(line for line in result.stdout.splitlines() if line.startswith("  tiny kibitz: host reads"))
+    steps = [int(n) for n in line.split("[")[1].rstrip("]").split(",")]
+    assert steps and all(min(abs(n - 50), abs(n - 100)) <= 1 for n in steps), line
+    assert "tiny raw: host reads between optimizer steps n and n+1 for n in none" in result.stdout
+
+
+def test_throughput_benchmark_smoke(tmp_path):
+    out = tmp_path / "throughput.json"
+    result = run_script(["bench/throughput.py", "--smoke", "--out", str(out)], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+    rows = json.loads(out.read_text())["results"]
+    assert {r["task"] for r in rows} == {"chess", "dvae"} and all("error" not in r for r in rows), rows
+    assert all(r["samples_per_s"] > 0 for r in rows) and all(r["tokens_per_s"] > 0 for r in rows if r["task"] == "dvae")
