@@ -89,3 +89,67 @@ def test_init_from_takes_the_weights_only(prepared, tmp_path, capsys):
     assert all(torch.equal(tuned[k], base[k]) for k in base)
     state = torch.load(tmp_path / "tuned" / "checkpoints" / "last.ckpt", weights_only=False)["optimizer"]
     assert all(s["step"].item() == 12 for s in state["state"].values())  # a fresh optimizer, 12 steps old
+
+
+DDP = ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp"]
+
+
+def test_two_process_ddp_sigkill_then_resume_is_exact_and_survives_a_world_size_change(prepared, tmp_path):
+    import shutil
+
+    from conftest import run_script
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "train.py", *tiny_args(prepared, tmp_path, *LONG, *DDP, "--run-name", "k2")],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    wait_for_steps(tmp_path / "k2", 40, process)
+    os.killpg(process.pid, signal.SIGKILL)  # both ranks at once, as when a node is lost
+    process.communicate(timeout=60)
+    shutil.copytree(tmp_path / "k2", tmp_path / "k1")  # the same interrupted run, to resume on one process
+
+    result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, *DDP, "--run-name", "k2", "--resume", "auto")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, *DDP, "--run-name", "reference")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, resumed = train_losses(tmp_path / "reference"), train_losses(tmp_path / "k2")
+    assert sorted(resumed) == list(range(1, 161)) and resumed == reference  # bitwise, every step once
+    final, expected = weights(tmp_path / "k2"), weights(tmp_path / "reference")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+    # 2 processes, then 1: the same global batch (each global batch holds the same positions), so the
+    # run goes on where it stopped and its losses match the 2-process ones up to summation order.
+    result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, "--run-name", "k1", "--resume", "auto")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "micro-batch 512 x 1 accumulation x 1 = 512" in result.stdout
+    one = train_losses(tmp_path / "k1")
+    assert sorted(one) == list(range(1, 161))
+    for step in (159, 160):  # far past the switch; data.flip draws differ per process count, hence the tolerance
+        assert abs(one[step] - reference[step]) < 0.05 * reference[step], (step, one[step], reference[step])
+
+
+def test_two_nodes_on_one_machine_train_checkpoint_and_resume(prepared, tmp_path):
+    import socket
+
+    fabric_cli = str(Path(sys.executable).parent / "fabric")
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+
+    def both_nodes(*extra: str) -> list[str]:
+        processes = [subprocess.Popen(
+            [fabric_cli, "run", "--accelerator", "cpu", "--devices", "1", "--num-nodes", "2", "--node-rank", str(rank),
+             "--main-address", "127.0.0.1", "--main-port", port, "train.py",
+             *tiny_args(prepared, tmp_path, "--run-name", "nodes", *extra)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+        outputs = [p.communicate(timeout=240)[0] for p in processes]
+        assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+        return outputs
+
+    first = both_nodes()
+    assert "2 processes" in first[0] and "test metrics" in first[0]
+    assert (tmp_path / "nodes" / "checkpoints" / "last.ckpt").exists()
+    second = both_nodes("--train.max-steps", "16", "--resume", "auto")
+    assert "resumed from" in second[0] and "at step 12" in second[0]
+    assert sorted(train_losses(tmp_path / "nodes")) == [4, 8, 12, 16]
