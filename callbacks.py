@@ -333,10 +333,19 @@ def save_checkpoint(run, path: Path) -> None:
              "rng": rng_states(fabric), "config": to_dict(run.cfg)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fabric.save(tmp, state)
-    fabric.barrier()
+    error = None
+    try:
+        fabric.save(tmp, state)
+        if fabric.is_global_zero:
+            _fsync(tmp)
+    except OSError as exc:  # disk full, permissions, ...: every rank must learn of it, or the others hang
+        error = exc
+    failed = fabric.world_size > 1 and fabric.all_reduce(
+        torch.tensor(float(error is not None), device=fabric.device), reduce_op="max").item()
+    if error is not None or failed:
+        raise SystemExit(f"error: cannot write checkpoint {path} ({error or 'failed on another rank'}); the run stops "
+                         f"here, the checkpoints already in {path.parent} are intact")
     if fabric.is_global_zero:
-        _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
     fabric.barrier()

@@ -62,9 +62,10 @@ class WandbLog:
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(project=project, name=run_dir.name, id=run_id, dir=run_dir, mode=mode,
                               config=config, resume="allow")
-        for name in ("val/l1", "val/rmse", "val/loss", "val/material_l1"):  # errors summarise as their best
+        for name in ("val/l1", "val/rmse", "val/loss", "val/material_l1", "val/recon_loss"):  # errors: their best
             self.run.define_metric(name, summary="min")
-        self.run.define_metric("val/sign_acc", summary="max")
+        for name in ("val/sign_acc", "val/token_acc", "val/board_acc"):
+            self.run.define_metric(name, summary="max")
         self.wandb = wandb
 
     def log(self, metrics: dict, step: int) -> None:
@@ -150,35 +151,40 @@ class Loggers:
             self.sender.flush()
         self.write(metrics, step)
 
+    def _each(self, method: str, *args) -> None:
+        """Call `method` on every sink. A sink that fails (wandb gone, the disk of the run folder full)
+        is reported once and switched off; training goes on with the others."""
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, method)(*args)
+            except Exception as exc:
+                self.sinks.remove(sink)
+                print(f"warning: logger {type(sink).__name__} failed in {method} ({type(exc).__name__}: {exc}); "
+                      "it is switched off, training continues", flush=True)
+
     def write(self, metrics: dict, step: int) -> None:
         with self.lock:
-            for sink in self.sinks:
-                sink.log(metrics, step)
+            self._each("log", metrics, step)
 
     def log_histograms(self, histograms: dict, step: int) -> None:
         with self.lock:
-            for sink in self.sinks:
-                sink.log_histograms(histograms, step)
+            self._each("log_histograms", histograms, step)
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
         with self.lock:
-            for sink in self.sinks:
-                sink.log_table(name, columns, rows, step)
+            self._each("log_table", name, columns, rows, step)
 
     def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
         with self.lock:
-            for sink in self.sinks:
-                sink.log_checkpoint(path, name, aliases, dropped)
+            self._each("log_checkpoint", path, name, aliases, dropped)
 
     def summary(self, metrics: dict) -> None:
-        for sink in self.sinks:
-            sink.summary(metrics)
+        self._each("summary", metrics)
 
     def finish(self) -> None:
         if self.sender is not None:
             self.sender.close()
-        for sink in self.sinks:
-            sink.finish()
+        self._each("finish")
 
 
 def make_loggers(kind: str, run_dir: Path, project: str, wandb_mode: str, config: dict,
@@ -187,8 +193,12 @@ def make_loggers(kind: str, run_dir: Path, project: str, wandb_mode: str, config
     if kind == "none":
         return Loggers([])
     sinks = [CSVLog(run_dir / "metrics.csv", resume_step)]
-    if kind == "wandb" and wandb_mode != "disabled":
-        sinks.append(WandbLog(run_dir, project, wandb_mode, config))
-    elif kind == "tensorboard":
-        sinks.append(TensorBoardLog(run_dir, config))
+    try:
+        if kind == "wandb" and wandb_mode != "disabled":
+            sinks.append(WandbLog(run_dir, project, wandb_mode, config))
+        elif kind == "tensorboard":
+            sinks.append(TensorBoardLog(run_dir, config))
+    except Exception as exc:  # a tracker that cannot start must not cost the run
+        print(f"warning: the {kind} logger could not start ({type(exc).__name__}: {exc}); "
+              f"training continues with {run_dir / 'metrics.csv'} only", flush=True)
     return Loggers(sinks)

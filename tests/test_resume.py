@@ -153,3 +153,39 @@ def test_two_nodes_on_one_machine_train_checkpoint_and_resume(prepared, tmp_path
     second = both_nodes("--train.max-steps", "16", "--resume", "auto")
     assert "resumed from" in second[0] and "at step 12" in second[0]
     assert sorted(train_losses(tmp_path / "nodes")) == [4, 8, 12, 16]
+
+
+def test_a_checkpoint_write_failure_stops_the_run_and_keeps_the_previous_one(prepared, tmp_path):
+    import resource
+
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "cw", "--train.max-steps", "4")) == 0
+
+    def small_disk():  # a real write failure: files may not grow past 50 kB (EFBIG), a checkpoint is ~300 kB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    result = subprocess.run([sys.executable, "train.py", *tiny_args(prepared, tmp_path, "--run-name", "cw", "--resume",
+                                                                    "auto", "--train.max-steps", "12")],
+                            cwd=ROOT, capture_output=True, text=True, preexec_fn=small_disk, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: cannot write checkpoint" in result.stderr and "step-00000008.ckpt (" in result.stderr
+    assert "are intact" in result.stderr
+    last = torch.load(tmp_path / "cw" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["progress"]["step"] == 4  # the previous checkpoint, whole
+    assert not (tmp_path / "cw" / "checkpoints" / "step-00000008.ckpt").exists()
+
+
+def test_logger_failures_are_reported_once_and_training_continues(prepared, tmp_path, capsys):
+    # metrics.csv on a full disk (/dev/full: every write fails with ENOSPC), and wandb unable to start
+    # (its folder's path is taken by a file)
+    run_dir = tmp_path / "lf"
+    run_dir.mkdir()
+    (run_dir / "metrics.csv").symlink_to("/dev/full")
+    (run_dir / "wandb").write_text("not a folder")
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "lf", "--log.logger", "wandb")) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: logger CSVLog failed") == 1 and "No space left on device" in out
+    assert out.count("warning: the wandb logger could not start") == 1
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["progress"]["step"] == 12
+    assert "test metrics" in out
