@@ -130,6 +130,11 @@ def monitoring(cfg, log_every: int) -> Hooks:
         model = getattr(run.model, "_original_module", run.model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         state["names"], state["params"] = [n for n, _ in named], [p for _, p in named]
+        # Under FSDP2 parameters are DTensors: statistics use each rank's shard, combined at log time.
+        state["sharded"] = any(hasattr(p, "to_local") for p in state["params"])
+        if state["sharded"] and cfg.histogram_every:
+            run.fabric.print("monitor: histograms of sharded parameters are not supported yet; norms and the "
+                             "non-finite guard still run (--monitor.histogram-every None silences this)")
         if hasattr(model, "flops_per_sample"):  # a model that applies its layers per token counts itself
             state["flops_per_sample"] = model.flops_per_sample()
         else:
@@ -141,17 +146,22 @@ def monitoring(cfg, log_every: int) -> Hooks:
         # Per-layer gradient norms of every step since the last log, kept on the device.
         state["norm_rows"] = torch.empty(log_every, len(named), device=run.fabric.device)
         state["rows_used"] = 0
-        if cfg.histogram_every and run.loggers is not None:
+        if cfg.histogram_every and run.loggers is not None and not state["sharded"]:
             run.loggers.sender = monitor.Sender(run.loggers)
 
     def after_backward(run) -> None:
         step = run.step + 1  # the step these gradients belong to
         params, names = state["params"], state["names"]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if state["sharded"]:
+            grads, params = [g.to_local() for g in grads], [p.to_local() for p in params]
         if cfg.on_nonfinite == "skip":
             norms = torch.stack(torch._foreach_norm(grads))
             bad = ~torch.isfinite(norms)
-            if bad.any().item():  # the one mode that reads a flag every step: skipping needs the host
+            flag = bad.any()
+            if state["sharded"]:  # every rank must skip together
+                flag = run.fabric.all_reduce(flag.float(), reduce_op="max") > 0
+            if flag.item():  # the one mode that reads a flag every step: skipping needs the host
                 run.fabric.print(f"warning: step {step}: the gradient of {names[int(bad.int().argmax())]} is not "
                                  "finite; skipping this step")
                 run.skip_step = True
@@ -164,7 +174,7 @@ def monitoring(cfg, log_every: int) -> Hooks:
         if cfg.norms and logging_step(run, step):
             state["grad_norms"] = norms
             state["before"] = [p.detach().clone() for p in params]
-        if cfg.histogram_every and step % cfg.histogram_every == 0:
+        if cfg.histogram_every and step % cfg.histogram_every == 0 and not state["sharded"]:
             scaler = getattr(run.fabric.strategy.precision, "scaler", None)
             scale = scaler._get_scale_async() if scaler is not None else None  # a tensor: no sync
             for prefix, tensors, by in (("gradients", grads, scale), ("parameters", params, None)):
@@ -177,12 +187,19 @@ def monitoring(cfg, log_every: int) -> Hooks:
         used, count = state["rows_used"], len(names)
         bad = ~torch.isfinite(state["norm_rows"][:used]) if cfg.on_nonfinite != "skip" else torch.zeros(1, 1, dtype=torch.bool, device=run.fabric.device)
         state["rows_used"] = 0
+        if state["sharded"]:  # a layer is bad if any rank's shard is
+            bad = run.fabric.all_reduce(bad.float(), reduce_op="max") > 0
         pieces = [torch.stack([bad.any().float(), bad.flatten().int().argmax().float()])]
         if "grad_norms" in state:
             before = state.pop("before")
-            deltas = torch._foreach_sub([p.detach() for p in state["params"]], before)
-            ratios = torch.stack(torch._foreach_norm(deltas)) / torch.stack(torch._foreach_norm(before)).clamp_min(1e-12)
+            params = [p.to_local() if state["sharded"] else p for p in state["params"]]
+            deltas = torch._foreach_sub([p.detach() for p in params], before)
+            delta_norms, weight_norms = torch.stack(torch._foreach_norm(deltas)), torch.stack(torch._foreach_norm(before))
             norms = state.pop("grad_norms")
+            if state["sharded"]:  # the norm of a whole tensor from its shards' norms: one all-reduce
+                combined = run.fabric.all_reduce(torch.stack([norms, delta_norms, weight_norms]).square(), reduce_op="sum")
+                norms, delta_norms, weight_norms = combined.sqrt()
+            ratios = delta_norms / weight_norms.clamp_min(1e-12)
             pieces += [norms.norm().reshape(1), norms, ratios]
         values = torch.cat([p.float() for p in pieces]).tolist()  # one transfer for all of it
         (nonfinite, first_bad), values = values[:2], values[2:]
@@ -218,8 +235,7 @@ def monitoring(cfg, log_every: int) -> Hooks:
 
 def prediction_table(dataset, count: int = 16) -> Hooks:
     """At every validation, rank 0 logs the same `count` validation positions: FEN, target,
-    prediction (pawns) and the board drawn by python-chess. The unwrapped module is used, so no
-    collective runs on one rank alone."""
+    prediction (pawns) and the board drawn by python-chess."""
     import chess
     import chess.svg
 
@@ -233,14 +249,17 @@ def prediction_table(dataset, count: int = 16) -> Hooks:
 
     @torch.no_grad()
     def log(run) -> None:
-        if not run.fabric.is_global_zero or run.loggers is None or not count:
+        if not count or run.cfg.log.logger == "none":
             return
+        # Every rank runs the forward: under FSDP it gathers parameters from all of them.
         module = getattr(run.model, "_original_module", run.model)
         packed = torch.from_numpy(rows).to(run.fabric.device)
         was_training = module.training
         module.eval()
         predictions = to_pawns(module(packed), run.cfg.data.target).tolist()
         module.train(was_training)
+        if run.loggers is None:
+            return
         table = [[fen, target, prediction, board] for fen, target, prediction, board in zip(fens, targets, predictions, boards)]
         run.loggers.log_table("val/predictions", ["fen", "target", "prediction", "board"], table, run.step)
 

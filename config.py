@@ -19,7 +19,7 @@ SAMPLE_PGN = Path("data/sample.pgn.zst")
 PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
               "transformer-engine", "transformer-engine-float16")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")
-STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "dp")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "fsdp2", "deepspeed", "dp")
 LOGGERS = ("wandb", "tensorboard", "csv", "none")
 MONITORS = {"chess": ("val/l1", "val/rmse", "val/sign_acc", "val/loss"),
             "dvae": ("val/token_acc", "val/board_acc", "val/recon_loss", "val/kl", "val/loss")}
@@ -38,7 +38,8 @@ class FabricConfig:
     num_nodes: int | None = None
     """Number of nodes; unset = 1 or what the launcher says."""
     strategy: str = "auto"
-    """auto, ddp, ddp_spawn, fsdp, deepspeed, ... (Fabric's strategy names)."""
+    """auto, ddp, ddp_spawn, deepspeed, ... (Fabric's names); fsdp: Fabric's FSDPStrategy (GPU), each block its
+    own unit; fsdp2: torch's fully_shard per block through Fabric's ModelParallelStrategy (also CPU/gloo)."""
     precision: str | None = None
     """32-true, bf16-mixed, 16-mixed, bf16-true, 64-true, ...; unset = 32-true or the launcher's choice."""
     matmul_precision: str = "high"

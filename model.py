@@ -14,6 +14,8 @@ from encoding import NUM_BITS, unpack_bits
 class ChessEvaluator(nn.Module):
     """`depth` hidden Linear(width)+ReLU blocks, then Linear(width, 1): the eval in pawns, White's view."""
 
+    block_types = (nn.Linear,)  # FSDP shards each of these as its own unit
+
     def __init__(self, width: int = NUM_BITS, depth: int = 4):
         super().__init__()
         layers, size = [], NUM_BITS
@@ -66,6 +68,7 @@ class DiscreteVAE(nn.Module):
     """
 
     tokens_per_sample = 64  # for tokens/s
+    block_types = (MixerBlock,)  # FSDP shards each of these as its own unit
 
     def __init__(self, latents: int = 32, codebook: int = 64, width: int = 32, depth: int = 2):
         super().__init__()

@@ -35,6 +35,8 @@ class Task:
     """(fabric, cfg, model, loader) -> (metrics incl. "loss", histograms for the loggers)."""
     report: Callable[[RunConfig, dict], tuple[str, dict]]
     """The test table: its title and rows."""
+    blocks: tuple[type, ...] = ()
+    """The model's repeated blocks: FSDP wraps (shards) each one separately."""
 
 
 # ---------------------------------------------------------------- chess
@@ -73,7 +75,7 @@ def chess_report(cfg: ChessConfig, metrics: dict) -> tuple[str, dict]:
 
 
 CHESS = Task("chess", ChessConfig, chess_model, ("loss",), chess_step, lambda cfg, step: {}, chess_evaluate,
-             chess_report)
+             chess_report, ChessEvaluator.block_types)
 
 
 # ---------------------------------------------------------------- discrete VAE
@@ -160,6 +162,7 @@ def dvae_report(cfg: DVAEConfig, metrics: dict) -> tuple[str, dict]:
              "codes_used": metrics["codes_used"]})
 
 
-DVAE = Task("dvae", DVAEConfig, dvae_model, DVAE_FIELDS, dvae_step, dvae_scheduled, dvae_evaluate, dvae_report)
+DVAE = Task("dvae", DVAEConfig, dvae_model, DVAE_FIELDS, dvae_step, dvae_scheduled, dvae_evaluate, dvae_report,
+            DiscreteVAE.block_types)
 
 TASKS = {"chess": CHESS, "dvae": DVAE}

@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +72,7 @@ class Run:
                 "loss_sum": self.loss_sum.clone(), "steps_since_log": self.steps_since_log}
 
 
-def make_fabric(cfg: config.FabricConfig) -> Fabric:
+def make_fabric(cfg: config.FabricConfig, blocks: tuple[type, ...] = ()) -> Fabric:
     """Pass Fabric only what the user set: under `fabric run` a value that differs from the
     launcher's is an error, and under torchrun the device count comes from its environment."""
     kwargs = {"accelerator": cfg.accelerator, "strategy": cfg.strategy}
@@ -84,7 +85,38 @@ def make_fabric(cfg: config.FabricConfig) -> Fabric:
         kwargs["num_nodes"] = cfg.num_nodes
     if cfg.precision is not None:
         kwargs["precision"] = cfg.precision
+    if cfg.strategy == "fsdp":  # one FSDP unit per block, not one for the whole model
+        from lightning_fabric.strategies import FSDPStrategy
+
+        kwargs["strategy"] = FSDPStrategy(auto_wrap_policy=set(blocks))
+    elif cfg.strategy == "fsdp2":
+        kwargs["strategy"] = fsdp2_strategy(kwargs, blocks)
     return Fabric(**kwargs)
+
+
+def fsdp2_strategy(kwargs: dict, blocks: tuple[type, ...]):
+    """torch's fully_shard on each block, then on the whole model, over every process (pure data
+    parallel: tensor_parallel_size 1). Checkpoints are whole files (gathered on rank 0), so they load
+    into any number of processes, sharded or not."""
+    from lightning_fabric.strategies import ModelParallelStrategy
+    from torch.distributed.fsdp import fully_shard
+
+    devices = kwargs.get("devices", 1)
+    world = int(os.environ.get("WORLD_SIZE", 0)) or (devices if isinstance(devices, int) and devices > 0 else
+                                                     torch.cuda.device_count() or 1) * kwargs.get("num_nodes", 1)
+
+    def shard(model: torch.nn.Module, device_mesh) -> torch.nn.Module:
+        mesh = device_mesh["data_parallel"]
+        for module in list(model.modules()):
+            if isinstance(module, blocks):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    # Our models return views (squeeze, slices); nothing modifies them in place, which is what the warning is about.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    return ModelParallelStrategy(parallelize_fn=shard, data_parallel_size=world, tensor_parallel_size=1,
+                                 save_distributed_checkpoint=False)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, fused: bool) -> torch.optim.Optimizer:
@@ -200,7 +232,7 @@ def print_table(title: str, metrics: dict[str, float]) -> None:
 def train(cfg: RunConfig) -> dict[str, float]:
     config.check(cfg)
     task = TASKS[cfg.task]
-    fabric = make_fabric(cfg.fabric)
+    fabric = make_fabric(cfg.fabric, task.blocks)
     if os.environ.get("LT_CLI_USED") != "1":  # under `fabric run` the processes already exist
         fabric.launch()
     if fabric.device.type == "cuda":
