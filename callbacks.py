@@ -128,7 +128,10 @@ def monitoring(cfg, log_every: int) -> Hooks:
 
     def start(run) -> None:
         model = getattr(run.model, "_original_module", run.model)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # In the optimizer's order: the per-layer norms of the guard then double as the clip's (train.py).
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        named = [(name_of[id(p)], p) for group in run.optimizer.param_groups for p in group["params"]
+                 if p.requires_grad and id(p) in name_of]
         state["names"], state["params"] = [n for n, _ in named], [p for _, p in named]
         # Under FSDP2 parameters are DTensors: statistics use each rank's shard, combined at log time.
         state["sharded"] = any(hasattr(p, "to_local") for p in state["params"])
@@ -171,6 +174,8 @@ def monitoring(cfg, log_every: int) -> Hooks:
                 state["norm_rows"] = rows = torch.cat([rows, torch.empty_like(rows)])
             norms = torch.stack(torch._foreach_norm(grads), out=rows[state["rows_used"]])
             state["rows_used"] += 1
+        if not state["sharded"]:
+            run.grad_norms = norms  # the clip reuses them instead of computing them again
         if cfg.norms and logging_step(run, step):
             state["grad_norms"] = norms
             state["before"] = [p.detach().clone() for p in params]

@@ -62,6 +62,7 @@ class Run:
     steps_since_log: int = 0
     data_wait_s: float = 0.0  # host time spent waiting for batches since the last log
     skip_step: bool = False  # the non-finite guard drops this optimizer step
+    grad_norms: torch.Tensor | None = None  # this step's per-parameter gradient norms (optimizer order), if taken
     stop_signal: int = 0  # SIGTERM / SIGUSR1 received: save and stop at the next log interval
     log_row: dict = field(default_factory=dict)
     val_metrics: dict = field(default_factory=dict)
@@ -128,17 +129,24 @@ def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, fused: bool)
 
 
 def gradient_clipper(fabric: Fabric, model, optimizer, max_norm: float):
-    """A function that clips the global gradient norm, with no host sync (error_if_nonfinite=False).
-    Where gradients are whole and unscaled (one device or DDP, no fp16 scaler) it is torch's clip over
-    the optimizer's parameters, exactly what Fabric does there without its 20 us of Python a step;
-    FSDP and fp16 go through Fabric (sharded norms, unscaling)."""
+    """A function of this step's per-parameter gradient norms (or None) that clips the global gradient
+    norm, with no host sync. Where gradients are whole and unscaled (one device or DDP, no fp16 scaler)
+    it is torch's clip over the optimizer's parameters, exactly what Fabric does there without its 20 us
+    of Python a step, and it reuses the norms the monitoring hook already took (same order, so the same
+    total, bit for bit); FSDP and fp16 go through Fabric (sharded norms, unscaling)."""
     from lightning_fabric.strategies import DDPStrategy, SingleDeviceStrategy
 
     if isinstance(fabric.strategy, (SingleDeviceStrategy, DDPStrategy)) and \
             getattr(fabric.strategy.precision, "scaler", None) is None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        return lambda: torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
-    return lambda: fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+
+        def clip(norms: torch.Tensor | None) -> None:
+            if norms is None or len(norms) != len(params):
+                torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
+            else:
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.linalg.vector_norm(norms))
+        return clip
+    return lambda norms: fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
 
 
 def choose_run_dir(fabric: Fabric, cfg: RunConfig) -> tuple[Path, Path | None]:
@@ -330,9 +338,10 @@ def train(cfg: RunConfig) -> dict[str, float]:
                 run.skip_step = False
             else:
                 if cfg.train.clip is not None:
-                    clip()
+                    clip(run.grad_norms)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            run.grad_norms = None
             run.step += 1
             run.step_in_epoch += 1
             run.steps_since_log += 1
