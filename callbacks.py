@@ -135,9 +135,6 @@ def monitoring(cfg, log_every: int) -> Hooks:
         state["names"], state["params"] = [n for n, _ in named], [p for _, p in named]
         # Under FSDP2 parameters are DTensors: statistics use each rank's shard, combined at log time.
         state["sharded"] = any(hasattr(p, "to_local") for p in state["params"])
-        if state["sharded"] and cfg.histogram_every:
-            run.fabric.print("monitor: histograms of sharded parameters are not supported yet; norms and the "
-                             "non-finite guard still run (--monitor.histogram-every None silences this)")
         if hasattr(model, "flops_per_sample"):  # a model that applies its layers per token counts itself
             state["flops_per_sample"] = model.flops_per_sample()
         else:
@@ -149,7 +146,7 @@ def monitoring(cfg, log_every: int) -> Hooks:
         # Per-layer gradient norms of every step since the last log, kept on the device.
         state["norm_rows"] = torch.empty(log_every, len(named), device=run.fabric.device)
         state["rows_used"] = 0
-        if cfg.histogram_every and run.loggers is not None and not state["sharded"]:
+        if cfg.histogram_every and run.fabric.is_global_zero and run.loggers is not None:
             run.loggers.sender = monitor.Sender(run.loggers)
 
     def after_backward(run) -> None:
@@ -179,11 +176,14 @@ def monitoring(cfg, log_every: int) -> Hooks:
         if cfg.norms and logging_step(run, step):
             state["grad_norms"] = norms
             state["before"] = [p.detach().clone() for p in params]
-        if cfg.histogram_every and step % cfg.histogram_every == 0 and not state["sharded"]:
+        if cfg.histogram_every and step % cfg.histogram_every == 0:
             scaler = getattr(run.fabric.strategy.precision, "scaler", None)
             scale = scaler._get_scale_async() if scaler is not None else None  # a tensor: no sync
             for prefix, tensors, by in (("gradients", grads, scale), ("parameters", params, None)):
-                stats = monitor.gather_shares(run.fabric, names, tensors, cfg.bins, cfg.max_elements, by)
+                if state["sharded"]:  # every rank bins its shard (max_elements does not apply)
+                    stats = monitor.sharded_stats(run.fabric, tensors, cfg.bins, by)
+                else:
+                    stats = monitor.gather_shares(run.fabric, names, tensors, cfg.bins, cfg.max_elements, by)
                 if stats is not None and run.loggers is not None:
                     run.loggers.sender.send(step, prefix, names, stats)
 

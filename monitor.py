@@ -87,6 +87,35 @@ def gather_shares(fabric, names: list[str], tensors: list[torch.Tensor], bins: i
     return ordered
 
 
+def sharded_stats(fabric, shards: list[torch.Tensor], bins: int, scale=None) -> torch.Tensor | None:
+    """Under FSDP each rank holds a shard of every tensor: every rank takes part. The range of each
+    tensor is combined first (one all-reduce), each rank bins its shard over that common range, and
+    the counts and moments are summed (a second all-reduce); rank 0 gets the rows of `tensor_stats`
+    (None elsewhere). Moments are exact here: they cost one more sum each."""
+    device = fabric.device
+    flats = [s.detach().reshape(-1).float() / scale if scale is not None else s.detach().reshape(-1).float()
+             for s in shards]
+    inf = torch.tensor(float("inf"), device=device)
+    lo = torch.stack([f.min() if f.numel() else inf for f in flats])  # a rank may hold nothing of a small tensor
+    hi = torch.stack([f.max() if f.numel() else -inf for f in flats])
+    ranges = fabric.all_reduce(torch.stack([-lo, hi]), reduce_op="max")
+    lo, hi = -ranges[0], ranges[1]
+    rows = []
+    for flat, low, high in zip(flats, lo, hi):
+        width = torch.where(high > low, high - low, torch.ones_like(high))
+        index = ((flat - low) * (bins / width)).long().clamp_(0, bins - 1)
+        counts = torch.zeros(bins, device=device).index_add_(0, index, torch.ones_like(flat))
+        moments = torch.stack([flat.sum(), torch.dot(flat, flat), torch.tensor(float(flat.numel()), device=device)])
+        rows.append(torch.cat([moments, counts]))
+    summed = fabric.all_reduce(torch.stack(rows), reduce_op="sum")
+    if fabric.global_rank != 0:
+        return None
+    total, squares, n = summed[:, 0], summed[:, 1], summed[:, 2].clamp_min(1)
+    mean = total / n
+    std = (squares / n - mean * mean).clamp_min(0).sqrt()
+    return torch.cat([torch.stack([lo, hi, mean, std, squares.sqrt()], dim=1), summed[:, 3:]], dim=1)
+
+
 class Sender:
     """A background thread that waits for copies to land and hands numpy payloads to the loggers,
     so the training loop never waits for histograms."""

@@ -153,3 +153,27 @@ def test_wandb_prediction_tables_and_checkpoint_artifacts(prepared, tmp_path):
         val = {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == "val/l1"}
     for model, step in zip(models, (4, 8, 12)):  # "best" exactly when it was the best so far
         assert ("best" in model["aliases"]) == (val[step] == min(v for s, v in val.items() if s <= step))
+
+
+def test_fsdp2_histograms_from_shards_match_ddp(prepared, tmp_path):
+    """Under FSDP2 every rank holds a shard: ranges and counts are combined over ranks. The histograms
+    equal those of a DDP run of the same model and data (up to float rounding at bin edges)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    histograms = {}
+    for strategy in ("ddp", "fsdp2"):
+        args = tiny_args(prepared, tmp_path, *HIST, "--run-name", strategy, "--log.logger", "tensorboard",
+                         "--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", strategy)
+        result = run_script(["train.py", *args])
+        assert result.returncode == 0, result.stderr[-3000:]
+        events = EventAccumulator(str(tmp_path / strategy / "tensorboard"), size_guidance={"histograms": 0})
+        events.Reload()
+        histograms[strategy] = {(tag, e.step): e.histogram_value for tag in events.Tags()["histograms"]
+                                for e in events.Histograms(tag)}
+    assert histograms["fsdp2"].keys() == histograms["ddp"].keys() and len(histograms["ddp"]) == 3 * 2 * len(NAMES)
+    for key, ddp in histograms["ddp"].items():
+        fsdp = histograms["fsdp2"][key]
+        assert fsdp.num == ddp.num and fsdp.min == pytest.approx(ddp.min, rel=1e-4, abs=1e-7), key
+        assert fsdp.max == pytest.approx(ddp.max, rel=1e-4, abs=1e-7), key
+        moved = sum(abs(a - b) for a, b in zip(fsdp.bucket, ddp.bucket))
+        assert moved <= 0.01 * ddp.num + 2, (key, moved)
