@@ -191,3 +191,29 @@ def test_logger_failures_are_reported_once_and_training_continues(prepared, tmp_
     assert out.count("warning: the wandb logger could not start") == 1
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["progress"]["step"] == 12
     assert "test metrics" in out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_process_sigterm_saves_together_and_resumes_exactly(prepared, tmp_path, strategy):
+    from conftest import run_script
+
+    multi = ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", strategy]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "train.py", *tiny_args(prepared, tmp_path, *LONG, *multi, "--run-name", "t2")],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    wait_for_steps(tmp_path / "t2", 30, process)
+    os.killpg(process.pid, signal.SIGTERM)  # every rank gets it, as under SLURM's preemption
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "resume with: python train.py chess" in output
+    stopped = torch.load(tmp_path / "t2" / "checkpoints" / "last.ckpt", weights_only=False)["progress"]["step"]
+    assert 30 <= stopped < 160 and max(train_losses(tmp_path / "t2")) == stopped
+
+    for name, extra in (("t2", ["--resume", "auto"]), ("reference", [])):
+        result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, *multi, "--run-name", name, *extra)])
+        assert result.returncode == 0, result.stderr[-3000:]
+    reference, resumed = train_losses(tmp_path / "reference"), train_losses(tmp_path / "t2")
+    assert sorted(resumed) == list(range(1, 161)) and resumed == reference
+    final, expected = weights(tmp_path / "t2"), weights(tmp_path / "reference")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
