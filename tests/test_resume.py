@@ -18,10 +18,27 @@ LONG = ["--model.width", "256", "--model.depth", "2", "--train.max-steps", "160"
         "--log.every", "1", "--checkpoint.every", "7", "--checkpoint.keep-best", "-1", "--data.batch-size", "512"]
 
 
-def start(prepared: Path, out: Path, name: str) -> subprocess.Popen:
+def start(prepared: Path, out: Path, name: str, *extra: str) -> subprocess.Popen:
+    """A training run in its own process group (its launched ranks too), so a test can signal them all."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "train.py", *tiny_args(prepared, out, *LONG, "--run-name", name)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, "train.py", *tiny_args(prepared, out, *LONG, *extra, "--run-name", name)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def two_processes(strategy: str) -> list[str]:
+    return ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", strategy]
+
+
+def resume_and_compare_with_reference(prepared: Path, out: Path, name: str, *extra: str) -> None:
+    """Resume `name` with `--resume auto` in fresh processes, run the uninterrupted reference, and require
+    the same per-step losses (every step once) and bitwise the same final weights."""
+    from conftest import run_script
+
+    for run, flags in ((name, ["--resume", "auto"]), ("reference", [])):
+        result = run_script(["train.py", *tiny_args(prepared, out, *LONG, *extra, "--run-name", run, *flags)])
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert_matches_reference(out, name)
 
 
 def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -33,13 +50,17 @@ def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout
     raise AssertionError(f"the run did not reach {steps} steps: {process.poll()}")
 
 
-def assert_same_as_uninterrupted(prepared: Path, out: Path, name: str) -> None:
-    assert train.main(tiny_args(prepared, out, *LONG, "--run-name", "reference")) == 0
+def assert_matches_reference(out: Path, name: str) -> None:
     reference, resumed = train_losses(out / "reference"), train_losses(out / name)
     assert sorted(resumed) == list(range(1, 161))  # every step once: nothing missing, nothing twice
     assert resumed == reference  # the same losses, bitwise
     final, expected = weights(out / name), weights(out / "reference")
     assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def assert_same_as_uninterrupted(prepared: Path, out: Path, name: str) -> None:
+    assert train.main(tiny_args(prepared, out, *LONG, "--run-name", "reference")) == 0
+    assert_matches_reference(out, name)
 
 
 def test_sigterm_saves_exits_cleanly_and_resumes_exactly(prepared, tmp_path):
@@ -99,24 +120,12 @@ def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_chan
 
     from conftest import run_script
 
-    DDP = ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", strategy]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "train.py", *tiny_args(prepared, tmp_path, *LONG, *DDP, "--run-name", "k2")],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = start(prepared, tmp_path, "k2", *two_processes(strategy))
     wait_for_steps(tmp_path / "k2", 40, process)
     os.killpg(process.pid, signal.SIGKILL)  # both ranks at once, as when a node is lost
     process.communicate(timeout=60)
     shutil.copytree(tmp_path / "k2", tmp_path / "k1")  # the same interrupted run, to resume on one process
-
-    result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, *DDP, "--run-name", "k2", "--resume", "auto")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, *DDP, "--run-name", "reference")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    reference, resumed = train_losses(tmp_path / "reference"), train_losses(tmp_path / "k2")
-    assert sorted(resumed) == list(range(1, 161)) and resumed == reference  # bitwise, every step once
-    final, expected = weights(tmp_path / "k2"), weights(tmp_path / "reference")
-    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    resume_and_compare_with_reference(prepared, tmp_path, "k2", *two_processes(strategy))
 
     # 2 processes, then 1 (under FSDP2 the whole-state checkpoint loads into an unsharded model): the same
     # global batch (each holds the same positions), so the run goes on where it stopped, its losses close
@@ -124,7 +133,7 @@ def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_chan
     result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, "--run-name", "k1", "--resume", "auto")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "micro-batch 512 x 1 accumulation x 1 = 512" in result.stdout
-    one = train_losses(tmp_path / "k1")
+    one, reference = train_losses(tmp_path / "k1"), train_losses(tmp_path / "reference")
     assert sorted(one) == list(range(1, 161))
     for step in (159, 160):  # far past the switch; data.flip draws differ per process count, hence the tolerance
         assert abs(one[step] - reference[step]) < 0.05 * reference[step], (step, one[step], reference[step])
@@ -195,13 +204,7 @@ def test_logger_failures_are_reported_once_and_training_continues(prepared, tmp_
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_process_sigterm_saves_together_and_resumes_exactly(prepared, tmp_path, strategy):
-    from conftest import run_script
-
-    multi = ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", strategy]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "train.py", *tiny_args(prepared, tmp_path, *LONG, *multi, "--run-name", "t2")],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = start(prepared, tmp_path, "t2", *two_processes(strategy))
     wait_for_steps(tmp_path / "t2", 30, process)
     os.killpg(process.pid, signal.SIGTERM)  # every rank gets it, as under SLURM's preemption
     output, _ = process.communicate(timeout=120)
@@ -209,11 +212,4 @@ def test_two_process_sigterm_saves_together_and_resumes_exactly(prepared, tmp_pa
     assert "resume with: python train.py chess" in output
     stopped = torch.load(tmp_path / "t2" / "checkpoints" / "last.ckpt", weights_only=False)["progress"]["step"]
     assert 30 <= stopped < 160 and max(train_losses(tmp_path / "t2")) == stopped
-
-    for name, extra in (("t2", ["--resume", "auto"]), ("reference", [])):
-        result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, *multi, "--run-name", name, *extra)])
-        assert result.returncode == 0, result.stderr[-3000:]
-    reference, resumed = train_losses(tmp_path / "reference"), train_losses(tmp_path / "t2")
-    assert sorted(resumed) == list(range(1, 161)) and resumed == reference
-    final, expected = weights(tmp_path / "t2"), weights(tmp_path / "reference")
-    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    resume_and_compare_with_reference(prepared, tmp_path, "t2", *two_processes(strategy))
