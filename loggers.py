@@ -50,9 +50,15 @@ class CSVLog:
 
 class WandbLog:
     """An offline (or online) wandb run inside the run folder. The run id is kept in the run folder,
-    so a resumed run continues the same wandb run."""
+    so a resumed run continues the same wandb run, every step in it once:
 
-    def __init__(self, run_dir: Path, project: str, mode: str, config: dict):
+    A killed process leaves its wandb segment cut at some step k (wandb writes in blocks; whatever was
+    not written is lost), while the checkpoint it resumes from is at step c. The resumed segment
+    first replays the scalars of steps k+1..c from metrics.csv (flushed on every write), then logs
+    only steps past k: steps c+1..k are already in the earlier segment, with the same values, since
+    the resume is exact. `wandb sync` uploads the segments in order into the one run."""
+
+    def __init__(self, run_dir: Path, project: str, mode: str, config: dict, resume_step: int | None = None):
         import wandb  # slow to import: only when used
 
         id_file = run_dir / "wandb_id.txt"
@@ -60,8 +66,15 @@ class WandbLog:
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
         os.environ.setdefault("WANDB_SILENT", "true")
+        self.recorded = last_recorded_step(run_dir / "wandb", run_id) if resume_step is not None else -1
         self.run = wandb.init(project=project, name=run_dir.name, id=run_id, dir=run_dir, mode=mode,
                               config=config, resume="allow")
+        if self.run.resumed:  # online: the server knows the run's last step too
+            self.recorded = max(self.recorded, self.run.starting_step - 1)
+        if resume_step is not None:
+            for step, metrics in csv_rows(run_dir / "metrics.csv", self.recorded + 1, resume_step):
+                self.run.log(metrics, step=step)
+            self.recorded = max(self.recorded, resume_step)
         for name in ("val/l1", "val/rmse", "val/loss", "val/material_l1", "val/recon_loss"):  # errors: their best
             self.run.define_metric(name, summary="min")
         for name in ("val/sign_acc", "val/token_acc", "val/board_acc"):
@@ -69,13 +82,18 @@ class WandbLog:
         self.wandb = wandb
 
     def log(self, metrics: dict, step: int) -> None:
-        self.run.log(metrics, step=step)
+        if step > self.recorded:
+            self.run.log(metrics, step=step)
 
     def log_histograms(self, histograms: dict, step: int) -> None:
+        if step <= self.recorded:
+            return
         self.run.log({name: self.wandb.Histogram(np_histogram=(counts, edges))
                       for name, (counts, edges, _, _) in histograms.items()}, step=step)
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        if step <= self.recorded:
+            return
         rows = [[self.wandb.Html(v) if isinstance(v, str) and v.startswith("<svg") else v for v in row] for row in rows]
         self.run.log({name: self.wandb.Table(columns=columns, data=rows)}, step=step)
 
@@ -100,6 +118,33 @@ class WandbLog:
 
     def finish(self) -> None:
         self.run.finish()
+
+
+def last_recorded_step(wandb_dir: Path, run_id: str) -> int:
+    """The last step that the earlier segments of wandb run `run_id` hold (-1: none), read with
+    wandb's own reader (it stops cleanly at the cut end of a killed segment)."""
+    import subprocess
+    import sys
+
+    last = -1
+    for log in wandb_dir.glob(f"*-{run_id}/run-{run_id}.wandb"):
+        records = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
+                                 capture_output=True, text=True, check=True).stdout
+        for line in records.splitlines():
+            if '"type":"history"' in line:  # the step is left out of the JSON when it is 0
+                last = max(last, json.loads(line)["history"].get("step", {}).get("num", 0))
+    return last
+
+
+def csv_rows(path: Path, first: int, last: int):
+    """(step, {name: value}) for the steps first..last of a metrics.csv, in step order."""
+    steps: dict[int, dict] = {}
+    if first <= last and path.exists():
+        with open(path, newline="") as f:
+            for step, name, value in list(csv.reader(f))[1:]:
+                if first <= int(step) <= last:
+                    steps.setdefault(int(step), {})[name] = float(value)
+    return sorted(steps.items())
 
 
 class TensorBoardLog:
@@ -195,7 +240,7 @@ def make_loggers(kind: str, run_dir: Path, project: str, wandb_mode: str, config
     sinks = [CSVLog(run_dir / "metrics.csv", resume_step)]
     try:
         if kind == "wandb" and wandb_mode != "disabled":
-            sinks.append(WandbLog(run_dir, project, wandb_mode, config))
+            sinks.append(WandbLog(run_dir, project, wandb_mode, config, resume_step))
         elif kind == "tensorboard":
             sinks.append(TensorBoardLog(run_dir, config))
     except Exception as exc:  # a tracker that cannot start must not cost the run

@@ -76,13 +76,54 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(prepared, tmp_path):
     assert_same_as_uninterrupted(prepared, tmp_path, "term")
 
 
+def wandb_history(run_dir: Path) -> list[tuple[int, dict]]:
+    """(step, row) of every history row in every segment of a run's offline wandb run, in order,
+    read with wandb's own reader: what `wandb sync` would upload."""
+    import json
+
+    rows = []
+    for segment in sorted((run_dir / "wandb").glob("offline-run-*")):
+        records = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(segment)],
+                                 capture_output=True, text=True, check=True).stdout
+        rows += [(r["history"].get("step", {}).get("num", 0), r["history"]["item"])
+                 for r in map(json.loads, records.splitlines()) if r["type"] == "history"]
+    return rows
+
+
 def test_sigkill_at_any_moment_then_resume_auto_is_exact(prepared, tmp_path):
-    process = start(prepared, tmp_path, "kill")
+    process = start(prepared, tmp_path, "kill", "--log.logger", "wandb")
     wait_for_steps(tmp_path / "kill", 30, process)
     process.kill()  # SIGKILL: no handler, no cleanup, possibly in the middle of a write
     process.communicate(timeout=60)
-    assert train.main(tiny_args(prepared, tmp_path, *LONG, "--run-name", "kill", "--resume", "auto")) == 0
+    assert train.main(tiny_args(prepared, tmp_path, *LONG, "--run-name", "kill", "--resume", "auto",
+                                "--log.logger", "wandb")) == 0
     assert_same_as_uninterrupted(prepared, tmp_path, "kill")
+    # The wandb run (two segments, the first cut by the kill) holds every step once, with the losses of
+    # the metrics log.
+    rows = wandb_history(tmp_path / "kill")
+    assert len(list((tmp_path / "kill" / "wandb").glob("offline-run-*"))) == 2
+    assert [step for step, _ in rows] == list(range(1, 161))
+    assert {step: row["train/loss"] for step, row in rows} == train_losses(tmp_path / "kill")
+
+
+def test_a_resumed_wandb_run_neither_repeats_nor_loses_steps(tmp_path):
+    """Segments written with the real wandb: one that holds steps past the checkpoint (they are not
+    logged again), and one that lost steps before it (they are replayed from metrics.csv)."""
+    import loggers
+
+    def segment(kind: str, resume_step: int | None, steps: range) -> None:
+        sinks = loggers.make_loggers(kind, tmp_path, "kibitz-test", "offline", {}, resume_step)
+        for step in steps:
+            sinks.log({"train/loss": 1 / step}, step)
+        sinks.finish()
+
+    segment("wandb", None, range(1, 51))  # wandb holds 1..50
+    segment("wandb", 30, range(31, 61))  # resumed from a checkpoint at 30: 31..50 are in the first segment
+    segment("csv", 60, range(61, 81))  # 61..80 reached the CSV only (as when wandb lost its last block)
+    segment("wandb", 70, range(71, 91))  # resumed at 70: 61..70 are replayed, 71..90 logged
+    rows = wandb_history(tmp_path)
+    assert [step for step, _ in rows] == list(range(1, 91))
+    assert all(row["train/loss"] == 1 / step for step, row in rows)
 
 
 def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(prepared, tmp_path, capsys):
