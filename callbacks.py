@@ -5,22 +5,17 @@ has put the training metrics in `run.log_row`; hooks may add to it), `on_validat
 in `run.val_metrics`), `on_train_end`. A factory below returns {point: [functions]} for one concern;
 `merge` joins them. Nothing here syncs with the device except where it says so.
 
-Also here: checkpoint writing (atomic: temp file, fsync, rename), finding one to resume from, and
-the RNG states a checkpoint carries.
+Writing, finding and loading checkpoints is checkpoints.py; when to write them is here.
 """
 
 import math
-import os
-import random
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed
 from tqdm import tqdm
 
-from config import to_dict
+import checkpoints
 
 Hooks = dict[str, list]
 
@@ -223,7 +218,7 @@ def monitoring(cfg, log_every: int) -> Hooks:
             message = f"step {first_step}: the gradient of {names[int(first_bad) % count]} is not finite"
             if cfg.on_nonfinite == "stop":
                 path = run.run_dir / "checkpoints" / f"nonfinite-step-{run.step:08d}.ckpt"
-                save_checkpoint(run, path)
+                checkpoints.save(run, path)
                 raise SystemExit(f"error: {message}; stopped (--monitor.on-nonfinite stop), state saved in {path}")
             run.fabric.print(f"warning: {message}")
 
@@ -310,11 +305,11 @@ def checkpointing() -> Hooks:
         run.best.sort(key=lambda item: item[0], reverse=ckpt.mode == "max")
         dropped = run.best[ckpt.keep_best:] if ckpt.keep_best > 0 else []
         del run.best[len(run.best) - len(dropped):]
-        save_checkpoint(run, path)
-        link_last(run, path)
+        checkpoints.save(run, path)
+        checkpoints.link_last(run, path)
         if run.fabric.is_global_zero:
             for _, name in dropped:
-                (run.run_dir / "checkpoints" / name).unlink(missing_ok=True)
+                checkpoints.remove(run.run_dir / "checkpoints" / name)
             if run.loggers is not None and run.cfg.log.checkpoint_artifacts:
                 aliases = ["last", f"step-{run.step}"] + (["best"] if run.best[0][1] == path.name else [])
                 # from last.ckpt (the same file): `path` itself is gone if it did not make the best k
@@ -323,90 +318,6 @@ def checkpointing() -> Hooks:
     def every_n(run) -> None:
         every = run.cfg.checkpoint.every
         if every and run.step % every == 0 and not run.validated_this_step:
-            save_checkpoint(run, run.run_dir / "checkpoints" / "last.ckpt")
+            checkpoints.save(run, run.run_dir / "checkpoints" / "last.ckpt")
 
     return {"on_validation_end": [at_validation], "after_step": [every_n]}
-
-
-def rng_states(fabric) -> list[dict]:
-    """Every rank's RNG states (python, numpy, torch, cuda), gathered so rank 0 can save them all."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if fabric.world_size == 1:
-        return [state]
-    gathered = [None] * fabric.world_size
-    torch.distributed.all_gather_object(gathered, state)
-    return gathered
-
-
-def restore_rng(states: list[dict], rank: int) -> None:
-    state = states[rank % len(states)]  # a changed world size reuses states; resume then is not bitwise
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(run, path: Path) -> None:
-    """Write atomically: every rank takes part (Fabric writes on rank 0, or shards under FSDP), into
-    a temporary name that is fsynced and renamed, so a crash leaves the previous file intact."""
-    fabric = run.fabric
-    state = {"model": run.model, "optimizer": run.optimizer, "progress": run.progress(),
-             "rng": rng_states(fabric), "config": to_dict(run.cfg)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    error = None
-    try:
-        fabric.save(tmp, state)
-        if fabric.is_global_zero:
-            _fsync(tmp)
-    except OSError as exc:  # disk full, permissions, ...: every rank must learn of it, or the others hang
-        error = exc
-    failed = fabric.world_size > 1 and fabric.all_reduce(
-        torch.tensor(float(error is not None), device=fabric.device), reduce_op="max").item()
-    if error is not None or failed:
-        raise SystemExit(f"error: cannot write checkpoint {path} ({error or 'failed on another rank'}); the run stops "
-                         f"here, the checkpoints already in {path.parent} are intact")
-    if fabric.is_global_zero:
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    fabric.barrier()
-
-
-def link_last(run, path: Path) -> None:
-    """Make last.ckpt the same file as `path` (a hard link; a copy where links are not supported)."""
-    if not run.fabric.is_global_zero:
-        return
-    last = path.parent / "last.ckpt"
-    tmp = path.parent / "last.ckpt.tmp"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(path, tmp)
-    except OSError:
-        import shutil
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, last)
-    _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def resume_candidates(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run, the one to try first first: last.ckpt, then step files newest first."""
-    folder = run_dir / "checkpoints"
-    steps = sorted(folder.glob("step-*.ckpt"), reverse=True)
-    return ([folder / "last.ckpt"] if (folder / "last.ckpt").exists() else []) + steps
-
-
-def newest_run(out_dir: Path) -> Path | None:
-    """The run folder under `out_dir` whose newest checkpoint is the most recent (for `--resume auto`)."""
-    checkpoints = [p for p in out_dir.glob("*/checkpoints/*.ckpt")]
-    return max(checkpoints, key=os.path.getmtime).parent.parent if checkpoints else None

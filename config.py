@@ -166,6 +166,10 @@ class CheckpointConfig:
     """The validation metric that ranks checkpoints and drives early stopping."""
     mode: str = "min"
     """min or max: whether a lower or a higher `monitor` is better."""
+    sharded: bool = False
+    """fsdp/fsdp2: every rank writes its own shard into a checkpoint folder (torch.distributed.checkpoint)
+    instead of one file gathered on rank 0, for models larger than a host's memory. A folder loads into
+    any number of processes (resharded), and into one process without FSDP."""
 
 
 @dataclass
@@ -211,9 +215,12 @@ class RunConfig:
     run_name: str | None = None
     """Name of this run's folder; unset = <task>-<date>-<time> (or the resumed run's)."""
     resume: str | None = None
-    """A checkpoint path to continue from, or `auto` for the newest checkpoint of `run_name` (or of the newest run)."""
+    """`auto` (the newest loadable checkpoint of `run_name`, or of the newest run), or a checkpoint to continue
+    from: a file or folder, an artifact folder holding model.ckpt, or wandb:ARTIFACT[:ALIAS] (a model artifact
+    logged with log.checkpoint_artifacts; offline, found in the runs under out_dir)."""
     init_from: str | None = None
-    """Start a new run from a checkpoint's weights only (fine-tuning): fresh optimizer, step 0."""
+    """Start a new run from a checkpoint's weights only (fine-tuning): fresh optimizer, step 0. The same
+    sources as `resume`."""
     task: tyro.conf.Suppress[str] = "chess"
     """The task (set by the subcommand, not a flag)."""
 
@@ -411,7 +418,10 @@ def check(cfg: RunConfig) -> None:
     need(m.max_elements is None or m.max_elements >= 1, "monitor.max_elements", "a count >= 1", m.max_elements)
     need(m.on_nonfinite in ("warn", "skip", "stop"), "monitor.on_nonfinite", "warn, skip or stop", m.on_nonfinite)
     need(m.peak_tflops is None or m.peak_tflops > 0, "monitor.peak_tflops", "a positive number", m.peak_tflops)
-    need(cfg.init_from is None or Path(cfg.init_from).is_file(), "init_from", "a checkpoint file", cfg.init_from)
+    need(cfg.init_from is None or cfg.init_from.startswith("wandb:") or Path(cfg.init_from).exists(), "init_from",
+         "a checkpoint file or folder, an artifact folder, or wandb:ARTIFACT[:ALIAS]", cfg.init_from)
+    need(not cfg.checkpoint.sharded or cfg.fabric.strategy in ("fsdp", "fsdp2"), "checkpoint.sharded",
+         "strategy fsdp or fsdp2 (other strategies hold whole models)", cfg.fabric.strategy)
     need(any(v is not None for v in (t.max_steps, t.max_epochs, t.max_time)), "train.max_steps",
          "a limit: set max_steps, max_epochs or max_time", None)
     for name in ("max_steps", "max_epochs", "val_every", "accumulate"):

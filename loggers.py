@@ -102,7 +102,10 @@ class WandbLog:
         local keep-k deleted lose their aliases and, online, are deleted (offline there is nothing
         to delete until `wandb sync`)."""
         artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"file": name})
-        artifact.add_file(str(path), name="model.ckpt")
+        if path.is_dir():  # a sharded checkpoint: its folder
+            artifact.add_dir(str(path), name="model.ckpt")
+        else:
+            artifact.add_file(str(path), name="model.ckpt")
         self.run.log_artifact(artifact, aliases=aliases)
         if dropped and self.run.settings.mode == "online":
             try:

@@ -30,21 +30,28 @@ TOOLS = ("evaluate", "lr-find", "export-config")
 
 
 def load_checkpoint(path: Path, task: str = "chess") -> tuple[RunConfig, torch.nn.Module]:
-    """A checkpoint's config and its model with the saved weights (on the CPU)."""
-    if not Path(path).is_file():
-        raise ConfigError(f"ckpt: {path} is not a file")
+    """A checkpoint's config and its model with the saved weights (on the CPU). `path`: a checkpoint
+    file or (sharded) folder, an artifact folder, or wandb:ARTIFACT[:ALIAS]."""
+    import checkpoints
+
+    if not str(path).startswith("wandb:") and not Path(path).exists():
+        raise ConfigError(f"ckpt: {path} is not a checkpoint file or folder")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        source = checkpoints.resolve_source(str(path), Path("runs"))[0]
+        checkpoint = checkpoints.read_metadata(source)
     except Exception as exc:
         raise ConfigError(f"ckpt: {path} cannot be loaded ({type(exc).__name__}: {exc})") from None
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or not (source.is_dir() or "model" in checkpoint):
         raise ConfigError(f"ckpt: {path} is not a kibitz checkpoint (no saved config and model)")
     saved_task = checkpoint["config"].get("task")
     if saved_task != task:
         raise ConfigError(f"ckpt: {path} is a checkpoint of the {saved_task!r} task, expected {task!r}")
     cfg = config.from_dict(TASKS[task].config, checkpoint["config"])
     model = TASKS[task].build_model(cfg)
-    model.load_state_dict(checkpoint["model"])
+    if source.is_dir():
+        checkpoints.load_folder(source, {"model": model})
+    else:
+        model.load_state_dict(checkpoint["model"])
     return cfg, model.eval()
 
 

@@ -30,6 +30,7 @@ import tyro
 from lightning_fabric import Fabric
 
 import callbacks
+import checkpoints
 import config
 import data
 from config import ConfigError, RunConfig
@@ -73,7 +74,7 @@ class Run:
                 "loss_sum": self.loss_sum.clone(), "steps_since_log": self.steps_since_log}
 
 
-def make_fabric(cfg: config.FabricConfig, blocks: tuple[type, ...] = ()) -> Fabric:
+def make_fabric(cfg: config.FabricConfig, blocks: tuple[type, ...] = (), sharded_checkpoints: bool = False) -> Fabric:
     """Pass Fabric only what the user set: under `fabric run` a value that differs from the
     launcher's is an error, and under torchrun the device count comes from its environment."""
     kwargs = {"accelerator": cfg.accelerator, "strategy": cfg.strategy}
@@ -89,16 +90,17 @@ def make_fabric(cfg: config.FabricConfig, blocks: tuple[type, ...] = ()) -> Fabr
     if cfg.strategy == "fsdp":  # one FSDP unit per block, not one for the whole model
         from lightning_fabric.strategies import FSDPStrategy
 
-        kwargs["strategy"] = FSDPStrategy(auto_wrap_policy=set(blocks))
+        kwargs["strategy"] = FSDPStrategy(auto_wrap_policy=set(blocks),
+                                          state_dict_type="sharded" if sharded_checkpoints else "full")
     elif cfg.strategy == "fsdp2":
-        kwargs["strategy"] = fsdp2_strategy(kwargs, blocks)
+        kwargs["strategy"] = fsdp2_strategy(kwargs, blocks, sharded_checkpoints)
     return Fabric(**kwargs)
 
 
-def fsdp2_strategy(kwargs: dict, blocks: tuple[type, ...]):
+def fsdp2_strategy(kwargs: dict, blocks: tuple[type, ...], sharded_checkpoints: bool):
     """torch's fully_shard on each block, then on the whole model, over every process (pure data
-    parallel: tensor_parallel_size 1). Checkpoints are whole files (gathered on rank 0), so they load
-    into any number of processes, sharded or not."""
+    parallel: tensor_parallel_size 1). Checkpoints: whole files gathered on rank 0, or folders of
+    shards (checkpoint.sharded); either loads into any number of processes, sharded or not."""
     from lightning_fabric.strategies import ModelParallelStrategy
     from torch.distributed.fsdp import fully_shard
 
@@ -117,7 +119,7 @@ def fsdp2_strategy(kwargs: dict, blocks: tuple[type, ...]):
     # Our models return views (squeeze, slices); nothing modifies them in place, which is what the warning is about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     return ModelParallelStrategy(parallelize_fn=shard, data_parallel_size=world, tensor_parallel_size=1,
-                                 save_distributed_checkpoint=False)
+                                 save_distributed_checkpoint=sharded_checkpoints)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, fused: bool) -> torch.optim.Optimizer:
@@ -151,30 +153,45 @@ def gradient_clipper(fabric: Fabric, model, optimizer, max_norm: float):
 
 def choose_run_dir(fabric: Fabric, cfg: RunConfig) -> tuple[Path, Path | None]:
     """The run folder and the checkpoint to resume from (None for a fresh start). Rank 0 decides
-    and broadcasts, so every rank agrees even if clocks differ."""
-    resume_from = None
-    if cfg.run_name:
-        run_dir = cfg.out_dir / cfg.run_name
-    elif cfg.resume and cfg.resume != "auto":
-        run_dir = Path(cfg.resume).resolve().parent.parent  # <run>/checkpoints/<file>
-    elif cfg.resume == "auto" and (latest := callbacks.newest_run(cfg.out_dir)):
-        run_dir = latest
-    else:
-        run_dir = cfg.out_dir / f"{cfg.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    if cfg.resume and cfg.resume != "auto":
-        resume_from = Path(cfg.resume)
-        if not resume_from.is_file():
-            raise ConfigError(f"resume: {resume_from} is not a checkpoint file")
-    return Path(fabric.broadcast(str(run_dir), 0)), resume_from
+    (fetching an artifact if one is named) and broadcasts, so every rank agrees even if clocks
+    differ; an error on rank 0 is raised on every rank."""
+    def decide() -> tuple[str | None, str | None, str | None]:
+        resume_from = None
+        if cfg.resume and cfg.resume != "auto":
+            try:
+                resume_from, from_artifact = checkpoints.resolve_source(cfg.resume, cfg.out_dir)
+            except ConfigError as exc:
+                return None, None, f"resume: {exc}"
+        if cfg.run_name:
+            run_dir = cfg.out_dir / cfg.run_name
+        elif resume_from and not from_artifact and resume_from.resolve().parent.name == "checkpoints":
+            run_dir = resume_from.resolve().parent.parent  # <run>/checkpoints/<checkpoint>
+        elif resume_from:  # an artifact or a loose checkpoint: the run it records, under out_dir
+            run_dir = cfg.out_dir / (checkpoints.read_metadata(resume_from).get("run", {}).get("name") or
+                                     f"{cfg.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        elif cfg.resume == "auto" and (latest := checkpoints.newest_run(cfg.out_dir)):
+            run_dir = latest
+        else:
+            run_dir = cfg.out_dir / f"{cfg.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        if resume_from and not (run_dir / "wandb_id.txt").exists():  # continue the checkpoint's wandb run
+            if wandb_id := checkpoints.read_metadata(resume_from).get("run", {}).get("wandb_id"):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "wandb_id.txt").write_text(wandb_id)
+        return str(run_dir), resume_from and str(resume_from), None
+
+    run_dir, resume_from, error = fabric.broadcast(decide() if fabric.is_global_zero else None, 0)
+    if error:
+        raise ConfigError(error)
+    return Path(run_dir), resume_from and Path(resume_from)
 
 
 def restore(run: Run, path: Path | None) -> None:
     """Load model, optimizer, counters and RNG states. With `--resume auto`, try the run's
     checkpoints newest first and skip any that fails to load, naming it."""
-    candidates = [path] if path else callbacks.resume_candidates(run.run_dir)
+    candidates = [path] if path else checkpoints.resume_candidates(run.run_dir)
     for candidate in candidates:
         try:
-            rest = run.fabric.load(candidate, {"model": run.model, "optimizer": run.optimizer}, weights_only=False)
+            rest = checkpoints.load(run.fabric, candidate, {"model": run.model, "optimizer": run.optimizer})
         except Exception as exc:  # a truncated or foreign file: fall back to the previous one
             if path:
                 raise SystemExit(f"error: {candidate}: cannot load checkpoint ({type(exc).__name__}: {exc})")
@@ -182,7 +199,7 @@ def restore(run: Run, path: Path | None) -> None:
             continue
         for key, value in rest["progress"].items():
             setattr(run, key, value.to(run.fabric.device) if torch.is_tensor(value) else value)
-        callbacks.restore_rng(rest["rng"], run.fabric.global_rank)
+        checkpoints.restore_rng(rest["rng"], run.fabric.global_rank)
         run.fabric.print(f"resumed from {candidate} at step {run.step} (epoch {run.epoch})")
         return
     if candidates:
@@ -209,7 +226,7 @@ def stop_on_signals(run: Run) -> None:
 def preempt(run: Run, hooks: callbacks.Hooks) -> None:
     """Save last.ckpt (every rank takes part) and say how to resume."""
     callbacks.call(hooks, "on_train_end", run)
-    callbacks.save_checkpoint(run, run.run_dir / "checkpoints" / "last.ckpt")
+    checkpoints.save(run, run.run_dir / "checkpoints" / "last.ckpt")
     if run.loggers:
         run.loggers.finish()
     run.fabric.print(f"stopped at step {run.step} on a signal; checkpoint {run.run_dir / 'checkpoints' / 'last.ckpt'}; "
@@ -240,7 +257,7 @@ def print_table(title: str, metrics: dict[str, float]) -> None:
 def train(cfg: RunConfig) -> dict[str, float]:
     config.check(cfg)
     task = TASKS[cfg.task]
-    fabric = make_fabric(cfg.fabric, task.blocks)
+    fabric = make_fabric(cfg.fabric, task.blocks, cfg.checkpoint.sharded)
     if os.environ.get("LT_CLI_USED") != "1":  # under `fabric run` the processes already exist
         fabric.launch()
     if fabric.device.type == "cuda":
@@ -286,7 +303,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
     run = Run(fabric, cfg, task, model, optimizer, run_dir, loggers=None, total_steps=total_steps,
               loss_sum=torch.zeros(len(task.train_fields), device=fabric.device))
     if cfg.init_from and not cfg.resume:  # fine-tuning: the weights only, a fresh optimizer and counters
-        fabric.load(cfg.init_from, {"model": model}, strict=False, weights_only=False)
+        checkpoints.load(fabric, checkpoints.resolve_source(cfg.init_from, cfg.out_dir)[0], {"model": model},
+                         strict=False)
         fabric.print(f"initialised the weights from {cfg.init_from}")
     if cfg.resume:
         restore(run, resume_from)
@@ -381,7 +399,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
     # Test once, on the best checkpoint (by the monitored validation metric).
     if run.best:
         best_path = run_dir / "checkpoints" / run.best[0][1]
-        fabric.load(best_path, {"model": model}, strict=False, weights_only=False)
+        checkpoints.load(fabric, best_path, {"model": model}, strict=False)
         fabric.print(f"testing the best checkpoint: {best_path.name} ({cfg.checkpoint.monitor} {run.best[0][0]:.4f})")
     test, _ = task.evaluate(fabric, cfg, model, eval_loaders["test"])
     if fabric.is_global_zero:

@@ -58,7 +58,7 @@ def test_material_balance():
 
 
 def test_flip_colors_matches_python_chess_mirror():
-    boards, rows, mirrored = [], [], []
+    rows, mirrored = [], []
     for board in random_games(10, seed=3):
         replay = chess.Board()
         for move in board.move_stack:

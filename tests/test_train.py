@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, SAMPLE, run_script
+from conftest import SAMPLE, run_script
 
 
 def tiny_args(prepared: Path, out: Path, *extra: str) -> list[str]:
@@ -20,7 +20,13 @@ def tiny_args(prepared: Path, out: Path, *extra: str) -> list[str]:
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["model"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_dir():  # a folder of shards: torch's converter writes it out whole
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(last, run_dir / "whole.pt")
+        last = run_dir / "whole.pt"
+    return torch.load(last, weights_only=False)["model"]
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

@@ -1,0 +1,271 @@
+"""Checkpoints: writing them so that a crash never damages the last good one, finding the one to
+resume from, loading one into any strategy, and the RNG states they carry.
+
+A checkpoint is `<run>/checkpoints/step-N.ckpt` (and `last.ckpt`, the same content) in one of two forms:
+- a file (torch.save, written by rank 0; under FSDP the state is gathered to it first);
+- with `checkpoint.sharded` under FSDP or FSDP2, a folder in which every rank wrote its own shard
+  (torch.distributed.checkpoint) beside `meta.pt` with the rest: no host ever holds the whole model.
+Both are written under a temporary name, fsynced and renamed into place. A folder loads into any
+number of FSDP/FSDP2 processes (torch reshards it) and into one process without FSDP.
+
+A source for `--resume` / `--init-from` may also be a wandb model artifact (see `resolve_source`).
+"""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed
+
+from config import ConfigError, to_dict
+
+
+def save(run, path: Path) -> None:
+    """Write `path` atomically, every rank taking part. A write error on any rank stops every rank
+    (or the others would hang) with the previous checkpoints intact."""
+    fabric = run.fabric
+    state = {"model": run.model, "optimizer": run.optimizer, "progress": run.progress(),
+             "rng": rng_states(fabric), "config": to_dict(run.cfg), "run": run_identity(run.run_dir)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    error = None
+    try:
+        if run.cfg.checkpoint.sharded:  # a folder left by a crash must not mix its shards into this one
+            if fabric.is_global_zero:
+                remove(tmp)
+            fabric.barrier()
+        fabric.save(tmp, state)
+        if fabric.is_global_zero:
+            fsync_tree(tmp)  # a folder's shards are complete here: torch's save ends in a collective
+    except OSError as exc:  # disk full, permissions, ...
+        error = exc
+    failed = fabric.world_size > 1 and fabric.all_reduce(
+        torch.tensor(float(error is not None), device=fabric.device), reduce_op="max").item()
+    if error is not None or failed:
+        raise SystemExit(f"error: cannot write checkpoint {path} ({error or 'failed on another rank'}); the run stops "
+                         f"here, the checkpoints already in {path.parent} are intact")
+    if fabric.is_global_zero:
+        replace(tmp, path)
+    fabric.barrier()
+
+
+def run_identity(run_dir: Path) -> dict:
+    """What a checkpoint needs to continue its run from anywhere (say, downloaded as an artifact)."""
+    id_file = run_dir / "wandb_id.txt"
+    return {"name": run_dir.name, "wandb_id": id_file.read_text().strip() if id_file.exists() else None}
+
+
+def link_last(run, path: Path) -> None:
+    """Make last.ckpt the same content as `path`: hard links (copies where links are not supported),
+    swapped in atomically."""
+    if not run.fabric.is_global_zero:
+        return
+    last, tmp = path.parent / "last.ckpt", path.parent / "last.ckpt.tmp"
+    remove(tmp)
+    if path.is_dir():
+        shutil.copytree(path, tmp, copy_function=link_or_copy)
+    else:
+        link_or_copy(path, tmp)
+    replace(tmp, last)
+
+
+def link_or_copy(source, target) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def replace(tmp: Path, path: Path) -> None:
+    """os.replace, also where a folder is involved: the old one moves aside to `<name>.old` (which
+    `resume_candidates` still offers, should a crash come before the new one is in place)."""
+    if path.is_dir() or (tmp.is_dir() and path.exists()):
+        old = path.with_name(path.name + ".old")
+        remove(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        fsync(path.parent)
+        remove(old)
+    else:
+        os.replace(tmp, path)
+    fsync(path.parent)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    for item in ([*path.rglob("*"), path] if path.is_dir() else [path]):
+        fsync(item)
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, the one to try first first: last.ckpt, then step checkpoints newest first."""
+    folder = run_dir / "checkpoints"
+    lasts = [folder / name for name in ("last.ckpt", "last.ckpt.old") if (folder / name).exists()]
+    return lasts + sorted(folder.glob("step-*.ckpt"), reverse=True)
+
+
+def newest_run(out_dir: Path) -> Path | None:
+    """The run folder under `out_dir` whose newest checkpoint is the most recent (for `--resume auto`)."""
+    checkpoints = [p for p in out_dir.glob("*/checkpoints/*.ckpt")]
+    return max(checkpoints, key=os.path.getmtime).parent.parent if checkpoints else None
+
+
+def is_sharding(fabric) -> bool:
+    from lightning_fabric.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(fabric.strategy, (FSDPStrategy, ModelParallelStrategy))
+
+
+def load(fabric, path: Path, state: dict, strict: bool = True) -> dict:
+    """fabric.load, which also takes a whole file into FSDP shards or a folder into any number of
+    FSDP/FSDP2 processes; plus a folder into a strategy that does not shard (one process, DDP).
+    Returns the rest of the checkpoint."""
+    if Path(path).is_dir() and not is_sharding(fabric):
+        return load_folder(Path(path), state, strict)
+    return fabric.load(path, state, strict=strict, weights_only=False)
+
+
+def load_folder(path: Path, state: dict, strict: bool = True) -> dict:
+    """A folder of shards into whole modules and optimizers (Fabric's wrappers or plain ones): torch's
+    distributed checkpoint reads every tensor from whichever shards hold its pieces."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    unwrap = {key: getattr(obj, "module", None) if hasattr(obj, "_forward_module") else getattr(obj, "optimizer", obj)
+              for key, obj in state.items()}
+    model = next(obj for obj in unwrap.values() if isinstance(obj, torch.nn.Module))
+    # torch warns that it reads without a process group: that is the point here
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    for key, obj in unwrap.items():
+        if isinstance(obj, torch.nn.Module):
+            wanted = {key: get_model_state_dict(obj)}
+            dcp.load(wanted, checkpoint_id=path)
+            obj.load_state_dict(wanted[key], strict=strict)
+        else:  # the optimizer's state is saved by parameter name
+            wanted = {key: get_optimizer_state_dict(model, obj)}
+            dcp.load(wanted, checkpoint_id=path)
+            set_optimizer_state_dict(model, obj, optim_state_dict=wanted[key])
+    return read_metadata(path)
+
+
+def read_metadata(path: Path) -> dict:
+    """A checkpoint without its model and optimizer: config, progress, RNG states, run identity
+    (a file is memory-mapped, so its tensors are not read)."""
+    path = Path(path)
+    if path.is_dir():
+        return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+# ---------------------------------------------------------------- wandb model artifacts
+
+
+def resolve_source(source: str, out_dir: Path) -> tuple[Path, bool]:
+    """The checkpoint a `--resume` / `--init-from` value names, and whether it is an artifact.
+
+    - a path: a checkpoint file or folder, or an artifact folder (one holding `model.ckpt`, as
+      `wandb artifact get` or `Artifact.download()` leave it);
+    - `wandb:NAME[:ALIAS]` (ALIAS: latest, last, best, step-N, vK; default latest): the model
+      artifact a run logged with `log.checkpoint_artifacts`. Offline it is found in the run folders
+      under `out_dir` (wandb keeps the staged files until `wandb sync`); otherwise it is downloaded
+      with the wandb API. Either way it lands in `out_dir/artifacts/NAME-ALIAS/`.
+    """
+    if source.startswith("wandb:"):
+        name, _, alias = source[len("wandb:"):].partition(":")
+        folder = out_dir / "artifacts" / f"{name}-{alias or 'latest'}"
+        if not (folder / "model.ckpt").exists():
+            fetch_artifact(name, alias or "latest", out_dir, folder)
+        return folder / "model.ckpt", True
+    path = Path(source)
+    if path.is_dir() and (path / "model.ckpt").exists():
+        return path / "model.ckpt", True
+    if not path.exists():
+        raise ConfigError(f"{source}: no such checkpoint file or folder")
+    return path, False
+
+
+def fetch_artifact(name: str, alias: str, out_dir: Path, folder: Path) -> None:
+    entries = offline_artifact(name, alias, out_dir)
+    tmp = folder.with_name(folder.name + ".tmp")
+    remove(tmp)
+    if entries is not None:
+        for relative, local in entries.items():
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(local, tmp / relative)
+    else:
+        try:
+            import wandb
+
+            wandb.Api().artifact(f"{name}:{alias}", type="model").download(root=str(tmp))
+        except Exception as exc:
+            raise ConfigError(f"wandb:{name}:{alias}: not found offline in the runs under {out_dir}, "
+                              f"and the wandb API could not fetch it ({type(exc).__name__}: {exc})") from None
+    if not (tmp / "model.ckpt").exists():
+        raise ConfigError(f"wandb:{name}:{alias}: the artifact holds no model.ckpt")
+    remove(folder)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder)
+
+
+def offline_artifact(name: str, alias: str, out_dir: Path) -> dict[str, str] | None:
+    """{path in the artifact: staged local file} of the newest version of artifact `name` that carries
+    `alias` (or is version vK), as logged by the offline wandb runs under `out_dir`; None if none is."""
+    versions = []  # in logging order: version K is the K-th
+    for log in sorted(out_dir.glob("*/wandb/*/run-*.wandb"), key=lambda p: p.parent.name.split("-")[-2]):
+        records = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
+                                 capture_output=True, text=True).stdout
+        for line in records.splitlines():
+            if '"type":"artifact"' in line and f'"name":"{name}"' in line:
+                versions.append(json.loads(line)["artifact"])
+    chosen = [a for k, a in enumerate(versions) if alias in a.get("aliases", []) or alias == f"v{k}"]
+    if not chosen:
+        return None
+    entries = {e["path"]: e["local_path"] for e in chosen[-1]["manifest"]["contents"]}
+    missing = [p for p in entries.values() if not Path(p).exists()]
+    return None if missing else entries  # synced (staging cleaned): the API has it
+
+
+# ---------------------------------------------------------------- RNG states
+
+
+def rng_states(fabric) -> list[dict]:
+    """Every rank's RNG states (python, numpy, torch, cuda), gathered so rank 0 can save them all."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if fabric.world_size == 1:
+        return [state]
+    gathered = [None] * fabric.world_size
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def restore_rng(states: list[dict], rank: int) -> None:
+    state = states[rank % len(states)]  # a changed world size reuses states; resume then is not bitwise
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
