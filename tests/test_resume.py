@@ -154,30 +154,54 @@ def test_init_from_takes_the_weights_only(prepared, tmp_path, capsys):
     assert all(s["step"].item() == 12 for s in state["state"].values())  # a fresh optimizer, 12 steps old
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_change(prepared, tmp_path, strategy):
-    """DDP, and FSDP2 (fully_shard per layer through ModelParallelStrategy, on CPU with gloo)."""
+@pytest.mark.parametrize("strategy,sharded", [("ddp", False), ("fsdp2", False), ("fsdp2", True)])
+def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_change(prepared, tmp_path, strategy,
+                                                                                  sharded):
+    """DDP, and FSDP2 (fully_shard per layer through ModelParallelStrategy, on CPU with gloo), with whole
+    checkpoint files or with folders of shards."""
     import shutil
 
     from conftest import run_script
 
-    process = start(prepared, tmp_path, "k2", *two_processes(strategy))
+    flags = [*two_processes(strategy), *(["--checkpoint.sharded"] if sharded else [])]
+    process = start(prepared, tmp_path, "k2", *flags)
     wait_for_steps(tmp_path / "k2", 40, process)
     os.killpg(process.pid, signal.SIGKILL)  # both ranks at once, as when a node is lost
     process.communicate(timeout=60)
     shutil.copytree(tmp_path / "k2", tmp_path / "k1")  # the same interrupted run, to resume on one process
-    resume_and_compare_with_reference(prepared, tmp_path, "k2", *two_processes(strategy))
+    resume_and_compare_with_reference(prepared, tmp_path, "k2", *flags)
 
-    # 2 processes, then 1 (under FSDP2 the whole-state checkpoint loads into an unsharded model): the same
-    # global batch (each holds the same positions), so the run goes on where it stopped, its losses close
-    # to the 2-process ones.
-    result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, "--run-name", "k1", "--resume", "auto")])
+    # 2 processes, then 1: a whole-state checkpoint loads into an unsharded model, a folder of shards into
+    # one FSDP2 process (resharded). The same global batch (each holds the same positions), so the run goes
+    # on where it stopped, its losses close to the 2-process ones.
+    one_process = ["--fabric.strategy", "fsdp2", "--checkpoint.sharded"] if sharded else []
+    result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, *one_process, "--run-name", "k1",
+                                                "--resume", "auto")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "micro-batch 512 x 1 accumulation x 1 = 512" in result.stdout
     one, reference = train_losses(tmp_path / "k1"), train_losses(tmp_path / "reference")
     assert sorted(one) == list(range(1, 161))
     for step in (159, 160):  # far past the switch; data.flip draws differ per process count, hence the tolerance
         assert abs(one[step] - reference[step]) < 0.05 * reference[step], (step, one[step], reference[step])
+    if sharded:  # a folder also loads whole into one process without FSDP: the evaluate tool reads it
+        import tools
+
+        folder = tmp_path / "reference" / "checkpoints" / "step-00000080.ckpt"
+        assert (folder / "meta.pt").exists() and len(list(folder.glob("*.distcp"))) == 2
+        metrics = tools.evaluate(tools.EvaluateArgs(folder, split="val"))
+        logged = val_metrics(tmp_path / "reference")[80]
+        assert abs(metrics["l1"] - logged["val/l1"]) < 1e-5
+
+
+def val_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
+    import csv
+
+    rows: dict[int, dict[str, float]] = {}
+    with open(run_dir / "metrics.csv") as f:
+        for r in csv.DictReader(f):
+            if r["name"].startswith("val/"):
+                rows.setdefault(int(r["step"]), {})[r["name"]] = float(r["value"])
+    return rows
 
 
 def test_two_nodes_on_one_machine_train_checkpoint_and_resume(prepared, tmp_path):
@@ -254,3 +278,88 @@ def test_two_process_sigterm_saves_together_and_resumes_exactly(prepared, tmp_pa
     stopped = torch.load(tmp_path / "t2" / "checkpoints" / "last.ckpt", weights_only=False)["progress"]["step"]
     assert 30 <= stopped < 160 and max(train_losses(tmp_path / "t2")) == stopped
     resume_and_compare_with_reference(prepared, tmp_path, "t2", *two_processes(strategy))
+
+
+def test_resume_and_init_from_a_wandb_model_artifact(prepared, tmp_path, capsys):
+    """Offline: the artifact is found through the run's wandb records, fetched into out/artifacts/, and
+    continues its run exactly; the artifact folder alone (as on another machine) continues it too."""
+    import shutil
+
+    artifacts = ["--log.logger", "wandb", "--log.checkpoint-artifacts", "--checkpoint.keep-best", "-1"]
+    assert train.main(tiny_args(prepared, tmp_path, *artifacts, "--run-name", "a")) == 0
+    run_id = (tmp_path / "a" / "wandb_id.txt").read_text()
+    shutil.rmtree(tmp_path / "a" / "checkpoints")  # the local checkpoints are gone; the artifacts remain
+    capsys.readouterr()
+    # from step 8 to the run's end (step 12) again: the same weights as a run never interrupted
+    assert train.main(tiny_args(prepared, tmp_path, *artifacts, "--resume", f"wandb:model-{run_id}:step-8")) == 0
+    assert "at step 8" in capsys.readouterr().out
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "reference")) == 0
+    assert_matches_reference_weights(tmp_path / "a", tmp_path / "reference")
+    assert sorted(train_losses(tmp_path / "a")) == [4, 8, 12]
+    assert [step for step, _ in wandb_history(tmp_path / "a")] == [4, 8, 12]  # once each, across segments
+
+    # The fetched artifact folder, used elsewhere: the run it records continues, in the same wandb run.
+    folder = tmp_path / "artifacts" / f"model-{run_id}-step-8"
+    assert (folder / "model.ckpt").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    assert train.main(tiny_args(prepared, elsewhere, "--resume", str(folder))) == 0
+    assert (elsewhere / "a" / "wandb_id.txt").read_text() == run_id
+    assert_matches_reference_weights(elsewhere / "a", tmp_path / "reference")
+
+    # --init-from an alias: the weights of the best checkpoint, a new run from step 0
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "tuned", "--optim.lr", "1e-30", "--schedule.kind",
+                                "constant", "--init-from", f"wandb:model-{run_id}:best")) == 0
+    best = torch.load(tmp_path / "artifacts" / f"model-{run_id}-best" / "model.ckpt", weights_only=False)
+    assert_matches_reference_weights(tmp_path / "tuned", best["model"])
+    assert sorted(train_losses(tmp_path / "tuned")) == [4, 8, 12]
+
+    with pytest.raises(train.ConfigError, match="wandb:model-nothere:latest: not found offline"):
+        import checkpoints
+
+        checkpoints.resolve_source("wandb:model-nothere", tmp_path)
+
+
+def assert_matches_reference_weights(run_dir: Path, expected) -> None:
+    final = weights(run_dir)
+    expected = expected if isinstance(expected, dict) else weights(expected)
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_srun_launch_sigusr1_saves_and_resumes_exactly(prepared, tmp_path):
+    """Two tasks started the way `srun --ntasks-per-node=2` starts them: each process gets SLURM's
+    variables and Fabric's SLURM environment takes its rank from them (SLURM itself is not installed
+    here, so the variables are set by the test). SIGUSR1, SLURM's warning before preemption, reaches
+    every task: they save together, exit 0, and a second srun continues bitwise exactly."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+             "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "kibitz", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": port}
+    flags = ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp", "--run-name", "s"]
+
+    def srun(*extra: str) -> list[subprocess.Popen]:
+        return [subprocess.Popen([sys.executable, "train.py", *tiny_args(prepared, tmp_path, *LONG, *flags, *extra)],
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env={**os.environ, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                                      "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}) for rank in (0, 1)]
+
+    tasks = srun()
+    wait_for_steps(tmp_path / "s", 30, tasks[0])
+    for task in tasks:
+        task.send_signal(signal.SIGUSR1)
+    outputs = [task.communicate(timeout=120)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "SIGUSR1 received" in outputs[0] and "resume with: python train.py chess" in outputs[0]
+    stopped = torch.load(tmp_path / "s" / "checkpoints" / "last.ckpt", weights_only=False)["progress"]["step"]
+    assert 30 <= stopped < 160
+    tasks = srun("--resume", "auto")
+    outputs = [task.communicate(timeout=300)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert f"at step {stopped}" in outputs[0] and "2 processes" in outputs[0]
+    from conftest import run_script
+
+    result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, *flags[:-1], "reference")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_matches_reference(tmp_path, "s")
