@@ -186,6 +186,9 @@ class TrainConfig:
     """Validate every N optimizer steps (and at the end of every epoch)."""
     accumulate: int = 1
     """Micro-batches per optimizer step (gradient accumulation)."""
+    skip_grad_sync: bool | None = None
+    """With accumulation, all-reduce gradients on the last micro-batch of a step only. Unset = on, except
+    under fsdp/fsdp2, where skipping keeps whole (unsharded) gradients in memory until the last one."""
     clip: float | None = 1.0
     """Clip the global gradient norm to this value; unset = no clipping."""
     seed: int = 1337

@@ -290,6 +290,10 @@ def train(cfg: RunConfig) -> dict[str, float]:
         model = torch.compile(model)
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, fused=fabric.device.type == "cuda"))
+    if fabric.global_rank:  # the weights are drawn: from here each rank draws its own numbers (masks, noise);
+        fabric.seed_everything(cfg.train.seed + fabric.global_rank, verbose=False)  # rank 0 keeps one process's
+    skip_sync = cfg.train.skip_grad_sync if cfg.train.skip_grad_sync is not None else \
+        cfg.fabric.strategy not in ("fsdp", "fsdp2")
     if not cfg.data.on_device:  # Fabric moves each evaluation batch to the device
         # The training batches are moved by the loop itself (Fabric's loader wrapper costs about 35 us a
         # step in Python, which shows on small models); evaluation is not on the hot path.
@@ -346,8 +350,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
                 waited = time.perf_counter()
                 batch = [t.to(fabric.device, non_blocking=True) for t in next(batches)]
                 run.data_wait_s += time.perf_counter() - waited
-                # Gradients are all-reduced only on the last micro-batch of the step.
-                with fabric.no_backward_sync(model, enabled=micro < cfg.train.accumulate - 1):
+                # With skip_sync, gradients are all-reduced only on the last micro-batch of the step.
+                with fabric.no_backward_sync(model, enabled=skip_sync and micro < cfg.train.accumulate - 1):
                     loss, logged = task.train_step(cfg, model, batch, run.step, train_size)
                     if cfg.train.accumulate > 1:  # the mean over micro-batches (no extra op when there is one)
                         loss, logged = loss / cfg.train.accumulate, logged / cfg.train.accumulate
