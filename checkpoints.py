@@ -32,7 +32,8 @@ def save(run, path: Path) -> None:
     (or the others would hang) with the previous checkpoints intact."""
     fabric = run.fabric
     state = {"model": run.model, "optimizer": run.optimizer, "progress": run.progress(),
-             "rng": rng_states(fabric), "config": to_dict(run.cfg), "run": run_identity(run.run_dir)}
+             "rng": rng_states(fabric), "config": to_dict(run.cfg), "run": run_identity(run.run_dir),
+             "precision": fabric.strategy.precision.state_dict()}  # fp16: the GradScaler's scale and growth
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     error = None
@@ -138,12 +139,23 @@ def is_sharding(fabric) -> bool:
 
 
 def load(fabric, path: Path, state: dict, strict: bool = True) -> dict:
-    """fabric.load, which also takes a whole file into FSDP shards or a folder into any number of
-    FSDP/FSDP2 processes; plus a folder into a strategy that does not shard (one process, DDP).
-    Returns the rest of the checkpoint."""
-    if Path(path).is_dir() and not is_sharding(fabric):
+    """Load `state` ({name: module or optimizer}) from a checkpoint file or folder; return the rest.
+
+    Under FSDP/FSDP2 Fabric loads (a whole file into the shards, a folder resharded to any number of
+    processes), from the CPU. Otherwise the file is memory-mapped onto the CPU and each tensor copied to
+    its parameter: Fabric's own load would put every rank's copy on the GPU the checkpoint was saved
+    from (cuda:0), and a folder is read whole from its shards."""
+    if is_sharding(fabric):
+        return fabric.load(path, state, strict=strict, weights_only=False)
+    if Path(path).is_dir():
         return load_folder(Path(path), state, strict)
-    return fabric.load(path, state, strict=strict, weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    for key, obj in state.items():
+        if isinstance(obj, torch.nn.Module):
+            obj.load_state_dict(checkpoint.pop(key), strict=strict)
+        else:  # an optimizer moves its state to its parameters' device
+            obj.load_state_dict(checkpoint.pop(key))
+    return checkpoint
 
 
 def load_folder(path: Path, state: dict, strict: bool = True) -> dict:

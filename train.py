@@ -200,6 +200,8 @@ def restore(run: Run, path: Path | None) -> None:
         for key, value in rest["progress"].items():
             setattr(run, key, value.to(run.fabric.device) if torch.is_tensor(value) else value)
         checkpoints.restore_rng(rest["rng"], run.fabric.global_rank)
+        if rest.get("precision"):  # empty unless fp16 (a scaler refuses an empty state)
+            run.fabric.strategy.precision.load_state_dict(rest["precision"])
         # from an artifact or a copied file, the run's other checkpoints may not be here: rank only those that are
         run.best = [(score, name) for score, name in run.best if (run.run_dir / "checkpoints" / name).exists()]
         run.fabric.print(f"resumed from {candidate} at step {run.step} (epoch {run.epoch})")

@@ -381,3 +381,33 @@ def test_fsdp2_accumulation_with_and_without_skipping_the_gradient_sync_agree(pr
     synced, skipped = weights(tmp_path / "synced"), weights(tmp_path / "skipped")
     assert all(torch.allclose(synced[k], skipped[k], rtol=0, atol=1e-4) for k in synced)
     assert train_losses(tmp_path / "synced") == pytest.approx(train_losses(tmp_path / "skipped"), rel=1e-5)
+
+
+def test_the_fp16_grad_scaler_state_is_checkpointed(tmp_path):
+    """fp16 needs a GPU through the config; Fabric's fp16 precision plugin with torch's CPU GradScaler
+    is the same object, so its state is checked here."""
+    import config
+    from lightning_fabric import Fabric
+    from lightning_fabric.plugins.precision import MixedPrecision
+
+    import checkpoints
+    from tasks import TASKS
+
+    def fp16_run(scale: float) -> train.Run:
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        fabric = Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+        cfg = config.ChessConfig()
+        cfg.model.width, cfg.model.depth = 8, 1
+        model = fabric.setup_module(TASKS["chess"].build_model(cfg))
+        optimizer = fabric.setup_optimizers(train.make_optimizer(model, cfg.optim, fused=False))
+        return train.Run(fabric, cfg, TASKS["chess"], model, optimizer, tmp_path, None, 10,
+                         loss_sum=torch.zeros(1))
+
+    saved = fp16_run(2.0 ** 10)
+    scaler = saved.fabric.strategy.precision.scaler
+    scaler.scale(torch.ones(()))  # the first scaled loss creates the scale
+    scaler.update(new_scale=123.0)  # as after overflows had lowered it
+    checkpoints.save(saved, tmp_path / "checkpoints" / "last.ckpt")
+    resumed = fp16_run(2.0 ** 16)
+    train.restore(resumed, None)
+    assert resumed.fabric.strategy.precision.scaler.get_scale() == 123.0
