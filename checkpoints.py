@@ -11,12 +11,9 @@ number of FSDP/FSDP2 processes (torch reshards it) and into one process without 
 A source for `--resume` / `--init-from` may also be a wandb model artifact (see `resolve_source`).
 """
 
-import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -244,13 +241,11 @@ def fetch_artifact(name: str, alias: str, out_dir: Path, folder: Path) -> None:
 def offline_artifact(name: str, alias: str, out_dir: Path) -> dict[str, str] | None:
     """{path in the artifact: staged local file} of the newest version of artifact `name` that carries
     `alias` (or is version vK), as logged by the offline wandb runs under `out_dir`; None if none is."""
-    versions = []  # in logging order: version K is the K-th
-    for log in sorted(out_dir.glob("*/wandb/*/run-*.wandb"), key=lambda p: p.parent.name.split("-")[-2]):
-        records = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
-                                 capture_output=True, text=True).stdout
-        for line in records.splitlines():
-            if '"type":"artifact"' in line and f'"name":"{name}"' in line:
-                versions.append(json.loads(line)["artifact"])
+    from loggers import wandb_records
+
+    logs = sorted(out_dir.glob("*/wandb/*/run-*.wandb"), key=lambda p: p.parent.name.split("-")[-2])  # by start
+    versions = [r["artifact"] for log in logs for r in wandb_records(log)  # in logging order: vK is the K-th
+                if r["type"] == "artifact" and r["artifact"]["name"] == name]
     chosen = [a for k, a in enumerate(versions) if alias in a.get("aliases", []) or alias == f"v{k}"]
     if not chosen:
         return None

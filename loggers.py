@@ -123,20 +123,23 @@ class WandbLog:
         self.run.finish()
 
 
-def last_recorded_step(wandb_dir: Path, run_id: str) -> int:
-    """The last step that the earlier segments of wandb run `run_id` hold (-1: none), read with
-    wandb's own reader (it stops cleanly at the cut end of a killed segment)."""
+def wandb_records(log: Path) -> list[dict]:
+    """The records of a run's .wandb file, read with wandb's own reader (it stops cleanly at the cut
+    end of a killed run's file)."""
     import subprocess
     import sys
 
-    last = -1
-    for log in wandb_dir.glob(f"*-{run_id}/run-{run_id}.wandb"):
-        records = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
-                                 capture_output=True, text=True, check=True).stdout
-        for line in records.splitlines():
-            if '"type":"history"' in line:  # the step is left out of the JSON when it is 0
-                last = max(last, json.loads(line)["history"].get("step", {}).get("num", 0))
-    return last
+    lines = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def last_recorded_step(wandb_dir: Path, run_id: str) -> int:
+    """The last step that the earlier segments of wandb run `run_id` hold (-1: none)."""
+    steps = [r["history"].get("step", {}).get("num", 0)  # the step is left out of the JSON when it is 0
+             for log in wandb_dir.glob(f"*-{run_id}/run-{run_id}.wandb") for r in wandb_records(log)
+             if r["type"] == "history"]
+    return max(steps, default=-1)
 
 
 def csv_rows(path: Path, first: int, last: int):

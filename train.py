@@ -162,21 +162,24 @@ def choose_run_dir(fabric: Fabric, cfg: RunConfig) -> tuple[Path, Path | None]:
                 resume_from, from_artifact = checkpoints.resolve_source(cfg.resume, cfg.out_dir)
             except ConfigError as exc:
                 return None, None, f"resume: {exc}"
+        try:
+            recorded = checkpoints.read_metadata(resume_from).get("run", {}) if resume_from else {}
+        except Exception as exc:  # a truncated or foreign file
+            return None, None, f"resume: {resume_from}: cannot load checkpoint ({type(exc).__name__}: {exc})"
+        new_name = f"{cfg.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         if cfg.run_name:
             run_dir = cfg.out_dir / cfg.run_name
         elif resume_from and not from_artifact and resume_from.resolve().parent.name == "checkpoints":
             run_dir = resume_from.resolve().parent.parent  # <run>/checkpoints/<checkpoint>
         elif resume_from:  # an artifact or a loose checkpoint: the run it records, under out_dir
-            run_dir = cfg.out_dir / (checkpoints.read_metadata(resume_from).get("run", {}).get("name") or
-                                     f"{cfg.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+            run_dir = cfg.out_dir / (recorded.get("name") or new_name)
         elif cfg.resume == "auto" and (latest := checkpoints.newest_run(cfg.out_dir)):
             run_dir = latest
         else:
-            run_dir = cfg.out_dir / f"{cfg.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-        if resume_from and not (run_dir / "wandb_id.txt").exists():  # continue the checkpoint's wandb run
-            if wandb_id := checkpoints.read_metadata(resume_from).get("run", {}).get("wandb_id"):
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "wandb_id.txt").write_text(wandb_id)
+            run_dir = cfg.out_dir / new_name
+        if recorded.get("wandb_id") and not (run_dir / "wandb_id.txt").exists():  # continue its wandb run
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "wandb_id.txt").write_text(recorded["wandb_id"])
         return str(run_dir), resume_from and str(resume_from), None
 
     run_dir, resume_from, error = fabric.broadcast(decide() if fabric.is_global_zero else None, 0)

@@ -79,15 +79,11 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(prepared, tmp_path):
 def wandb_history(run_dir: Path) -> list[tuple[int, dict]]:
     """(step, row) of every history row in every segment of a run's offline wandb run, in order,
     read with wandb's own reader: what `wandb sync` would upload."""
-    import json
+    from loggers import wandb_records
 
-    rows = []
-    for segment in sorted((run_dir / "wandb").glob("offline-run-*")):
-        records = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(segment)],
-                                 capture_output=True, text=True, check=True).stdout
-        rows += [(r["history"].get("step", {}).get("num", 0), r["history"]["item"])
-                 for r in map(json.loads, records.splitlines()) if r["type"] == "history"]
-    return rows
+    return [(r["history"].get("step", {}).get("num", 0), r["history"]["item"])
+            for segment in sorted((run_dir / "wandb").glob("offline-run-*"))
+            for r in wandb_records(next(segment.glob("run-*.wandb"))) if r["type"] == "history"]
 
 
 def test_sigkill_at_any_moment_then_resume_auto_is_exact(prepared, tmp_path):
@@ -315,11 +311,6 @@ def test_resume_and_init_from_a_wandb_model_artifact(prepared, tmp_path, capsys)
     assert_matches_reference_weights(tmp_path / "tuned", best["model"])
     assert sorted(train_losses(tmp_path / "tuned")) == [4, 8, 12]
 
-    with pytest.raises(train.ConfigError, match="wandb:model-nothere:latest: not found offline"):
-        import checkpoints
-
-        checkpoints.resolve_source("wandb:model-nothere", tmp_path)
-
 
 def assert_matches_reference_weights(run_dir: Path, expected) -> None:
     final = weights(run_dir)
@@ -411,3 +402,15 @@ def test_the_fp16_grad_scaler_state_is_checkpointed(tmp_path):
     resumed = fp16_run(2.0 ** 16)
     train.restore(resumed, None)
     assert resumed.fabric.strategy.precision.scaler.get_scale() == 123.0
+
+
+def test_a_bad_resume_source_is_a_one_line_error(prepared, tmp_path, capsys):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    cases = [(str(tmp_path / "missing.ckpt"), "no such checkpoint file or folder"),
+             (str(garbage), "cannot load checkpoint"),
+             ("wandb:model-nothere:best", "not found offline")]
+    for source, expected in cases:
+        assert train.main(tiny_args(prepared, tmp_path, "--resume", source)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: resume: ") and expected in err and err.count("\n") == 1, err
