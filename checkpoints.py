@@ -241,11 +241,10 @@ def fetch_artifact(name: str, alias: str, out_dir: Path, folder: Path) -> None:
 def offline_artifact(name: str, alias: str, out_dir: Path) -> dict[str, str] | None:
     """{path in the artifact: staged local file} of the newest version of artifact `name` that carries
     `alias` (or is version vK), as logged by the offline wandb runs under `out_dir`; None if none is."""
-    from loggers import wandb_records
+    from loggers import wandb_records, wandb_segments
 
-    logs = sorted(out_dir.glob("*/wandb/*/run-*.wandb"), key=lambda p: p.parent.name.split("-")[-2])  # by start
-    versions = [r["artifact"] for log in logs for r in wandb_records(log)  # in logging order: vK is the K-th
-                if r["type"] == "artifact" and r["artifact"]["name"] == name]
+    versions = [r["artifact"] for log in wandb_segments(list(out_dir.glob("*/wandb"))) for r in wandb_records(log)
+                if r["type"] == "artifact" and r["artifact"]["name"] == name]  # in logging order: vK is the K-th
     chosen = [a for k, a in enumerate(versions) if alias in a.get("aliases", []) or alias == f"v{k}"]
     if not chosen:
         return None

@@ -8,6 +8,7 @@ folder is one `wandb sync` uploads) or TensorBoard can be added beside it.
 import csv
 import json
 import os
+import re
 import secrets
 import threading
 from pathlib import Path
@@ -74,6 +75,9 @@ class WandbLog:
         if resume_step is not None:
             for step, metrics in csv_rows(run_dir / "metrics.csv", self.recorded + 1, resume_step):
                 self.run.log(metrics, step=step)
+            if self.recorded > resume_step:  # say so: from an older checkpoint with changed flags they would differ
+                print(f"wandb: run {run_id} already holds steps {resume_step + 1}..{self.recorded}; they are not "
+                      "logged again (a resumed run repeats them exactly; use a new --run-name to branch)", flush=True)
             self.recorded = max(self.recorded, resume_step)
         for name in ("val/l1", "val/rmse", "val/loss", "val/material_l1", "val/recon_loss"):  # errors: their best
             self.run.define_metric(name, summary="min")
@@ -134,11 +138,22 @@ def wandb_records(log: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.startswith("{")]
 
 
+def wandb_segments(wandb_dirs: list[Path], run_id: str | None = None) -> list[Path]:
+    """The .wandb files of every start (segment) of wandb run `run_id` (default: of all runs), oldest
+    first. wandb names a segment's folder `[offline-]run-<start second>-<id>`, adding -1, -2, ... when
+    two start in the same second; a segment killed before it wrote anything has no file."""
+    segments = []
+    for log in (log for d in wandb_dirs for log in d.glob("*/run-*.wandb")):
+        match = re.fullmatch(r"(?:offline-)?run-(\d{8}_\d{6})-(\w+?)(?:-(\d+))?", log.parent.name)
+        if match and run_id in (None, match[2]):
+            segments.append((match[1], int(match[3] or 0), log))
+    return [log for *_, log in sorted(segments)]
+
+
 def last_recorded_step(wandb_dir: Path, run_id: str) -> int:
     """The last step that the earlier segments of wandb run `run_id` hold (-1: none)."""
     steps = [r["history"].get("step", {}).get("num", 0)  # the step is left out of the JSON when it is 0
-             for log in wandb_dir.glob(f"*-{run_id}/run-{run_id}.wandb") for r in wandb_records(log)
-             if r["type"] == "history"]
+             for log in wandb_segments([wandb_dir], run_id) for r in wandb_records(log) if r["type"] == "history"]
     return max(steps, default=-1)
 
 

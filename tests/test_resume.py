@@ -79,11 +79,10 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(prepared, tmp_path):
 def wandb_history(run_dir: Path) -> list[tuple[int, dict]]:
     """(step, row) of every history row in every segment of a run's offline wandb run, in order,
     read with wandb's own reader: what `wandb sync` would upload."""
-    from loggers import wandb_records
+    from loggers import wandb_records, wandb_segments
 
     return [(r["history"].get("step", {}).get("num", 0), r["history"]["item"])
-            for segment in sorted((run_dir / "wandb").glob("offline-run-*"))
-            for r in wandb_records(next(segment.glob("run-*.wandb"))) if r["type"] == "history"]
+            for log in wandb_segments([run_dir / "wandb"]) for r in wandb_records(log) if r["type"] == "history"]
 
 
 def test_sigkill_at_any_moment_then_resume_auto_is_exact(prepared, tmp_path):
