@@ -35,6 +35,16 @@ def random_games(count: int, seed: int, max_plies: int = 200):
         yield board
 
 
+def child_env(**extra: str) -> dict:
+    """The environment for a training process the test starts: one thread (2-core CI), and its own wandb
+    service. A child inherits WANDB_SERVICE once this process has used wandb and would share its service,
+    where a killed child's run stays open and its resumed run cannot start ("run ID in use")."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONFAULTHANDLER": "1", **extra}
+
+
 def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None,
                program: str = sys.executable):
     """Run a repository script in a fresh process (one thread per process on the 2-core CI). On a
@@ -43,10 +53,8 @@ def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict 
     import os
     import signal
 
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONFAULTHANDLER": "1",
-                **(env or {})}
     process = subprocess.Popen([program, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=full_env, start_new_session=True)
+                               text=True, env=child_env(**(env or {})), start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT
+from conftest import ROOT, child_env
 from test_train import tiny_args, train_losses, weights
 
 LONG = ["--model.width", "256", "--model.depth", "2", "--train.max-steps", "160", "--train.val-every", "80",
@@ -20,7 +20,7 @@ LONG = ["--model.width", "256", "--model.depth", "2", "--train.max-steps", "160"
 
 def start(prepared: Path, out: Path, name: str, *extra: str) -> subprocess.Popen:
     """A training run in its own process group (its launched ranks too), so a test can signal them all."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env()
     return subprocess.Popen([sys.executable, "train.py", *tiny_args(prepared, out, *LONG, *extra, "--run-name", name)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -206,7 +206,7 @@ def test_two_nodes_on_one_machine_train_checkpoint_and_resume(prepared, tmp_path
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    env = child_env()
 
     def both_nodes(*extra: str) -> list[str]:
         processes = [subprocess.Popen(
@@ -238,7 +238,7 @@ def test_a_checkpoint_write_failure_stops_the_run_and_keeps_the_previous_one(pre
     result = subprocess.run([sys.executable, "train.py", *tiny_args(prepared, tmp_path, "--run-name", "cw", "--resume",
                                                                     "auto", "--train.max-steps", "12")],
                             cwd=ROOT, capture_output=True, text=True, preexec_fn=small_disk, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env=child_env())
     assert result.returncode == 1, result.stderr[-2000:]
     assert "error: cannot write checkpoint" in result.stderr and "step-00000008.ckpt (" in result.stderr
     assert "are intact" in result.stderr
@@ -334,8 +334,8 @@ def test_srun_launch_sigusr1_saves_and_resumes_exactly(prepared, tmp_path):
     def srun(*extra: str) -> list[subprocess.Popen]:
         return [subprocess.Popen([sys.executable, "train.py", *tiny_args(prepared, tmp_path, *LONG, *flags, *extra)],
                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 env={**os.environ, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
-                                      "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}) for rank in (0, 1)]
+                                 env=child_env(**slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)))
+                for rank in (0, 1)]
 
     tasks = srun()
     wait_for_steps(tmp_path / "s", 30, tasks[0])
