@@ -11,6 +11,7 @@ number of FSDP/FSDP2 processes (torch reshards it) and into one process without 
 A source for `--resume` / `--init-from` may also be a wandb model artifact (see `resolve_source`).
 """
 
+import contextlib
 import os
 import random
 import shutil
@@ -143,7 +144,8 @@ def load(fabric, path: Path, state: dict, strict: bool = True) -> dict:
     its parameter: Fabric's own load would put every rank's copy on the GPU the checkpoint was saved
     from (cuda:0), and a folder is read whole from its shards."""
     if is_sharding(fabric):
-        return fabric.load(path, state, strict=strict, weights_only=False)
+        with ordinary_errors():
+            return fabric.load(path, state, strict=strict, weights_only=False)
     if Path(path).is_dir():
         return load_folder(Path(path), state, strict)
     checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
@@ -170,13 +172,29 @@ def load_folder(path: Path, state: dict, strict: bool = True) -> dict:
     for key, obj in unwrap.items():
         if isinstance(obj, torch.nn.Module):
             wanted = {key: get_model_state_dict(obj)}
-            dcp.load(wanted, checkpoint_id=path)
+            with ordinary_errors():
+                dcp.load(wanted, checkpoint_id=path)
             obj.load_state_dict(wanted[key], strict=strict)
         else:  # the optimizer's state is saved by parameter name
             wanted = {key: get_optimizer_state_dict(model, obj)}
-            dcp.load(wanted, checkpoint_id=path)
+            with ordinary_errors():
+                dcp.load(wanted, checkpoint_id=path)
             set_optimizer_state_dict(model, obj, optim_state_dict=wanted[key])
     return read_metadata(path)
+
+
+@contextlib.contextmanager
+def ordinary_errors():
+    """torch's distributed checkpoint fails with a BaseException, which `except Exception` (the fallback
+    to an older checkpoint, the one-line error) would not catch: re-raise its first rank's cause."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        failure = next(iter(exc.failures.values()), None)
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        raise RuntimeError(f"{type(cause).__name__}: {cause}") from None
 
 
 def read_metadata(path: Path) -> dict:

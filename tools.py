@@ -48,10 +48,13 @@ def load_checkpoint(path: Path, task: str = "chess") -> tuple[RunConfig, torch.n
         raise ConfigError(f"ckpt: {path} is a checkpoint of the {saved_task!r} task, expected {task!r}")
     cfg = config.from_dict(TASKS[task].config, checkpoint["config"])
     model = TASKS[task].build_model(cfg)
-    if source.is_dir():
-        checkpoints.load_folder(source, {"model": model})
-    else:
-        model.load_state_dict(checkpoint["model"])
+    try:
+        if source.is_dir():
+            checkpoints.load_folder(source, {"model": model})
+        else:
+            model.load_state_dict(checkpoint["model"])
+    except Exception as exc:
+        raise ConfigError(f"ckpt: {path} does not fit its saved config ({type(exc).__name__}: {exc})") from None
     return cfg, model.eval()
 
 

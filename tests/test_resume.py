@@ -135,6 +135,21 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(prepared, tmp_
     assert "resumed from" in out and "step-00000012.ckpt at step 12" in out
 
 
+def test_a_checkpoint_folder_missing_a_shard_falls_back_to_the_previous_one(prepared, tmp_path, capsys):
+    args = ["--run-name", "f", "--checkpoint.keep-best", "-1", "--fabric.accelerator", "cpu", "--fabric.devices", "1",
+            "--fabric.strategy", "fsdp2", "--checkpoint.sharded"]
+    from conftest import run_script
+
+    result = run_script(["train.py", *tiny_args(prepared, tmp_path, *args)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = tmp_path / "f" / "checkpoints" / "last.ckpt"
+    next(last.glob("*.distcp")).unlink()  # last.ckpt's own link: step-00000012.ckpt/ stays whole
+    result = run_script(["train.py", *tiny_args(prepared, tmp_path, *args, "--train.max-steps", "16", "--resume", "auto")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"warning: {last}: cannot load checkpoint (RuntimeError)" in result.stdout
+    assert "step-00000012.ckpt at step 12" in result.stdout
+
+
 def test_init_from_takes_the_weights_only(prepared, tmp_path, capsys):
     assert train.main(tiny_args(prepared, tmp_path, "--run-name", "base")) == 0
     source = tmp_path / "base" / "checkpoints" / "last.ckpt"
