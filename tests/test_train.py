@@ -117,12 +117,20 @@ def test_config_file_gives_defaults_and_flags_override(prepared, tmp_path):
         train.parse_args(["chess", "--config", str(bad)])
 
 
-def test_two_process_cpu_run(prepared, tmp_path):
+def test_two_process_cpu_run_and_the_same_under_torchrun(prepared, tmp_path):
     result = run_script(["train.py", *tiny_args(prepared, tmp_path, "--run-name", "ddp", "--fabric.accelerator", "cpu",
                                                 "--fabric.devices", "2")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stdout and "test metrics" in result.stdout
     assert sorted(train_losses(tmp_path / "ddp")) == [4, 8, 12]
+    # torchrun starts the processes; the device count comes from its environment, and the run is the same
+    result = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py",
+                         *tiny_args(prepared, tmp_path, "--run-name", "torchrun", "--fabric.accelerator", "cpu")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stdout
+    assert train_losses(tmp_path / "torchrun") == train_losses(tmp_path / "ddp")
+    final, expected = weights(tmp_path / "torchrun"), weights(tmp_path / "ddp")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
 def test_fabric_run_launch(prepared, tmp_path):
