@@ -85,6 +85,21 @@ def wandb_history(run_dir: Path) -> list[tuple[int, dict]]:
             for log in wandb_segments([run_dir / "wandb"]) for r in wandb_records(log) if r["type"] == "history"]
 
 
+def test_a_second_sigterm_exits_at_once(prepared, tmp_path):
+    # log.every 1000: the first signal's checkpoint would wait for step 1000; the second does not wait
+    process = start(prepared, tmp_path, "twice", "--log.every", "1000", "--train.max-steps", "100000",
+                    "--train.val-every", "100000")
+    for line in process.stdout:  # training has begun once the run folder is announced
+        if line.startswith("run folder:"):
+            break
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 1, output[-2000:]
+    assert "SIGTERM received" in output and "SIGTERM again: exiting at once" in output
+
+
 def test_sigkill_at_any_moment_then_resume_auto_is_exact(prepared, tmp_path):
     process = start(prepared, tmp_path, "kill", "--log.logger", "wandb")
     wait_for_steps(tmp_path / "kill", 30, process)
