@@ -94,7 +94,10 @@ def make_fabric(cfg: config.FabricConfig, blocks: tuple[type, ...] = (), sharded
                                           state_dict_type="sharded" if sharded_checkpoints else "full")
     elif cfg.strategy == "fsdp2":
         kwargs["strategy"] = fsdp2_strategy(kwargs, blocks, sharded_checkpoints)
-    return Fabric(**kwargs)
+    try:
+        return Fabric(**kwargs)
+    except ValueError as exc:  # settings that do not go together (fsdp on a CPU, a precision a strategy lacks)
+        raise ConfigError(f"fabric: {' '.join(str(exc).split())}") from None
 
 
 def fsdp2_strategy(kwargs: dict, blocks: tuple[type, ...], sharded_checkpoints: bool):

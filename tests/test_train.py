@@ -98,6 +98,8 @@ def test_early_stopping(prepared, tmp_path, capsys):
     (["--fabric.precision", "fp13"], "fabric.precision"),
     (["--log.logger", "mlflow"], "log.logger"),
     (["--data.batch-size", "100", "--train.accumulate", "3"], "data.batch_size"),
+    (["--fabric.strategy", "fsdp", "--fabric.accelerator", "cpu"], "fabric: You selected the FSDP strategy"),
+    (["--checkpoint.sharded"], "checkpoint.sharded"),
 ])
 def test_bad_config_is_one_line_naming_the_field(prepared, tmp_path, capsys, flags, field):
     assert train.main(tiny_args(prepared, tmp_path, *flags)) == 2
