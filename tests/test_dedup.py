@@ -49,8 +49,8 @@ def test_buckets_give_the_same_result_as_memory(prepared, tmp_path):
                                  zip(arrays["positions"], arrays["cp"], arrays["mate"])}
     for split in data.SPLITS:
         assert sets["memory", split] == sets["buckets", split]
-    keys = {split: {dedup.keys(data.load_split(tmp_path / "buckets", split)["positions"][i:i + 1])[0].tobytes()
-                    for i in range(len(data.load_split(tmp_path / "buckets", split)["cp"]))} for split in data.SPLITS}
+    keys = {split: {key.tobytes() for key in dedup.keys(data.load_split(tmp_path / "buckets", split)["positions"])}
+            for split in data.SPLITS}
     assert not keys["test"] & keys["train"] and not keys["test"] & keys["val"] and not keys["val"] & keys["train"]
 
 
