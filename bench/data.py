@@ -57,9 +57,9 @@ def naive(path: Path, max_games: int) -> tuple[int, float]:
     return positions, time.perf_counter() - start
 
 
-def timed_prepare(path: Path, out: Path, workers: int, games_per_chunk: int) -> tuple[int, float]:
+def timed_prepare(path: Path, out: Path, workers: int, games_per_chunk: int, max_games: int | None) -> tuple[int, float]:
     start = time.perf_counter()
-    meta = prepare.prepare([path], out, workers=workers, games_per_chunk=games_per_chunk)
+    meta = prepare.prepare([path], out, workers=workers, games_per_chunk=games_per_chunk, max_games=max_games)
     return sum(c["positions"] for c in meta["splits"].values()), time.perf_counter() - start
 
 
@@ -72,11 +72,11 @@ def cut_rate(path: Path) -> float:
     return size / (time.perf_counter() - start)
 
 
-def loader_rate(directory: Path, batch_size: int, unpack: bool) -> float:
+def loader_rate(directory: Path, batch_size: int, unpack: bool, seconds: float) -> float:
     split = data.PackedPositions(directory, "train", 15.0)
     loader = data.make_loader(split, batch_size, True, 0, 0, 1, drop_last=True)
     delivered, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 1.0:  # whole epochs until a second has passed
+    while time.perf_counter() - start < seconds:  # whole epochs until the time has passed
         for packed, _ in loader:
             if unpack:
                 unpack_bits(packed)
@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--mix-games", type=int, default=30_000, help="games in the lichess-like corpus")
     parser.add_argument("--naive-games", type=int, default=600, help="games the (slow) naive loop reads")
     parser.add_argument("--games-per-chunk", type=int, default=500)
+    parser.add_argument("--max-games", type=int, help="games each prepare arm reads (default: all)")
+    parser.add_argument("--loader-seconds", type=float, default=1.0, help="time per loader measurement")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,12 +103,14 @@ def main() -> None:
             corpora = {"sample (all games analysed)": data.SAMPLE_PGN, "lichess-like mix (6 % analysed)": tmp / "mix.pgn.zst"}
             build_mix(games, args.mix_games, 0.06, corpora["lichess-like mix (6 % analysed)"])
         print(f"machine: {cores} cores; torch {torch.__version__}; date {time.strftime('%Y-%m-%d')}\n")
+        one_worker = {}  # positions/s of prepare with 1 worker, per corpus
         for name, path in corpora.items():
             n_naive, t_naive = naive(path, args.naive_games)
             rows = [("naive python-chess loop", n_naive / t_naive)]
-            n1, t1 = timed_prepare(path, tmp / "one", 1, args.games_per_chunk)
+            n1, t1 = timed_prepare(path, tmp / "one", 1, args.games_per_chunk, args.max_games)
             rows.append(("prepare, 1 worker", n1 / t1))
-            nn, tn = timed_prepare(path, tmp / "all", cores, args.games_per_chunk)
+            one_worker[path] = n1 / t1
+            nn, tn = timed_prepare(path, tmp / "all", cores, args.games_per_chunk, args.max_games)
             rows.append((f"prepare, {cores} workers", nn / tn))
             print(f"{name}: {path.stat().st_size / 1e6:.1f} MB compressed, {n1} evaluated positions")
             print(f"  {'arm':<28}{'positions/s':>14}{'vs naive':>10}")
@@ -115,16 +119,13 @@ def main() -> None:
             print(f"  prepare scaling 1 -> {cores} workers: {rows[2][1] / rows[1][1]:.2f}x\n")
         mix = corpora.get("lichess-like mix (6 % analysed)", next(iter(corpora.values())))
         cut = cut_rate(mix)
-        parse = rows[1][1]
         for batch in (4096, 65536):
-            packed = loader_rate(tmp / "one", batch, unpack=False)
-            unpacked = loader_rate(tmp / "one", batch, unpack=True)
+            packed = loader_rate(tmp / "one", batch, unpack=False, seconds=args.loader_seconds)
+            unpacked = loader_rate(tmp / "one", batch, unpack=True, seconds=args.loader_seconds)
             print(f"loader, batch {batch}: {packed / 1e6:.1f}M packed positions/s on one core "
                   f"({unpacked / 1e6:.2f}M/s if also unpacked to float32 on this CPU)")
-        sample_parse = None
-        if not args.source:  # the parse rate on analysed games alone
-            sample_parse = timed_prepare(data.SAMPLE_PGN, tmp / "s", 1, args.games_per_chunk)
-            parse = sample_parse[0] / sample_parse[1]
+        # the replay rate on analysed games alone (the sample's), else on the given source
+        parse = one_worker.get(data.SAMPLE_PGN, one_worker[mix])
         t_cut = LICHESS_MONTH_TEXT_BYTES / cut
         t_parse = LICHESS_MONTH_POSITIONS / (parse * 15)
         print(f"\nmain process cuts and raw-filters games at {cut / 1e6:.0f} MB/s of PGN text; "

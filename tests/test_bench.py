@@ -4,7 +4,8 @@ from conftest import run_script
 
 
 def test_data_benchmark_smoke():
-    result = run_script(["bench/data.py", "--mix-games", "400", "--naive-games", "20", "--games-per-chunk", "100"],
+    result = run_script(["bench/data.py", "--mix-games", "400", "--naive-games", "20", "--games-per-chunk", "100",
+                         "--max-games", "400", "--loader-seconds", "0.3"],
                         timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for line in ("naive python-chess loop", "prepare, 1 worker", "vs naive", "loader, batch 4096",
