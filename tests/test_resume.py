@@ -14,8 +14,10 @@ import train
 from conftest import ROOT, child_env
 from test_train import tiny_args, train_losses, weights
 
-LONG = ["--model.width", "256", "--model.depth", "2", "--train.max-steps", "160", "--train.val-every", "80",
-        "--log.every", "1", "--checkpoint.every", "7", "--checkpoint.keep-best", "-1", "--data.batch-size", "512"]
+STEPS = 120  # long enough to be killed at a random step well inside the run
+LONG = ["--model.width", "256", "--model.depth", "2", "--train.max-steps", str(STEPS),
+        "--train.val-every", str(STEPS // 2), "--log.every", "1", "--checkpoint.every", "7",
+        "--checkpoint.keep-best", "-1", "--data.batch-size", "512"]  # 42 steps an epoch: kills cross epochs
 
 
 def start(prepared: Path, out: Path, name: str, *extra: str) -> subprocess.Popen:
@@ -30,15 +32,38 @@ def two_processes(strategy: str) -> list[str]:
     return ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", strategy]
 
 
-def resume_and_compare_with_reference(prepared: Path, out: Path, name: str, *extra: str) -> None:
-    """Resume `name` with `--resume auto` in fresh processes, run the uninterrupted reference, and require
-    the same per-step losses (every step once) and bitwise the same final weights."""
+def sharing(strategy: str):
+    """Under pytest-xdist, the tests that compare against the reference run of `strategy` go to one
+    worker, so it is run once."""
+    return pytest.mark.xdist_group(f"{strategy}-reference")
+
+
+@pytest.fixture(scope="session")
+def reference(prepared, tmp_path_factory):
+    """The uninterrupted run of LONG with the given launch flags, run once per session in fresh processes:
+    every test that interrupts and resumes a run with those flags compares against the same one."""
     from conftest import run_script
 
-    for run, flags in ((name, ["--resume", "auto"]), ("reference", [])):
-        result = run_script(["train.py", *tiny_args(prepared, out, *LONG, *extra, "--run-name", run, *flags)])
-        assert result.returncode == 0, result.stderr[-3000:]
-    assert_matches_reference(out, name)
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def uninterrupted(*flags: str) -> Path:
+        if flags not in runs:
+            out = tmp_path_factory.mktemp("reference")
+            result = run_script(["train.py", *tiny_args(prepared, out, *LONG, *flags, "--run-name", "reference")])
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[flags] = out / "reference"
+        return runs[flags]
+    return uninterrupted
+
+
+def resume_and_compare(prepared: Path, out: Path, name: str, reference_dir: Path, *extra: str) -> None:
+    """Resume `name` with `--resume auto` in fresh processes and require the reference's per-step losses
+    (every step once) and bitwise its final weights."""
+    from conftest import run_script
+
+    result = run_script(["train.py", *tiny_args(prepared, out, *LONG, *extra, "--run-name", name, "--resume", "auto")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_matches_reference(out / name, reference_dir)
 
 
 def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -50,17 +75,17 @@ def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout
     raise AssertionError(f"the run did not reach {steps} steps: {process.poll()}")
 
 
-def assert_matches_reference(out: Path, name: str) -> None:
-    reference, resumed = train_losses(out / "reference"), train_losses(out / name)
-    assert sorted(resumed) == list(range(1, 161))  # every step once: nothing missing, nothing twice
+def assert_matches_reference(run_dir: Path, reference_dir: Path) -> None:
+    reference, resumed = train_losses(reference_dir), train_losses(run_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1))  # every step once: nothing missing, nothing twice
     assert resumed == reference  # the same losses, bitwise
-    final, expected = weights(out / name), weights(out / "reference")
+    final, expected = weights(run_dir), weights(reference_dir)
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
 def assert_same_as_uninterrupted(prepared: Path, out: Path, name: str) -> None:
     assert train.main(tiny_args(prepared, out, *LONG, "--run-name", "reference")) == 0
-    assert_matches_reference(out, name)
+    assert_matches_reference(out / name, out / "reference")
 
 
 def test_sigterm_saves_exits_cleanly_and_resumes_exactly(prepared, tmp_path):
@@ -71,7 +96,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(prepared, tmp_path):
     assert process.returncode == 0, output[-2000:]
     assert "SIGTERM received" in output and "resume with: python train.py chess" in output
     stopped = torch.load(tmp_path / "term" / "checkpoints" / "last.ckpt", weights_only=False)["progress"]["step"]
-    assert 20 <= stopped < 160 and max(train_losses(tmp_path / "term")) == stopped
+    assert 20 <= stopped < STEPS and max(train_losses(tmp_path / "term")) == stopped
     assert train.main(tiny_args(prepared, tmp_path, *LONG, "--run-name", "term", "--resume", "auto")) == 0
     assert_same_as_uninterrupted(prepared, tmp_path, "term")
 
@@ -112,7 +137,7 @@ def test_sigkill_at_any_moment_then_resume_auto_is_exact(prepared, tmp_path):
     # the metrics log.
     rows = wandb_history(tmp_path / "kill")
     assert len(list((tmp_path / "kill" / "wandb").glob("offline-run-*"))) == 2
-    assert [step for step, _ in rows] == list(range(1, 161))
+    assert [step for step, _ in rows] == list(range(1, STEPS + 1))
     assert {step: row["train/loss"] for step, row in rows} == train_losses(tmp_path / "kill")
 
 
@@ -179,11 +204,14 @@ def test_init_from_takes_the_weights_only(prepared, tmp_path, capsys):
     assert all(s["step"].item() == 12 for s in state["state"].values())  # a fresh optimizer, 12 steps old
 
 
-@pytest.mark.parametrize("strategy,sharded", [("ddp", False), ("fsdp2", False), ("fsdp2", True)])
-def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_change(prepared, tmp_path, strategy,
-                                                                                  sharded):
+@pytest.mark.parametrize("strategy,sharded", [pytest.param("ddp", False, marks=sharing("ddp")),
+                                              pytest.param("fsdp2", False, marks=sharing("fsdp2")),
+                                              pytest.param("fsdp2", True, marks=sharing("fsdp2"))])
+def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_change(prepared, tmp_path, reference,
+                                                                                  strategy, sharded):
     """DDP, and FSDP2 (fully_shard per layer through ModelParallelStrategy, on CPU with gloo), with whole
-    checkpoint files or with folders of shards."""
+    checkpoint files or with folders of shards (the reference writes files: the checkpoint form does not
+    touch training)."""
     import shutil
 
     from conftest import run_script
@@ -194,7 +222,8 @@ def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_chan
     os.killpg(process.pid, signal.SIGKILL)  # both ranks at once, as when a node is lost
     process.communicate(timeout=60)
     shutil.copytree(tmp_path / "k2", tmp_path / "k1")  # the same interrupted run, to resume on one process
-    resume_and_compare_with_reference(prepared, tmp_path, "k2", *flags)
+    reference_dir = reference(*two_processes(strategy))
+    resume_and_compare(prepared, tmp_path, "k2", reference_dir, *flags)
 
     # 2 processes, then 1: a whole-state checkpoint loads into an unsharded model, a folder of shards into
     # one FSDP2 process (resharded). The same global batch (each holds the same positions), so the run goes
@@ -204,17 +233,17 @@ def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_chan
                                                 "--resume", "auto")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "micro-batch 512 x 1 accumulation x 1 = 512" in result.stdout
-    one, reference = train_losses(tmp_path / "k1"), train_losses(tmp_path / "reference")
-    assert sorted(one) == list(range(1, 161))
-    for step in (159, 160):  # far past the switch; data.flip draws differ per process count, hence the tolerance
-        assert abs(one[step] - reference[step]) < 0.05 * reference[step], (step, one[step], reference[step])
+    one, two = train_losses(tmp_path / "k1"), train_losses(reference_dir)
+    assert sorted(one) == list(range(1, STEPS + 1))
+    for step in (STEPS - 1, STEPS):  # far past the switch; data.flip draws differ per process count, hence the tolerance
+        assert abs(one[step] - two[step]) < 0.05 * two[step], (step, one[step], two[step])
     if sharded:  # a folder also loads whole into one process without FSDP: the evaluate tool reads it
         import tools
 
-        folder = tmp_path / "reference" / "checkpoints" / "step-00000080.ckpt"
+        folder = tmp_path / "k2" / "checkpoints" / f"step-{STEPS:08d}.ckpt"
         assert (folder / "meta.pt").exists() and len(list(folder.glob("*.distcp"))) == 2
         metrics = tools.evaluate(tools.EvaluateArgs(folder, split="val"))
-        logged = val_metrics(tmp_path / "reference")[80]
+        logged = val_metrics(tmp_path / "k2")[STEPS]
         assert abs(metrics["l1"] - logged["val/l1"]) < 1e-5
 
 
@@ -292,8 +321,8 @@ def test_logger_failures_are_reported_once_and_training_continues(prepared, tmp_
     assert "test metrics" in out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_process_sigterm_saves_together_and_resumes_exactly(prepared, tmp_path, strategy):
+@pytest.mark.parametrize("strategy", [pytest.param(s, marks=sharing(s)) for s in ("ddp", "fsdp2")])
+def test_two_process_sigterm_saves_together_and_resumes_exactly(prepared, tmp_path, reference, strategy):
     process = start(prepared, tmp_path, "t2", *two_processes(strategy))
     wait_for_steps(tmp_path / "t2", 30, process)
     os.killpg(process.pid, signal.SIGTERM)  # every rank gets it, as under SLURM's preemption
@@ -302,9 +331,9 @@ def test_two_process_sigterm_saves_together_and_resumes_exactly(prepared, tmp_pa
     assert "resume with: python train.py chess" in output
     saved = torch.load(tmp_path / "t2" / "checkpoints" / "last.ckpt", weights_only=False)
     stopped = saved["progress"]["step"]
-    assert 30 <= stopped < 160 and max(train_losses(tmp_path / "t2")) == stopped
+    assert 30 <= stopped < STEPS and max(train_losses(tmp_path / "t2")) == stopped
     assert not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])  # each rank its own stream
-    resume_and_compare_with_reference(prepared, tmp_path, "t2", *two_processes(strategy))
+    resume_and_compare(prepared, tmp_path, "t2", reference(*two_processes(strategy)), *two_processes(strategy))
 
 
 def test_resume_and_init_from_a_wandb_model_artifact(prepared, tmp_path, capsys):
@@ -347,7 +376,8 @@ def assert_matches_reference_weights(run_dir: Path, expected) -> None:
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
 
 
-def test_srun_launch_sigusr1_saves_and_resumes_exactly(prepared, tmp_path):
+@sharing("ddp")
+def test_srun_launch_sigusr1_saves_and_resumes_exactly(prepared, tmp_path, reference):
     """Two tasks started the way `srun --ntasks-per-node=2` starts them: each process gets SLURM's
     variables and Fabric's SLURM environment takes its rank from them (SLURM itself is not installed
     here, so the variables are set by the test). SIGUSR1, SLURM's warning before preemption, reaches
@@ -359,7 +389,7 @@ def test_srun_launch_sigusr1_saves_and_resumes_exactly(prepared, tmp_path):
         port = str(s.getsockname()[1])
     slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
              "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "kibitz", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": port}
-    flags = ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp", "--run-name", "s"]
+    flags = [*two_processes("ddp"), "--run-name", "s"]
 
     def srun(*extra: str) -> list[subprocess.Popen]:
         return [subprocess.Popen([sys.executable, "train.py", *tiny_args(prepared, tmp_path, *LONG, *flags, *extra)],
@@ -375,16 +405,12 @@ def test_srun_launch_sigusr1_saves_and_resumes_exactly(prepared, tmp_path):
     assert [task.returncode for task in tasks] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert "SIGUSR1 received" in outputs[0] and "resume with: python train.py chess" in outputs[0]
     stopped = torch.load(tmp_path / "s" / "checkpoints" / "last.ckpt", weights_only=False)["progress"]["step"]
-    assert 30 <= stopped < 160
+    assert 30 <= stopped < STEPS
     tasks = srun("--resume", "auto")
     outputs = [task.communicate(timeout=300)[0] for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert f"at step {stopped}" in outputs[0] and "2 processes" in outputs[0]
-    from conftest import run_script
-
-    result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, *flags[:-1], "reference")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_matches_reference(tmp_path, "s")
+    assert_matches_reference(tmp_path / "s", reference(*two_processes("ddp")))  # the same run as --fabric.devices 2
 
 
 def test_fsdp2_accumulation_with_and_without_skipping_the_gradient_sync_agree(prepared, tmp_path):
