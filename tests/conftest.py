@@ -1,5 +1,6 @@
 """Shared fixtures: a small prepared dataset cut from the bundled sample, and random legal games."""
 
+import os
 import random
 import subprocess
 import sys
@@ -7,11 +8,15 @@ from pathlib import Path
 
 import chess
 import pytest
+import torch
 
 import data
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample.pgn.zst"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the 2 CI cores: one thread each, as child_env gives
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +44,6 @@ def child_env(**extra: str) -> dict:
     """The environment for a training process the test starts: one thread (2-core CI), and its own wandb
     service. A child inherits WANDB_SERVICE once this process has used wandb and would share its service,
     where a killed child's run stays open and its resumed run cannot start ("run ID in use")."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     return {**env, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONFAULTHANDLER": "1", **extra}
 
@@ -50,7 +53,6 @@ def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict 
     """Run a repository script in a fresh process (one thread per process on the 2-core CI). On a
     timeout every process of the run (launched ranks too) dumps its Python stacks before the test
     fails with them, so a hang names the line it hangs on."""
-    import os
     import signal
 
     process = subprocess.Popen([program, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
