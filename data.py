@@ -54,13 +54,26 @@ def prepare(sources: Annotated[list[Path], tyro.conf.Positional], out: Path,
 
 
 def ensure_prepared(sources: list[Path], out: Path) -> dict:
-    """Prepare `out` from `sources` unless a complete preparation of the same sources is there."""
-    meta_path = out / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("sources") == [str(s) for s in sources] and meta.get("layout_version") == preparation.LAYOUT_VERSION:
-            return meta
-    return prepare(sources, out)
+    """Prepare `out` from `sources` unless a complete preparation of the same sources is there.
+
+    Jobs that reach one data folder together (the first rank of each node on a shared filesystem, two
+    runs started at once) take turns through a lock file beside it: one prepares, the others then find
+    it complete. Without the lock they would write the same shard files at once."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        except (ImportError, OSError):  # no fcntl (Windows), or a filesystem without locks: no turn-taking
+            pass
+        meta_path = out / "meta.json"
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("sources") == [str(s) for s in sources] and \
+                    meta.get("layout_version") == preparation.LAYOUT_VERSION:
+                return meta
+        return prepare(sources, out)
 
 
 def dump(directory: Annotated[Path, tyro.conf.Positional], split: str = "test", limit: int | None = 10) -> None:

@@ -109,3 +109,27 @@ def test_fuzzed_pgn_never_crashes_nor_yields_an_invalid_position(tmp_path):
             assert np.array_equal(pack_board(board), row)
             checked += 1
     assert checked > 5000
+
+
+def test_two_jobs_preparing_one_folder_at_once_take_turns(tmp_path):
+    """As the first rank of two nodes on a shared filesystem: both ask for the same folder at the same
+    moment; one prepares it, the other waits and finds it complete, and it equals a lone preparation."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, child_env
+
+    source, out, go = write_zst(tmp_path / "g.pgn.zst", GAMES), tmp_path / "shared", tmp_path / "go"
+    job = (f"import sys, time, pathlib, data; sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
+           f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.005)\n"
+           f"data.ensure_prepared([pathlib.Path({str(source)!r})], pathlib.Path({str(out)!r}))")
+    jobs = [subprocess.Popen([sys.executable, "-c", job], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for process in jobs:  # both imported and waiting: then they start together
+        assert process.stdout.readline() == "ready\n", process.stderr.read()
+    go.touch()
+    results = [process.communicate(timeout=120) for process in jobs]
+    assert [process.returncode for process in jobs] == [0, 0], results
+    assert sum("prepared" in stdout for stdout, _ in results) == 1, results
+    prepare.prepare([source], tmp_path / "alone")
+    assert_same_output(out, tmp_path / "alone")
