@@ -1,11 +1,6 @@
 """The benchmarks run (small sizes) and print their ratio tables; their numbers are not asserted."""
 
-import pytest
-
 from conftest import run_script
-
-# overhead.py and throughput.py prepare the bundled sample into data/cache/sample: one worker, one at a time
-shares_the_sample_cache = pytest.mark.xdist_group("sample-cache")
 
 
 def test_data_benchmark_smoke():
@@ -26,7 +21,6 @@ def test_histogram_benchmark_smoke():
         assert arm in result.stdout
 
 
-@shares_the_sample_cache
 def test_overhead_benchmark_smoke_and_identical_weights():
     result = run_script(["bench/overhead.py", "--sizes", "tiny", "--rounds", "1", "--tiny-steps", "150"], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -41,7 +35,6 @@ def test_overhead_benchmark_smoke_and_identical_weights():
     assert "tiny raw: host reads between optimizer steps n and n+1 for n in none" in result.stdout
 
 
-@shares_the_sample_cache
 def test_throughput_benchmark_smoke(tmp_path):
     out = tmp_path / "throughput.json"
     result = run_script(["bench/throughput.py", "--smoke", "--out", str(out)], timeout=300)

@@ -32,27 +32,30 @@ def two_processes(strategy: str) -> list[str]:
     return ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", strategy]
 
 
-def sharing(strategy: str):
-    """Under pytest-xdist, the tests that compare against the reference run of `strategy` go to one
-    worker, so it is run once."""
-    return pytest.mark.xdist_group(f"{strategy}-reference")
-
-
 @pytest.fixture(scope="session")
 def reference(prepared, tmp_path_factory):
     """The uninterrupted run of LONG with the given launch flags, run once per session in fresh processes:
-    every test that interrupts and resumes a run with those flags compares against the same one."""
+    every test that interrupts and resumes a run with those flags compares against the same one. Under
+    pytest-xdist the workers share it through their common temporary folder, one computing it while
+    the others wait on its lock."""
+    import fcntl
+    import os
+
     from conftest import run_script
 
-    runs: dict[tuple[str, ...], Path] = {}
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # popen-gwN/: the folder above is this session's, shared
+        shared = shared.parent
 
     def uninterrupted(*flags: str) -> Path:
-        if flags not in runs:
-            out = tmp_path_factory.mktemp("reference")
-            result = run_script(["train.py", *tiny_args(prepared, out, *LONG, *flags, "--run-name", "reference")])
-            assert result.returncode == 0, result.stderr[-3000:]
-            runs[flags] = out / "reference"
-        return runs[flags]
+        out = shared / ("reference" + "".join(flags).replace("--", "-").replace(".", "_"))
+        with open(out.with_name(out.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (out / "done").exists():
+                result = run_script(["train.py", *tiny_args(prepared, out, *LONG, *flags, "--run-name", "reference")])
+                assert result.returncode == 0, result.stderr[-3000:]
+                (out / "done").touch()
+        return out / "reference"
     return uninterrupted
 
 
@@ -204,9 +207,7 @@ def test_init_from_takes_the_weights_only(prepared, tmp_path, capsys):
     assert all(s["step"].item() == 12 for s in state["state"].values())  # a fresh optimizer, 12 steps old
 
 
-@pytest.mark.parametrize("strategy,sharded", [pytest.param("ddp", False, marks=sharing("ddp")),
-                                              pytest.param("fsdp2", False, marks=sharing("fsdp2")),
-                                              pytest.param("fsdp2", True, marks=sharing("fsdp2"))])
+@pytest.mark.parametrize("strategy,sharded", [("ddp", False), ("fsdp2", False), ("fsdp2", True)])
 def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_change(prepared, tmp_path, reference,
                                                                                   strategy, sharded):
     """DDP, and FSDP2 (fully_shard per layer through ModelParallelStrategy, on CPU with gloo), with whole
@@ -321,7 +322,7 @@ def test_logger_failures_are_reported_once_and_training_continues(prepared, tmp_
     assert "test metrics" in out
 
 
-@pytest.mark.parametrize("strategy", [pytest.param(s, marks=sharing(s)) for s in ("ddp", "fsdp2")])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_process_sigterm_saves_together_and_resumes_exactly(prepared, tmp_path, reference, strategy):
     process = start(prepared, tmp_path, "t2", *two_processes(strategy))
     wait_for_steps(tmp_path / "t2", 30, process)
@@ -376,7 +377,6 @@ def assert_matches_reference_weights(run_dir: Path, expected) -> None:
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
 
 
-@sharing("ddp")
 def test_srun_launch_sigusr1_saves_and_resumes_exactly(prepared, tmp_path, reference):
     """Two tasks started the way `srun --ntasks-per-node=2` starts them: each process gets SLURM's
     variables and Fabric's SLURM environment takes its rank from them (SLURM itself is not installed
