@@ -6,6 +6,7 @@ back as the defaults, and flags given after it override it.
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -366,6 +367,13 @@ def save_json(cfg, path: Path) -> None:
     tmp.replace(path)
 
 
+def strategy_of(f: FabricConfig) -> str:
+    """The strategy asked for: `--fabric.strategy`, or where that is auto, the one `fabric run --strategy`
+    exported for the processes it launched."""
+    launched = os.environ.get("LT_STRATEGY") if os.environ.get("LT_CLI_USED") == "1" else None
+    return launched if f.strategy == "auto" and launched else f.strategy
+
+
 def check(cfg: RunConfig) -> None:
     """Raise ConfigError for the first value outside what is allowed."""
     def need(ok: bool, name: str, allowed: str, value) -> None:
@@ -423,8 +431,8 @@ def check(cfg: RunConfig) -> None:
     need(m.peak_tflops is None or m.peak_tflops > 0, "monitor.peak_tflops", "a positive number", m.peak_tflops)
     need(cfg.init_from is None or cfg.init_from.startswith("wandb:") or Path(cfg.init_from).exists(), "init_from",
          "a checkpoint file or folder, an artifact folder, or wandb:ARTIFACT[:ALIAS]", cfg.init_from)
-    need(not cfg.checkpoint.sharded or cfg.fabric.strategy in ("fsdp", "fsdp2"), "checkpoint.sharded",
-         "strategy fsdp or fsdp2 (other strategies hold whole models)", cfg.fabric.strategy)
+    need(not cfg.checkpoint.sharded or strategy_of(f) in ("fsdp", "fsdp2"), "checkpoint.sharded",
+         "strategy fsdp or fsdp2 (other strategies hold whole models)", strategy_of(f))
     need(any(v is not None for v in (t.max_steps, t.max_epochs, t.max_time)), "train.max_steps",
          "a limit: set max_steps, max_epochs or max_time", None)
     for name in ("max_steps", "max_epochs", "val_every", "accumulate"):

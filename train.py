@@ -77,7 +77,8 @@ class Run:
 def make_fabric(cfg: config.FabricConfig, blocks: tuple[type, ...] = (), sharded_checkpoints: bool = False) -> Fabric:
     """Pass Fabric only what the user set: under `fabric run` a value that differs from the
     launcher's is an error, and under torchrun the device count comes from its environment."""
-    kwargs = {"accelerator": cfg.accelerator, "strategy": cfg.strategy}
+    strategy = config.strategy_of(cfg)
+    kwargs = {"accelerator": cfg.accelerator, "strategy": strategy}
     if cfg.devices != "auto":
         kwargs["devices"] = int(cfg.devices) if cfg.devices.lstrip("-").isdigit() else cfg.devices
     elif "LOCAL_WORLD_SIZE" in os.environ and os.environ.get("LT_CLI_USED") != "1":  # torchrun
@@ -87,12 +88,16 @@ def make_fabric(cfg: config.FabricConfig, blocks: tuple[type, ...] = (), sharded
         kwargs["num_nodes"] = cfg.num_nodes
     if cfg.precision is not None:
         kwargs["precision"] = cfg.precision
-    if cfg.strategy == "fsdp":  # one FSDP unit per block, not one for the whole model
+    if strategy in ("fsdp", "fsdp2"):
+        # Ours, built below; from `fabric run --strategy fsdp` Fabric would replace it by the launcher's
+        # name, which wraps the whole model as one unit.
+        os.environ.pop("LT_STRATEGY", None)
+    if strategy == "fsdp":  # one FSDP unit per block, not one for the whole model
         from lightning_fabric.strategies import FSDPStrategy
 
         kwargs["strategy"] = FSDPStrategy(auto_wrap_policy=set(blocks),
                                           state_dict_type="sharded" if sharded_checkpoints else "full")
-    elif cfg.strategy == "fsdp2":
+    elif strategy == "fsdp2":
         kwargs["strategy"] = fsdp2_strategy(kwargs, blocks, sharded_checkpoints)
     try:
         return Fabric(**kwargs)
@@ -301,7 +306,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
     if fabric.global_rank:  # the weights are drawn: from here each rank draws its own numbers (masks, noise);
         fabric.seed_everything(cfg.train.seed + fabric.global_rank, verbose=False)  # rank 0 keeps one process's
     skip_sync = cfg.train.skip_grad_sync if cfg.train.skip_grad_sync is not None else \
-        cfg.fabric.strategy not in ("fsdp", "fsdp2")
+        not checkpoints.is_sharding(fabric)
     if not cfg.data.on_device:  # Fabric moves each evaluation batch to the device
         # The training batches are moved by the loop itself (Fabric's loader wrapper costs about 35 us a
         # step in Python, which shows on small models); evaluation is not on the hot path.

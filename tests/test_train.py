@@ -137,10 +137,31 @@ def test_two_process_cpu_run_and_the_same_under_torchrun(prepared, tmp_path):
 
 def test_fabric_run_launch(prepared, tmp_path):
     fabric_cli = str(Path(sys.executable).parent / "fabric")  # the entry point lightning-fabric installs
-    result = run_script(["run", "--accelerator", "cpu", "--devices", "2", "train.py",
+    result = run_script(["run", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "train.py",
                          *tiny_args(prepared, tmp_path, "--run-name", "cli")], program=fabric_cli)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stdout and "test metrics" in result.stdout
+
+
+def test_the_launchers_fsdp_is_built_with_one_unit_per_block(monkeypatch, capsys):
+    """`fabric run --strategy fsdp` exports LT_STRATEGY=fsdp; kibitz builds FSDP itself (per-block wrap)
+    and takes the name out of the environment, or Fabric would swap in its own whole-model FSDP."""
+    import os
+
+    import config
+
+    monkeypatch.setenv("LT_CLI_USED", "1")
+    monkeypatch.setenv("LT_STRATEGY", "fsdp")
+    assert config.strategy_of(config.FabricConfig()) == "fsdp"
+    assert config.strategy_of(config.FabricConfig(strategy="ddp")) == "ddp"  # a flag of ours still wins
+    sharded = config.ChessConfig()
+    sharded.checkpoint.sharded = True
+    config.check(sharded)  # sharded checkpoints need fsdp: the launcher's counts
+    with pytest.raises(config.ConfigError, match="FSDP is only available on GPU"):  # this CPU-only machine
+        train.make_fabric(config.FabricConfig(accelerator="cpu"))
+    assert "LT_STRATEGY" not in os.environ
+    monkeypatch.delenv("LT_CLI_USED")
+    assert config.strategy_of(config.FabricConfig()) == "auto"  # not under the launcher: the variable is ignored
 
 
 def test_wandb_offline_run_is_written(prepared, tmp_path):
