@@ -149,8 +149,10 @@ class EpochBatches(torch.utils.data.Sampler):
 
     The order of an epoch is a pure function of (seed, epoch), so a run resumed mid-epoch sees the
     batches the interrupted run would have. Each rank takes every world_size-th index, so every
-    example appears once per epoch across ranks. For training, the tail that does not fill a batch
-    on every rank is dropped, so all ranks take the same number of steps.
+    example appears once per epoch across ranks. Every rank yields the same number of batches: for
+    training the tail that does not fill a batch on every rank is dropped; for evaluation
+    (drop_last=False) a rank one example short may end on a short or empty batch, since under FSDP
+    each forward is a collective that every rank must take part in.
     """
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
@@ -165,8 +167,10 @@ class EpochBatches(torch.utils.data.Sampler):
         self.epoch, self.skip = epoch, skip_batches
 
     def __len__(self) -> int:
-        per_rank = self.size // self.world_size if self.drop_last else -(-(self.size - self.rank) // self.world_size)
-        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+        if self.drop_last:
+            return self.size // self.world_size // self.batch_size
+        most = -(-self.size // self.world_size)  # the examples of the fullest rank (ceil division)
+        return -(-most // self.batch_size)
 
     def __iter__(self):
         if self.shuffle:

@@ -108,7 +108,7 @@ def unpack_bits(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     (shift and mask, most significant bit first, like np.unpackbits)."""
     shifts = _BIT_SHIFTS.to(packed.device)
     bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(packed.shape[0], -1).to(dtype)
+    return bits.flatten(1).to(dtype)  # (B, bytes x 8), also for an empty batch
 
 
 def board_tokens(packed: torch.Tensor) -> torch.Tensor:

@@ -176,8 +176,10 @@ DVAE_SUM_FIELDS = ("boards", "squares_correct", "boards_correct", "recon_loss", 
 
 def dvae_metric_sums(token_logits: torch.Tensor, tokens: torch.Tensor, code_logits: torch.Tensor) -> torch.Tensor:
     """Per-batch sums (see DVAE_SUM_FIELDS) for token and board accuracy, reconstruction and KL."""
-    correct = token_logits.argmax(-1) == tokens
     batch = tokens.shape[0]
+    if batch == 0:  # a rank's last evaluation batch may be empty (data.EpochBatches); a mean of none is NaN
+        return torch.zeros(len(DVAE_SUM_FIELDS), device=tokens.device)
+    correct = token_logits.argmax(-1) == tokens
     return torch.stack([
         torch.tensor(float(batch), device=tokens.device),
         correct.sum().float(),

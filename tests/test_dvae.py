@@ -174,3 +174,11 @@ def test_dvae_trains_logs_its_schedules_and_evaluates(prepared, tmp_path, quanti
     # a chess tool on a dVAE checkpoint is a one-line error
     assert train.main(["chess", "evaluate", "--ckpt", str(best[0])]) == 2
     assert "is a checkpoint of the 'dvae' task" in capsys.readouterr().err
+
+
+def test_an_empty_evaluation_batch_adds_nothing():
+    """Under FSDP a rank one example short ends its evaluation on an empty batch (data.EpochBatches)."""
+    model = DiscreteVAE(4, 8, 16, 1).eval()
+    tokens = board_tokens(torch.zeros(0, 101, dtype=torch.uint8))
+    token_logits, code_logits, _ = model(tokens)
+    assert torch.equal(losses.dvae_metric_sums(token_logits, tokens, code_logits), torch.zeros(5))

@@ -234,12 +234,14 @@ def test_each_example_once_per_epoch_across_ranks():
     import data
 
     for drop_last in (True, False):
-        seen = []
-        for rank in range(3):
-            sampler = data.EpochBatches(1000, 64, True, seed=3, rank=rank, world_size=3, drop_last=drop_last)
+        seen, counts = [], set()
+        for rank in range(3):  # 334, 333 and 333 examples: for evaluation, 10 batches of 37 each, some short
+            sampler = data.EpochBatches(1000, 37, True, seed=3, rank=rank, world_size=3, drop_last=drop_last)
             sampler.start_epoch(2)
             batches = list(sampler)
             assert len(batches) == len(sampler)
+            counts.add(len(batches))
             seen.extend(np.concatenate(batches).tolist())
         assert len(seen) == len(set(seen))  # never twice
-        assert len(seen) == (1000 if not drop_last else 3 * (333 // 64) * 64)
+        assert len(seen) == (1000 if not drop_last else 3 * (333 // 37) * 37)
+        assert len(counts) == 1  # as many batches on every rank: under FSDP each forward is collective
