@@ -57,7 +57,8 @@ def naive(path: Path, max_games: int) -> tuple[int, float]:
     return positions, time.perf_counter() - start
 
 
-def timed_prepare(path: Path, out: Path, workers: int, games_per_chunk: int, max_games: int | None) -> tuple[int, float]:
+def timed_prepare(path: Path, out: Path, workers: int, games_per_chunk: int,
+                  max_games: int | None) -> tuple[int, float]:
     start = time.perf_counter()
     meta = prepare.prepare([path], out, workers=workers, games_per_chunk=games_per_chunk, max_games=max_games)
     return sum(c["positions"] for c in meta["splits"].values()), time.perf_counter() - start
