@@ -25,9 +25,8 @@ import torch  # noqa: E402
 import zstandard  # noqa: E402
 
 import data  # noqa: E402
-import pgn  # noqa: E402
-import prepare  # noqa: E402
-from encoding import unpack_bits  # noqa: E402
+from chessdata import folder, pgn, prepare  # noqa: E402
+from chessdata.encoding import unpack_bits  # noqa: E402
 
 LICHESS_MONTH_TEXT_BYTES = 30e9 * 7  # ~30 GB compressed, PGN text ~7x larger
 LICHESS_MONTH_POSITIONS = 375e6  # 350-400M evaluated positions a month
@@ -37,7 +36,9 @@ def build_mix(games: list[str], total: int, eval_share: float, path: Path) -> No
     """`total` games, of which `eval_share` keep their evals; the rest have them stripped."""
     every = round(1 / eval_share)
     strip = re.compile(r"\[%eval [^\]]*\] ")
-    mixed = [g if i % every == 0 else strip.sub("", g) for i, g in enumerate(games[i % len(games)] for i in range(total))]
+    mixed = [
+        g if i % every == 0 else strip.sub("", g) for i, g in enumerate(games[i % len(games)] for i in range(total))
+    ]
     path.write_bytes(zstandard.ZstdCompressor(level=3).compress("".join(mixed).encode()))
 
 
@@ -57,8 +58,9 @@ def naive(path: Path, max_games: int) -> tuple[int, float]:
     return positions, time.perf_counter() - start
 
 
-def timed_prepare(path: Path, out: Path, workers: int, games_per_chunk: int,
-                  max_games: int | None) -> tuple[int, float]:
+def timed_prepare(
+    path: Path, out: Path, workers: int, games_per_chunk: int, max_games: int | None
+) -> tuple[int, float]:
     start = time.perf_counter()
     meta = prepare.prepare([path], out, workers=workers, games_per_chunk=games_per_chunk, max_games=max_games)
     return sum(c["positions"] for c in meta["splits"].values()), time.perf_counter() - start
@@ -74,7 +76,8 @@ def cut_rate(path: Path) -> float:
 
 
 def loader_rate(directory: Path, batch_size: int, unpack: bool, seconds: float) -> float:
-    split = data.PackedPositions(directory, "train", 15.0)
+    arrays = folder.load_split(directory, "train")
+    split = data.ArrayDataset(arrays["positions"], folder.eval_target(arrays["cp"], arrays["mate"], 15.0))
     loader = data.make_loader(split, batch_size, True, 0, 0, 1, drop_last=True)
     delivered, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:  # whole epochs until the time has passed
@@ -100,8 +103,11 @@ def main() -> None:
         if args.source:
             corpora = {args.source.name: args.source}
         else:
-            games = list(pgn.iter_games(data.SAMPLE_PGN))
-            corpora = {"sample (all games analysed)": data.SAMPLE_PGN, "lichess-like mix (6 % analysed)": tmp / "mix.pgn.zst"}
+            games = list(pgn.iter_games(folder.SAMPLE_PGN))
+            corpora = {
+                "sample (all games analysed)": folder.SAMPLE_PGN,
+                "lichess-like mix (6 % analysed)": tmp / "mix.pgn.zst",
+            }
             build_mix(games, args.mix_games, 0.06, corpora["lichess-like mix (6 % analysed)"])
         print(f"machine: {cores} cores; torch {torch.__version__}; date {time.strftime('%Y-%m-%d')}\n")
         one_worker = {}  # positions/s of prepare with 1 worker, per corpus
@@ -123,17 +129,24 @@ def main() -> None:
         for batch in (4096, 65536):
             packed = loader_rate(tmp / "one", batch, unpack=False, seconds=args.loader_seconds)
             unpacked = loader_rate(tmp / "one", batch, unpack=True, seconds=args.loader_seconds)
-            print(f"loader, batch {batch}: {packed / 1e6:.1f}M packed positions/s on one core "
-                  f"({unpacked / 1e6:.2f}M/s if also unpacked to float32 on this CPU)")
+            print(
+                f"loader, batch {batch}: {packed / 1e6:.1f}M packed positions/s on one core "
+                f"({unpacked / 1e6:.2f}M/s if also unpacked to float32 on this CPU)"
+            )
         # the replay rate on analysed games alone (the sample's), else on the given source
-        parse = one_worker.get(data.SAMPLE_PGN, one_worker[mix])
+        parse = one_worker.get(folder.SAMPLE_PGN, one_worker[mix])
         t_cut = LICHESS_MONTH_TEXT_BYTES / cut
         t_parse = LICHESS_MONTH_POSITIONS / (parse * 15)
-        print(f"\nmain process cuts and raw-filters games at {cut / 1e6:.0f} MB/s of PGN text; "
-              f"one worker replays {parse:,.0f} positions/s")
-        print(f"one lichess month on 16 cores (~{LICHESS_MONTH_TEXT_BYTES / 1e9:.0f} GB of text, "
-              f"~{LICHESS_MONTH_POSITIONS / 1e6:.0f}M positions; cutting and 15 workers run side by side): "
-              f"about {max(t_cut, t_parse) / 60:.0f} minutes (cutting {t_cut / 60:.0f} min, replay {t_parse / 60:.0f} min)")
+        print(
+            f"\nmain process cuts and raw-filters games at {cut / 1e6:.0f} MB/s of PGN text; "
+            f"one worker replays {parse:,.0f} positions/s"
+        )
+        print(
+            f"one lichess month on 16 cores (~{LICHESS_MONTH_TEXT_BYTES / 1e9:.0f} GB of text, "
+            f"~{LICHESS_MONTH_POSITIONS / 1e6:.0f}M positions; cutting and 15 workers run side by side): "
+            f"about {max(t_cut, t_parse) / 60:.0f} minutes "
+            f"(cutting {t_cut / 60:.0f} min, replay {t_parse / 60:.0f} min)"
+        )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import chess
 import pytest
 import torch
 
-import data
+from chessdata.cli import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample.pgn.zst"
@@ -23,7 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the 2 CI cores: o
 def prepared(tmp_path_factory) -> Path:
     """The first 300 games of the bundled sample, prepared (train/val/test)."""
     out = tmp_path_factory.mktemp("prepared")
-    data.prepare([SAMPLE], out, max_games=300)
+    prepare([SAMPLE], out, max_games=300)
     return out
 
 
@@ -48,15 +48,23 @@ def child_env(**extra: str) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONFAULTHANDLER": "1", **extra}
 
 
-def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None,
-               program: str = sys.executable):
+def run_script(
+    args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None, program: str = sys.executable
+):
     """Run a repository script in a fresh process (one thread per process on the 2-core CI). On a
     timeout every process of the run (launched ranks too) dumps its Python stacks before the test
     fails with them, so a hang names the line it hangs on."""
     import signal
 
-    process = subprocess.Popen([program, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=child_env(**(env or {})), start_new_session=True)
+    process = subprocess.Popen(
+        [program, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(**(env or {})),
+        start_new_session=True,
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -4,10 +4,9 @@ import json
 
 import numpy as np
 
-import data
-import dedup
-import prepare
-from encoding import pack_fen
+from chessdata import dedup, prepare
+from chessdata import folder as data
+from chessdata.encoding import pack_fen
 
 START = "rnbqkbnr/pppppppp/8/8/8/8/PPPPPPPP/RNBQKBNR w KQkq - 0 1"
 E4 = "rnbqkbnr/pppppppp/8/8/4P3/8/PPPP1PPP/RNBQKBNR b KQkq e3 0 1"
@@ -21,13 +20,19 @@ def columns(*items):
 
 
 def test_merge_means_and_counts_and_split_priority():
-    out, merged, dropped = dedup.dedup_bucket({
-        "train": columns((START, 10, 0), (START, 30, 0), (E4_LATER_CLOCKS, 50, 0), (D4, 0, 2), (D4, 0, 3)),
-        "val": columns((E4, 40, 0)),
-        "test": columns(),
-    })
-    train = {row.tobytes(): (cp, mate, n) for row, cp, mate, n in
-             zip(out["train"]["positions"], out["train"]["cp"], out["train"]["mate"], out["train"]["count"])}
+    out, merged, dropped = dedup.dedup_bucket(
+        {
+            "train": columns((START, 10, 0), (START, 30, 0), (E4_LATER_CLOCKS, 50, 0), (D4, 0, 2), (D4, 0, 3)),
+            "val": columns((E4, 40, 0)),
+            "test": columns(),
+        }
+    )
+    train = {
+        row.tobytes(): (cp, mate, n)
+        for row, cp, mate, n in zip(
+            out["train"]["positions"], out["train"]["cp"], out["train"]["mate"], out["train"]["count"]
+        )
+    }
     assert train[pack_fen(START).tobytes()] == (20, 0, 2)  # mean of 10 and 30, two copies
     assert train[pack_fen(D4).tobytes()] == (0, 2, 2)  # all mates: the first copy's mate
     assert len(train) == 2  # e4 (other clocks, same position) is in val, so not in train
@@ -45,12 +50,15 @@ def test_buckets_give_the_same_result_as_memory(prepared, tmp_path):
     for name in ("memory", "buckets"):
         for split in data.SPLITS:
             arrays = data.load_split(tmp_path / name, split)
-            sets[name, split] = {(r.tobytes(), int(c), int(m)) for r, c, m in
-                                 zip(arrays["positions"], arrays["cp"], arrays["mate"])}
+            sets[name, split] = {
+                (r.tobytes(), int(c), int(m)) for r, c, m in zip(arrays["positions"], arrays["cp"], arrays["mate"])
+            }
     for split in data.SPLITS:
         assert sets["memory", split] == sets["buckets", split]
-    keys = {split: {key.tobytes() for key in dedup.keys(data.load_split(tmp_path / "buckets", split)["positions"])}
-            for split in data.SPLITS}
+    keys = {
+        split: {key.tobytes() for key in dedup.keys(data.load_split(tmp_path / "buckets", split)["positions"])}
+        for split in data.SPLITS
+    }
     assert not keys["test"] & keys["train"] and not keys["test"] & keys["val"] and not keys["val"] & keys["train"]
 
 

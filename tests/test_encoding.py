@@ -1,9 +1,9 @@
 import chess
 import numpy as np
 import torch
-
-import encoding
 from conftest import random_games
+
+from chessdata import encoding
 
 
 def test_worked_example_bytes():
@@ -17,7 +17,7 @@ def test_bit_index_is_64k_plus_square():
     board = chess.Board()
     bits = np.unpackbits(encoding.pack_board(board))
     for plane, (color, piece) in enumerate(encoding.PIECE_ORDER):
-        squares = set(np.flatnonzero(bits[64 * plane:64 * (plane + 1)]))
+        squares = set(np.flatnonzero(bits[64 * plane : 64 * (plane + 1)]))
         assert squares == set(board.pieces(piece, color))
 
 

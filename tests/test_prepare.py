@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import zstandard
 
-import data
-import pgn
-import prepare
-from encoding import pack_board, row_to_fen
+from chessdata import folder as data
+from chessdata import pgn, prepare
+from chessdata.encoding import pack_board, row_to_fen
 
 GAMES = list(pgn.iter_games(data.SAMPLE_PGN))[:400]
 
@@ -24,8 +23,11 @@ def write_zst(path: Path, games: list[str]) -> Path:
 
 
 def arrays(directory: Path) -> dict:
-    return {(split, name): np.load(directory / split / f"{name}.npy")
-            for split in data.SPLITS for name in ("positions", "cp", "mate")}
+    return {
+        (split, name): np.load(directory / split / f"{name}.npy")
+        for split in data.SPLITS
+        for name in ("positions", "cp", "mate")
+    }
 
 
 def assert_same_output(a: Path, b: Path) -> None:
@@ -75,7 +77,7 @@ def test_header_filters_are_counted(tmp_path):
 def mutate(game: str, rng: random.Random) -> str:
     kind = rng.randrange(6)
     if kind == 0:  # cut anywhere
-        return game[:rng.randrange(len(game))]
+        return game[: rng.randrange(len(game))]
     if kind == 1:  # a duplicated stretch
         a = rng.randrange(len(game))
         b = min(len(game), a + rng.randrange(1, 200))
@@ -120,11 +122,22 @@ def test_two_jobs_preparing_one_folder_at_once_take_turns(tmp_path):
     from conftest import ROOT, child_env
 
     source, out, go = write_zst(tmp_path / "g.pgn.zst", GAMES), tmp_path / "shared", tmp_path / "go"
-    job = (f"import sys, time, pathlib, data; sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
-           f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.005)\n"
-           f"data.ensure_prepared([pathlib.Path({str(source)!r})], pathlib.Path({str(out)!r}))")
-    jobs = [subprocess.Popen([sys.executable, "-c", job], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    job = (
+        f"import sys, time, pathlib, chessdata.prepare as data; sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
+        f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.005)\n"
+        f"data.ensure_prepared([pathlib.Path({str(source)!r})], pathlib.Path({str(out)!r}))"
+    )
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", job],
+            cwd=ROOT,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for process in jobs:  # both imported and waiting: then they start together
         assert process.stdout.readline() == "ready\n", process.stderr.read()
     go.touch()

@@ -4,12 +4,12 @@ import random
 
 import chess
 import pytest
-
-import data
-import pgn
 from conftest import random_games
-from encoding import board_state
-from replay import FastBoard, IllegalMove
+
+from chessdata import folder as data
+from chessdata import pgn
+from chessdata.encoding import board_state
+from chessdata.replay import FastBoard, IllegalMove
 
 
 def replay_both(sans: list[str]) -> int:
@@ -49,27 +49,33 @@ def test_the_bundled_sample_matches_python_chess():
     games = 0
     for text in pgn.iter_games(data.SAMPLE_PGN):
         _, movetext = pgn.parse_headers(text)
-        sans = [t.rstrip("!?") for t in pgn._TOKEN.findall(movetext)
-                if not (t.startswith("{") or pgn._MOVE_NUMBER.match(t) or t in pgn.RESULTS)]
+        sans = [
+            t.rstrip("!?")
+            for t in pgn._TOKEN.findall(movetext)
+            if not (t.startswith("{") or pgn._MOVE_NUMBER.match(t) or t in pgn.RESULTS)
+        ]
         replay_both(sans)
         games += 1
     assert games >= 1500
 
 
-@pytest.mark.parametrize("fen, san", [
-    ("4k3/8/8/8/8/8/4r3/R3K2R w KQ - 0 1", "O-O"),        # castling out of check
-    ("4k3/8/8/8/8/8/6r1/R3K2R w KQ - 0 1", "O-O"),        # the king would land on an attacked square
-    ("4k3/4r3/8/8/8/8/4N3/4K3 w - - 0 1", "Nf4"),         # a pinned knight
-    ("4k3/8/8/8/8/8/8/4K3 w - - 0 1", "Ke8"),             # no such king move
-    ("4k3/8/8/8/8/8/4P3/4K3 w - - 0 1", "e5"),            # a pawn cannot jump three squares
-    ("4k3/P7/8/8/8/8/8/4K3 w - - 0 1", "a8"),             # a promotion needs its piece
-    ("8/8/8/2k5/3Pp3/8/8/4K2q b - d3 0 1", "exd3"),       # en passant that exposes the king... is legal here
-    ("8/8/8/8/k2Pp2Q/8/8/4K3 b - d3 0 1", "exd3"),        # ...and illegal here (both pawns leave the rank)
-    ("rnbqkbnr/pppppppp/8/8/8/8/PPPPPPPP/RNBQKBNR w KQkq - 0 1", "--"),  # a null move
-    ("rnbqkbnr/pppppppp/8/8/8/8/PPPPPPPP/RNBQKBNR w KQkq - 0 1", "Nxf3"),  # a needless capture sign
-    ("4k3/8/8/8/8/2N3N1/8/4K3 w - - 0 1", "Ne4"),         # ambiguous without disambiguation
-    ("4k3/8/8/8/8/2N3N1/8/4K3 w - - 0 1", "Nce4"),
-])
+@pytest.mark.parametrize(
+    "fen, san",
+    [
+        ("4k3/8/8/8/8/8/4r3/R3K2R w KQ - 0 1", "O-O"),  # castling out of check
+        ("4k3/8/8/8/8/8/6r1/R3K2R w KQ - 0 1", "O-O"),  # the king would land on an attacked square
+        ("4k3/4r3/8/8/8/8/4N3/4K3 w - - 0 1", "Nf4"),  # a pinned knight
+        ("4k3/8/8/8/8/8/8/4K3 w - - 0 1", "Ke8"),  # no such king move
+        ("4k3/8/8/8/8/8/4P3/4K3 w - - 0 1", "e5"),  # a pawn cannot jump three squares
+        ("4k3/P7/8/8/8/8/8/4K3 w - - 0 1", "a8"),  # a promotion needs its piece
+        ("8/8/8/2k5/3Pp3/8/8/4K2q b - d3 0 1", "exd3"),  # en passant that exposes the king... is legal here
+        ("8/8/8/8/k2Pp2Q/8/8/4K3 b - d3 0 1", "exd3"),  # ...and illegal here (both pawns leave the rank)
+        ("rnbqkbnr/pppppppp/8/8/8/8/PPPPPPPP/RNBQKBNR w KQkq - 0 1", "--"),  # a null move
+        ("rnbqkbnr/pppppppp/8/8/8/8/PPPPPPPP/RNBQKBNR w KQkq - 0 1", "Nxf3"),  # a needless capture sign
+        ("4k3/8/8/8/8/2N3N1/8/4K3 w - - 0 1", "Ne4"),  # ambiguous without disambiguation
+        ("4k3/8/8/8/8/2N3N1/8/4K3 w - - 0 1", "Nce4"),
+    ],
+)
 def test_edge_cases_agree_with_python_chess(fen, san):
     reference = chess.Board(fen)
     fast = FastBoard.from_board(reference)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import zstandard
 
-import data
-import prepare
-from encoding import pack_fen
+from chessdata import folder as data
+from chessdata import prepare
+from chessdata.encoding import pack_fen
 
 START = "rnbqkbnr/pppppppp/8/8/8/8/PPPPPPPP/RNBQKBNR w KQkq -"
 E4 = "rnbqkbnr/pppppppp/8/8/4P3/8/PPPP1PPP/RNBQKBNR b KQkq -"
@@ -20,13 +20,20 @@ NO_SPLIT = prepare.Filters(val_fraction=0, test_fraction=0)
 
 def rows_by_fen(directory: Path) -> dict[bytes, tuple[int, int]]:
     split = data.load_split(directory, "train")
-    return {row.tobytes(): (int(cp), int(mate)) for row, cp, mate in zip(split["positions"], split["cp"], split["mate"])}
+    return {
+        row.tobytes(): (int(cp), int(mate)) for row, cp, mate in zip(split["positions"], split["cp"], split["mate"])
+    }
 
 
 def test_eval_database_takes_the_deepest_first_line(tmp_path):
     lines = [
-        {"fen": START, "evals": [{"knodes": 100, "depth": 20, "pvs": [{"cp": 30, "line": "e2e4"}]},
-                                 {"knodes": 900, "depth": 36, "pvs": [{"cp": 18, "line": "e2e4"}, {"cp": 10}]}]},
+        {
+            "fen": START,
+            "evals": [
+                {"knodes": 100, "depth": 20, "pvs": [{"cp": 30, "line": "e2e4"}]},
+                {"knodes": 900, "depth": 36, "pvs": [{"cp": 18, "line": "e2e4"}, {"cp": 10}]},
+            ],
+        },
         {"fen": MATED, "evals": [{"knodes": 5, "depth": 99, "pvs": [{"mate": 1, "line": "d1d8"}]}]},
         {"fen": E4, "evals": []},
     ]
@@ -44,9 +51,16 @@ def test_sqlite_table_in_the_37m_layout(tmp_path):
     db = tmp_path / "evals.db"
     with sqlite3.connect(db) as con:
         con.execute("CREATE TABLE evaluations (id INTEGER PRIMARY KEY, fen TEXT, binary BLOB, eval FLOAT)")
-        con.executemany("INSERT INTO evaluations (fen, binary, eval) VALUES (?, ?, ?)", [
-            (START + " 0 1", b"", 0.2), (MATED + " 0 1", b"", 152.65), (E4 + " 0 1", b"", None),
-            ("not a fen", b"", 1.0), ("8/8/8/8/8/8/8/8 w - - 0 1", b"", 0.0)])
+        con.executemany(
+            "INSERT INTO evaluations (fen, binary, eval) VALUES (?, ?, ?)",
+            [
+                (START + " 0 1", b"", 0.2),
+                (MATED + " 0 1", b"", 152.65),
+                (E4 + " 0 1", b"", None),
+                ("not a fen", b"", 1.0),
+                ("8/8/8/8/8/8/8/8 w - - 0 1", b"", 0.0),
+            ],
+        )
     meta = prepare.prepare([db], tmp_path / "out", NO_SPLIT, workers=1)
     assert meta["skipped"] == {"bad_row": 1, "bad_fen": 1, "invalid_position": 1}
     rows = rows_by_fen(tmp_path / "out")
@@ -72,7 +86,8 @@ def test_every_source_in_one_run_and_position_splits_are_stable(tmp_path):
     games.write_text('[Event "x"]\n[Result "1-0"]\n\n1. e4 { [%eval 0.2] } 1... e5 { [%eval 0.3] } 1-0\n\n')
     meta = prepare.prepare([games, csv], tmp_path / "out", workers=2, games_per_chunk=1)
     assert sum(c["positions"] for c in meta["splits"].values()) == 5
-    from sources import position_split
+    from chessdata.sources import position_split
+
     assert position_split(START + " 0 1", 0.3, 0.3) == position_split(START + " 12 40", 0.3, 0.3)
 
 

@@ -17,8 +17,11 @@ import torch
 
 ROW_BYTES = 101
 NUM_BITS = ROW_BYTES * 8  # 808
-PIECE_ORDER = [(color, piece) for color in (chess.WHITE, chess.BLACK)
-               for piece in (chess.KING, chess.QUEEN, chess.ROOK, chess.BISHOP, chess.KNIGHT, chess.PAWN)]
+PIECE_ORDER = [
+    (color, piece)
+    for color in (chess.WHITE, chess.BLACK)
+    for piece in (chess.KING, chess.QUEEN, chess.ROOK, chess.BISHOP, chess.KNIGHT, chess.PAWN)
+]
 PIECE_SYMBOLS = "KQRBNPkqrbnp"  # same order as PIECE_ORDER
 # Material values of the 12 planes in pawns from White's view (kings count nothing).
 MATERIAL_VALUES = (0, 9, 5, 3, 3, 1, 0, -9, -5, -3, -3, -1)
@@ -36,9 +39,13 @@ def board_state(board: chess.Board) -> tuple:
     halfmove clock, full-move number, en-passant square (-1 = none) and flags."""
     masks = tuple(board.pieces_mask(piece, color) for color, piece in PIECE_ORDER)
     rights = board.castling_rights
-    flags = ((FLAG_WHITE_OO if rights & chess.BB_H1 else 0) | (FLAG_WHITE_OOO if rights & chess.BB_A1 else 0)
-             | (FLAG_BLACK_OO if rights & chess.BB_H8 else 0) | (FLAG_BLACK_OOO if rights & chess.BB_A8 else 0)
-             | (FLAG_BLACK_TO_MOVE if board.turn == chess.BLACK else 0))
+    flags = (
+        (FLAG_WHITE_OO if rights & chess.BB_H1 else 0)
+        | (FLAG_WHITE_OOO if rights & chess.BB_A1 else 0)
+        | (FLAG_BLACK_OO if rights & chess.BB_H8 else 0)
+        | (FLAG_BLACK_OOO if rights & chess.BB_A8 else 0)
+        | (FLAG_BLACK_TO_MOVE if board.turn == chess.BLACK else 0)
+    )
     ep = -1 if board.ep_square is None else board.ep_square
     if ep >= 0:
         flags |= FLAG_EN_PASSANT
@@ -131,8 +138,13 @@ def _flip_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     planes = [6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 5]
     byte_order = [8 * planes[k] + 7 - r for k in range(12) for r in range(8)] + list(range(96, ROW_BYTES))
     ep = torch.tensor([b if b >= 64 else b ^ 56 for b in range(256)], dtype=torch.uint8)  # a3 <-> a6
-    flags = torch.tensor([((b & 3) << 2) | ((b >> 2) & 3) | ((b & FLAG_BLACK_TO_MOVE) ^ FLAG_BLACK_TO_MOVE)
-                          | (b & ~31 & 0xFF) for b in range(256)], dtype=torch.uint8)
+    flags = torch.tensor(
+        [
+            ((b & 3) << 2) | ((b >> 2) & 3) | ((b & FLAG_BLACK_TO_MOVE) ^ FLAG_BLACK_TO_MOVE) | (b & ~31 & 0xFF)
+            for b in range(256)
+        ],
+        dtype=torch.uint8,
+    )
     return torch.tensor(byte_order), ep, flags
 
 

@@ -6,7 +6,7 @@ Openings are varied by a few random plies, and later moves are sometimes random 
 range from balanced to lost. Games are played in parallel, one engine per worker; each game's
 randomness comes from its own seed, so the output does not depend on the worker count.
 
-Run through `python data.py make-sample`; needs the `stockfish` binary (Debian: /usr/games/stockfish).
+Run through `python -m chessdata make-sample`; needs the `stockfish` binary (Debian: /usr/games/stockfish).
 """
 
 import datetime
@@ -20,7 +20,7 @@ import chess
 import chess.engine
 import zstandard
 
-from pgn import format_eval
+from chessdata.pgn import format_eval
 
 ENGINE_PATHS = ("stockfish", "/usr/games/stockfish", "/usr/local/bin/stockfish")
 START_CLOCK_S, INCREMENT_S = 180, 2
@@ -28,12 +28,14 @@ RESIGN_PAWNS, RESIGN_PLIES, MAX_PLIES = 8.0, 4, 200
 
 
 def find_engine(path: str | None = None) -> str:
-    for candidate in ([path] if path else ENGINE_PATHS):
+    for candidate in [path] if path else ENGINE_PATHS:
         found = shutil.which(candidate)
         if found:
             return found
-    raise SystemExit(f"error: stockfish not found (tried {', '.join([path] if path else ENGINE_PATHS)}); "
-                     "install it (Debian: apt-get install stockfish) or pass --engine PATH")
+    raise SystemExit(
+        f"error: stockfish not found (tried {', '.join([path] if path else ENGINE_PATHS)}); "
+        "install it (Debian: apt-get install stockfish) or pass --engine PATH"
+    )
 
 
 def score_text(score: chess.engine.PovScore) -> tuple[str, float]:
@@ -94,14 +96,25 @@ def headers(seed: int, rng: random.Random, result: str, termination: str) -> str
     when = datetime.datetime(2024, 1, 1) + datetime.timedelta(minutes=seed * 7)
     white_elo, black_elo = rng.randint(1500, 2600), rng.randint(1500, 2600)
     site = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") for _ in range(8))
-    tags = [("Event", "Rated Blitz game"), ("Site", f"https://lichess.org/{site}"),
-            ("Date", when.strftime("%Y.%m.%d")), ("Round", "-"),
-            ("White", f"sf-sample-{rng.randint(1, 99)}"), ("Black", f"sf-sample-{rng.randint(1, 99)}"),
-            ("Result", result), ("UTCDate", when.strftime("%Y.%m.%d")), ("UTCTime", when.strftime("%H:%M:%S")),
-            ("WhiteElo", str(white_elo)), ("BlackElo", str(black_elo)),
-            ("WhiteRatingDiff", f"{rng.randint(-8, 8):+d}"), ("BlackRatingDiff", f"{rng.randint(-8, 8):+d}"),
-            ("ECO", "?"), ("Opening", "?"), ("TimeControl", f"{START_CLOCK_S}+{INCREMENT_S}"),
-            ("Termination", termination)]
+    tags = [
+        ("Event", "Rated Blitz game"),
+        ("Site", f"https://lichess.org/{site}"),
+        ("Date", when.strftime("%Y.%m.%d")),
+        ("Round", "-"),
+        ("White", f"sf-sample-{rng.randint(1, 99)}"),
+        ("Black", f"sf-sample-{rng.randint(1, 99)}"),
+        ("Result", result),
+        ("UTCDate", when.strftime("%Y.%m.%d")),
+        ("UTCTime", when.strftime("%H:%M:%S")),
+        ("WhiteElo", str(white_elo)),
+        ("BlackElo", str(black_elo)),
+        ("WhiteRatingDiff", f"{rng.randint(-8, 8):+d}"),
+        ("BlackRatingDiff", f"{rng.randint(-8, 8):+d}"),
+        ("ECO", "?"),
+        ("Opening", "?"),
+        ("TimeControl", f"{START_CLOCK_S}+{INCREMENT_S}"),
+        ("Termination", termination),
+    ]
     return "".join(f'[{key} "{value}"]\n' for key, value in tags) + "\n"
 
 
@@ -118,8 +131,9 @@ def _worker_play(args: tuple[int, int, float]) -> str:
     return play_game(_engine, *args)
 
 
-def make_sample(out: Path, games: int, depth: int, workers: int, seed: int, random_rate: float,
-                engine: str | None = None) -> None:
+def make_sample(
+    out: Path, games: int, depth: int, workers: int, seed: int, random_rate: float, engine: str | None = None
+) -> None:
     engine_path = find_engine(engine)
     out.parent.mkdir(parents=True, exist_ok=True)
     tasks = [(seed * 1_000_003 + i, depth, random_rate) for i in range(games)]

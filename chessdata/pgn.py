@@ -14,7 +14,7 @@ from pathlib import Path
 
 import zstandard
 
-from replay import FastBoard, IllegalMove
+from chessdata.replay import FastBoard, IllegalMove
 
 RESULTS = ("1-0", "0-1", "1/2-1/2", "*")
 _EVAL = re.compile(r"\[%eval\s+([^\]\s]+)\s*\]")
@@ -57,8 +57,10 @@ def read_chunks(path: Path) -> Iterator[bytes]:
                 try:
                     out = frame.decompress(chunk)
                 except zstandard.ZstdError as exc:
-                    raise CorruptArchive(f"{path}: corrupt zstd data in the {CHUNK_BYTES}-byte block "
-                                         f"ending at compressed byte {raw.tell()}: {exc}") from None
+                    raise CorruptArchive(
+                        f"{path}: corrupt zstd data in the {CHUNK_BYTES}-byte block "
+                        f"ending at compressed byte {raw.tell()}: {exc}"
+                    ) from None
                 in_frame = True
                 if out:
                     yield out
@@ -66,8 +68,9 @@ def read_chunks(path: Path) -> Iterator[bytes]:
                 if frame.eof:  # one frame done; lichess archives may hold several
                     chunk, frame, in_frame = frame.unused_data, decompressor.decompressobj(), False
         if in_frame:
-            raise CorruptArchive(f"{path}: truncated zstd archive: it ends inside a frame at compressed "
-                                 f"byte {raw.tell()}")
+            raise CorruptArchive(
+                f"{path}: truncated zstd archive: it ends inside a frame at compressed byte {raw.tell()}"
+            )
 
 
 def iter_games(path: Path) -> Iterator[str]:
@@ -132,8 +135,12 @@ def movetext_pairs(movetext: str) -> list[tuple[str, str]]:
     pairs = _MOVE_AND_COMMENT.findall(movetext)
     # One regex covers clean lichess movetext; use it only when every character is accounted for:
     # no variations or NAGs, and every `{` is a comment that follows a move.
-    if ("(" in movetext or ")" in movetext or "$" in movetext
-            or movetext.count("{") != sum(1 for _, comment in pairs if comment)):
+    if (
+        "(" in movetext
+        or ")" in movetext
+        or "$" in movetext
+        or movetext.count("{") != sum(1 for _, comment in pairs if comment)
+    ):
         return _generic_pairs(movetext)
     return [(san, comment[1:-1]) for san, comment in pairs]
 

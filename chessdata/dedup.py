@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from encoding import ROW_BYTES
+from chessdata.encoding import ROW_BYTES
+from chessdata.folder import COLUMNS, SPLITS
 
-SPLITS = ("train", "val", "test")
-COLUMNS = {"positions": np.uint8, "cp": np.int32, "mate": np.int16}
 KEY_COLUMNS = np.r_[0:96, 99:101]  # the bitboards, en passant and flags: not the clocks (96..98)
-_MIX = np.array([0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93] * 4,
-                dtype=np.uint64)[:13]
+_MIX = np.array([0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93] * 4, dtype=np.uint64)[
+    :13
+]
 
 
 def keys(positions: np.ndarray) -> np.ndarray:
@@ -34,7 +34,7 @@ def keys(positions: np.ndarray) -> np.ndarray:
 
 def bucket_of(positions: np.ndarray, buckets: int) -> np.ndarray:
     padded = np.zeros((len(positions), 104), dtype=np.uint8)
-    padded[:, :len(KEY_COLUMNS)] = positions[:, KEY_COLUMNS]
+    padded[:, : len(KEY_COLUMNS)] = positions[:, KEY_COLUMNS]
     with np.errstate(over="ignore"):  # wrapping multiplication is the point of the hash
         h = (padded.view(np.uint64) * _MIX).sum(axis=1, dtype=np.uint64)
     return ((h >> np.uint64(17)) % np.uint64(buckets)).astype(np.int64)
@@ -42,8 +42,9 @@ def bucket_of(positions: np.ndarray, buckets: int) -> np.ndarray:
 
 def merge_split(positions, cp, mate):
     """Merge identical rows of one split: (unique keys, rows, cp, mate, count)."""
-    unique, first, inverse, count = np.unique(keys(positions), return_index=True, return_inverse=True,
-                                              return_counts=True)
+    unique, first, inverse, count = np.unique(
+        keys(positions), return_index=True, return_inverse=True, return_counts=True
+    )
     inverse = inverse.ravel()
     plain = (mate == 0).astype(np.float64)
     plain_count = np.bincount(inverse, weights=plain, minlength=len(unique))
@@ -104,7 +105,7 @@ def partition(directory: Path, parts: Path, buckets: int, block: int = 1 << 20) 
         files = {(b, name): open(parts / f"{b}.{split}.{name}.bin", "wb") for b in range(buckets) for name in COLUMNS}
         try:
             for start in range(0, len(arrays["cp"]), block):
-                chunk = {name: np.asarray(a[start:start + block]) for name, a in arrays.items()}
+                chunk = {name: np.asarray(a[start : start + block]) for name, a in arrays.items()}
                 which = bucket_of(chunk["positions"], buckets)
                 for b in range(buckets):
                     mask = which == b

@@ -10,7 +10,6 @@ shards are joined into one file per split and column, and `meta.json` is written
 """
 
 import collections
-import hashlib
 import json
 import multiprocessing
 import os
@@ -22,14 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-import dedup
-import sources as sources_module
-from encoding import ROW_BYTES, pack_states
-from pgn import BadGame, CorruptArchive, game_positions, iter_games
-
-SPLITS = ("train", "val", "test")
-COLUMNS = {"positions": np.uint8, "cp": np.int32, "mate": np.int16}
-LAYOUT_VERSION = 2  # 2: deduplicated splits with count.npy
+from chessdata import dedup
+from chessdata import sources as sources_module
+from chessdata.encoding import ROW_BYTES, pack_states
+from chessdata.folder import COLUMNS, LAYOUT_VERSION, SPLITS, split_of
+from chessdata.pgn import BadGame, CorruptArchive, game_positions, iter_games
 
 
 @dataclass(frozen=True)
@@ -43,14 +39,6 @@ class Filters:
     max_elo: int | None = None
     time_controls: tuple[str, ...] | None = None
     dedup: bool = True
-
-
-def split_of(game: str, val_fraction: float, test_fraction: float) -> str:
-    """Split by a hash of the game text: stable across runs and when more files are added."""
-    bucket = int.from_bytes(hashlib.blake2b(game.encode(), digest_size=8).digest(), "little") / 2**64
-    if bucket < test_fraction:
-        return "test"
-    return "val" if bucket < test_fraction + val_fraction else "train"
 
 
 def header_filter(headers: dict[str, str], filters: Filters) -> str | None:
@@ -92,8 +80,10 @@ def parse_chunk(games: list[str], filters: Filters) -> tuple[dict, collections.C
         kept[split] += 1
         for column, values in zip(states[split], (game_states, cps, mates)):
             column.extend(values)
-    arrays = {split: {"positions": pack_states(s), "cp": np.array(c, dtype=np.int32),
-                      "mate": np.array(m, dtype=np.int16)} for split, (s, c, m) in states.items()}
+    arrays = {
+        split: {"positions": pack_states(s), "cp": np.array(c, dtype=np.int32), "mate": np.array(m, dtype=np.int16)}
+        for split, (s, c, m) in states.items()
+    }
     return arrays, kept, skipped
 
 
@@ -141,8 +131,12 @@ def write_shard(shards: Path, index: int, arrays: dict, read: int, kept, skipped
     for split, columns in arrays.items():
         for name, values in columns.items():
             _write_atomic(shards / f"{index:06d}.{split}.{name}.npy", lambda tmp, v=values: np.save(tmp, v))
-    info = {"read": read, "kept": dict(kept), "skipped": dict(skipped),
-            "positions": {split: len(arrays[split]["cp"]) for split in SPLITS}}
+    info = {
+        "read": read,
+        "kept": dict(kept),
+        "skipped": dict(skipped),
+        "positions": {split: len(arrays[split]["cp"]) for split in SPLITS},
+    }
     _write_atomic(shards / f"{index:06d}.json", lambda tmp: tmp.write_text(json.dumps(info)))
     return info
 
@@ -160,15 +154,21 @@ def join_shards(shards: Path, out: Path, infos: list[dict]) -> None:
             for index, info in enumerate(infos):
                 count = info["positions"][split]
                 if count:
-                    joined[at:at + count] = np.load(shards / f"{index:06d}.{split}.{name}.npy")
+                    joined[at : at + count] = np.load(shards / f"{index:06d}.{split}.{name}.npy")
                     at += count
             joined.flush()
             del joined
             os.replace(tmp, out / split / f"{name}.npy")
 
 
-def prepare(sources: list[Path], out: Path, filters: Filters = Filters(), max_games: int | None = None,
-            workers: int = 0, games_per_chunk: int = 20_000) -> dict:
+def prepare(
+    sources: list[Path],
+    out: Path,
+    filters: Filters = Filters(),
+    max_games: int | None = None,
+    workers: int = 0,
+    games_per_chunk: int = 20_000,
+) -> dict:
     """Prepare `out` from lichess PGN `sources`; see the module docstring. workers=0: all cores."""
     for source in sources:
         if not source.is_file():
@@ -186,7 +186,7 @@ def prepare(sources: list[Path], out: Path, filters: Filters = Filters(), max_ga
         arrays, kept, skipped = result
         infos.append(write_shard(shards, index, arrays, read, kept, skipped + raw_skipped))
 
-    # fork where it is safe: on Linux, from a process with no other thread (e.g. `python data.py
+    # fork where it is safe: on Linux, from a process with no other thread (e.g. `python -m chessdata
     # prepare`). spawn re-imports the caller's script and torch in every worker (seconds), but a fork
     # taken while another thread (wandb, the histogram sender) holds a lock deadlocks the child.
     safe_fork = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
@@ -217,25 +217,42 @@ def prepare(sources: list[Path], out: Path, filters: Filters = Filters(), max_ga
             pool.terminate()
     join_shards(shards, out, infos)
     duplicates = dedup.deduplicate(out) if filters.dedup else None  # before meta.json: a crash resumes
-    counts = {split: {"games": sum(i["kept"].get(split, 0) for i in infos),
-                      "positions": len(np.load(out / split / "cp.npy", mmap_mode="r"))} for split in SPLITS}
+    counts = {
+        split: {
+            "games": sum(i["kept"].get(split, 0) for i in infos),
+            "positions": len(np.load(out / split / "cp.npy", mmap_mode="r")),
+        }
+        for split in SPLITS
+    }
     skipped: collections.Counter = collections.Counter()
     for info in infos:
         skipped.update(info["skipped"])
     total = sum(c["positions"] for c in counts.values())
     if not total:
-        raise SystemExit(f"error: {', '.join(map(str, sources))}: no game with %eval annotations found "
-                         f"(read {sum(i['read'] for i in infos)} games, skipped {dict(skipped)})")
-    meta = {"layout_version": LAYOUT_VERSION, "sources": [str(s) for s in sources],
-            "games_read": sum(i["read"] for i in infos), "splits": counts, "skipped": dict(skipped),
-            "duplicates": duplicates, "filters": {k: v for k, v in vars(filters).items()},
-            "shards": len(infos), "shards_resumed": resumed,
-            "workers": workers, "seconds": round(time.perf_counter() - start, 2)}
+        raise SystemExit(
+            f"error: {', '.join(map(str, sources))}: no game with %eval annotations found "
+            f"(read {sum(i['read'] for i in infos)} games, skipped {dict(skipped)})"
+        )
+    meta = {
+        "layout_version": LAYOUT_VERSION,
+        "sources": [str(s) for s in sources],
+        "games_read": sum(i["read"] for i in infos),
+        "splits": counts,
+        "skipped": dict(skipped),
+        "duplicates": duplicates,
+        "filters": {k: v for k, v in vars(filters).items()},
+        "shards": len(infos),
+        "shards_resumed": resumed,
+        "workers": workers,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
     _write_atomic(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     shutil.rmtree(shards)
     per_split = ", ".join(f"{split} {c['positions']}" for split, c in counts.items())
-    print(f"prepared {out}: {total} positions from {sum(c['games'] for c in counts.values())} games "
-          f"({per_split}); skipped {dict(skipped)}; {meta['seconds']} s on {workers} worker(s)")
+    print(
+        f"prepared {out}: {total} positions from {sum(c['games'] for c in counts.values())} games "
+        f"({per_split}); skipped {dict(skipped)}; {meta['seconds']} s on {workers} worker(s)"
+    )
     return meta
 
 
@@ -244,3 +261,25 @@ def infos_wait(pending: collections.deque, finish) -> None:
     while pending:
         index, result, read, raw_skipped = pending.popleft()
         finish(index, result.get(), read, raw_skipped)
+
+
+def ensure_prepared(sources: list[Path], out: Path) -> dict:
+    """Prepare `out` from `sources` unless a complete preparation of the same sources is there.
+
+    Jobs that reach one data folder together (the first rank of each node on a shared filesystem, two
+    runs started at once) take turns through a lock file beside it: one prepares, the others then find
+    it complete. Without the lock they would write the same shard files at once."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        except (ImportError, OSError):  # no fcntl (Windows), or a filesystem without locks: no turn-taking
+            pass
+        meta_path = out / "meta.json"
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("sources") == [str(s) for s in sources] and meta.get("layout_version") == LAYOUT_VERSION:
+                return meta
+        return prepare(sources, out)

@@ -15,8 +15,15 @@ import re
 
 import chess
 
-from encoding import (FLAG_BLACK_OO, FLAG_BLACK_OOO, FLAG_BLACK_TO_MOVE, FLAG_EN_PASSANT, FLAG_WHITE_OO,
-                      FLAG_WHITE_OOO, PIECE_ORDER)
+from chessdata.encoding import (
+    FLAG_BLACK_OO,
+    FLAG_BLACK_OOO,
+    FLAG_BLACK_TO_MOVE,
+    FLAG_EN_PASSANT,
+    FLAG_WHITE_OO,
+    FLAG_WHITE_OOO,
+    PIECE_ORDER,
+)
 
 KING, QUEEN, ROOK, BISHOP, KNIGHT, PAWN = range(6)  # plane offsets inside a colour
 KIND_OF_LETTER = {"K": KING, "Q": QUEEN, "R": ROOK, "B": BISHOP, "N": KNIGHT}
@@ -45,13 +52,21 @@ def _ray(square: int, df: int, dr: int) -> int:
     return mask
 
 
-KNIGHT_ATTACKS = [_steps(s, [(1, 2), (2, 1), (2, -1), (1, -2), (-1, -2), (-2, -1), (-2, 1), (-1, 2)]) for s in range(64)]
+KNIGHT_ATTACKS = [
+    _steps(s, [(1, 2), (2, 1), (2, -1), (1, -2), (-1, -2), (-2, -1), (-2, 1), (-1, 2)]) for s in range(64)
+]
 KING_ATTACKS = [_steps(s, [(1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1)]) for s in range(64)]
 # PAWN_ATTACKS[c][s]: squares a pawn of colour c (0 white) on s attacks.
 PAWN_ATTACKS = [[_steps(s, [(-1, 1), (1, 1)]) for s in range(64)], [_steps(s, [(-1, -1), (1, -1)]) for s in range(64)]]
 # Rays per direction; for increasing directions the nearest blocker is the lowest bit, else the highest.
-ROOK_RAYS = [([_ray(s, df, dr) for s in range(64)], up) for df, dr, up in [(0, 1, True), (1, 0, True), (0, -1, False), (-1, 0, False)]]
-BISHOP_RAYS = [([_ray(s, df, dr) for s in range(64)], up) for df, dr, up in [(1, 1, True), (-1, 1, True), (1, -1, False), (-1, -1, False)]]
+ROOK_RAYS = [
+    ([_ray(s, df, dr) for s in range(64)], up)
+    for df, dr, up in [(0, 1, True), (1, 0, True), (0, -1, False), (-1, 0, False)]
+]
+BISHOP_RAYS = [
+    ([_ray(s, df, dr) for s in range(64)], up)
+    for df, dr, up in [(1, 1, True), (-1, 1, True), (1, -1, False), (-1, -1, False)]
+]
 ROOK_EMPTY = [_ray(s, 0, 1) | _ray(s, 1, 0) | _ray(s, 0, -1) | _ray(s, -1, 0) for s in range(64)]
 BISHOP_EMPTY = [_ray(s, 1, 1) | _ray(s, -1, 1) | _ray(s, 1, -1) | _ray(s, -1, -1) for s in range(64)]
 ALIGNED = [ROOK_EMPTY[s] | BISHOP_EMPTY[s] for s in range(64)]  # squares sharing a line with s
@@ -87,9 +102,14 @@ def parse_san(san: str) -> tuple | None:
     else:
         letter, from_file, from_rank, target, promotion = match.groups()
         origin_mask = (FILE_MASKS[from_file] if from_file else ALL) & (RANK_MASKS[from_rank] if from_rank else ALL)
-        parts = (KIND_OF_LETTER[letter] if letter else PAWN, origin_mask, chess.parse_square(target),
-                 KIND_OF_LETTER[promotion] if promotion else None, "x" in san,
-                 ord(from_file) - 97 if from_file and not letter and not from_rank else None)
+        parts = (
+            KIND_OF_LETTER[letter] if letter else PAWN,
+            origin_mask,
+            chess.parse_square(target),
+            KIND_OF_LETTER[promotion] if promotion else None,
+            "x" in san,
+            ord(from_file) - 97 if from_file and not letter and not from_rank else None,
+        )
         if not letter and (from_rank or (from_file is None and "x" in san)):
             parts = None  # pawn moves written like e2e4 or xd5: python-chess decides
     if len(_parsed) < 100_000:
@@ -108,9 +128,14 @@ class FastBoard:
     def state(self) -> tuple:
         """The same tuple as encoding.board_state."""
         c = self.castling
-        flags = ((FLAG_WHITE_OO if c & H1 else 0) | (FLAG_WHITE_OOO if c & A1 else 0)
-                 | (FLAG_BLACK_OO if c & H8 else 0) | (FLAG_BLACK_OOO if c & A8 else 0)
-                 | (FLAG_BLACK_TO_MOVE if self.turn else 0) | (FLAG_EN_PASSANT if self.ep >= 0 else 0))
+        flags = (
+            (FLAG_WHITE_OO if c & H1 else 0)
+            | (FLAG_WHITE_OOO if c & A1 else 0)
+            | (FLAG_BLACK_OO if c & H8 else 0)
+            | (FLAG_BLACK_OOO if c & A8 else 0)
+            | (FLAG_BLACK_TO_MOVE if self.turn else 0)
+            | (FLAG_EN_PASSANT if self.ep >= 0 else 0)
+        )
         return (*self.planes, self.halfmove, self.fullmove, self.ep, flags)
 
     def attacked(self, square: int, by: int, occupied: int) -> bool:
@@ -145,9 +170,14 @@ class FastBoard:
         between = (0b1110 if long else 0b1100000) << base  # b-d or f-g
         crossed = (3, 2) if long else (5, 6)  # squares the king passes and lands on
         occupied = occ[0] | occ[1]
-        if (not self.castling >> rook & 1 or not p[o + KING] >> king & 1 or not p[o + ROOK] >> rook & 1
-                or occupied & between or self.in_check
-                or any(self.attacked(base + square, them, occupied) for square in crossed)):
+        if (
+            not self.castling >> rook & 1
+            or not p[o + KING] >> king & 1
+            or not p[o + ROOK] >> rook & 1
+            or occupied & between
+            or self.in_check
+            or any(self.attacked(base + square, them, occupied) for square in crossed)
+        ):
             return False
         king_to, rook_to = base + (2 if long else 6), base + (3 if long else 5)
         p[o + KING] ^= (1 << king) | (1 << king_to)
@@ -163,8 +193,9 @@ class FastBoard:
         self.in_check = self.attacked(enemy_king, us, occ[0] | occ[1])
         return True
 
-    def _push_fast(self, san: str, kind: int, origin_mask: int, to: int, promotion, capture_sign: bool,
-                   pawn_file) -> bool:
+    def _push_fast(
+        self, san: str, kind: int, origin_mask: int, to: int, promotion, capture_sign: bool, pawn_file
+    ) -> bool:
         p, occ = self.planes, self.occupied
         us = self.turn
         them = 1 - us
@@ -207,8 +238,9 @@ class FastBoard:
             elif kind == ROOK:
                 candidates = slider_attacks(to, occupied, ROOK_RAYS) & p[o + ROOK]
             elif kind == QUEEN:
-                candidates = p[o + QUEEN] & (slider_attacks(to, occupied, ROOK_RAYS)
-                                             | slider_attacks(to, occupied, BISHOP_RAYS))
+                candidates = p[o + QUEEN] & (
+                    slider_attacks(to, occupied, ROOK_RAYS) | slider_attacks(to, occupied, BISHOP_RAYS)
+                )
             else:
                 candidates = KING_ATTACKS[to] & p[o + KING]
             candidates &= origin_mask
@@ -239,7 +271,9 @@ class FastBoard:
         # A move can leave its own king in check only if the king moved, the piece stood on a line
         # with its king (a pin), en passant took two pieces off a line, or the king was in check.
         king = p[o + KING].bit_length() - 1
-        if (kind == KING or en_passant or self.in_check or ALIGNED[king] & from_bit) and self.attacked(king, them, after):
+        if (kind == KING or en_passant or self.in_check or ALIGNED[king] & from_bit) and self.attacked(
+            king, them, after
+        ):
             raise IllegalMove(san)
         self.castling &= ~(from_bit | to_bit)
         if kind == KING:
@@ -251,8 +285,10 @@ class FastBoard:
         self.turn = them
         # The mover gives check only through the moved piece or a line it (or a captured pawn) left.
         enemy_king = p[t + KING].bit_length() - 1
-        self.in_check = bool((ALIGNED[enemy_king] & (from_bit | to_bit | victim_bit) or KNIGHT_ATTACKS[enemy_king] & to_bit)
-                             and self.attacked(enemy_king, us, after))
+        self.in_check = bool(
+            (ALIGNED[enemy_king] & (from_bit | to_bit | victim_bit) or KNIGHT_ATTACKS[enemy_king] & to_bit)
+            and self.attacked(enemy_king, us, after)
+        )
         return True
 
     @classmethod

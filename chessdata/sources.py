@@ -22,8 +22,9 @@ from pathlib import Path
 import chess
 import numpy as np
 
-from encoding import board_state, pack_states
-from pgn import parse_eval, read_chunks
+from chessdata.encoding import board_state, pack_states
+from chessdata.folder import SPLITS, split_of
+from chessdata.pgn import parse_eval, read_chunks
 
 KINDS = {".pgn": "pgn", ".jsonl": "evaldb", ".db": "sqlite", ".sqlite": "sqlite", ".sqlite3": "sqlite", ".csv": "csv"}
 
@@ -38,8 +39,9 @@ def kind_of(path: Path) -> str:
     suffixes = path.suffixes[-2:] if path.suffix == ".zst" else path.suffixes[-1:]
     kind = KINDS.get(suffixes[0] if suffixes else "")
     if kind is None or (kind == "sqlite" and path.suffix == ".zst"):
-        raise SystemExit(f"error: {path}: unknown source type (expected .pgn, .jsonl, .csv (each optionally "
-                         f".zst), or an SQLite .db)")
+        raise SystemExit(
+            f"error: {path}: unknown source type (expected .pgn, .jsonl, .csv (each optionally .zst), or an SQLite .db)"
+        )
     return kind
 
 
@@ -57,10 +59,13 @@ def sqlite_rows(path: Path) -> Iterator[tuple]:
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         tables = [name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        usable = [t for t in tables
-                  if {"fen", "eval"} <= {row[1] for row in connection.execute(f'PRAGMA table_info("{t}")')}]
+        usable = [
+            t for t in tables if {"fen", "eval"} <= {row[1] for row in connection.execute(f'PRAGMA table_info("{t}")')}
+        ]
         if len(usable) != 1:
-            raise SystemExit(f"error: {path}: expected one table with `fen` and `eval` columns, found {usable or tables}")
+            raise SystemExit(
+                f"error: {path}: expected one table with `fen` and `eval` columns, found {usable or tables}"
+            )
         yield from connection.execute(f'SELECT fen, eval FROM "{usable[0]}"')
     finally:
         connection.close()
@@ -105,14 +110,12 @@ READERS = {"evaldb": evaldb_record, "sqlite": sqlite_record, "csv": csv_record}
 
 
 def position_split(fen: str, val_fraction: float, test_fraction: float) -> str:
-    from prepare import split_of  # the same hash buckets as games
-
     return split_of(" ".join(fen.split()[:4]), val_fraction, test_fraction)
 
 
 def parse_position_chunk(kind: str, records: list, filters) -> tuple[dict, collections.Counter, collections.Counter]:
     """Like prepare.parse_chunk, for position records."""
-    rows = {split: ([], [], []) for split in ("train", "val", "test")}
+    rows = {split: ([], [], []) for split in SPLITS}
     kept: collections.Counter = collections.Counter()
     skipped: collections.Counter = collections.Counter()
     read = READERS[kind]
@@ -133,6 +136,8 @@ def parse_position_chunk(kind: str, records: list, filters) -> tuple[dict, colle
         kept[split] += 1
         for column, value in zip(rows[split], (board_state(board), cp, mate)):
             column.append(value)
-    arrays = {split: {"positions": pack_states(s), "cp": np.array(c, dtype=np.int32),
-                      "mate": np.array(m, dtype=np.int16)} for split, (s, c, m) in rows.items()}
+    arrays = {
+        split: {"positions": pack_states(s), "cp": np.array(c, dtype=np.int32), "mate": np.array(m, dtype=np.int16)}
+        for split, (s, c, m) in rows.items()
+    }
     return arrays, kept, skipped

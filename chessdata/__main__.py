@@ -1,0 +1,3 @@
+from chessdata.cli import main
+
+main()

@@ -1,0 +1,51 @@
+"""The prepared-folder format, defined once.
+
+A prepared folder holds, per split (train/val/test), `positions.npy` (N x 101 uint8, see encoding.py),
+`cp.npy` (int32 centipawns, White's view), `mate.npy` (int16, +-N = mate in N, 0 = none) and, when
+deduplicated, `count.npy`; `meta.json`, written last, says the folder is complete and what made it.
+Raw evals are stored; a training target (say, clamped pawns) is chosen when the data is loaded.
+"""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from chessdata.encoding import ROW_BYTES
+
+SPLITS = ("train", "val", "test")
+COLUMNS = {"positions": np.uint8, "cp": np.int32, "mate": np.int16}
+LAYOUT_VERSION = 2  # 2: deduplicated splits with count.npy
+SAMPLE_PGN = Path(__file__).resolve().parent.parent / "data" / "sample.pgn.zst"
+
+
+def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
+    """The split of a game (its text) or a position (its FEN's first four fields), by a hash: stable
+    across runs and when more files are added."""
+    bucket = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64
+    if bucket < test_fraction:
+        return "test"
+    return "val" if bucket < test_fraction + val_fraction else "train"
+
+
+def load_split(directory: Path, split: str) -> dict[str, np.ndarray]:
+    """Memory-map one split of a prepared folder."""
+    if split not in SPLITS:
+        raise SystemExit(f"error: split {split!r}: expected one of {', '.join(SPLITS)}")
+    if not (directory / "meta.json").is_file():
+        raise SystemExit(
+            f"error: {directory}: not a prepared data directory (no meta.json; run python -m chessdata prepare)"
+        )
+    arrays = {name: np.load(directory / split / f"{name}.npy", mmap_mode="r") for name in COLUMNS}
+    if arrays["positions"].ndim != 2 or arrays["positions"].shape[1] != ROW_BYTES:
+        raise SystemExit(
+            f"error: {directory / split / 'positions.npy'}: expected N x {ROW_BYTES} uint8 rows, "
+            f"got shape {arrays['positions'].shape}"
+        )
+    return arrays
+
+
+def eval_target(cp: np.ndarray, mate: np.ndarray, clamp: float) -> np.ndarray:
+    """Pawns from White's view clamped to +-clamp; mates map to the clamp with their sign."""
+    pawns = np.clip(cp.astype(np.float32) / 100, -clamp, clamp)
+    return np.where(mate != 0, np.sign(mate).astype(np.float32) * clamp, pawns).astype(np.float32)
