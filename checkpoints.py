@@ -12,6 +12,8 @@ A source for `--resume` / `--init-from` may also be a wandb model artifact (see 
 """
 
 import contextlib
+import datetime
+import inspect
 import os
 import random
 import shutil
@@ -29,9 +31,16 @@ def save(run, path: Path) -> None:
     """Write `path` atomically, every rank taking part. A write error on any rank stops every rank
     (or the others would hang) with the previous checkpoints intact."""
     fabric = run.fabric
-    state = {"model": run.model, "optimizer": run.optimizer, "progress": run.progress(),
-             "rng": rng_states(fabric), "config": to_dict(run.cfg), "run": run_identity(run.run_dir),
-             "precision": fabric.strategy.precision.state_dict()}  # fp16: the GradScaler's scale and growth
+    state = {
+        "model": run.model,
+        "optimizer": run.optimizer,
+        "progress": run.progress(),
+        "rng": rng_states(fabric),
+        "config": to_dict(run.cfg),
+        "run": run_identity(run.run_dir),
+        "task": {"name": run.task.name, "file": str(Path(inspect.getsourcefile(run.task.build_model)).resolve())},
+        "precision": fabric.strategy.precision.state_dict(),
+    }  # fp16: the GradScaler's scale and growth
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     error = None
@@ -45,14 +54,37 @@ def save(run, path: Path) -> None:
             fsync_tree(tmp)  # a folder's shards are complete here: torch's save ends in a collective
     except OSError as exc:  # disk full, permissions, ...
         error = exc
-    failed = fabric.world_size > 1 and fabric.all_reduce(
-        torch.tensor(float(error is not None), device=fabric.device), reduce_op="max").item()
+    failed = (
+        fabric.world_size > 1
+        and fabric.all_reduce(torch.tensor(float(error is not None), device=fabric.device), reduce_op="max").item()
+    )
     if error is not None or failed:
-        raise SystemExit(f"error: cannot write checkpoint {path} ({error or 'failed on another rank'}); the run stops "
-                         f"here, the checkpoints already in {path.parent} are intact")
+        raise SystemExit(
+            f"error: cannot write checkpoint {path} ({error or 'failed on another rank'}); the run stops "
+            f"here, the checkpoints already in {path.parent} are intact"
+        )
     if fabric.is_global_zero:
         replace(tmp, path)
     fabric.barrier()
+
+
+def save_ranked(run, score: float, mode: str) -> None:
+    """At a validation: write step-N.ckpt, keep the best k by the monitored metric, point last.ckpt at it."""
+    ckpt = run.cfg.checkpoint
+    path = run.run_dir / "checkpoints" / f"step-{run.step:08d}.ckpt"
+    run.best.append((score, path.name))
+    run.best.sort(key=lambda item: item[0], reverse=mode == "max")
+    dropped = run.best[ckpt.keep_best :] if ckpt.keep_best > 0 else []
+    del run.best[len(run.best) - len(dropped) :]
+    save(run, path)
+    link_last(run, path)
+    if run.fabric.is_global_zero:
+        for _, name in dropped:
+            remove(run.run_dir / "checkpoints" / name)
+        if run.loggers is not None and run.cfg.log.checkpoint_artifacts:
+            aliases = ["last", f"step-{run.step}"] + (["best"] if run.best[0][1] == path.name else [])
+            # from last.ckpt (the same file): `path` itself is gone if it did not make the best k
+            run.loggers.log_checkpoint(path.parent / "last.ckpt", path.name, aliases, [name for _, name in dropped])
 
 
 def run_identity(run_dir: Path) -> dict:
@@ -113,7 +145,7 @@ def fsync(path: Path) -> None:
 
 
 def fsync_tree(path: Path) -> None:
-    for item in ([*path.rglob("*"), path] if path.is_dir() else [path]):
+    for item in [*path.rglob("*"), path] if path.is_dir() else [path]:
         fsync(item)
 
 
@@ -128,6 +160,72 @@ def newest_run(out_dir: Path) -> Path | None:
     """The run folder under `out_dir` whose newest checkpoint is the most recent (for `--resume auto`)."""
     checkpoints = [p for p in out_dir.glob("*/checkpoints/*.ckpt")]
     return max(checkpoints, key=os.path.getmtime).parent.parent if checkpoints else None
+
+
+def choose_run_dir(fabric, cfg) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume from (None for a fresh start). Rank 0 decides
+    (fetching an artifact if one is named) and broadcasts, so every rank agrees even if clocks
+    differ; an error on rank 0 is raised on every rank."""
+
+    def decide() -> tuple[str | None, str | None, str | None]:
+        resume_from = None
+        if cfg.resume and cfg.resume != "auto":
+            try:
+                resume_from, from_artifact = resolve_source(cfg.resume, cfg.out_dir)
+            except ConfigError as exc:
+                return None, None, f"resume: {exc}"
+        try:
+            recorded = read_metadata(resume_from).get("run", {}) if resume_from else {}
+        except Exception as exc:  # a truncated or foreign file
+            return None, None, f"resume: {resume_from}: cannot load checkpoint ({type(exc).__name__}: {exc})"
+        new_name = f"{cfg.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        if cfg.run_name:
+            run_dir = cfg.out_dir / cfg.run_name
+        elif resume_from and not from_artifact and resume_from.resolve().parent.name == "checkpoints":
+            run_dir = resume_from.resolve().parent.parent  # <run>/checkpoints/<checkpoint>
+        elif resume_from:  # an artifact or a loose checkpoint: the run it records, under out_dir
+            run_dir = cfg.out_dir / (recorded.get("name") or new_name)
+        elif cfg.resume == "auto" and (latest := newest_run(cfg.out_dir)):
+            run_dir = latest
+        else:
+            run_dir = cfg.out_dir / new_name
+        if recorded.get("wandb_id") and not (run_dir / "wandb_id.txt").exists():  # continue its wandb run
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "wandb_id.txt").write_text(recorded["wandb_id"])
+        return str(run_dir), resume_from and str(resume_from), None
+
+    run_dir, resume_from, error = fabric.broadcast(decide() if fabric.is_global_zero else None, 0)
+    if error:
+        raise ConfigError(error)
+    return Path(run_dir), resume_from and Path(resume_from)
+
+
+def restore(run, path: Path | None) -> None:
+    """Load model, optimizer, counters and RNG states. With `--resume auto`, try the run's
+    checkpoints newest first and skip any that fails to load, naming it."""
+    candidates = [path] if path else resume_candidates(run.run_dir)
+    for candidate in candidates:
+        try:
+            rest = load(run.fabric, candidate, {"model": run.model, "optimizer": run.optimizer})
+        except Exception as exc:  # a truncated or foreign file: fall back to the previous one
+            if path:
+                raise SystemExit(f"error: {candidate}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
+            run.fabric.print(
+                f"warning: {candidate}: cannot load checkpoint ({type(exc).__name__}); trying an older one"
+            )
+            continue
+        for key, value in rest["progress"].items():
+            setattr(run, key, value.to(run.fabric.device) if torch.is_tensor(value) else value)
+        restore_rng(rest["rng"], run.fabric.global_rank)
+        if rest.get("precision"):  # empty unless fp16 (a scaler refuses an empty state)
+            run.fabric.strategy.precision.load_state_dict(rest["precision"])
+        # from an artifact or a copied file, the run's other checkpoints may not be here: rank only those that are
+        run.best = [(score, name) for score, name in run.best if (run.run_dir / "checkpoints" / name).exists()]
+        run.fabric.print(f"resumed from {candidate} at step {run.step} (epoch {run.epoch})")
+        return
+    if candidates:
+        raise SystemExit(f"error: {run.run_dir}: no loadable checkpoint among {', '.join(map(str, candidates))}")
+    run.fabric.print(f"resume auto: no checkpoint in {run.run_dir}; starting a new run")
 
 
 def is_sharding(fabric) -> bool:
@@ -161,11 +259,16 @@ def load_folder(path: Path, state: dict, strict: bool = True) -> dict:
     """A folder of shards into whole modules and optimizers (Fabric's wrappers or plain ones): torch's
     distributed checkpoint reads every tensor from whichever shards hold its pieces."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
-    unwrap = {key: getattr(obj, "module", None) if hasattr(obj, "_forward_module") else getattr(obj, "optimizer", obj)
-              for key, obj in state.items()}
+    unwrap = {
+        key: getattr(obj, "module", None) if hasattr(obj, "_forward_module") else getattr(obj, "optimizer", obj)
+        for key, obj in state.items()
+    }
     model = next(obj for obj in unwrap.values() if isinstance(obj, torch.nn.Module))
     # torch warns that it reads without a process group: that is the point here
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -220,7 +323,7 @@ def resolve_source(source: str, out_dir: Path) -> tuple[Path, bool]:
       with the wandb API. Either way it lands in `out_dir/artifacts/NAME-ALIAS/`.
     """
     if source.startswith("wandb:"):
-        name, _, alias = source[len("wandb:"):].partition(":")
+        name, _, alias = source[len("wandb:") :].partition(":")
         folder = out_dir / "artifacts" / f"{name}-{alias or 'latest'}"
         if not (folder / "model.ckpt").exists():
             fetch_artifact(name, alias or "latest", out_dir, folder)
@@ -247,8 +350,10 @@ def fetch_artifact(name: str, alias: str, out_dir: Path, folder: Path) -> None:
 
             wandb.Api().artifact(f"{name}:{alias}", type="model").download(root=str(tmp))
         except Exception as exc:
-            raise ConfigError(f"wandb:{name}:{alias}: not found offline in the runs under {out_dir}, "
-                              f"and the wandb API could not fetch it ({type(exc).__name__}: {exc})") from None
+            raise ConfigError(
+                f"wandb:{name}:{alias}: not found offline in the runs under {out_dir}, "
+                f"and the wandb API could not fetch it ({type(exc).__name__}: {exc})"
+            ) from None
     if not (tmp / "model.ckpt").exists():
         raise ConfigError(f"wandb:{name}:{alias}: the artifact holds no model.ckpt")
     remove(folder)
@@ -261,8 +366,12 @@ def offline_artifact(name: str, alias: str, out_dir: Path) -> dict[str, str] | N
     `alias` (or is version vK), as logged by the offline wandb runs under `out_dir`; None if none is."""
     from loggers import wandb_records, wandb_segments
 
-    versions = [r["artifact"] for log in wandb_segments(list(out_dir.glob("*/wandb"))) for r in wandb_records(log)
-                if r["type"] == "artifact" and r["artifact"]["name"] == name]  # in logging order: vK is the K-th
+    versions = [
+        r["artifact"]
+        for log in wandb_segments(list(out_dir.glob("*/wandb")))
+        for r in wandb_records(log)
+        if r["type"] == "artifact" and r["artifact"]["name"] == name
+    ]  # in logging order: vK is the K-th
     chosen = [a for k, a in enumerate(versions) if alias in a.get("aliases", []) or alias == f"v{k}"]
     if not chosen:
         return None

@@ -1,7 +1,9 @@
-"""Run configuration: one dataclass per concern, a docstring per field (these become `--help`).
+"""Run configuration: one dataclass per concern, a docstring per field (these become `--help`), and
+`Task`, the one bundle a task hands the trainer.
 
 Saved as `config.json` in every run folder and inside every checkpoint; `--config FILE` loads one
-back as the defaults, and flags given after it override it.
+back as the defaults, and flags given after it override it. A task's config class subclasses
+RunConfig, adds its own sections (model, loss, ...) and may replace the defaults of the shared ones.
 """
 
 import dataclasses
@@ -11,20 +13,26 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Literal
 
 import tyro
 
-from schedules import LR_SCHEDULES, RAMP_SHAPES
-
-SAMPLE_PGN = Path("data/sample.pgn.zst")
-PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
-              "transformer-engine", "transformer-engine-float16")
-ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")
-STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "fsdp2", "deepspeed", "dp")
-LOGGERS = ("wandb", "tensorboard", "csv", "none")
-MONITORS = {"chess": ("val/l1", "val/rmse", "val/sign_acc", "val/loss"),
-            "dvae": ("val/token_acc", "val/board_acc", "val/recon_loss", "val/kl", "val/loss")}
-QUANTIZERS = ("gumbel", "reinmax", "softmax")
+Precision = Literal[
+    "32-true",
+    "32",
+    "64-true",
+    "64",
+    "16-mixed",
+    "bf16-mixed",
+    "16-true",
+    "bf16-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+]
+Accelerator = Literal["auto", "cpu", "cuda", "gpu", "mps", "tpu"]
+Strategy = Literal["auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "fsdp2", "deepspeed", "dp"]
+Logger = Literal["wandb", "tensorboard", "csv", "none"]
+Direction = Literal["min", "max"]
 
 
 @dataclass
@@ -32,18 +40,18 @@ class FabricConfig:
     """Devices, strategy and precision. Left at their defaults, they defer to the launcher:
     `fabric run`, torchrun and SLURM set them, and Fabric refuses code that contradicts them."""
 
-    accelerator: str = "auto"
+    accelerator: Accelerator = "auto"
     """cpu, cuda, gpu, mps, tpu or auto (CUDA when present, else CPU)."""
     devices: str = "auto"
     """Devices per node: a count ("2"), a list of indices ("0,1"), "-1" for all, or auto (1 on CPU, all GPUs)."""
     num_nodes: int | None = None
     """Number of nodes; unset = 1 or what the launcher says."""
-    strategy: str = "auto"
+    strategy: Strategy = "auto"
     """auto, ddp, ddp_spawn, deepspeed, ... (Fabric's names); fsdp: Fabric's FSDPStrategy (GPU), each block its
     own unit; fsdp2: torch's fully_shard per block through Fabric's ModelParallelStrategy (also CPU/gloo)."""
-    precision: str | None = None
+    precision: Precision | None = None
     """32-true, bf16-mixed, 16-mixed, bf16-true, 64-true, ...; unset = 32-true or the launcher's choice."""
-    matmul_precision: str = "high"
+    matmul_precision: Literal["highest", "high", "medium"] = "high"
     """torch.set_float32_matmul_precision on CUDA: highest, high (TF32) or medium."""
 
 
@@ -67,7 +75,7 @@ class OptimConfig:
 class ScheduleConfig:
     """The learning rate as a pure function of the optimizer step (schedules.py)."""
 
-    kind: str = "cosine"
+    kind: Literal["constant", "cosine", "noam"] = "cosine"
     """constant, cosine (linear warmup then cosine decay) or noam."""
     warmup_steps: int = 100
     """Steps of linear warmup (cosine) or the warmup of the noam formula."""
@@ -78,17 +86,13 @@ class ScheduleConfig:
     noam_scale: float = 1.0
     """noam: the scale factor."""
     noam_d_model: int | None = None
-    """noam: d_model; unset = the model's width."""
+    """noam: the model width d_model in the formula (a task's config fills it; required for noam)."""
 
 
 @dataclass
 class DataConfig:
-    """Where positions come from and how they are batched."""
+    """How the task's datasets are batched (a task adds where its data comes from)."""
 
-    sources: list[Path] = field(default_factory=lambda: [SAMPLE_PGN])
-    """lichess .pgn / .pgn.zst files; prepared into `dir` on first use (cached after)."""
-    dir: Path = Path("data/cache/sample")
-    """Prepared data directory (see `python data.py prepare`)."""
     batch_size: int = 512
     """Global batch per optimizer step, over all devices and accumulation micro-batches."""
     eval_batch_size: int = 4096
@@ -97,31 +101,15 @@ class DataConfig:
     """DataLoader worker processes (batches are one memmap gather: 0 is usually fastest)."""
     on_device: bool = False
     """Keep the packed splits in device memory (1 GB per 10M positions); a batch is then one gather there."""
-    clamp: float = 15.0
-    """Targets are pawns clamped to +-clamp; mate scores map to the clamp with their sign."""
-    target: str = "pawns"
-    """pawns: L1 on the clamped eval (the reference setup); win_prob: BCE on sigmoid(cp / 271.6), lichess's win probability."""
-    flip: bool = True
-    """Augment training batches: colour-mirror a random half of each batch and negate its evals (on the device)."""
-
-
-@dataclass
-class ChessModelConfig:
-    """The MLP evaluator (model.py)."""
-
-    width: int = 808
-    """Width of each hidden layer."""
-    depth: int = 4
-    """Number of hidden Linear+ReLU blocks."""
 
 
 @dataclass
 class LogConfig:
     """Tracking. `metrics.csv` in the run folder is always written; `logger` picks a tracker beside it."""
 
-    logger: str = "wandb"
+    logger: Logger = "wandb"
     """wandb, tensorboard, csv (the CSV alone) or none (not even the CSV)."""
-    wandb_mode: str = "offline"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     """offline (no account needed; `wandb sync` uploads later), online or disabled."""
     project: str = "kibitz"
     """wandb project name."""
@@ -129,8 +117,6 @@ class LogConfig:
     """Log training metrics every N optimizer steps (the only host syncs of the loop)."""
     progress_bar: bool = True
     """A tqdm progress bar on rank 0."""
-    predictions: int = 16
-    """Validation positions shown with their predictions (and boards) in a table at each validation; 0 = none."""
     checkpoint_artifacts: bool = False
     """wandb: log each checkpoint as a model artifact (aliases best, last, step-N); copies every file."""
 
@@ -148,7 +134,7 @@ class MonitorConfig:
     """Histogram at most this many elements of each tensor (a strided sample), for huge models."""
     norms: bool = True
     """Per-layer and total gradient norms and update/weight ratios at every log interval."""
-    on_nonfinite: str = "warn"
+    on_nonfinite: Literal["warn", "skip", "stop"] = "warn"
     """A NaN/Inf gradient: warn (at the next log), skip (drop that optimizer step; reads a flag every
     step) or stop (save a checkpoint, exit non-zero)."""
     peak_tflops: float | None = None
@@ -163,10 +149,10 @@ class CheckpointConfig:
     """Write a checkpoint every N optimizer steps; unset = at every validation."""
     keep_best: int = 2
     """How many step checkpoints to keep, ranked by `monitor` (-1 keeps all)."""
-    monitor: str = "val/l1"
-    """The validation metric that ranks checkpoints and drives early stopping."""
-    mode: str = "min"
-    """min or max: whether a lower or a higher `monitor` is better."""
+    monitor: str | None = None
+    """The validation metric that ranks checkpoints and drives early stopping; unset = the task's first."""
+    mode: Direction | None = None
+    """min or max: whether a lower or a higher `monitor` is better; unset = the task's direction for it."""
     sharded: bool = False
     """fsdp/fsdp2: every rank writes its own shard into a checkpoint folder (torch.distributed.checkpoint)
     instead of one file gathered on rank 0, for models larger than a host's memory. A folder loads into
@@ -183,8 +169,8 @@ class TrainConfig:
     """Stop after this many epochs."""
     max_time: float | None = None
     """Stop after this many minutes (checked at log intervals)."""
-    val_every: int = 200
-    """Validate every N optimizer steps (and at the end of every epoch)."""
+    val_every: int | None = 200
+    """Validate every N optimizer steps (and at the end of every epoch and of the run); unset = never."""
     accumulate: int = 1
     """Micro-batches per optimizer step (gradient accumulation)."""
     skip_grad_sync: bool | None = None
@@ -225,89 +211,8 @@ class RunConfig:
     init_from: str | None = None
     """Start a new run from a checkpoint's weights only (fine-tuning): fresh optimizer, step 0. The same
     sources as `resume`."""
-    task: tyro.conf.Suppress[str] = "chess"
-    """The task (set by the subcommand, not a flag)."""
-
-
-@dataclass
-class ChessConfig(RunConfig):
-    """Train the chess evaluator: an MLP over the 808-bit position, L1 on the Stockfish eval in pawns."""
-
-    model: ChessModelConfig = field(default_factory=ChessModelConfig)
-
-
-@dataclass
-class DVAEModelConfig:
-    """The discrete VAE (model.DiscreteVAE): MLP-mixer encoder, latent queries, codebook, MLP-mixer decoder."""
-
-    latents: int = 32
-    """Latent positions N (each one code)."""
-    codebook: int = 64
-    """Codebook entries C (shared by all latents)."""
-    width: int = 32
-    """Channels per square and per latent."""
-    depth: int = 2
-    """Mixer blocks over the 64 squares in the encoder and in the decoder."""
-
-
-@dataclass
-class Ramp:
-    """A scheduled value (schedules.ramp): `start` for `hold` steps, then to `end` over `steps` steps."""
-
-    start: float = 0.0
-    """The value held first."""
-    end: float = 0.0
-    """The value reached after hold + steps optimizer steps."""
-    hold: int = 0
-    """Optimizer steps at `start` before moving."""
-    steps: int = 0
-    """Optimizer steps of the move."""
-    shape: str = "constant"
-    """constant (always start), linear, exponential, cosine or threshold."""
-
-
-@dataclass
-class DVAELossConfig:
-    """Quantisation, the loss terms and the values scheduled by step (all logged at each log interval)."""
-
-    quantizer: str = "gumbel"
-    """gumbel (Gumbel-softmax), reinmax (Liu et al. 2023; tau clamped to >= 1) or softmax (no noise)."""
-    tau: Ramp = field(default_factory=lambda: Ramp(1.0, 1 / 16, 0, 4000, "cosine"))
-    """Temperature of the soft codes (DALL-E: 1 to 1/16, cosine, over 150k steps)."""
-    hardness: Ramp = field(default_factory=lambda: Ramp(1.0, 1.0, 0, 0, "constant"))
-    """Blend of soft (0) and straight-through hard (1) codes in training; evaluation always uses the argmax code."""
-    kl_weight: Ramp = field(default_factory=lambda: Ramp(0.0, 0.01, 0, 1000, "linear"))
-    """Weight of the KL to the uniform prior (or of the TCVAE terms), warmed up from 0."""
-    mask: Ramp = field(default_factory=lambda: Ramp(0.0, 0.0, 0, 0, "constant"))
-    """Largest fraction of squares replaced by a MASK token per training batch (the fraction is drawn from
-    U(0, value)); never at validation or test."""
-    tcvae: bool = False
-    """Replace the KL by beta-TCVAE's terms: mi_weight*MI + tc_weight*TC + dwkl_weight*DWKL (x kl_weight)."""
-    mi_weight: float = 1.0
-    """beta-TCVAE: weight of the index-code mutual information."""
-    tc_weight: float = 6.0
-    """beta-TCVAE: weight of the total correlation (the paper's beta)."""
-    dwkl_weight: float = 1.0
-    """beta-TCVAE: weight of the dimension-wise KL."""
-    focal_gamma: float = 0.0
-    """Focal modulation of the reconstruction cross-entropy; 0 = plain cross-entropy."""
-    class_weights: list[float] | None = None
-    """13 weights (empty, K Q R B N P k q r b n p) for the reconstruction loss; unset = all 1."""
-
-
-@dataclass
-class DVAEConfig(RunConfig):
-    """Train the discrete VAE: boards as 64 square tokens -> N discrete codes -> the 64 tokens again."""
-
-    model: DVAEModelConfig = field(default_factory=DVAEModelConfig)
-    dvae: DVAELossConfig = field(default_factory=DVAELossConfig)
-    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="noam", warmup_steps=300,
-                                                                            noam_scale=0.2))
-    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=128, flip=False))
-    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(monitor="val/token_acc",
-                                                                                  mode="max"))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=5000, val_every=1000))
-    task: tyro.conf.Suppress[str] = "dvae"
+    task: tyro.conf.Suppress[str] = ""
+    """The task's name (its config class sets it; not a flag)."""
 
 
 class ConfigError(ValueError):
@@ -316,14 +221,18 @@ class ConfigError(ValueError):
 
 def to_dict(cfg) -> dict:
     """A JSON-ready dict (paths as strings)."""
+
     def plain(value):
         if isinstance(value, Path):
             return str(value)
         if isinstance(value, list):
             return [plain(v) for v in value]
         return value
-    return {k: (to_dict(v) if dataclasses.is_dataclass(v) else plain(v))
-            for k, v in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))}
+
+    return {
+        k: (to_dict(v) if dataclasses.is_dataclass(v) else plain(v))
+        for k, v in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))
+    }
 
 
 def from_dict(cls, values: dict, where: str = ""):
@@ -347,8 +256,11 @@ def from_dict(cls, values: dict, where: str = ""):
 def _mentions_path(hint) -> bool:
     if hint is Path:
         return True
-    return any(_mentions_path(arg) for arg in typing.get_args(hint)) if isinstance(
-        hint, (types.UnionType, types.GenericAlias)) or typing.get_origin(hint) else False
+    return (
+        any(_mentions_path(arg) for arg in typing.get_args(hint))
+        if isinstance(hint, (types.UnionType, types.GenericAlias)) or typing.get_origin(hint)
+        else False
+    )
 
 
 def load_json(path: Path, cls):
@@ -374,94 +286,164 @@ def strategy_of(f: FabricConfig) -> str:
     return launched if f.strategy == "auto" and launched else f.strategy
 
 
-def check(cfg: RunConfig) -> None:
-    """Raise ConfigError for the first value outside what is allowed."""
-    def need(ok: bool, name: str, allowed: str, value) -> None:
-        if not ok:
-            raise ConfigError(f"{name}: expected {allowed}, got {value!r}")
+@dataclass(frozen=True)
+class Task:
+    """Everything the trainer needs from a task, as plain functions and values (see examples/charlm.py).
 
+    The metric names in `metrics` are what `evaluate` returns, prefixed with "val/"; the first one is what
+    checkpoints are ranked by unless checkpoint.monitor says otherwise."""
+
+    name: str
+    config: type
+    """The task's RunConfig subclass (its defaults are the task's)."""
+    build_model: Callable
+    """cfg -> torch.nn.Module."""
+    datasets: Callable
+    """cfg -> {"train": ..., "val": ..., "test": ...}: data.ArrayDataset (or anything indexed by an array of
+    indices that returns a whole batch as a tuple of tensors)."""
+    train_step: Callable
+    """(cfg, model, batch, step, train_size) -> (loss to backpropagate, detached tensor of train_fields)."""
+    evaluate: Callable
+    """(fabric, cfg, model, loader) -> (metrics, histograms): sums over the split reduced over ranks."""
+    report: Callable
+    """(cfg, test metrics) -> (title, rows) for the test table."""
+    metrics: dict[str, Direction]
+    """The validation metrics that may rank checkpoints, each with whether lower or higher is better."""
+    train_fields: tuple[str, ...] = ("loss",)
+    """What `train_step` returns, averaged over each log interval; the first is the loss."""
+    scheduled: Callable | None = None
+    """(cfg, step) -> {name: value}: values the task's own schedules apply at a step (logged as schedule/...)."""
+    prepare_data: Callable | None = None
+    """cfg -> None: build the data on disk if it is missing (rank 0 of each node first, the others after)."""
+    hooks: Callable | None = None
+    """(cfg, datasets) -> hooks (callbacks.py) of the task's own, such as a table of predictions."""
+    check: Callable | None = None
+    """cfg -> None: raise ConfigError (config.need) for a bad value of the task's own sections."""
+    blocks: tuple[type, ...] = ()
+    """The model's repeated blocks: FSDP wraps (shards) each one separately."""
+
+
+def need(ok: bool, name: str, allowed: str, value) -> None:
+    """Raise the one-line error of a bad config value: the field, what is allowed, what was given."""
+    if not ok:
+        raise ConfigError(f"{name}: expected {allowed}, got {value!r}")
+
+
+def monitored(cfg: RunConfig, task: Task) -> tuple[str, str]:
+    """The metric that ranks checkpoints and drives early stopping, with its direction."""
+    name = cfg.checkpoint.monitor or next(iter(task.metrics))
+    return name, cfg.checkpoint.mode or task.metrics.get(name, "min")
+
+
+def check(cfg: RunConfig, task: Task) -> None:
+    """Raise ConfigError for the first value outside what is allowed (the choices are Literals, which
+    the command line already refuses; a config built in code is checked here)."""
+    for section in (cfg.fabric, cfg.schedule, cfg.log, cfg.monitor, cfg.checkpoint):
+        for f in dataclasses.fields(section):
+            choices = literal_choices(typing.get_type_hints(type(section))[f.name])
+            value = getattr(section, f.name)
+            need(
+                not choices or value in choices,
+                f"{type(section).__name__.removesuffix('Config').lower()}.{f.name}",
+                "one of " + ", ".join(map(str, choices)),
+                value,
+            )
     f, o, s, d, t = cfg.fabric, cfg.optim, cfg.schedule, cfg.data, cfg.train
-    need(f.accelerator in ACCELERATORS, "fabric.accelerator", "one of " + ", ".join(ACCELERATORS), f.accelerator)
-    need(f.strategy in STRATEGIES, "fabric.strategy", "one of " + ", ".join(STRATEGIES), f.strategy)
-    need(f.precision is None or f.precision in PRECISIONS, "fabric.precision", "one of " + ", ".join(PRECISIONS),
-         f.precision)
-    need(f.devices == "auto" or all(p.strip().lstrip("-").isdigit() for p in f.devices.split(",")),
-         "fabric.devices", "auto, a count, -1 or a list like 0,1", f.devices)
+    need(
+        f.devices == "auto" or all(p.strip().lstrip("-").isdigit() for p in f.devices.split(",")),
+        "fabric.devices",
+        "auto, a count, -1 or a list like 0,1",
+        f.devices,
+    )
     need(f.num_nodes is None or f.num_nodes >= 1, "fabric.num_nodes", "a count >= 1", f.num_nodes)
-    need(f.matmul_precision in ("highest", "high", "medium"), "fabric.matmul_precision", "highest, high or medium",
-         f.matmul_precision)
     need(o.lr > 0, "optim.lr", "a positive number", o.lr)
     need(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
     need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "values in [0, 1)", (o.beta1, o.beta2))
     need(o.eps > 0, "optim.eps", "a positive number", o.eps)
-    need(s.kind in LR_SCHEDULES, "schedule.kind", "one of " + ", ".join(LR_SCHEDULES), s.kind)
     need(s.warmup_steps >= 0, "schedule.warmup_steps", "a count >= 0", s.warmup_steps)
-    need(t.max_steps is None or s.warmup_steps <= t.max_steps, "schedule.warmup_steps",
-         f"at most train.max_steps ({t.max_steps})", s.warmup_steps)
+    need(
+        t.max_steps is None or s.warmup_steps <= t.max_steps,
+        "schedule.warmup_steps",
+        f"at most train.max_steps ({t.max_steps})",
+        s.warmup_steps,
+    )
     need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "a value in [0, 1]", s.min_lr_ratio)
     need(s.noam_scale > 0, "schedule.noam_scale", "a positive number", s.noam_scale)
+    need(
+        s.kind != "noam" or (s.noam_d_model or 0) >= 1,
+        "schedule.noam_d_model",
+        "the model width (a count >= 1) for the noam schedule",
+        s.noam_d_model,
+    )
     need(d.batch_size > 0, "data.batch_size", "a positive count", d.batch_size)
     need(d.eval_batch_size > 0, "data.eval_batch_size", "a positive count", d.eval_batch_size)
     need(d.num_workers >= 0, "data.num_workers", "a count >= 0", d.num_workers)
-    need(d.clamp > 0, "data.clamp", "a positive number of pawns", d.clamp)
-    need(d.target in ("pawns", "win_prob"), "data.target", "pawns or win_prob", d.target)
-    need(cfg.model.width > 0 and cfg.model.depth >= 0, "model.width/depth", "width > 0 and depth >= 0",
-         (cfg.model.width, cfg.model.depth))
-    if cfg.task == "dvae":
-        check_dvae(cfg, need)
-    need(cfg.log.logger in LOGGERS, "log.logger", "one of " + ", ".join(LOGGERS), cfg.log.logger)
-    need(cfg.log.wandb_mode in ("offline", "online", "disabled"), "log.wandb_mode", "offline, online or disabled",
-         cfg.log.wandb_mode)
     need(cfg.log.every > 0, "log.every", "a positive count", cfg.log.every)
-    need(cfg.log.predictions >= 0, "log.predictions", "a count >= 0", cfg.log.predictions)
-    need(cfg.checkpoint.every is None or cfg.checkpoint.every > 0, "checkpoint.every", "a positive count",
-         cfg.checkpoint.every)
-    need(cfg.checkpoint.keep_best == -1 or cfg.checkpoint.keep_best >= 1, "checkpoint.keep_best",
-         "-1 (all) or a count >= 1", cfg.checkpoint.keep_best)
-    monitors = MONITORS[cfg.task]
-    need(cfg.checkpoint.monitor in monitors, "checkpoint.monitor", "one of " + ", ".join(monitors),
-         cfg.checkpoint.monitor)
-    need(cfg.checkpoint.mode in ("min", "max"), "checkpoint.mode", "min or max", cfg.checkpoint.mode)
+    need(
+        cfg.checkpoint.every is None or cfg.checkpoint.every > 0,
+        "checkpoint.every",
+        "a positive count",
+        cfg.checkpoint.every,
+    )
+    need(
+        cfg.checkpoint.keep_best == -1 or cfg.checkpoint.keep_best >= 1,
+        "checkpoint.keep_best",
+        "-1 (all) or a count >= 1",
+        cfg.checkpoint.keep_best,
+    )
+    need(
+        cfg.checkpoint.monitor is None or cfg.checkpoint.monitor in task.metrics,
+        "checkpoint.monitor",
+        "one of " + ", ".join(task.metrics),
+        cfg.checkpoint.monitor,
+    )
     m = cfg.monitor
-    need(m.histogram_every is None or m.histogram_every >= 1, "monitor.histogram_every", "a count >= 1",
-         m.histogram_every)
+    need(
+        m.histogram_every is None or m.histogram_every >= 1,
+        "monitor.histogram_every",
+        "a count >= 1",
+        m.histogram_every,
+    )
     need(m.bins >= 1, "monitor.bins", "a count >= 1", m.bins)
     need(m.max_elements is None or m.max_elements >= 1, "monitor.max_elements", "a count >= 1", m.max_elements)
-    need(m.on_nonfinite in ("warn", "skip", "stop"), "monitor.on_nonfinite", "warn, skip or stop", m.on_nonfinite)
     need(m.peak_tflops is None or m.peak_tflops > 0, "monitor.peak_tflops", "a positive number", m.peak_tflops)
-    need(cfg.init_from is None or cfg.init_from.startswith("wandb:") or Path(cfg.init_from).exists(), "init_from",
-         "a checkpoint file or folder, an artifact folder, or wandb:ARTIFACT[:ALIAS]", cfg.init_from)
-    need(not cfg.checkpoint.sharded or strategy_of(f) in ("fsdp", "fsdp2"), "checkpoint.sharded",
-         "strategy fsdp or fsdp2 (other strategies hold whole models)", strategy_of(f))
-    need(any(v is not None for v in (t.max_steps, t.max_epochs, t.max_time)), "train.max_steps",
-         "a limit: set max_steps, max_epochs or max_time", None)
+    need(
+        cfg.init_from is None or cfg.init_from.startswith("wandb:") or Path(cfg.init_from).exists(),
+        "init_from",
+        "a checkpoint file or folder, an artifact folder, or wandb:ARTIFACT[:ALIAS]",
+        cfg.init_from,
+    )
+    need(
+        not cfg.checkpoint.sharded or strategy_of(f) in ("fsdp", "fsdp2"),
+        "checkpoint.sharded",
+        "strategy fsdp or fsdp2 (other strategies hold whole models)",
+        strategy_of(f),
+    )
+    need(
+        any(v is not None for v in (t.max_steps, t.max_epochs, t.max_time)),
+        "train.max_steps",
+        "a limit: set max_steps, max_epochs or max_time",
+        None,
+    )
     for name in ("max_steps", "max_epochs", "val_every", "accumulate"):
         value = getattr(t, name)
         need(value is None or value >= 1, f"train.{name}", "a count >= 1", value)
     need(t.max_time is None or t.max_time > 0, "train.max_time", "a positive number of minutes", t.max_time)
     need(t.clip is None or t.clip > 0, "train.clip", "a positive norm", t.clip)
-    need(t.early_stop_patience is None or t.early_stop_patience >= 1, "train.early_stop_patience",
-         "a count >= 1", t.early_stop_patience)
+    need(
+        t.early_stop_patience is None or t.early_stop_patience >= 1,
+        "train.early_stop_patience",
+        "a count >= 1",
+        t.early_stop_patience,
+    )
     need(t.early_stop_min_delta >= 0, "train.early_stop_min_delta", "a number >= 0", t.early_stop_min_delta)
+    if task.check:
+        task.check(cfg)
 
 
-def check_dvae(cfg: DVAEConfig, need) -> None:
-    m, d = cfg.model, cfg.dvae
-    for name in ("latents", "codebook"):
-        need(getattr(m, name) >= 1, f"model.{name}", "a count >= 1", getattr(m, name))
-    need(d.quantizer in QUANTIZERS, "dvae.quantizer", "one of " + ", ".join(QUANTIZERS), d.quantizer)
-    for name in ("tau", "hardness", "kl_weight", "mask"):
-        ramp = getattr(d, name)
-        need(ramp.shape in RAMP_SHAPES, f"dvae.{name}.shape", "one of " + ", ".join(RAMP_SHAPES), ramp.shape)
-        need(ramp.hold >= 0 and ramp.steps >= 0, f"dvae.{name}.hold/steps", "counts >= 0", (ramp.hold, ramp.steps))
-        need(ramp.shape != "exponential" or ramp.start * ramp.end > 0, f"dvae.{name}.start/end",
-             "non-zero values of one sign for an exponential ramp", (ramp.start, ramp.end))
-    need(min(d.tau.start, d.tau.end) > 0, "dvae.tau.start/end", "positive temperatures", (d.tau.start, d.tau.end))
-    for name, allowed in (("hardness", "values in [0, 1]"), ("mask", "fractions in [0, 1]")):
-        ramp = getattr(d, name)
-        need(0 <= ramp.start <= 1 and 0 <= ramp.end <= 1, f"dvae.{name}.start/end", allowed, (ramp.start, ramp.end))
-    need(min(d.kl_weight.start, d.kl_weight.end) >= 0, "dvae.kl_weight.start/end", "weights >= 0",
-         (d.kl_weight.start, d.kl_weight.end))
-    need(d.focal_gamma >= 0, "dvae.focal_gamma", "a number >= 0", d.focal_gamma)
-    need(d.class_weights is None or (len(d.class_weights) == 13 and min(d.class_weights) >= 0),
-         "dvae.class_weights", "13 weights >= 0 (empty, K Q R B N P k q r b n p)", d.class_weights)
+def literal_choices(hint) -> tuple:
+    """The values a Literal (or an optional Literal) field allows; () for other types."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    inner = [literal_choices(arg) for arg in typing.get_args(hint) if arg is not type(None)]
+    return (*inner[0], None) if len(inner) == 1 and inner[0] and type(None) in typing.get_args(hint) else ()

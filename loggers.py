@@ -59,7 +59,15 @@ class WandbLog:
     only steps past k: steps c+1..k are already in the earlier segment, with the same values, since
     the resume is exact. `wandb sync` uploads the segments in order into the one run."""
 
-    def __init__(self, run_dir: Path, project: str, mode: str, config: dict, resume_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        project: str,
+        mode: str,
+        config: dict,
+        resume_step: int | None = None,
+        summaries: dict[str, str] | None = None,
+    ):
         import wandb  # slow to import: only when used
 
         id_file = run_dir / "wandb_id.txt"
@@ -68,21 +76,24 @@ class WandbLog:
         id_file.write_text(run_id)
         os.environ.setdefault("WANDB_SILENT", "true")
         self.recorded = last_recorded_step(run_dir / "wandb", run_id) if resume_step is not None else -1
-        self.run = wandb.init(project=project, name=run_dir.name, id=run_id, dir=run_dir, mode=mode,
-                              config=config, resume="allow")
+        self.run = wandb.init(
+            project=project, name=run_dir.name, id=run_id, dir=run_dir, mode=mode, config=config, resume="allow"
+        )
+        summaries = summaries or {}
         if self.run.resumed:  # online: the server knows the run's last step too
             self.recorded = max(self.recorded, self.run.starting_step - 1)
         if resume_step is not None:
             for step, metrics in csv_rows(run_dir / "metrics.csv", self.recorded + 1, resume_step):
                 self.run.log(metrics, step=step)
             if self.recorded > resume_step:  # say so: from an older checkpoint with changed flags they would differ
-                print(f"wandb: run {run_id} already holds steps {resume_step + 1}..{self.recorded}; they are not "
-                      "logged again (a resumed run repeats them exactly; use a new --run-name to branch)", flush=True)
+                print(
+                    f"wandb: run {run_id} already holds steps {resume_step + 1}..{self.recorded}; they are not "
+                    "logged again (a resumed run repeats them exactly; use a new --run-name to branch)",
+                    flush=True,
+                )
             self.recorded = max(self.recorded, resume_step)
-        for name in ("val/l1", "val/rmse", "val/loss", "val/material_l1", "val/recon_loss"):  # errors: their best
-            self.run.define_metric(name, summary="min")
-        for name in ("val/sign_acc", "val/token_acc", "val/board_acc"):
-            self.run.define_metric(name, summary="max")
+        for name, direction in summaries.items():  # the task's metrics: summarised by their best value
+            self.run.define_metric(name, summary=direction)
         self.wandb = wandb
 
     def log(self, metrics: dict, step: int) -> None:
@@ -92,8 +103,13 @@ class WandbLog:
     def log_histograms(self, histograms: dict, step: int) -> None:
         if step <= self.recorded:
             return
-        self.run.log({name: self.wandb.Histogram(np_histogram=(counts, edges))
-                      for name, (counts, edges, _, _) in histograms.items()}, step=step)
+        self.run.log(
+            {
+                name: self.wandb.Histogram(np_histogram=(counts, edges))
+                for name, (counts, edges, _, _) in histograms.items()
+            },
+            step=step,
+        )
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
         if step <= self.recorded:
@@ -133,8 +149,12 @@ def wandb_records(log: Path) -> list[dict]:
     import subprocess
     import sys
 
-    lines = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
-                           capture_output=True, text=True, check=True).stdout.splitlines()
+    lines = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     return [json.loads(line) for line in lines if line.startswith("{")]
 
 
@@ -152,8 +172,12 @@ def wandb_segments(wandb_dirs: list[Path], run_id: str | None = None) -> list[Pa
 
 def last_recorded_step(wandb_dir: Path, run_id: str) -> int:
     """The last step that the earlier segments of wandb run `run_id` hold (-1: none)."""
-    steps = [r["history"].get("step", {}).get("num", 0)  # the step is left out of the JSON when it is 0
-             for log in wandb_segments([wandb_dir], run_id) for r in wandb_records(log) if r["type"] == "history"]
+    steps = [
+        r["history"].get("step", {}).get("num", 0)  # the step is left out of the JSON when it is 0
+        for log in wandb_segments([wandb_dir], run_id)
+        for r in wandb_records(log)
+        if r["type"] == "history"
+    ]
     return max(steps, default=-1)
 
 
@@ -182,15 +206,25 @@ class TensorBoardLog:
     def log_histograms(self, histograms: dict, step: int) -> None:
         for name, (counts, edges, mean, std) in histograms.items():
             n = float(counts.sum())  # the raw call: no re-binning of the data on the host
-            self.writer.add_histogram_raw(name, min=float(edges[0]), max=float(edges[-1]), num=n, sum=mean * n,
-                                          sum_squares=(std ** 2 + mean ** 2) * n, bucket_limits=edges[1:].tolist(),
-                                          bucket_counts=counts.tolist(), global_step=step)
+            self.writer.add_histogram_raw(
+                name,
+                min=float(edges[0]),
+                max=float(edges[-1]),
+                num=n,
+                sum=mean * n,
+                sum_squares=(std**2 + mean**2) * n,
+                bucket_limits=edges[1:].tolist(),
+                bucket_counts=counts.tolist(),
+                global_step=step,
+            )
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
         keep = [i for i, c in enumerate(columns) if c != "board"]  # markdown: no pictures
         lines = ["| " + " | ".join(columns[i] for i in keep) + " |", "|" + " --- |" * len(keep)]
-        lines += ["| " + " | ".join(f"{row[i]:.2f}" if isinstance(row[i], float) else str(row[i]) for i in keep) + " |"
-                  for row in rows]
+        lines += [
+            "| " + " | ".join(f"{row[i]:.2f}" if isinstance(row[i], float) else str(row[i]) for i in keep) + " |"
+            for row in rows
+        ]
         self.writer.add_text(name, "\n".join(lines), step)
 
     def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
@@ -225,8 +259,11 @@ class Loggers:
                 getattr(sink, method)(*args)
             except Exception as exc:
                 self.sinks.remove(sink)
-                print(f"warning: logger {type(sink).__name__} failed in {method} ({type(exc).__name__}: {exc}); "
-                      "it is switched off, training continues", flush=True)
+                print(
+                    f"warning: logger {type(sink).__name__} failed in {method} ({type(exc).__name__}: {exc}); "
+                    "it is switched off, training continues",
+                    flush=True,
+                )
 
     def write(self, metrics: dict, step: int) -> None:
         with self.lock:
@@ -253,18 +290,29 @@ class Loggers:
         self._each("finish")
 
 
-def make_loggers(kind: str, run_dir: Path, project: str, wandb_mode: str, config: dict,
-                 resume_step: int | None = None) -> Loggers:
-    """`resume_step`: the step a resumed run continues from (CSV rows after it are dropped)."""
+def make_loggers(
+    kind: str,
+    run_dir: Path,
+    project: str,
+    wandb_mode: str,
+    config: dict,
+    resume_step: int | None = None,
+    summaries: dict[str, str] | None = None,
+) -> Loggers:
+    """`resume_step`: the step a resumed run continues from (CSV rows after it are dropped);
+    `summaries`: {metric: "min" or "max"}, what wandb's run summary keeps of each (its best)."""
     if kind == "none":
         return Loggers([])
     sinks = [CSVLog(run_dir / "metrics.csv", resume_step)]
     try:
         if kind == "wandb" and wandb_mode != "disabled":
-            sinks.append(WandbLog(run_dir, project, wandb_mode, config, resume_step))
+            sinks.append(WandbLog(run_dir, project, wandb_mode, config, resume_step, summaries))
         elif kind == "tensorboard":
             sinks.append(TensorBoardLog(run_dir, config))
     except Exception as exc:  # a tracker that cannot start must not cost the run
-        print(f"warning: the {kind} logger could not start ({type(exc).__name__}: {exc}); "
-              f"training continues with {run_dir / 'metrics.csv'} only", flush=True)
+        print(
+            f"warning: the {kind} logger could not start ({type(exc).__name__}: {exc}); "
+            f"training continues with {run_dir / 'metrics.csv'} only",
+            flush=True,
+        )
     return Loggers(sinks)

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from encoding import material_balance
+from chessdata.encoding import material_balance
 
 WIN_PROB_SCALE_CP = 1 / 0.00368208  # lichess: win probability = sigmoid(cp / 271.6)
 TARGETS = ("pawns", "win_prob")
@@ -35,21 +35,24 @@ def eval_loss(output: torch.Tensor, target_pawns: torch.Tensor, target: str = "p
     return F.binary_cross_entropy_with_logits(output.float(), win)
 
 
-def eval_metric_sums(prediction: torch.Tensor, target: torch.Tensor, packed: torch.Tensor,
-                     clamp: float) -> torch.Tensor:
+def eval_metric_sums(
+    prediction: torch.Tensor, target: torch.Tensor, packed: torch.Tensor, clamp: float
+) -> torch.Tensor:
     """Per-batch sums (see EVAL_SUM_FIELDS) for L1, RMSE, sign accuracy and the material baseline."""
     prediction = prediction.float()
     error = prediction - target
     decided = target.abs() > SIGN_MARGIN
     baseline = material_balance(packed).clamp(-clamp, clamp)
-    return torch.stack([
-        torch.tensor(float(target.numel()), device=target.device),
-        error.abs().sum(),
-        error.square().sum(),
-        decided.sum().float(),
-        (decided & (torch.sign(prediction) == torch.sign(target))).sum().float(),
-        (baseline - target).abs().sum(),
-    ])
+    return torch.stack(
+        [
+            torch.tensor(float(target.numel()), device=target.device),
+            error.abs().sum(),
+            error.square().sum(),
+            decided.sum().float(),
+            (decided & (torch.sign(prediction) == torch.sign(target))).sum().float(),
+            (baseline - target).abs().sum(),
+        ]
+    )
 
 
 def eval_metrics(sums: torch.Tensor) -> dict[str, float]:
@@ -81,8 +84,11 @@ def reinmax(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tenso
     Note the sign in the pi1 line: softmax(stopgrad(ln pi1 - theta) + theta) has the value pi1 and
     the softmax Jacobian at pi1; writing `- theta` outside the stopgrad flips the gradient."""
     pi0 = logits.softmax(-1)
-    sample = F.one_hot(torch.multinomial(pi0.detach().reshape(-1, pi0.shape[-1]), 1).squeeze(-1),
-                       pi0.shape[-1]).reshape(pi0.shape).to(pi0.dtype)
+    sample = (
+        F.one_hot(torch.multinomial(pi0.detach().reshape(-1, pi0.shape[-1]), 1).squeeze(-1), pi0.shape[-1])
+        .reshape(pi0.shape)
+        .to(pi0.dtype)
+    )
     pi1 = (sample + (logits / tau).softmax(-1)) / 2
     pi1 = ((pi1.log() - logits).detach() + logits).softmax(-1)
     pi2 = 2 * pi1 - pi0 / 2
@@ -121,8 +127,13 @@ def quantize(logits: torch.Tensor, mode: str, tau: float, hardness: float) -> tu
 
 # ---------------------------------------------------------------- dVAE: losses
 
-def reconstruction_loss(token_logits: torch.Tensor, tokens: torch.Tensor, focal_gamma: float = 0.0,
-                        class_weights: torch.Tensor | None = None) -> torch.Tensor:
+
+def reconstruction_loss(
+    token_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    focal_gamma: float = 0.0,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Cross-entropy over the 64 squares, mean over squares and boards. focal_gamma > 0 scales each
     square's loss by (1 - p_true)^gamma (Lin et al. 2017), so the rare pieces count over the many
     easy empty squares; class_weights weighs each of the 13 tokens."""
@@ -166,9 +177,11 @@ def tcvae_terms(code_logits: torch.Tensor, sample: torch.Tensor, dataset_size: i
     log_q_z_given_x = pairs.diagonal(dim1=0, dim2=1).sum(0)  # (M,)
     log_q_z = torch.logsumexp(log_w + pairs.sum(-1), dim=1)
     log_q_marginals = torch.logsumexp(log_w[:, :, None] + pairs, dim=1)  # (M, L)
-    return {"mi": (log_q_z_given_x - log_q_z).mean(),
-            "tc": (log_q_z - log_q_marginals.sum(-1)).mean(),
-            "dwkl": (log_q_marginals + math.log(codes)).sum(-1).mean()}
+    return {
+        "mi": (log_q_z_given_x - log_q_z).mean(),
+        "tc": (log_q_z - log_q_marginals.sum(-1)).mean(),
+        "dwkl": (log_q_marginals + math.log(codes)).sum(-1).mean(),
+    }
 
 
 DVAE_SUM_FIELDS = ("boards", "squares_correct", "boards_correct", "recon_loss", "kl")
@@ -180,13 +193,15 @@ def dvae_metric_sums(token_logits: torch.Tensor, tokens: torch.Tensor, code_logi
     if batch == 0:  # a rank's last evaluation batch may be empty (data.EpochBatches); a mean of none is NaN
         return torch.zeros(len(DVAE_SUM_FIELDS), device=tokens.device)
     correct = token_logits.argmax(-1) == tokens
-    return torch.stack([
-        torch.tensor(float(batch), device=tokens.device),
-        correct.sum().float(),
-        correct.all(-1).sum().float(),
-        reconstruction_loss(token_logits, tokens) * batch,
-        kl_uniform(code_logits) * batch,
-    ])
+    return torch.stack(
+        [
+            torch.tensor(float(batch), device=tokens.device),
+            correct.sum().float(),
+            correct.all(-1).sum().float(),
+            reconstruction_loss(token_logits, tokens) * batch,
+            kl_uniform(code_logits) * batch,
+        ]
+    )
 
 
 def dvae_metrics(sums: torch.Tensor, code_counts: torch.Tensor) -> dict[str, float]:
@@ -196,6 +211,12 @@ def dvae_metrics(sums: torch.Tensor, code_counts: torch.Tensor) -> dict[str, flo
     usage = code_counts.double().sum(0)
     p = usage / usage.sum().clamp(min=1)
     entropy = -(p * p.clamp(min=1e-30).log()).sum()
-    return {"token_acc": s["squares_correct"] / (64 * n), "board_acc": s["boards_correct"] / n,
-            "recon_loss": s["recon_loss"] / n, "kl": s["kl"] / n, "perplexity": float(entropy.exp()),
-            "codes_used": int((usage > 0).sum()), "boards": s["boards"]}
+    return {
+        "token_acc": s["squares_correct"] / (64 * n),
+        "board_acc": s["boards_correct"] / n,
+        "recon_loss": s["recon_loss"] / n,
+        "kl": s["kl"] / n,
+        "perplexity": float(entropy.exp()),
+        "codes_used": int((usage > 0).sum()),
+        "boards": s["boards"],
+    }

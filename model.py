@@ -8,7 +8,7 @@ features and torch.compile can fuse the unpacking with the first layer.
 import torch
 from torch import nn
 
-from encoding import NUM_BITS, unpack_bits
+from chessdata.encoding import NUM_BITS, unpack_bits
 
 
 class ChessEvaluator(nn.Module):
@@ -44,10 +44,12 @@ class MixerBlock(nn.Module):
     def __init__(self, positions: int, width: int, expansion: int = 4):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.mix_positions = nn.Sequential(nn.Linear(positions, expansion * positions), nn.GELU(),
-                                           nn.Linear(expansion * positions, positions))
-        self.mix_channels = nn.Sequential(nn.Linear(width, expansion * width), nn.GELU(),
-                                          nn.Linear(expansion * width, width))
+        self.mix_positions = nn.Sequential(
+            nn.Linear(positions, expansion * positions), nn.GELU(), nn.Linear(expansion * positions, positions)
+        )
+        self.mix_channels = nn.Sequential(
+            nn.Linear(width, expansion * width), nn.GELU(), nn.Linear(expansion * width, width)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, positions, width)
         x = x + self.mix_positions(self.norm1(x).transpose(1, 2)).transpose(1, 2)

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 import tyro
 
+from chessdata.encoding import pack_board
 from config import ConfigError
-from encoding import pack_board
 from losses import to_pawns
+from tasks import CHESS
 from tools import load_checkpoint
 
 
@@ -65,13 +66,13 @@ def read_positions(args: PredictArgs) -> list[chess.Board]:
 @torch.no_grad()
 def predict(model: torch.nn.Module, boards: list[chess.Board], batch_size: int) -> np.ndarray:
     packed = torch.from_numpy(np.stack([pack_board(b) for b in boards]))
-    return torch.cat([model(packed[i:i + batch_size]) for i in range(0, len(packed), batch_size)]).float().numpy()
+    return torch.cat([model(packed[i : i + batch_size]) for i in range(0, len(packed), batch_size)]).float().numpy()
 
 
 def main(argv: list[str]) -> int:
     try:
         args = tyro.cli(PredictArgs, args=argv, prog="predict.py")
-        cfg, model = load_checkpoint(args.ckpt)
+        cfg, model = load_checkpoint(args.ckpt, CHESS)
         boards = read_positions(args)
         outputs = torch.from_numpy(predict(model, boards, args.batch_size))
         pawns = to_pawns(outputs, cfg.data.target).numpy()

@@ -1,42 +1,173 @@
-"""What differs between the tasks; the loop in train.py is the same for all.
-
-A Task is a bundle of plain functions (no base class): build the model, the loss of one training
-micro-batch, the values scheduled by step, and evaluation over a split. Both tasks read the same
-prepared position shards: a batch is (packed 101-byte rows, evals in pawns).
+"""The two built-in tasks, both on the prepared lichess positions (chessdata/): each is a config class
+and a config.Task bundle of plain functions; the loop in train.py is the same for all.
 
   chess  packed rows -> MLP -> eval in pawns; L1 (or BCE on the win probability)
   dvae   packed rows -> 64 square tokens -> encoder -> N codes -> decoder -> 64 tokens; cross-entropy + KL
+
+A batch is (packed 101-byte rows, evals in pawns) for chess and (packed rows,) for the dVAE. A third
+task needs no entry here: a file like examples/charlm.py is run directly (see the README).
 """
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
+import tyro
 
 import losses
-from config import ChessConfig, DVAEConfig, RunConfig
-from encoding import board_tokens, random_flip
+from chessdata.encoding import board_tokens, random_flip, row_to_fen
+from chessdata.folder import SPLITS, eval_target, load_split
+from chessdata.prepare import ensure_prepared
+from config import CheckpointConfig, DataConfig, LogConfig, RunConfig, ScheduleConfig, Task, TrainConfig, need
+from data import ArrayDataset
 from model import MASK_TOKEN, ChessEvaluator, DiscreteVAE
 from schedules import ramp
 
+# ---------------------------------------------------------------- configs
 
-@dataclass(frozen=True)
-class Task:
-    name: str
-    config: type
-    build_model: Callable[[RunConfig], torch.nn.Module]
-    train_fields: tuple[str, ...]
-    """What `train_step` returns, averaged over each log interval; the first is the loss."""
-    train_step: Callable
-    """(cfg, model, batch, step, dataset_size) -> (loss to backpropagate, detached values of train_fields)."""
-    scheduled: Callable[[RunConfig, int], dict[str, float]]
-    """The values the task's schedules apply at an optimizer step (logged)."""
-    evaluate: Callable
-    """(fabric, cfg, model, loader) -> (metrics incl. "loss", histograms for the loggers)."""
-    report: Callable[[RunConfig, dict], tuple[str, dict]]
-    """The test table: its title and rows."""
-    blocks: tuple[type, ...] = ()
-    """The model's repeated blocks: FSDP wraps (shards) each one separately."""
+
+@dataclass
+class PositionsData(DataConfig):
+    """Where positions come from and how they are batched."""
+
+    sources: list[Path] = field(default_factory=lambda: [Path("data/sample.pgn.zst")])
+    """lichess .pgn / .pgn.zst files; prepared into `dir` on first use (cached after)."""
+    dir: Path = Path("data/cache/sample")
+    """Prepared data directory (see `python -m chessdata prepare`)."""
+
+
+@dataclass
+class ChessData(PositionsData):
+    clamp: float = 15.0
+    """Targets are pawns clamped to +-clamp; mate scores map to the clamp with their sign."""
+    target: Literal["pawns", "win_prob"] = "pawns"
+    """pawns: L1 on the clamped eval (the reference setup); win_prob: BCE on sigmoid(cp / 271.6), lichess's
+    win probability."""
+    flip: bool = True
+    """Augment training batches: colour-mirror a random half of each batch and negate its evals (on the device)."""
+
+
+@dataclass
+class ChessLog(LogConfig):
+    predictions: int = 16
+    """Validation positions shown with their predictions (and boards) in a table at each validation; 0 = none."""
+
+
+@dataclass
+class ChessModelConfig:
+    """The MLP evaluator (model.py)."""
+
+    width: int = 808
+    """Width of each hidden layer."""
+    depth: int = 4
+    """Number of hidden Linear+ReLU blocks."""
+
+
+@dataclass
+class ChessConfig(RunConfig):
+    """Train the chess evaluator: an MLP over the 808-bit position, L1 on the Stockfish eval in pawns."""
+
+    model: ChessModelConfig = field(default_factory=ChessModelConfig)
+    data: ChessData = field(default_factory=ChessData)
+    log: ChessLog = field(default_factory=ChessLog)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(noam_d_model=808))
+    task: tyro.conf.Suppress[str] = "chess"
+
+
+@dataclass
+class DVAEModelConfig:
+    """The discrete VAE (model.DiscreteVAE): MLP-mixer encoder, latent queries, codebook, MLP-mixer decoder."""
+
+    latents: int = 32
+    """Latent positions N (each one code)."""
+    codebook: int = 64
+    """Codebook entries C (shared by all latents)."""
+    width: int = 32
+    """Channels per square and per latent."""
+    depth: int = 2
+    """Mixer blocks over the 64 squares in the encoder and in the decoder."""
+
+
+@dataclass
+class Ramp:
+    """A scheduled value (schedules.ramp): `start` for `hold` steps, then to `end` over `steps` steps."""
+
+    start: float = 0.0
+    """The value held first."""
+    end: float = 0.0
+    """The value reached after hold + steps optimizer steps."""
+    hold: int = 0
+    """Optimizer steps at `start` before moving."""
+    steps: int = 0
+    """Optimizer steps of the move."""
+    shape: Literal["constant", "linear", "exponential", "cosine", "threshold"] = "constant"
+    """constant (always start), linear, exponential, cosine or threshold."""
+
+
+@dataclass
+class DVAELossConfig:
+    """Quantisation, the loss terms and the values scheduled by step (all logged at each log interval)."""
+
+    quantizer: Literal["gumbel", "reinmax", "softmax"] = "gumbel"
+    """gumbel (Gumbel-softmax), reinmax (Liu et al. 2023; tau clamped to >= 1) or softmax (no noise)."""
+    tau: Ramp = field(default_factory=lambda: Ramp(1.0, 1 / 16, 0, 4000, "cosine"))
+    """Temperature of the soft codes (DALL-E: 1 to 1/16, cosine, over 150k steps)."""
+    hardness: Ramp = field(default_factory=lambda: Ramp(1.0, 1.0, 0, 0, "constant"))
+    """Blend of soft (0) and straight-through hard (1) codes in training; evaluation always uses the argmax code."""
+    kl_weight: Ramp = field(default_factory=lambda: Ramp(0.0, 0.01, 0, 1000, "linear"))
+    """Weight of the KL to the uniform prior (or of the TCVAE terms), warmed up from 0."""
+    mask: Ramp = field(default_factory=lambda: Ramp(0.0, 0.0, 0, 0, "constant"))
+    """Largest fraction of squares replaced by a MASK token per training batch (the fraction is drawn from
+    U(0, value)); never at validation or test."""
+    tcvae: bool = False
+    """Replace the KL by beta-TCVAE's terms: mi_weight*MI + tc_weight*TC + dwkl_weight*DWKL (x kl_weight)."""
+    mi_weight: float = 1.0
+    """beta-TCVAE: weight of the index-code mutual information."""
+    tc_weight: float = 6.0
+    """beta-TCVAE: weight of the total correlation (the paper's beta)."""
+    dwkl_weight: float = 1.0
+    """beta-TCVAE: weight of the dimension-wise KL."""
+    focal_gamma: float = 0.0
+    """Focal modulation of the reconstruction cross-entropy; 0 = plain cross-entropy."""
+    class_weights: list[float] | None = None
+    """13 weights (empty, K Q R B N P k q r b n p) for the reconstruction loss; unset = all 1."""
+
+
+@dataclass
+class DVAEConfig(RunConfig):
+    """Train the discrete VAE: boards as 64 square tokens -> N discrete codes -> the 64 tokens again."""
+
+    model: DVAEModelConfig = field(default_factory=DVAEModelConfig)
+    dvae: DVAELossConfig = field(default_factory=DVAELossConfig)
+    schedule: ScheduleConfig = field(
+        default_factory=lambda: ScheduleConfig(kind="noam", warmup_steps=300, noam_scale=0.2, noam_d_model=32)
+    )
+    data: PositionsData = field(default_factory=lambda: PositionsData(batch_size=128))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=5000, val_every=1000))
+    task: tyro.conf.Suppress[str] = "dvae"
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare_positions(cfg: RunConfig) -> None:
+    ensure_prepared(cfg.data.sources, cfg.data.dir)
+
+
+def chess_datasets(cfg: ChessConfig) -> dict[str, ArrayDataset]:
+    """Each split as (packed rows, clamped pawns): one memmap gather a batch; bits are unpacked on the device."""
+    splits = {split: load_split(cfg.data.dir, split) for split in SPLITS}
+    return {
+        split: ArrayDataset(a["positions"], eval_target(np.asarray(a["cp"]), np.asarray(a["mate"]), cfg.data.clamp))
+        for split, a in splits.items()
+    }
+
+
+def board_datasets(cfg: DVAEConfig) -> dict[str, ArrayDataset]:
+    return {split: ArrayDataset(load_split(cfg.data.dir, split)["positions"]) for split in SPLITS}
 
 
 # ---------------------------------------------------------------- chess
@@ -46,7 +177,7 @@ def chess_model(cfg: ChessConfig) -> torch.nn.Module:
     return ChessEvaluator(cfg.model.width, cfg.model.depth)
 
 
-def chess_step(cfg: ChessConfig, model, batch, step: int, dataset_size: int):
+def chess_step(cfg: ChessConfig, model, batch, step: int, train_size: int):
     packed, pawns = batch
     if cfg.data.flip:
         packed, pawns = random_flip(packed, pawns)
@@ -69,13 +200,72 @@ def chess_evaluate(fabric, cfg: ChessConfig, model, loader) -> tuple[dict, dict]
 
 
 def chess_report(cfg: ChessConfig, metrics: dict) -> tuple[str, dict]:
-    return (f"{int(metrics['positions'])} positions; pawns, clamped to +-{cfg.data.clamp:g}",
-            {"l1": metrics["l1"], "rmse": metrics["rmse"], "sign_acc (|eval|>1)": metrics["sign_acc"],
-             "material baseline l1": metrics["material_l1"]})
+    return (
+        f"{int(metrics['positions'])} positions; pawns, clamped to +-{cfg.data.clamp:g}",
+        {
+            "l1": metrics["l1"],
+            "rmse": metrics["rmse"],
+            "sign_acc (|eval|>1)": metrics["sign_acc"],
+            "material baseline l1": metrics["material_l1"],
+        },
+    )
 
 
-CHESS = Task("chess", ChessConfig, chess_model, ("loss",), chess_step, lambda cfg, step: {}, chess_evaluate,
-             chess_report, ChessEvaluator.block_types)
+def prediction_table(cfg: ChessConfig, datasets: dict) -> dict:
+    """At every validation, rank 0 logs the same `log.predictions` validation positions: FEN, target,
+    prediction (pawns) and the board drawn by python-chess."""
+    import chess
+    import chess.svg
+
+    count = cfg.log.predictions
+    if not count or cfg.log.logger == "none":
+        return {}
+    positions, targets = (np.array(a[:count]) for a in datasets["val"].arrays)
+    fens = [row_to_fen(row) for row in positions]
+    boards = [chess.svg.board(chess.Board(fen), size=160) for fen in fens]
+
+    @torch.no_grad()
+    def log(run) -> None:
+        # Every rank runs the forward: under FSDP it gathers parameters from all of them.
+        module = getattr(run.model, "_original_module", run.model)
+        was_training = module.training
+        module.eval()
+        predictions = losses.to_pawns(
+            module(torch.from_numpy(positions).to(run.fabric.device)), cfg.data.target
+        ).tolist()
+        module.train(was_training)
+        if run.loggers is not None:
+            table = [list(row) for row in zip(fens, targets.tolist(), predictions, boards)]
+            run.loggers.log_table("val/predictions", ["fen", "target", "prediction", "board"], table, run.step)
+
+    return {"on_validation_end": [log]}
+
+
+def check_chess(cfg: ChessConfig) -> None:
+    need(
+        cfg.model.width > 0 and cfg.model.depth >= 0,
+        "model.width/depth",
+        "width > 0 and depth >= 0",
+        (cfg.model.width, cfg.model.depth),
+    )
+    need(cfg.data.clamp > 0, "data.clamp", "a positive number of pawns", cfg.data.clamp)
+    need(cfg.log.predictions >= 0, "log.predictions", "a count >= 0", cfg.log.predictions)
+
+
+CHESS = Task(
+    "chess",
+    ChessConfig,
+    chess_model,
+    chess_datasets,
+    chess_step,
+    chess_evaluate,
+    chess_report,
+    metrics={"val/l1": "min", "val/rmse": "min", "val/sign_acc": "max", "val/loss": "min", "val/material_l1": "min"},
+    prepare_data=prepare_positions,
+    hooks=prediction_table,
+    check=check_chess,
+    blocks=ChessEvaluator.block_types,
+)
 
 
 # ---------------------------------------------------------------- discrete VAE
@@ -89,8 +279,10 @@ def dvae_model(cfg: DVAEConfig) -> torch.nn.Module:
 def dvae_scheduled(cfg: DVAEConfig, step: int) -> dict[str, float]:
     """kl_weight, tau, hardness and the largest mask fraction at `step`: functions of the step alone."""
     d = cfg.dvae
-    return {name: ramp(step, r.start, r.end, r.hold, r.steps, r.shape)
-            for name, r in (("kl_weight", d.kl_weight), ("tau", d.tau), ("hardness", d.hardness), ("mask", d.mask))}
+    return {
+        name: ramp(step, r.start, r.end, r.hold, r.steps, r.shape)
+        for name, r in (("kl_weight", d.kl_weight), ("tau", d.tau), ("hardness", d.hardness), ("mask", d.mask))
+    }
 
 
 def mask_squares(tokens: torch.Tensor, max_fraction: float) -> torch.Tensor:
@@ -104,7 +296,7 @@ def mask_squares(tokens: torch.Tensor, max_fraction: float) -> torch.Tensor:
 DVAE_FIELDS = ("loss", "recon_loss", "kl", "mi", "tc", "dwkl")
 
 
-def dvae_step(cfg: DVAEConfig, model, batch, step: int, dataset_size: int):
+def dvae_step(cfg: DVAEConfig, model, batch, step: int, train_size: int):
     """Encode (the input masked), quantise with this step's tau and hardness, decode, and score the
     reconstruction of the unmasked board. KL or the TCVAE terms are weighted by kl_weight."""
     d = cfg.dvae
@@ -112,12 +304,13 @@ def dvae_step(cfg: DVAEConfig, model, batch, step: int, dataset_size: int):
     tokens = board_tokens(batch[0])
     token_logits, code_logits, sample = model(
         mask_squares(tokens, values["mask"]),
-        lambda logits: losses.quantize(logits, d.quantizer, values["tau"], values["hardness"]))
+        lambda logits: losses.quantize(logits, d.quantizer, values["tau"], values["hardness"]),
+    )
     weights = None if d.class_weights is None else torch.tensor(d.class_weights, device=tokens.device)
     recon = losses.reconstruction_loss(token_logits, tokens, d.focal_gamma, weights)
     kl = losses.kl_uniform(code_logits)
     with torch.set_grad_enabled(d.tcvae and torch.is_grad_enabled()):
-        terms = losses.tcvae_terms(code_logits, sample, dataset_size)
+        terms = losses.tcvae_terms(code_logits, sample, train_size)
     if d.tcvae:
         prior = d.mi_weight * terms["mi"] + d.tc_weight * terms["tc"] + d.dwkl_weight * terms["dwkl"]
     else:
@@ -135,7 +328,7 @@ def dvae_evaluate(fabric, cfg: DVAEConfig, model, loader) -> tuple[dict, dict]:
     sums = torch.zeros(len(losses.DVAE_SUM_FIELDS), device=fabric.device, dtype=torch.float64)
     counts = torch.zeros(cfg.model.latents, cfg.model.codebook, device=fabric.device, dtype=torch.float64)
     loader.sampler.start_epoch(0)
-    for packed, _ in loader:
+    for packed, *_ in loader:
         tokens = board_tokens(packed)
         token_logits, code_logits, codes = model(tokens)
         index = codes.argmax(-1)
@@ -156,13 +349,85 @@ def dvae_evaluate(fabric, cfg: DVAEConfig, model, loader) -> tuple[dict, dict]:
 
 
 def dvae_report(cfg: DVAEConfig, metrics: dict) -> tuple[str, dict]:
-    return (f"{int(metrics['boards'])} boards; {cfg.model.latents} latents x {cfg.model.codebook} codes",
-            {"token_acc": metrics["token_acc"], "board_acc": metrics["board_acc"],
-             "recon_loss": metrics["recon_loss"], "kl": metrics["kl"], "perplexity": metrics["perplexity"],
-             "codes_used": metrics["codes_used"]})
+    return (
+        f"{int(metrics['boards'])} boards; {cfg.model.latents} latents x {cfg.model.codebook} codes",
+        {
+            "token_acc": metrics["token_acc"],
+            "board_acc": metrics["board_acc"],
+            "recon_loss": metrics["recon_loss"],
+            "kl": metrics["kl"],
+            "perplexity": metrics["perplexity"],
+            "codes_used": metrics["codes_used"],
+        },
+    )
 
 
-DVAE = Task("dvae", DVAEConfig, dvae_model, DVAE_FIELDS, dvae_step, dvae_scheduled, dvae_evaluate, dvae_report,
-            DiscreteVAE.block_types)
+def check_dvae(cfg: DVAEConfig) -> None:
+    m, d = cfg.model, cfg.dvae
+    for name in ("latents", "codebook", "width"):
+        need(getattr(m, name) >= 1, f"model.{name}", "a count >= 1", getattr(m, name))
+    need(m.depth >= 0, "model.depth", "a count >= 0", m.depth)
+    need(
+        d.quantizer in ("gumbel", "reinmax", "softmax"),
+        "dvae.quantizer",
+        "one of gumbel, reinmax, softmax",
+        d.quantizer,
+    )
+    for name in ("tau", "hardness", "kl_weight", "mask"):
+        r = getattr(d, name)
+        need(
+            r.shape in ("constant", "linear", "exponential", "cosine", "threshold"),
+            f"dvae.{name}.shape",
+            "one of constant, linear, exponential, cosine, threshold",
+            r.shape,
+        )
+        need(r.hold >= 0 and r.steps >= 0, f"dvae.{name}.hold/steps", "counts >= 0", (r.hold, r.steps))
+        need(
+            r.shape != "exponential" or r.start * r.end > 0,
+            f"dvae.{name}.start/end",
+            "non-zero values of one sign for an exponential ramp",
+            (r.start, r.end),
+        )
+    need(min(d.tau.start, d.tau.end) > 0, "dvae.tau.start/end", "positive temperatures", (d.tau.start, d.tau.end))
+    for name, allowed in (("hardness", "values in [0, 1]"), ("mask", "fractions in [0, 1]")):
+        r = getattr(d, name)
+        need(0 <= r.start <= 1 and 0 <= r.end <= 1, f"dvae.{name}.start/end", allowed, (r.start, r.end))
+    need(
+        min(d.kl_weight.start, d.kl_weight.end) >= 0,
+        "dvae.kl_weight.start/end",
+        "weights >= 0",
+        (d.kl_weight.start, d.kl_weight.end),
+    )
+    need(d.focal_gamma >= 0, "dvae.focal_gamma", "a number >= 0", d.focal_gamma)
+    need(
+        d.class_weights is None or (len(d.class_weights) == 13 and min(d.class_weights) >= 0),
+        "dvae.class_weights",
+        "13 weights >= 0 (empty, K Q R B N P k q r b n p)",
+        d.class_weights,
+    )
+
+
+DVAE = Task(
+    "dvae",
+    DVAEConfig,
+    dvae_model,
+    board_datasets,
+    dvae_step,
+    dvae_evaluate,
+    dvae_report,
+    metrics={
+        "val/token_acc": "max",
+        "val/board_acc": "max",
+        "val/recon_loss": "min",
+        "val/kl": "min",
+        "val/loss": "min",
+    },
+    train_fields=DVAE_FIELDS,
+    scheduled=dvae_scheduled,
+    prepare_data=prepare_positions,
+    check=check_dvae,
+    blocks=DiscreteVAE.block_types,
+)
 
 TASKS = {"chess": CHESS, "dvae": DVAE}
+"""The tasks `python train.py NAME` runs; the first is the default."""

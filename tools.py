@@ -1,39 +1,52 @@
-"""Tools around a run, as subcommands of train.py:
+"""Tools around a run, as subcommands of train.py (or of a task file such as examples/charlm.py):
 
-    python train.py chess evaluate --ckpt runs/x/checkpoints/last.ckpt [--data DIR] [--split test]
-    python train.py dvae evaluate --ckpt runs/y/checkpoints/last.ckpt      (token/board accuracy, codebook use)
+    python train.py evaluate --ckpt runs/x/checkpoints/last.ckpt [--data.dir DIR] [--split test]
     python train.py chess lr-find [training flags] [--lr-min 1e-6 --lr-max 1 --steps 100]
     python train.py chess export-config [training flags] > cfg.json
 
-Predicting positions is predict.py.
+evaluate takes the task from the checkpoint; lr-find is a hook on the ordinary loop (train.lr_find),
+so it honours devices, strategy and precision. Predicting chess positions is predict.py.
 """
 
 import csv
 import dataclasses
-import datetime
 import json
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import tyro
+from lightning_fabric import Fabric
 
+import checkpoints
 import config
 import data
-from config import ChessConfig, ConfigError, RunConfig
-from tasks import TASKS
+from config import Accelerator, ConfigError, DataConfig, RunConfig, Task
 
-TOOLS = ("evaluate", "lr-find", "export-config")
+TOOLS = {
+    "evaluate": "run a checkpoint over a split and print its metrics (the task comes from the checkpoint)",
+    "lr-find": "the learning-rate range test: a short run with an exponentially growing LR",
+    "export-config": "print the resolved config as JSON (for --config)",
+}
 
 
-def load_checkpoint(path: Path, task: str = "chess") -> tuple[RunConfig, torch.nn.Module]:
+def checkpoint_task(path: Path) -> tuple[str | None, str | None]:
+    """The task name and task file a checkpoint records, or Nones if it cannot be read."""
+    try:
+        metadata = checkpoints.read_metadata(checkpoints.resolve_source(str(path), Path("runs"))[0])
+    except Exception:
+        return None, None
+    if not isinstance(metadata, dict):
+        return None, None
+    return metadata.get("config", {}).get("task"), metadata.get("task", {}).get("file")
+
+
+def load_checkpoint(path: Path, task: Task) -> tuple[RunConfig, torch.nn.Module]:
     """A checkpoint's config and its model with the saved weights (on the CPU). `path`: a checkpoint
     file or (sharded) folder, an artifact folder, or wandb:ARTIFACT[:ALIAS]."""
-    import checkpoints
-
     if not str(path).startswith("wandb:") and not Path(path).exists():
         raise ConfigError(f"ckpt: {path} is not a checkpoint file or folder")
     try:
@@ -44,10 +57,10 @@ def load_checkpoint(path: Path, task: str = "chess") -> tuple[RunConfig, torch.n
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or not (source.is_dir() or "model" in checkpoint):
         raise ConfigError(f"ckpt: {path} is not a kibitz checkpoint (no saved config and model)")
     saved_task = checkpoint["config"].get("task")
-    if saved_task != task:
-        raise ConfigError(f"ckpt: {path} is a checkpoint of the {saved_task!r} task, expected {task!r}")
-    cfg = config.from_dict(TASKS[task].config, checkpoint["config"])
-    model = TASKS[task].build_model(cfg)
+    if saved_task != task.name:
+        raise ConfigError(f"ckpt: {path} is a checkpoint of the {saved_task!r} task, expected {task.name!r}")
+    cfg = config.from_dict(task.config, checkpoint["config"])
+    model = task.build_model(cfg)
     try:
         if source.is_dir():
             checkpoints.load_folder(source, {"model": model})
@@ -58,36 +71,47 @@ def load_checkpoint(path: Path, task: str = "chess") -> tuple[RunConfig, torch.n
     return cfg, model.eval()
 
 
+DataT = typing.TypeVar("DataT", bound=DataConfig)
+
+
 @dataclass
-class EvaluateArgs:
-    """Run a checkpoint over a prepared split with the validation metric code; print the metrics table."""
+class EvaluateArgs(typing.Generic[DataT]):
+    """Run a checkpoint over a split with the validation metric code; print the metrics table."""
 
     ckpt: Path
-    """The checkpoint (its saved config rebuilds the model)."""
-    data: Path | None = None
-    """A prepared data directory; unset = the one the model was trained on."""
-    split: str = "test"
-    """train, val or test."""
+    """The checkpoint (its saved config rebuilds the model and names the task)."""
+    data: DataT = None  # type: ignore[assignment]
+    """The data: the checkpoint's by default; any of its fields may be changed (say --data.dir)."""
+    split: Literal["train", "val", "test"] = "test"
+    """The split to evaluate."""
     batch_size: int | None = None
-    """Positions per batch; unset = the training run's data.eval_batch_size."""
-    accelerator: str = "auto"
+    """Examples per batch; unset = the training run's data.eval_batch_size."""
+    accelerator: Accelerator = "auto"
     """cpu, cuda or auto."""
 
 
-def evaluate(args: EvaluateArgs, task: str = "chess") -> dict[str, float]:
-    import train
+def print_table(title: str, metrics: dict[str, float]) -> None:
+    print(f"\n{title}")
+    print(f"  {'metric':<24}{'value':>12}")
+    for name, value in metrics.items():
+        print(f"  {name:<24}{value:>12.4f}" if isinstance(value, float) else f"  {name:<24}{value:>12}")
 
+
+def evaluate(args: EvaluateArgs, task: Task) -> dict[str, float]:
     cfg, model = load_checkpoint(args.ckpt, task)
-    directory = args.data or cfg.data.dir
-    split = data.PackedPositions(directory, args.split, cfg.data.clamp)
-    fabric = train.Fabric(accelerator=args.accelerator, devices=1)
+    if args.data is not None:
+        cfg = dataclasses.replace(cfg, data=args.data)
+    dataset = task.datasets(cfg)[args.split]
+    fabric = Fabric(accelerator=args.accelerator, devices=1)
     model = fabric.setup_module(model)
     loader = fabric.setup_dataloaders(
-        data.make_loader(split, args.batch_size or cfg.data.eval_batch_size, False, 0, 0, 1, drop_last=False),
-        use_distributed_sampler=False)
-    metrics, _ = TASKS[task].evaluate(fabric, cfg, model, loader)  # the loop's own evaluation pass
-    title, rows = TASKS[task].report(cfg, metrics)
-    train.print_table(f"{args.split} metrics of {args.ckpt} on {directory} ({title})", rows)
+        data.make_loader(dataset, args.batch_size or cfg.data.eval_batch_size, False, 0, 0, 1, drop_last=False),
+        use_distributed_sampler=False,
+    )
+    metrics, _ = task.evaluate(fabric, cfg, model, loader)  # the loop's own evaluation pass
+    title, rows = task.report(cfg, metrics)
+    where = getattr(cfg.data, "dir", None)
+    print_table(f"{args.split} metrics of {args.ckpt}{f' on {where}' if where else ''} ({title})", rows)
     return metrics
 
 
@@ -99,7 +123,7 @@ class LRFindArgs(typing.Generic[RunT]):
     """The learning-rate range test: train a fresh model for `steps` steps while the LR grows
     exponentially from lr_min to lr_max; suggest the LR where the smoothed loss falls fastest."""
 
-    run: Annotated[RunT, tyro.conf.arg(name="")] = field(default_factory=ChessConfig)
+    run: Annotated[RunT, tyro.conf.arg(name="")]
     lr_min: float = 1e-6
     """The first learning rate."""
     lr_max: float = 1.0
@@ -111,6 +135,9 @@ class LRFindArgs(typing.Generic[RunT]):
     diverge: float = 4.0
     """Stop once the smoothed loss exceeds this multiple of its minimum."""
 
+    def lr_at(self, step: int) -> float:
+        return self.lr_min * (self.lr_max / self.lr_min) ** (step / max(1, self.steps - 1))
+
 
 def suggest_lr(lrs: list[float], smoothed: list[float]) -> float:
     """The LR of steepest descent of the smoothed loss against log(lr), between the first 10 % of
@@ -120,69 +147,40 @@ def suggest_lr(lrs: list[float], smoothed: list[float]) -> float:
     window = max(1, len(lrs) // 20)
     if end - window <= first:  # the loss never fell: the smallest LR is the only safe answer
         return lrs[0]
-    slopes = {i: (smoothed[i + window] - smoothed[i]) / math.log(lrs[i + window] / lrs[i])
-              for i in range(first, end - window + 1)}
+    slopes = {
+        i: (smoothed[i + window] - smoothed[i]) / math.log(lrs[i + window] / lrs[i])
+        for i in range(first, end - window + 1)
+    }
     steepest = min(slopes, key=slopes.get)
     return lrs[steepest + window // 2]
 
 
-def lr_find(args: LRFindArgs) -> float:
-    import train
+def lr_range(args: LRFindArgs, run_dir: Path, result: dict) -> dict:
+    """The hook of lr-find (the loop logs every step): record (step, lr, loss, smoothed loss), ask to
+    stop once the loss diverges, and at the end write the curve and put the suggestion in `result`."""
+    rows, state = [], {"average": 0.0, "best": math.inf}
 
-    cfg = args.run
-    config.check(cfg)
-    if not 0 < args.lr_min < args.lr_max:
-        raise ConfigError(f"lr_min/lr_max: expected 0 < lr_min < lr_max, got {args.lr_min}, {args.lr_max}")
-    fabric = train.Fabric(accelerator=cfg.fabric.accelerator, devices=1, precision=cfg.fabric.precision)
-    fabric.seed_everything(cfg.train.seed)
-    data.ensure_prepared(cfg.data.sources, cfg.data.dir)
-    split = data.PackedPositions(cfg.data.dir, "train", cfg.data.clamp)
-    micro_batch = cfg.data.batch_size // cfg.train.accumulate
-    loader = fabric.setup_dataloaders(data.make_loader(split, micro_batch, True, cfg.train.seed, 0, 1, drop_last=True),
-                                      use_distributed_sampler=False)
-    task = TASKS[cfg.task]
-    model = fabric.setup_module(task.build_model(cfg))
-    optimizer = fabric.setup_optimizers(train.make_optimizer(model, cfg.optim, fused=fabric.device.type == "cuda"))
-    run_dir = cfg.out_dir / f"lr-find-{datetime.datetime.now():%Y%m%d-%H%M%S}"  # never an existing run's folder
-    run_dir.mkdir(parents=True, exist_ok=True)
+    def record(run) -> None:
+        loss = run.log_row["train/loss"]
+        state["average"] = args.smoothing * state["average"] + (1 - args.smoothing) * loss
+        smoothed = state["average"] / (1 - args.smoothing ** (len(rows) + 1))  # bias-corrected moving average
+        rows.append((run.step - 1, run.lr, loss, smoothed))
+        state["best"] = min(state["best"], smoothed)
+        if not math.isfinite(loss) or smoothed > args.diverge * state["best"]:
+            run.should_stop = True
 
-    rows, average, best = [], 0.0, math.inf
-    batches, epoch = iter(loader), 0
-    for step in range(args.steps):
-        lr = args.lr_min * (args.lr_max / args.lr_min) ** (step / max(1, args.steps - 1))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        total = 0.0
-        for _ in range(cfg.train.accumulate):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                epoch += 1
-                loader.sampler.start_epoch(epoch)
-                batches = iter(loader)
-                batch = next(batches)
-            loss, _ = task.train_step(cfg, model, batch, step, len(split))
-            fabric.backward(loss / cfg.train.accumulate)
-            total += loss.item() / cfg.train.accumulate  # a host sync per step is fine for a 100-step test
-        if cfg.train.clip is not None:
-            fabric.clip_gradients(model, optimizer, max_norm=cfg.train.clip, error_if_nonfinite=False)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        average = args.smoothing * average + (1 - args.smoothing) * total
-        smoothed = average / (1 - args.smoothing ** (step + 1))  # bias-corrected moving average
-        rows.append((step, lr, total, smoothed))
-        best = min(best, smoothed)
-        if not math.isfinite(total) or smoothed > args.diverge * best:
-            break
-    lrs, smooth = [r[1] for r in rows], [r[3] for r in rows]
-    suggestion = suggest_lr(lrs, smooth)
-    with open(run_dir / "lr_find.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "lr", "loss", "smoothed_loss"])
-        writer.writerows(rows)
-    plot_lr_curve(lrs, [r[2] for r in rows], smooth, suggestion, run_dir / "lr_find.png")
-    print(f"suggested lr: {suggestion:.3g}  (curve: {run_dir / 'lr_find.png'}, {run_dir / 'lr_find.csv'})")
-    return suggestion
+    def finish(run) -> None:
+        lrs, smooth = [r[1] for r in rows], [r[3] for r in rows]
+        result["suggestion"] = suggestion = suggest_lr(lrs, smooth)
+        if run.fabric.is_global_zero:
+            with open(run_dir / "lr_find.csv", "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["step", "lr", "loss", "smoothed_loss"])
+                writer.writerows(rows)
+            plot_lr_curve(lrs, [r[2] for r in rows], smooth, suggestion, run_dir / "lr_find.png")
+            print(f"suggested lr: {suggestion:.3g}  (curve: {run_dir / 'lr_find.png'}, {run_dir / 'lr_find.csv'})")
+
+    return {"on_log": [record], "on_train_end": [finish]}
 
 
 def plot_lr_curve(lrs, loss, smoothed, suggestion: float, path: Path) -> None:
@@ -205,13 +203,3 @@ def plot_lr_curve(lrs, loss, smoothed, suggestion: float, path: Path) -> None:
 def export_config(cfg: RunConfig) -> str:
     """The full resolved config as JSON; `--config` reads it back unchanged."""
     return json.dumps(config.to_dict(dataclasses.replace(cfg, resume=None)), indent=2)
-
-
-def main(task: str, tool: str, args: list[str], default: RunConfig) -> None:
-    prog = f"train.py {task} {tool}"
-    if tool == "evaluate":
-        evaluate(tyro.cli(EvaluateArgs, args=args, prog=prog), task)
-    elif tool == "lr-find":
-        lr_find(tyro.cli(LRFindArgs[TASKS[task].config], default=LRFindArgs(run=default), args=args, prog=prog))
-    elif tool == "export-config":
-        print(export_config(tyro.cli(TASKS[task].config, default=default, args=args, prog=prog)))

@@ -43,11 +43,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
 import data  # noqa: E402
+import tasks  # noqa: E402
 import train  # noqa: E402
-from config import ChessConfig, ChessModelConfig, DataConfig, LogConfig, TrainConfig  # noqa: E402
-from encoding import random_flip  # noqa: E402
+from chessdata.encoding import random_flip  # noqa: E402
+from chessdata.prepare import ensure_prepared  # noqa: E402
+from config import TrainConfig  # noqa: E402
 from model import ChessEvaluator  # noqa: E402
 from schedules import learning_rate  # noqa: E402
+from tasks import ChessConfig, ChessData, ChessLog, ChessModelConfig  # noqa: E402
 
 SIZES = {"default": (808, 4, 512), "tiny": (32, 1, 64)}  # width, depth, batch
 WARMUP_STEPS = 20
@@ -89,6 +92,7 @@ def counting_syncs(clock: StepClock):
             if not any(part in caller for part in host_side):
                 clock.pending += 1
             return original(self, *args, **kwargs)
+
         return read
 
     for name, original in originals.items():
@@ -102,15 +106,27 @@ def counting_syncs(clock: StepClock):
 
 def base_config(size: str, steps: int, out: Path) -> ChessConfig:
     width, depth, batch = SIZES[size]
-    return ChessConfig(model=ChessModelConfig(width, depth), data=DataConfig(batch_size=batch),
-                       train=TrainConfig(max_steps=steps, val_every=10**9, seed=SEED),
-                       log=LogConfig(logger="csv", progress_bar=False, predictions=0), out_dir=out)
+    return ChessConfig(
+        model=ChessModelConfig(width, depth),
+        data=ChessData(batch_size=batch),
+        train=TrainConfig(max_steps=steps, val_every=10**9, seed=SEED),
+        log=ChessLog(logger="csv", progress_bar=False, predictions=0),
+        out_dir=out,
+    )
 
 
 def lr_function(cfg: ChessConfig):
     s = cfg.schedule
-    return lambda step: learning_rate(step, s.kind, cfg.optim.lr, s.warmup_steps, s.total_steps or cfg.train.max_steps,
-                                      s.min_lr_ratio, s.noam_scale, cfg.model.width)
+    return lambda step: learning_rate(
+        step,
+        s.kind,
+        cfg.optim.lr,
+        s.warmup_steps,
+        s.total_steps or cfg.train.max_steps,
+        s.min_lr_ratio,
+        s.noam_scale,
+        s.noam_d_model,
+    )
 
 
 def seed_all(seed: int) -> None:
@@ -130,8 +146,7 @@ def endless(loader):
 def raw_loop(cfg: ChessConfig, fabric=None) -> dict:
     """The hand-written loop; with `fabric`, the same loop through bare Fabric."""
     seed_all(SEED)
-    split = data.PackedPositions(cfg.data.dir, "train", cfg.data.clamp)
-    loader = data.make_loader(split, cfg.data.batch_size, True, SEED, 0, 1, drop_last=True)
+    loader = data.make_loader(tasks.chess_datasets(cfg)["train"], cfg.data.batch_size, True, SEED, 0, 1, drop_last=True)
     model = ChessEvaluator(cfg.model.width, cfg.model.depth)
     optimizer = train.make_optimizer(model, cfg.optim, fused=False)
     if fabric:
@@ -153,7 +168,7 @@ def raw_loop(cfg: ChessConfig, fabric=None) -> dict:
 
 def kibitz_loop(cfg: ChessConfig) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
-        train.train(cfg)
+        train.train(cfg, tasks.CHESS)
     run_dir = max(cfg.out_dir.iterdir(), key=lambda p: p.stat().st_mtime)
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["model"]
 
@@ -180,13 +195,21 @@ def lightning_loop(cfg: ChessConfig) -> dict:
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     seed_all(SEED)
-    split = data.PackedPositions(cfg.data.dir, "train", cfg.data.clamp)
-    loader = data.make_loader(split, cfg.data.batch_size, True, SEED, 0, 1, drop_last=True)
+    loader = data.make_loader(tasks.chess_datasets(cfg)["train"], cfg.data.batch_size, True, SEED, 0, 1, drop_last=True)
     module = Evaluator()
-    trainer = L.Trainer(max_steps=cfg.train.max_steps, accelerator="cpu", devices=1, gradient_clip_val=cfg.train.clip,
-                        logger=L.pytorch.loggers.CSVLogger(cfg.out_dir), enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, use_distributed_sampler=False)
+    trainer = L.Trainer(
+        max_steps=cfg.train.max_steps,
+        accelerator="cpu",
+        devices=1,
+        gradient_clip_val=cfg.train.clip,
+        logger=L.pytorch.loggers.CSVLogger(cfg.out_dir),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
     trainer.fit(module, loader)
     return {k.removeprefix("model."): v for k, v in module.state_dict().items()}
 
@@ -223,8 +246,11 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    data.ensure_prepared([Path("data/sample.pgn.zst")], Path("data/cache/sample"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; medians of {args.rounds} interleaved rounds")
+    ensure_prepared([Path("data/sample.pgn.zst")], Path("data/cache/sample"))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; "
+        f"medians of {args.rounds} interleaved rounds"
+    )
 
     results, identical = {}, {}
     for size in args.sizes:
@@ -250,13 +276,19 @@ def main() -> None:
     for size, arms in results.items():
         raw = arms.get("raw", (math.nan,))[0]
         for arm, (seconds, (mean_syncs, with_sync, counted)) in arms.items():
-            print(f"{size:<9}{arm:<11}{seconds * 1e3:>10.3f}{seconds / raw:>8.3f}{mean_syncs:>12.2f}"
-                  f"{f'{with_sync} of {counted}':>20}")
+            print(
+                f"{size:<9}{arm:<11}{seconds * 1e3:>10.3f}{seconds / raw:>8.3f}{mean_syncs:>12.2f}"
+                f"{f'{with_sync} of {counted}':>20}"
+            )
     print("\nratios (time per step against the raw loop)")
     for size, arms in results.items():
         raw = arms["raw"][0] if "raw" in arms else math.nan
-        print("  " + size + ": " + ", ".join(f"{arm} {seconds / raw:.3f}x" for arm, (seconds, _) in arms.items()
-                                              if arm != "raw"))
+        print(
+            "  "
+            + size
+            + ": "
+            + ", ".join(f"{arm} {seconds / raw:.3f}x" for arm, (seconds, _) in arms.items() if arm != "raw")
+        )
     for size, same in identical.items():
         print(f"final weights, raw loop vs kibitz ({size}, fp32, seed {SEED}): {'identical' if same else 'DIFFERENT'}")
 

@@ -32,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import data  # noqa: E402
 import train  # noqa: E402
-from config import (ChessConfig, DataConfig, DVAEConfig, FabricConfig, LogConfig, MonitorConfig,  # noqa: E402
-                    TrainConfig)
+from chessdata.folder import SPLITS  # noqa: E402
+from chessdata.prepare import ensure_prepared  # noqa: E402
+from config import FabricConfig, LogConfig, MonitorConfig, TrainConfig  # noqa: E402
+from tasks import TASKS, ChessConfig, ChessData, ChessLog, DVAEConfig, PositionsData  # noqa: E402
 
 SAMPLE_DIR, SAMPLE = Path("data/cache/sample"), [Path("data/sample.pgn.zst")]
 
@@ -43,8 +44,8 @@ SAMPLE_DIR, SAMPLE = Path("data/cache/sample"), [Path("data/sample.pgn.zst")]
 def tiled_dataset(out: Path, tile: int, eval_rows: int) -> Path:
     """The sample's prepared splits with the training split repeated `tile` times, and val and test cut
     to `eval_rows` positions (each cell ends with a validation and a test, which are not measured)."""
-    data.ensure_prepared(SAMPLE, SAMPLE_DIR)
-    for split in data.SPLITS:
+    ensure_prepared(SAMPLE, SAMPLE_DIR)
+    for split in SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
         for name in ("positions", "cp", "mate"):
             array = np.load(SAMPLE_DIR / split / f"{name}.npy", mmap_mode="r")
@@ -58,7 +59,7 @@ def measure(cfg, steps: int, log_every: int) -> dict:
     """Run train.train for `steps` steps; medians of the log rows after the first interval."""
     with contextlib.redirect_stdout(io.StringIO()):
         started = time.perf_counter()
-        train.train(cfg)
+        train.train(cfg, TASKS[cfg.task])
         wall = time.perf_counter() - started
     run_dir = max(cfg.out_dir.iterdir(), key=lambda p: p.stat().st_mtime)
     rows: dict[str, dict[int, float]] = {}
@@ -94,43 +95,68 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         directory = tiled_dataset(Path(tmp) / "data", args.tile, args.eval_rows)
-        common = dict(log=LogConfig(logger="csv", progress_bar=False, predictions=0, every=args.log_every),
-                      monitor=MonitorConfig(histogram_every=None), out_dir=Path(tmp) / "runs")
+        common = dict(monitor=MonitorConfig(histogram_every=None), out_dir=Path(tmp) / "runs")
+        log = dict(logger="csv", progress_bar=False, every=args.log_every)
         train_config = TrainConfig(max_steps=args.steps, val_every=10**9)
-        cells = [("chess", batch, precision, compiled, on_device) for batch in args.batches
-                 for precision in args.precisions for compiled in compiles for on_device in (False, True)]
-        cells += [("dvae", 512 if not args.smoke else 64, precision, compiled, True)
-                  for precision in args.precisions for compiled in compiles]
-        print(f"\n{'task':<7}{'batch':>7}{'precision':>12}{'compile':>9}{'data':>8}"
-              f"{'samples/s':>14}{'tokens/s':>14}{'MFU':>8}{'data wait':>11}")
+        cells = [
+            ("chess", batch, precision, compiled, on_device)
+            for batch in args.batches
+            for precision in args.precisions
+            for compiled in compiles
+            for on_device in (False, True)
+        ]
+        cells += [
+            ("dvae", 512 if not args.smoke else 64, precision, compiled, True)
+            for precision in args.precisions
+            for compiled in compiles
+        ]
+        print(
+            f"\n{'task':<7}{'batch':>7}{'precision':>12}{'compile':>9}{'data':>8}"
+            f"{'samples/s':>14}{'tokens/s':>14}{'MFU':>8}{'data wait':>11}"
+        )
         for task, batch, precision, compiled, on_device in cells:
-            cls = ChessConfig if task == "chess" else DVAEConfig
-            cfg = cls(**common, fabric=FabricConfig(precision=precision, devices="1"),
-                      data=DataConfig(dir=directory, batch_size=batch, eval_batch_size=8192, on_device=on_device,
-                                      flip=task == "chess"),
-                      train=TrainConfig(**{**train_config.__dict__, "compile": compiled}))
+            batching = dict(dir=directory, batch_size=batch, eval_batch_size=8192, on_device=on_device)
+            if task == "chess":
+                cfg = ChessConfig(**common, data=ChessData(**batching), log=ChessLog(**log, predictions=0))
+            else:
+                cfg = DVAEConfig(**common, data=PositionsData(**batching), log=LogConfig(**log))
+            cfg.fabric = FabricConfig(precision=precision, devices="1")
+            cfg.train = TrainConfig(**{**train_config.__dict__, "compile": compiled})
             cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, args.steps)
             try:
                 row = measure(cfg, args.steps, args.log_every)
             except Exception as exc:  # e.g. bf16 on a CPU without it, or out of memory: record and go on
                 row = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
-            row.update(task=task, batch=batch, precision=precision, compile=compiled,
-                       data="device" if on_device else "memmap")
+            row.update(
+                task=task, batch=batch, precision=precision, compile=compiled, data="device" if on_device else "memmap"
+            )
             results.append(row)
             mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "-"
-            print(f"{task:<7}{batch:>7}{precision:>12}{str(compiled):>9}{row['data']:>8}"
-                  f"{row.get('samples_per_s', float('nan')):>14,.0f}{row.get('tokens_per_s', float('nan')):>14,.0f}"
-                  f"{mfu:>8}{row.get('data_wait_pct', float('nan')):>10.1f}%" + (f"  {row['error']}" if "error" in row else ""))
-    best = max((r for r in results if r["task"] == "chess" and "samples_per_s" in r),
-               key=lambda r: r["samples_per_s"], default=None)
+            print(
+                f"{task:<7}{batch:>7}{precision:>12}{str(compiled):>9}{row['data']:>8}"
+                f"{row.get('samples_per_s', float('nan')):>14,.0f}{row.get('tokens_per_s', float('nan')):>14,.0f}"
+                f"{mfu:>8}{row.get('data_wait_pct', float('nan')):>10.1f}%"
+                + (f"  {row['error']}" if "error" in row else "")
+            )
+    best = max(
+        (r for r in results if r["task"] == "chess" and "samples_per_s" in r),
+        key=lambda r: r["samples_per_s"],
+        default=None,
+    )
     if best:
         ratio = best["samples_per_s"] / 7300
         ratio = f"{ratio:.2f}" if ratio < 10 else f"{ratio:,.0f}"
-        print(f"\nbest chess cell: {best['samples_per_s']:,.0f} samples/s ({best['batch']}, {best['precision']}, "
-              f"compile {best['compile']}, data {best['data']}) = {ratio}x the reference "
-              f"project's 7.3k samples/s; an epoch of 37M positions in {37e6 / best['samples_per_s']:.1f} s")
-    args.out.write_text(json.dumps({"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                                    "results": results}, indent=2))
+        print(
+            f"\nbest chess cell: {best['samples_per_s']:,.0f} samples/s ({best['batch']}, {best['precision']}, "
+            f"compile {best['compile']}, data {best['data']}) = {ratio}x the reference "
+            f"project's 7.3k samples/s; an epoch of 37M positions in {37e6 / best['samples_per_s']:.1f} s"
+        )
+    args.out.write_text(
+        json.dumps(
+            {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": results},
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

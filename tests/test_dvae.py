@@ -8,9 +8,9 @@ import torch
 
 import losses
 import tasks
-from config import DVAEConfig, Ramp
-from encoding import board_tokens, pack_fen
+from chessdata.encoding import board_tokens, pack_fen
 from model import MASK_TOKEN, DiscreteVAE
+from tasks import DVAEConfig, Ramp
 
 
 def reinmax_gradient_closed_form(logits, sample, upstream, tau):
@@ -21,6 +21,7 @@ def reinmax_gradient_closed_form(logits, sample, upstream, tau):
 
     def jvp(p, g):  # (diag(p) - p p^T) g, per row
         return p * g - p * (p * g).sum(-1, keepdim=True)
+
     return 2 * jvp(pi1, upstream) - jvp(pi0, upstream) / 2
 
 
@@ -111,10 +112,13 @@ def test_masking_only_in_training(prepared):
     original = model.token_embedding.forward
     model.token_embedding.forward = lambda t: (seen.append(t), original(t))[1]
 
-    import data
     from lightning_fabric import Fabric
+
+    import data
+
     fabric = Fabric(accelerator="cpu", devices=1)
-    loader = data.make_loader(data.PackedPositions(prepared, "val", 15.0), 512, False, 0, 0, 1, drop_last=False)
+    cfg.data.dir = prepared
+    loader = data.make_loader(tasks.board_datasets(cfg)["val"], 512, False, 0, 0, 1, drop_last=False)
     metrics, histograms = tasks.dvae_evaluate(fabric, cfg, model, loader)
     assert seen and all(not (t == MASK_TOKEN).any() for t in seen if t.dtype == torch.int64)
     cfg.dvae.mask = Ramp()
@@ -125,16 +129,53 @@ def test_masking_only_in_training(prepared):
 
 def dvae_args(prepared, out, *extra):
     from conftest import SAMPLE
-    return ["dvae", "--data.dir", str(prepared), "--data.sources", str(SAMPLE), "--model.latents", "8",
-            "--model.codebook", "16", "--model.width", "16", "--model.depth", "1", "--data.batch-size", "64",
-            "--train.max-steps", "40", "--train.val-every", "20", "--schedule.warmup-steps", "5", "--log.every", "10",
-            "--log.logger", "csv", "--log.no-progress-bar", "--out-dir", str(out),
-            "--dvae.kl-weight.end", "0.5", "--dvae.kl-weight.steps", "30", "--dvae.tau.steps", "30",
-            "--dvae.mask.start", "0.3", *extra]
+
+    return [
+        "dvae",
+        "--data.dir",
+        str(prepared),
+        "--data.sources",
+        str(SAMPLE),
+        "--model.latents",
+        "8",
+        "--model.codebook",
+        "16",
+        "--model.width",
+        "16",
+        "--model.depth",
+        "1",
+        "--data.batch-size",
+        "64",
+        "--train.max-steps",
+        "40",
+        "--train.val-every",
+        "20",
+        "--schedule.warmup-steps",
+        "5",
+        "--log.every",
+        "10",
+        "--schedule.noam-d-model",
+        "16",
+        "--log.logger",
+        "csv",
+        "--log.no-progress-bar",
+        "--out-dir",
+        str(out),
+        "--dvae.kl-weight.end",
+        "0.5",
+        "--dvae.kl-weight.steps",
+        "30",
+        "--dvae.tau.steps",
+        "30",
+        "--dvae.mask.start",
+        "0.3",
+        *extra,
+    ]
 
 
 def read_metrics(run_dir):
     import csv
+
     rows = {}
     with open(run_dir / "metrics.csv") as f:
         for r in csv.DictReader(f):
@@ -146,19 +187,30 @@ def read_metrics(run_dir):
 def test_dvae_trains_logs_its_schedules_and_evaluates(prepared, tmp_path, quantizer, capsys):
     import json
 
-    import train
     import tools
+    import train
 
-    assert train.main(dvae_args(prepared, tmp_path, "--run-name", "d", "--dvae.quantizer", quantizer,
-                                "--dvae.tcvae")) == 0
+    assert (
+        train.main(dvae_args(prepared, tmp_path, "--run-name", "d", "--dvae.quantizer", quantizer, "--dvae.tcvae")) == 0
+    )
     run_dir = tmp_path / "d"
     rows = read_metrics(run_dir)
     # the scheduled values follow from the step alone (the ramp formulas) and are logged
     assert rows["schedule/kl_weight"] == {s: pytest.approx(0.5 * min(s, 30) / 30) for s in (10, 20, 30, 40)}
     assert rows["schedule/tau"][40] == pytest.approx(1 / 16) and rows["schedule/tau"][10] < 1
     assert rows["schedule/mask"][10] == pytest.approx(0.3)
-    for name in ("train/recon_loss", "train/kl", "train/mi", "train/tc", "train/dwkl", "perf/tokens_per_s",
-                 "val/token_acc", "val/board_acc", "val/perplexity", "val/codes_used"):
+    for name in (
+        "train/recon_loss",
+        "train/kl",
+        "train/mi",
+        "train/tc",
+        "train/dwkl",
+        "perf/tokens_per_s",
+        "val/token_acc",
+        "val/board_acc",
+        "val/perplexity",
+        "val/codes_used",
+    ):
         assert name in rows, name
     losses_seen = rows["train/recon_loss"]
     assert losses_seen[40] < losses_seen[10]  # it learns
@@ -167,9 +219,12 @@ def test_dvae_trains_logs_its_schedules_and_evaluates(prepared, tmp_path, quanti
     # `dvae evaluate` reproduces the test metrics printed by training for the same (best) checkpoint
     best = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))
     capsys.readouterr()
-    results = [tools.evaluate(tools.EvaluateArgs(ckpt=path, accelerator="cpu"), "dvae") for path in best]
-    assert any(r["token_acc"] == pytest.approx(test["test/token_acc"]) and
-               r["board_acc"] == pytest.approx(test["test/board_acc"]) for r in results)
+    results = [tools.evaluate(tools.EvaluateArgs(ckpt=path, accelerator="cpu"), tasks.DVAE) for path in best]
+    assert any(
+        r["token_acc"] == pytest.approx(test["test/token_acc"])
+        and r["board_acc"] == pytest.approx(test["test/board_acc"])
+        for r in results
+    )
     assert "token_acc" in capsys.readouterr().out
     # a chess tool on a dVAE checkpoint is a one-line error
     assert train.main(["chess", "evaluate", "--ckpt", str(best[0])]) == 2

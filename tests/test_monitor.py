@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
+from test_train import tiny_args, train_losses
 
 import monitor
 import tasks
 import train
-from conftest import run_script
 from model import ChessEvaluator
-from test_train import tiny_args, train_losses
 
 
 def test_histogram_counts_match_numpy():
@@ -79,6 +79,7 @@ def test_tensorboard_sees_the_histograms(prepared, tmp_path):
 
 def plant_nan(monkeypatch, at_backward: int) -> None:
     """Make the gradient of layers.2.weight NaN on one backward pass of a real training run."""
+
     class Planted(ChessEvaluator):
         def __init__(self, *args):
             super().__init__(*args)
@@ -87,6 +88,7 @@ def plant_nan(monkeypatch, at_backward: int) -> None:
             def poison(grad):
                 calls["n"] += 1
                 return grad * float("nan") if calls["n"] == at_backward else grad
+
             self.layers[2].weight.register_hook(poison)
 
     monkeypatch.setattr(tasks, "ChessEvaluator", Planted)
@@ -122,8 +124,19 @@ def test_nonfinite_stop_saves_and_exits(prepared, tmp_path, monkeypatch):
 def test_two_processes_log_each_tensor_once(prepared, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    args = tiny_args(prepared, tmp_path, *HIST, "--run-name", "ddp", "--log.logger", "tensorboard",
-                     "--fabric.accelerator", "cpu", "--fabric.devices", "2")
+    args = tiny_args(
+        prepared,
+        tmp_path,
+        *HIST,
+        "--run-name",
+        "ddp",
+        "--log.logger",
+        "tensorboard",
+        "--fabric.accelerator",
+        "cpu",
+        "--fabric.devices",
+        "2",
+    )
     result = run_script(["train.py", *args])
     assert result.returncode == 0, result.stderr[-3000:]
     events = EventAccumulator(str(tmp_path / "ddp" / "tensorboard"), size_guidance={"histograms": 0})
@@ -141,8 +154,11 @@ def test_wandb_prediction_tables_and_checkpoint_artifacts(prepared, tmp_path):
     run = next((tmp_path / "a" / "wandb").glob("offline-run-*"))
     result = run_script(["leet", "inspect", str(run), "--json"], program=str(Path(sys.executable).parent / "wandb"))
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    tables = {int(r["history"]["step"]["num"]): r["history"]["item"] for r in records
-              if r["type"] == "history" and "val/predictions._type" in r["history"]["item"]}
+    tables = {
+        int(r["history"]["step"]["num"]): r["history"]["item"]
+        for r in records
+        if r["type"] == "history" and "val/predictions._type" in r["history"]["item"]
+    }
     assert sorted(tables) == [4, 8, 12]
     assert all(t["val/predictions._type"] == "table-file" and t["val/predictions.nrows"] == 16 for t in tables.values())
     models = [r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["type"] == "model"]
@@ -164,15 +180,30 @@ def test_fsdp2_histograms_from_shards_match_ddp(prepared, tmp_path):
         # Evaluation in batches of 291: 583 and 582 val positions per rank, so rank 1 ends on an empty
         # batch; it must still take part, since each FSDP2 forward is a collective (a rank one batch
         # short made the other wait for ever).
-        args = tiny_args(prepared, tmp_path, *HIST, "--run-name", strategy, "--log.logger", "tensorboard",
-                         "--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", strategy,
-                         "--data.eval-batch-size", "291")
+        args = tiny_args(
+            prepared,
+            tmp_path,
+            *HIST,
+            "--run-name",
+            strategy,
+            "--log.logger",
+            "tensorboard",
+            "--fabric.accelerator",
+            "cpu",
+            "--fabric.devices",
+            "2",
+            "--fabric.strategy",
+            strategy,
+            "--data.eval-batch-size",
+            "291",
+        )
         result = run_script(["train.py", *args])
         assert result.returncode == 0, result.stderr[-3000:]
         events = EventAccumulator(str(tmp_path / strategy / "tensorboard"), size_guidance={"histograms": 0})
         events.Reload()
-        histograms[strategy] = {(tag, e.step): e.histogram_value for tag in events.Tags()["histograms"]
-                                for e in events.Histograms(tag)}
+        histograms[strategy] = {
+            (tag, e.step): e.histogram_value for tag in events.Tags()["histograms"] for e in events.Histograms(tag)
+        }
     assert histograms["fsdp2"].keys() == histograms["ddp"].keys() and len(histograms["ddp"]) == 3 * 2 * len(NAMES)
     for key, ddp in histograms["ddp"].items():
         fsdp = histograms["fsdp2"][key]
@@ -183,6 +214,7 @@ def test_fsdp2_histograms_from_shards_match_ddp(prepared, tmp_path):
     val = {}
     for strategy in ("ddp", "fsdp2"):
         with open(tmp_path / strategy / "metrics.csv") as f:
-            val[strategy] = {(r["step"], r["name"]): float(r["value"]) for r in csv.DictReader(f)
-                             if r["name"].startswith("val/")}
+            val[strategy] = {
+                (r["step"], r["name"]): float(r["value"]) for r in csv.DictReader(f) if r["name"].startswith("val/")
+            }
     assert len(val["ddp"]) >= 3 and val["fsdp2"] == pytest.approx(val["ddp"], rel=1e-4)  # reduced over both ranks

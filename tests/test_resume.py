@@ -9,23 +9,44 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import train
 from conftest import ROOT, child_env
 from test_train import tiny_args, train_losses, weights
 
+import train
+
 STEPS = 120  # long enough to be killed at a random step well inside the run
-LONG = ["--model.width", "256", "--model.depth", "2", "--train.max-steps", str(STEPS),
-        "--train.val-every", str(STEPS // 2), "--log.every", "1", "--checkpoint.every", "7",
-        "--checkpoint.keep-best", "-1", "--data.batch-size", "512"]  # 42 steps an epoch: kills cross epochs
+LONG = [
+    "--model.width",
+    "256",
+    "--model.depth",
+    "2",
+    "--train.max-steps",
+    str(STEPS),
+    "--train.val-every",
+    str(STEPS // 2),
+    "--log.every",
+    "1",
+    "--checkpoint.every",
+    "7",
+    "--checkpoint.keep-best",
+    "-1",
+    "--data.batch-size",
+    "512",
+]  # 42 steps an epoch: kills cross epochs
 
 
 def start(prepared: Path, out: Path, name: str, *extra: str) -> subprocess.Popen:
     """A training run in its own process group (its launched ranks too), so a test can signal them all."""
     env = child_env()
-    return subprocess.Popen([sys.executable, "train.py", *tiny_args(prepared, out, *LONG, *extra, "--run-name", name)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "train.py", *tiny_args(prepared, out, *LONG, *extra, "--run-name", name)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def two_processes(strategy: str) -> list[str]:
@@ -56,6 +77,7 @@ def reference(prepared, tmp_path_factory):
                 assert result.returncode == 0, result.stderr[-3000:]
                 (out / "done").touch()
         return out / "reference"
+
     return uninterrupted
 
 
@@ -109,14 +131,19 @@ def wandb_history(run_dir: Path) -> list[tuple[int, dict]]:
     read with wandb's own reader: what `wandb sync` would upload."""
     from loggers import wandb_records, wandb_segments
 
-    return [(r["history"].get("step", {}).get("num", 0), r["history"]["item"])
-            for log in wandb_segments([run_dir / "wandb"]) for r in wandb_records(log) if r["type"] == "history"]
+    return [
+        (r["history"].get("step", {}).get("num", 0), r["history"]["item"])
+        for log in wandb_segments([run_dir / "wandb"])
+        for r in wandb_records(log)
+        if r["type"] == "history"
+    ]
 
 
 def test_a_second_sigterm_exits_at_once(prepared, tmp_path):
     # log.every 1000: the first signal's checkpoint would wait for step 1000; the second does not wait
-    process = start(prepared, tmp_path, "twice", "--log.every", "1000", "--train.max-steps", "100000",
-                    "--train.val-every", "100000")
+    process = start(
+        prepared, tmp_path, "twice", "--log.every", "1000", "--train.max-steps", "100000", "--train.val-every", "100000"
+    )
     for line in process.stdout:  # training has begun once the run folder is announced
         if line.startswith("run folder:"):
             break
@@ -133,8 +160,12 @@ def test_sigkill_at_any_moment_then_resume_auto_is_exact(prepared, tmp_path):
     wait_for_steps(tmp_path / "kill", 30, process)
     process.kill()  # SIGKILL: no handler, no cleanup, possibly in the middle of a write
     process.communicate(timeout=60)
-    assert train.main(tiny_args(prepared, tmp_path, *LONG, "--run-name", "kill", "--resume", "auto",
-                                "--log.logger", "wandb")) == 0
+    assert (
+        train.main(
+            tiny_args(prepared, tmp_path, *LONG, "--run-name", "kill", "--resume", "auto", "--log.logger", "wandb")
+        )
+        == 0
+    )
     assert_same_as_uninterrupted(prepared, tmp_path, "kill")
     # The wandb run (two segments, the first cut by the kill) holds every step once, with the losses of
     # the metrics log.
@@ -179,15 +210,28 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(prepared, tmp_
 
 
 def test_a_checkpoint_folder_missing_a_shard_falls_back_to_the_previous_one(prepared, tmp_path, capsys):
-    args = ["--run-name", "f", "--checkpoint.keep-best", "-1", "--fabric.accelerator", "cpu", "--fabric.devices", "1",
-            "--fabric.strategy", "fsdp2", "--checkpoint.sharded"]
+    args = [
+        "--run-name",
+        "f",
+        "--checkpoint.keep-best",
+        "-1",
+        "--fabric.accelerator",
+        "cpu",
+        "--fabric.devices",
+        "1",
+        "--fabric.strategy",
+        "fsdp2",
+        "--checkpoint.sharded",
+    ]
     from conftest import run_script
 
     result = run_script(["train.py", *tiny_args(prepared, tmp_path, *args)])
     assert result.returncode == 0, result.stderr[-3000:]
     last = tmp_path / "f" / "checkpoints" / "last.ckpt"
     next(last.glob("*.distcp")).unlink()  # last.ckpt's own link: step-00000012.ckpt/ stays whole
-    result = run_script(["train.py", *tiny_args(prepared, tmp_path, *args, "--train.max-steps", "16", "--resume", "auto")])
+    result = run_script(
+        ["train.py", *tiny_args(prepared, tmp_path, *args, "--train.max-steps", "16", "--resume", "auto")]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"warning: {last}: cannot load checkpoint (RuntimeError)" in result.stdout
     assert "step-00000012.ckpt at step 12" in result.stdout
@@ -208,8 +252,9 @@ def test_init_from_takes_the_weights_only(prepared, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("strategy,sharded", [("ddp", False), ("fsdp2", False), ("fsdp2", True)])
-def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_change(prepared, tmp_path, reference,
-                                                                                  strategy, sharded):
+def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_change(
+    prepared, tmp_path, reference, strategy, sharded
+):
     """DDP, and FSDP2 (fully_shard per layer through ModelParallelStrategy, on CPU with gloo), with whole
     checkpoint files or with folders of shards (the reference writes files: the checkpoint form does not
     touch training)."""
@@ -230,20 +275,25 @@ def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_chan
     # one FSDP2 process (resharded). The same global batch (each holds the same positions), so the run goes
     # on where it stopped, its losses close to the 2-process ones.
     one_process = ["--fabric.strategy", "fsdp2", "--checkpoint.sharded"] if sharded else []
-    result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, *one_process, "--run-name", "k1",
-                                                "--resume", "auto")])
+    result = run_script(
+        ["train.py", *tiny_args(prepared, tmp_path, *LONG, *one_process, "--run-name", "k1", "--resume", "auto")]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "micro-batch 512 x 1 accumulation x 1 = 512" in result.stdout
     one, two = train_losses(tmp_path / "k1"), train_losses(reference_dir)
     assert sorted(one) == list(range(1, STEPS + 1))
-    for step in (STEPS - 1, STEPS):  # far past the switch; data.flip draws differ per process count, hence the tolerance
+    for step in (
+        STEPS - 1,
+        STEPS,
+    ):  # far past the switch; data.flip draws differ per process count, hence the tolerance
         assert abs(one[step] - two[step]) < 0.05 * two[step], (step, one[step], two[step])
     if sharded:  # a folder also loads whole into one process without FSDP: the evaluate tool reads it
         import tools
+        from tasks import TASKS
 
         folder = tmp_path / "k2" / "checkpoints" / f"step-{STEPS:08d}.ckpt"
         assert (folder / "meta.pt").exists() and len(list(folder.glob("*.distcp"))) == 2
-        metrics = tools.evaluate(tools.EvaluateArgs(folder, split="val"))
+        metrics = tools.evaluate(tools.EvaluateArgs(folder, split="val"), TASKS["chess"])
         logged = val_metrics(tmp_path / "k2")[STEPS]
         assert abs(metrics["l1"] - logged["val/l1"]) < 1e-5
 
@@ -269,11 +319,34 @@ def test_two_nodes_on_one_machine_train_checkpoint_and_resume(prepared, tmp_path
     env = child_env()
 
     def both_nodes(*extra: str) -> list[str]:
-        processes = [subprocess.Popen(
-            [fabric_cli, "run", "--accelerator", "cpu", "--devices", "1", "--num-nodes", "2", "--node-rank", str(rank),
-             "--main-address", "127.0.0.1", "--main-port", port, "train.py",
-             *tiny_args(prepared, tmp_path, "--run-name", "nodes", *extra)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+        processes = [
+            subprocess.Popen(
+                [
+                    fabric_cli,
+                    "run",
+                    "--accelerator",
+                    "cpu",
+                    "--devices",
+                    "1",
+                    "--num-nodes",
+                    "2",
+                    "--node-rank",
+                    str(rank),
+                    "--main-address",
+                    "127.0.0.1",
+                    "--main-port",
+                    port,
+                    "train.py",
+                    *tiny_args(prepared, tmp_path, "--run-name", "nodes", *extra),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for rank in (0, 1)
+        ]
         outputs = [p.communicate(timeout=240)[0] for p in processes]
         assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
         return outputs
@@ -295,10 +368,19 @@ def test_a_checkpoint_write_failure_stops_the_run_and_keeps_the_previous_one(pre
         resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
-    result = subprocess.run([sys.executable, "train.py", *tiny_args(prepared, tmp_path, "--run-name", "cw", "--resume",
-                                                                    "auto", "--train.max-steps", "12")],
-                            cwd=ROOT, capture_output=True, text=True, preexec_fn=small_disk, timeout=300,
-                            env=child_env())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *tiny_args(prepared, tmp_path, "--run-name", "cw", "--resume", "auto", "--train.max-steps", "12"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_disk,
+        timeout=300,
+        env=child_env(),
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "error: cannot write checkpoint" in result.stderr and "step-00000008.ckpt (" in result.stderr
     assert "are intact" in result.stderr
@@ -364,8 +446,23 @@ def test_resume_and_init_from_a_wandb_model_artifact(prepared, tmp_path, capsys)
     assert_matches_reference_weights(elsewhere / "a", tmp_path / "reference")
 
     # --init-from an alias: the weights of the best checkpoint, a new run from step 0
-    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "tuned", "--optim.lr", "1e-30", "--schedule.kind",
-                                "constant", "--init-from", f"wandb:model-{run_id}:best")) == 0
+    assert (
+        train.main(
+            tiny_args(
+                prepared,
+                tmp_path,
+                "--run-name",
+                "tuned",
+                "--optim.lr",
+                "1e-30",
+                "--schedule.kind",
+                "constant",
+                "--init-from",
+                f"wandb:model-{run_id}:best",
+            )
+        )
+        == 0
+    )
     best = torch.load(tmp_path / "artifacts" / f"model-{run_id}-best" / "model.ckpt", weights_only=False)
     assert_matches_reference_weights(tmp_path / "tuned", best["model"])
     assert sorted(train_losses(tmp_path / "tuned")) == [4, 8, 12]
@@ -387,15 +484,30 @@ def test_srun_launch_sigusr1_saves_and_resumes_exactly(prepared, tmp_path, refer
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
-             "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "kibitz", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": port}
+    slurm = {
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "kibitz",
+        "SLURM_NODELIST": "127.0.0.1",
+        "MASTER_PORT": port,
+    }
     flags = [*two_processes("ddp"), "--run-name", "s"]
 
     def srun(*extra: str) -> list[subprocess.Popen]:
-        return [subprocess.Popen([sys.executable, "train.py", *tiny_args(prepared, tmp_path, *LONG, *flags, *extra)],
-                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 env=child_env(**slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)))
-                for rank in (0, 1)]
+        return [
+            subprocess.Popen(
+                [sys.executable, "train.py", *tiny_args(prepared, tmp_path, *LONG, *flags, *extra)],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=child_env(**slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
+            )
+            for rank in (0, 1)
+        ]
 
     tasks = srun()
     wait_for_steps(tmp_path / "s", 30, tasks[0])
@@ -432,39 +544,60 @@ def test_fsdp2_accumulation_with_and_without_skipping_the_gradient_sync_agree(pr
 def test_the_fp16_grad_scaler_state_is_checkpointed(tmp_path):
     """fp16 needs a GPU through the config; Fabric's fp16 precision plugin with torch's CPU GradScaler
     is the same object, so its state is checked here."""
-    import config
     from lightning_fabric import Fabric
     from lightning_fabric.plugins.precision import MixedPrecision
 
     import checkpoints
-    from tasks import TASKS
+    from tasks import TASKS, ChessConfig
 
     def fp16_run(scale: float) -> train.Run:
         scaler = torch.amp.GradScaler("cpu", init_scale=scale)
         fabric = Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
-        cfg = config.ChessConfig()
+        cfg = ChessConfig()
         cfg.model.width, cfg.model.depth = 8, 1
         model = fabric.setup_module(TASKS["chess"].build_model(cfg))
         optimizer = fabric.setup_optimizers(train.make_optimizer(model, cfg.optim, fused=False))
-        return train.Run(fabric, cfg, TASKS["chess"], model, optimizer, tmp_path, None, 10,
-                         loss_sum=torch.zeros(1))
+        return train.Run(
+            fabric,
+            cfg,
+            TASKS["chess"],
+            model,
+            optimizer,
+            tmp_path,
+            train_loader=None,
+            eval_loaders={},
+            datasets={},
+            total_steps=10,
+            steps_per_epoch=10,
+            lr_at=None,
+            clip=None,
+            skip_sync=True,
+            params=[],
+            param_names=[],
+            sharded=False,
+            monitor=("val/l1", "min"),
+            resume_command="",
+            loss_sum=torch.zeros(1),
+        )
 
-    saved = fp16_run(2.0 ** 10)
+    saved = fp16_run(2.0**10)
     scaler = saved.fabric.strategy.precision.scaler
     scaler.scale(torch.ones(()))  # the first scaled loss creates the scale
     scaler.update(new_scale=123.0)  # as after overflows had lowered it
     checkpoints.save(saved, tmp_path / "checkpoints" / "last.ckpt")
-    resumed = fp16_run(2.0 ** 16)
-    train.restore(resumed, None)
+    resumed = fp16_run(2.0**16)
+    checkpoints.restore(resumed, None)
     assert resumed.fabric.strategy.precision.scaler.get_scale() == 123.0
 
 
 def test_a_bad_resume_source_is_a_one_line_error(prepared, tmp_path, capsys):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
-    cases = [(str(tmp_path / "missing.ckpt"), "no such checkpoint file or folder"),
-             (str(garbage), "cannot load checkpoint"),
-             ("wandb:model-nothere:best", "not found offline")]
+    cases = [
+        (str(tmp_path / "missing.ckpt"), "no such checkpoint file or folder"),
+        (str(garbage), "cannot load checkpoint"),
+        ("wandb:model-nothere:best", "not found offline"),
+    ]
     for source, expected in cases:
         assert train.main(tiny_args(prepared, tmp_path, "--resume", source)) == 2
         err = capsys.readouterr().err

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import tiny_args, train_losses
 
-import data
 import losses
 import predict
 import train
-from encoding import row_to_fen
-from test_train import tiny_args, train_losses
+from chessdata import cli, folder
+from chessdata.encoding import row_to_fen
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +47,27 @@ def test_evaluate_reproduces_the_training_test_metrics(trained, prepared, capsys
 
 def test_evaluate_on_another_dataset(trained, tmp_path, capsys):
     other = tmp_path / "other"
-    data.prepare([data.SAMPLE_PGN], other, max_games=60, val_fraction=0.5, test_fraction=0.5)  # no train split
-    assert train.main(["chess", "evaluate", "--ckpt", str(best_checkpoint(trained)), "--data", str(other),
-                       "--split", "val"]) == 0
+    cli.prepare([folder.SAMPLE_PGN], other, max_games=60, val_fraction=0.5, test_fraction=0.5)  # no train split
+    assert (
+        train.main(
+            ["chess", "evaluate", "--ckpt", str(best_checkpoint(trained)), "--data.dir", str(other), "--split", "val"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "val metrics of" in out and printed_table(out)["l1"] > 0
 
 
 def test_predict_agrees_with_evaluate(trained, prepared, tmp_path, capsys):
     ckpt = best_checkpoint(trained)
-    split = data.load_split(prepared, "test")
+    split = folder.load_split(prepared, "test")
     fens = tmp_path / "fens.txt"
     fens.write_text("\n".join(row_to_fen(row) for row in split["positions"]) + "\n")
     assert predict.main(["--ckpt", str(ckpt), "--fens", str(fens)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(split["cp"])
     predictions = np.array([float(line.split("\t")[1]) for line in lines])
-    targets = data.eval_target(np.asarray(split["cp"]), np.asarray(split["mate"]), 15.0)
+    targets = folder.eval_target(np.asarray(split["cp"]), np.asarray(split["mate"]), 15.0)
     printed = json.loads((trained / "test_metrics.json").read_text())
     assert np.abs(predictions - targets).mean() == pytest.approx(printed["test/l1"], abs=1e-4)
 
@@ -75,9 +79,11 @@ def test_predict_reads_fen_arguments_and_pgn(trained, tmp_path, capsys):
     assert predict.main(["--ckpt", str(best_checkpoint(trained)), start, "--pgn", str(pgn_file)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in lines] == [
-        start, "rnbqkbnr/pppppppp/8/8/4P3/8/PPPP1PPP/RNBQKBNR b KQkq e3 0 1",
+        start,
+        "rnbqkbnr/pppppppp/8/8/4P3/8/PPPP1PPP/RNBQKBNR b KQkq e3 0 1",
         "rnbqkbnr/pppp1ppp/8/4p3/4P3/8/PPPP1PPP/RNBQKBNR w KQkq e6 0 2",
-        "rnbqkbnr/pppp1ppp/8/4p3/4P3/5N2/PPPP1PPP/RNBQKB1R b KQkq - 1 2"]
+        "rnbqkbnr/pppp1ppp/8/4p3/4P3/5N2/PPPP1PPP/RNBQKB1R b KQkq - 1 2",
+    ]
 
 
 def test_bad_fen_and_wrong_checkpoints_are_one_line_errors(trained, tmp_path, capsys):
@@ -89,8 +95,10 @@ def test_bad_fen_and_wrong_checkpoints_are_one_line_errors(trained, tmp_path, ca
     state = torch.load(ckpt, weights_only=False)
     state["config"]["task"] = "dvae"
     torch.save(state, other_task)
-    for path, message in ((other_task, "is a checkpoint of the 'dvae' task, expected 'chess'"),
-                          (Path(__file__), "cannot be loaded")):
+    for path, message in (
+        (other_task, "is a checkpoint of the 'dvae' task, expected 'chess'"),
+        (Path(__file__), "cannot be loaded"),
+    ):
         assert predict.main(["--ckpt", str(path), "8/8/8/8/8/8/8/K6k w - - 0 1"]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
@@ -102,8 +110,12 @@ def test_lr_find_suggests_an_lr_that_trains(prepared, tmp_path, capsys):
     assert train.main(tiny_args(prepared, tmp_path, "--run-name", "existing", "--train.max-steps", "4")) == 0
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "existing").rglob("*")}
     big_batch = ["--data.batch-size", "2048"]  # less noise per step than the tiny default
-    assert train.main(["chess", "lr-find", *tiny_args(prepared, tmp_path, *big_batch)[1:], "--steps", "100",
-                       "--lr-max", "10"]) == 0
+    assert (
+        train.main(
+            ["chess", "lr-find", *tiny_args(prepared, tmp_path, *big_batch)[1:], "--steps", "100", "--lr-max", "10"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     suggestion = float(out.split("suggested lr: ")[1].split()[0])
     assert 1e-6 < suggestion < 10
@@ -113,8 +125,21 @@ def test_lr_find_suggests_an_lr_that_trains(prepared, tmp_path, capsys):
     assert len(rows) > 10 and (folder / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "existing").rglob("*")} == before  # untouched
     # A short run at the suggested LR lowers the loss.
-    args = [*big_batch, "--run-name", "at-suggestion", "--schedule.kind", "constant", "--optim.lr", str(suggestion),
-            "--train.max-steps", "40", "--log.every", "5", "--train.val-every", "40"]
+    args = [
+        *big_batch,
+        "--run-name",
+        "at-suggestion",
+        "--schedule.kind",
+        "constant",
+        "--optim.lr",
+        str(suggestion),
+        "--train.max-steps",
+        "40",
+        "--log.every",
+        "5",
+        "--train.val-every",
+        "40",
+    ]
     assert train.main(tiny_args(prepared, tmp_path, *args)) == 0
     curve = train_losses(tmp_path / "at-suggestion")
     assert curve[40] < 0.8 * curve[5]

@@ -7,16 +7,39 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAMPLE, run_script
 
 import train
-from conftest import SAMPLE, run_script
 
 
 def tiny_args(prepared: Path, out: Path, *extra: str) -> list[str]:
-    return ["chess", "--data.dir", str(prepared), "--data.sources", str(SAMPLE), "--model.width", "32",
-            "--model.depth", "1", "--data.batch-size", "256", "--train.max-steps", "12", "--train.val-every", "4",
-            "--schedule.warmup-steps", "2", "--log.every", "4", "--log.logger", "csv", "--log.no-progress-bar", "--out-dir", str(out),
-            *extra]
+    return [
+        "chess",
+        "--data.dir",
+        str(prepared),
+        "--data.sources",
+        str(SAMPLE),
+        "--model.width",
+        "32",
+        "--model.depth",
+        "1",
+        "--data.batch-size",
+        "256",
+        "--train.max-steps",
+        "12",
+        "--train.val-every",
+        "4",
+        "--schedule.warmup-steps",
+        "2",
+        "--log.every",
+        "4",
+        "--log.logger",
+        "csv",
+        "--log.no-progress-bar",
+        "--out-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -36,7 +59,17 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 def test_accumulation_matches_one_full_batch(prepared, tmp_path):
     # float64: Adam divides by sqrt(v), which magnifies float32 summation-order noise on tiny gradients
-    common = ["--data.no-flip", "--fabric.precision", "64-true", "--train.clip", "1e9", "--train.max-steps", "6", "--checkpoint.keep-best", "-1"]
+    common = [
+        "--data.no-flip",
+        "--fabric.precision",
+        "64-true",
+        "--train.clip",
+        "1e9",
+        "--train.max-steps",
+        "6",
+        "--checkpoint.keep-best",
+        "-1",
+    ]
     assert train.main(tiny_args(prepared, tmp_path, *common, "--run-name", "full")) == 0
     assert train.main(tiny_args(prepared, tmp_path, *common, "--train.accumulate", "4", "--run-name", "micro")) == 0
     full, micro = weights(tmp_path / "full"), weights(tmp_path / "micro")
@@ -48,8 +81,18 @@ def test_accumulation_matches_one_full_batch(prepared, tmp_path):
 
 def test_resume_mid_epoch_is_exact(prepared, tmp_path):
     # batch 4096 over ~21k positions: 5 steps an epoch, so step 7 is inside the second epoch.
-    args = ["--data.batch-size", "4096", "--train.max-steps", "21", "--train.val-every", "7",
-            "--checkpoint.keep-best", "-1", "--log.every", "1"]
+    args = [
+        "--data.batch-size",
+        "4096",
+        "--train.max-steps",
+        "21",
+        "--train.val-every",
+        "7",
+        "--checkpoint.keep-best",
+        "-1",
+        "--log.every",
+        "1",
+    ]
     assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "whole")) == 0
     start = tmp_path / "whole" / "checkpoints" / "step-00000007.ckpt"
     progress = torch.load(start, weights_only=False)["progress"]
@@ -92,15 +135,18 @@ def test_early_stopping(prepared, tmp_path, capsys):
     assert max(train_losses(tmp_path / "es")) == 8
 
 
-@pytest.mark.parametrize("flags, field", [
-    (["--optim.lr", "-1"], "optim.lr"),
-    (["--schedule.warmup-steps", "500", "--train.max-steps", "100"], "schedule.warmup_steps"),
-    (["--fabric.precision", "fp13"], "fabric.precision"),
-    (["--log.logger", "mlflow"], "log.logger"),
-    (["--data.batch-size", "100", "--train.accumulate", "3"], "data.batch_size"),
-    (["--fabric.strategy", "fsdp", "--fabric.accelerator", "cpu"], "fabric: You selected the FSDP strategy"),
-    (["--checkpoint.sharded"], "checkpoint.sharded"),
-])
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--optim.lr", "-1"], "optim.lr"),
+        (["--schedule.warmup-steps", "500", "--train.max-steps", "100"], "schedule.warmup_steps"),
+        (["--fabric.precision", "fp13"], "fabric.precision"),
+        (["--log.logger", "mlflow"], "log.logger"),
+        (["--data.batch-size", "100", "--train.accumulate", "3"], "data.batch_size"),
+        (["--fabric.strategy", "fsdp", "--fabric.accelerator", "cpu"], "fabric: You selected the FSDP strategy"),
+        (["--checkpoint.sharded"], "checkpoint.sharded"),
+    ],
+)
 def test_bad_config_is_one_line_naming_the_field(prepared, tmp_path, capsys, flags, field):
     assert train.main(tiny_args(prepared, tmp_path, *flags)) == 2
     err = capsys.readouterr().err.strip()
@@ -120,14 +166,27 @@ def test_config_file_gives_defaults_and_flags_override(prepared, tmp_path):
 
 
 def test_two_process_cpu_run_and_the_same_under_torchrun(prepared, tmp_path):
-    result = run_script(["train.py", *tiny_args(prepared, tmp_path, "--run-name", "ddp", "--fabric.accelerator", "cpu",
-                                                "--fabric.devices", "2")])
+    result = run_script(
+        [
+            "train.py",
+            *tiny_args(prepared, tmp_path, "--run-name", "ddp", "--fabric.accelerator", "cpu", "--fabric.devices", "2"),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stdout and "test metrics" in result.stdout
     assert sorted(train_losses(tmp_path / "ddp")) == [4, 8, 12]
     # torchrun starts the processes; the device count comes from its environment, and the run is the same
-    result = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train.py",
-                         *tiny_args(prepared, tmp_path, "--run-name", "torchrun", "--fabric.accelerator", "cpu")])
+    result = run_script(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "train.py",
+            *tiny_args(prepared, tmp_path, "--run-name", "torchrun", "--fabric.accelerator", "cpu"),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stdout
     assert train_losses(tmp_path / "torchrun") == train_losses(tmp_path / "ddp")
@@ -137,8 +196,20 @@ def test_two_process_cpu_run_and_the_same_under_torchrun(prepared, tmp_path):
 
 def test_fabric_run_launch(prepared, tmp_path):
     fabric_cli = str(Path(sys.executable).parent / "fabric")  # the entry point lightning-fabric installs
-    result = run_script(["run", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "train.py",
-                         *tiny_args(prepared, tmp_path, "--run-name", "cli")], program=fabric_cli)
+    result = run_script(
+        [
+            "run",
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "2",
+            "--strategy",
+            "ddp",
+            "train.py",
+            *tiny_args(prepared, tmp_path, "--run-name", "cli"),
+        ],
+        program=fabric_cli,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stdout and "test metrics" in result.stdout
 
@@ -149,16 +220,18 @@ def test_the_launchers_fsdp_is_built_with_one_unit_per_block(monkeypatch, capsys
     import os
 
     import config
+    import distributed
+    import tasks
 
     monkeypatch.setenv("LT_CLI_USED", "1")
     monkeypatch.setenv("LT_STRATEGY", "fsdp")
     assert config.strategy_of(config.FabricConfig()) == "fsdp"
     assert config.strategy_of(config.FabricConfig(strategy="ddp")) == "ddp"  # a flag of ours still wins
-    sharded = config.ChessConfig()
+    sharded = tasks.ChessConfig()
     sharded.checkpoint.sharded = True
-    config.check(sharded)  # sharded checkpoints need fsdp: the launcher's counts
+    config.check(sharded, tasks.CHESS)  # sharded checkpoints need fsdp: the launcher's counts
     with pytest.raises(config.ConfigError, match="FSDP is only available on GPU"):  # this CPU-only machine
-        train.make_fabric(config.FabricConfig(accelerator="cpu"))
+        distributed.make_fabric(config.FabricConfig(accelerator="cpu"))
     assert "LT_STRATEGY" not in os.environ
     monkeypatch.delenv("LT_CLI_USED")
     assert config.strategy_of(config.FabricConfig()) == "auto"  # not under the launcher: the variable is ignored
@@ -202,17 +275,40 @@ def test_help_documents_every_section(capsys, monkeypatch):
         train.main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--fabric.accelerator", "--fabric.strategy", "--fabric.precision", "--optim.lr", "--schedule.kind",
-                 "--data.batch-size", "--log.logger", "--checkpoint.keep-best", "--train.max-steps",
-                 "--train.accumulate", "--train.clip", "--resume"):
+    for flag in (
+        "--fabric.accelerator",
+        "--fabric.strategy",
+        "--fabric.precision",
+        "--optim.lr",
+        "--schedule.kind",
+        "--data.batch-size",
+        "--log.logger",
+        "--checkpoint.keep-best",
+        "--train.max-steps",
+        "--train.accumulate",
+        "--train.clip",
+        "--resume",
+    ):
         assert flag in out
     assert "Global batch per optimizer step" in out  # field docstrings become the help
 
 
 def test_max_time_alone_runs_past_one_epoch_until_the_time_is_up(prepared, tmp_path, capsys):
     # ~21k positions at batch 4096: 5 steps an epoch; 0.05 minutes is many epochs of a tiny model
-    args = ["--train.max-steps", "None", "--train.max-time", "0.05", "--schedule.kind", "constant",
-            "--data.batch-size", "4096", "--log.every", "1", "--train.val-every", "1000"]
+    args = [
+        "--train.max-steps",
+        "None",
+        "--train.max-time",
+        "0.05",
+        "--schedule.kind",
+        "constant",
+        "--data.batch-size",
+        "4096",
+        "--log.every",
+        "1",
+        "--train.val-every",
+        "1000",
+    ]
     assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "t")) == 0
     assert "max_time of 0.05 minutes reached" in capsys.readouterr().out
     assert max(train_losses(tmp_path / "t")) > 10

@@ -1,0 +1,180 @@
+"""The command line: which task, which tool, and the config, from `train.py [TASK] [TOOL] [--config FILE]
+[flags]`. A task is a name in the built-in registry (the `tasks` module, found by name so that no
+trainer module imports it) or a file that defines `TASK` (a config.Task), such as examples/charlm.py."""
+
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+import typing
+from pathlib import Path
+
+import tyro
+
+import config
+import tools
+from config import ConfigError, Task
+
+REGISTRY = "tasks"  # the module whose TASKS dict `python train.py NAME` looks NAME up in; the first is the default
+
+
+def registry() -> dict[str, Task]:
+    return importlib.import_module(REGISTRY).TASKS
+
+
+def task_from_file(path: str | Path) -> Task:
+    """The TASK a Python file defines (its `if __name__ == "__main__"` block does not run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"task: {path}: no such task file")
+    spec = importlib.util.spec_from_file_location(f"kibitz_task_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    if not isinstance(getattr(module, "TASK", None), Task):
+        raise ConfigError(f"task: {path}: expected a module-level TASK = config.Task(...)")
+    return module.TASK
+
+
+def task_file_of(task: Task) -> str:
+    """The file that defines a task, relative to here where it is below (for the messages that say how to resume)."""
+    file = Path(inspect.getsourcefile(task.build_model)).resolve()
+    return os.path.relpath(file) if file.is_relative_to(Path.cwd()) else str(file)
+
+
+def overview(prog: str, tasks: dict[str, Task] | None) -> str:
+    lines = [f"usage: {prog} {'[TASK] ' if tasks else ''}[TOOL] [--config FILE] [flags]", ""]
+    if tasks:
+        lines += ["tasks (the first is the default; or a file defining TASK, like examples/charlm.py):"]
+        lines += [f"  {name:<16}{(task.config.__doc__ or '').strip().splitlines()[0]}" for name, task in tasks.items()]
+        lines += [""]
+    lines += ["tools:"] + [f"  {name:<16}{what}" for name, what in tools.TOOLS.items()] + [""]
+    lines += [
+        "  --config FILE   start from a saved config.json (flags after it override it)",
+        "",
+        f"the flags of {'the default task' if tasks else 'training'} follow ({prog} TOOL --help for a tool's):",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def choice_fields(cls, prefix: str = "") -> dict[str, tuple[str, tuple]]:
+    """{flag: (field, choices)} for every Literal field of a config class and its sections."""
+    found = {}
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            found.update(choice_fields(hint, f"{prefix}{f.name}."))
+        elif choices := config.literal_choices(hint):
+            found[f"--{prefix}{f.name}".replace("_", "-")] = (f"{prefix}{f.name}", choices)
+    return found
+
+
+def refuse_bad_choices(cls, args: list[str], prefix: str = "") -> None:
+    """A value outside a Literal's choices, as a one-line error naming the field (tyro's is a box)."""
+    for flag, (name, choices) in choice_fields(cls, prefix).items():
+        for spelling in {flag, "--" + flag[2:].replace("-", "_")}:
+            for value in flag_values(args, spelling):
+                if value not in [str(c) for c in choices]:
+                    raise ConfigError(f"{name}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def flag_values(args: list[str], flag: str) -> list[str]:
+    """Every value given to `flag`, as `--flag value` or `--flag=value`."""
+    values = []
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            values.append(args[i + 1])
+        elif arg.startswith(flag + "="):
+            values.append(arg[len(flag) + 1 :])
+    return values
+
+
+def checkpoint_task(ckpt: str, given: Task | None) -> Task:
+    """The task of `evaluate --ckpt`: the one named on the command line, else the checkpoint's own
+    (a registry name, else the task file it records)."""
+    if given is not None:
+        return given
+    name, file = tools.checkpoint_task(Path(ckpt))
+    if name is None:
+        raise ConfigError(f"ckpt: {ckpt} cannot be loaded as a kibitz checkpoint")
+    if name in registry():
+        return registry()[name]
+    if file and Path(file).is_file():
+        return task_from_file(file)
+    raise ConfigError(
+        f"ckpt: {ckpt} is a checkpoint of the {name!r} task, whose file {file} is not here; "
+        f"run it as: python {file or 'TASKFILE.py'} evaluate --ckpt {ckpt}"
+    )
+
+
+def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, object, str]:
+    """-> (task, tool or None for training, the parsed config or tool arguments, the program's name)."""
+    argv = list(argv)
+    tasks = registry() if task is None else None
+    prog = "train.py" if task is None else task_file_of(task)
+    if argv and argv[0] in ("-h", "--help"):
+        print(overview(prog, tasks))
+    if task is None and argv and not argv[0].startswith("-") and argv[0] not in tools.TOOLS:
+        name = argv.pop(0)
+        if name in tasks:
+            task = tasks[name]
+        elif name.endswith(".py"):
+            task = task_from_file(name)
+        else:
+            raise ConfigError(
+                f"task: expected one of {', '.join(tasks)}, a task file (path/to/task.py) or a tool "
+                f"({', '.join(tools.TOOLS)}), got {name!r}"
+            )
+        prog = f"train.py {name}"
+    tool = argv.pop(0) if argv and argv[0] in tools.TOOLS else None
+    if tool == "evaluate":
+        ckpt = (flag_values(argv, "--ckpt") or [None])[-1]
+        if ckpt is None or "-h" in argv or "--help" in argv:
+            task = task or next(iter(tasks.values()))
+            data = task.config().data  # for the help: --ckpt is required
+            return (
+                task,
+                tool,
+                tyro.cli(
+                    tools.EvaluateArgs[type(data)],
+                    default=tools.EvaluateArgs(tyro.MISSING, data),
+                    args=argv,
+                    prog=f"{prog} evaluate",
+                ),
+                prog,
+            )
+        task = checkpoint_task(ckpt, task)
+        cfg, _ = tools.load_checkpoint(Path(ckpt), task)
+        refuse_bad_choices(tools.EvaluateArgs, argv)
+        refuse_bad_choices(type(cfg.data), argv, "data.")
+        args = tyro.cli(
+            tools.EvaluateArgs[type(cfg.data)],
+            default=tools.EvaluateArgs(ckpt=Path(ckpt), data=cfg.data),
+            args=argv,
+            prog=f"{prog} evaluate",
+        )
+        return task, tool, args, prog
+    task = task or next(iter(tasks.values()))
+    default = task.config()
+    if "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise ConfigError("--config: expected a JSON file written by a run (config.json)")
+        default = config.load_json(Path(argv[at + 1]), task.config)
+        if default.task != task.name:
+            raise ConfigError(f"--config {argv[at + 1]}: a config of the {default.task!r} task, expected {task.name!r}")
+        argv = argv[:at] + argv[at + 2 :]
+    refuse_bad_choices(task.config, argv)
+    if tool == "lr-find":
+        return (
+            task,
+            tool,
+            tyro.cli(
+                tools.LRFindArgs[task.config], default=tools.LRFindArgs(run=default), args=argv, prog=f"{prog} lr-find"
+            ),
+            prog,
+        )
+    return task, tool, tyro.cli(task.config, default=default, args=argv, prog=prog), prog

@@ -1,0 +1,107 @@
+"""Processes and devices: the Fabric object for a FabricConfig (with kibitz's per-block FSDP and
+FSDP2), the gradient clip that suits the strategy, and a clean teardown of the process group."""
+
+import os
+import warnings
+
+import torch
+from lightning_fabric import Fabric
+
+from config import ConfigError, FabricConfig, strategy_of
+
+
+def make_fabric(cfg: FabricConfig, blocks: tuple[type, ...] = (), sharded_checkpoints: bool = False) -> Fabric:
+    """Pass Fabric only what the user set: under `fabric run` a value that differs from the
+    launcher's is an error, and under torchrun the device count comes from its environment."""
+    strategy = strategy_of(cfg)
+    kwargs = {"accelerator": cfg.accelerator, "strategy": strategy}
+    if cfg.devices != "auto":
+        kwargs["devices"] = int(cfg.devices) if cfg.devices.lstrip("-").isdigit() else cfg.devices
+    elif "LOCAL_WORLD_SIZE" in os.environ and os.environ.get("LT_CLI_USED") != "1":  # torchrun
+        kwargs["devices"] = int(os.environ["LOCAL_WORLD_SIZE"])
+        kwargs["num_nodes"] = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
+    if cfg.num_nodes is not None:
+        kwargs["num_nodes"] = cfg.num_nodes
+    if cfg.precision is not None:
+        kwargs["precision"] = cfg.precision
+    if strategy in ("fsdp", "fsdp2"):
+        # Ours, built below; from `fabric run --strategy fsdp` Fabric would replace it by the launcher's
+        # name, which wraps the whole model as one unit.
+        os.environ.pop("LT_STRATEGY", None)
+    if strategy == "fsdp":  # one FSDP unit per block, not one for the whole model
+        from lightning_fabric.strategies import FSDPStrategy
+
+        kwargs["strategy"] = FSDPStrategy(
+            auto_wrap_policy=set(blocks), state_dict_type="sharded" if sharded_checkpoints else "full"
+        )
+    elif strategy == "fsdp2":
+        kwargs["strategy"] = fsdp2_strategy(kwargs, blocks, sharded_checkpoints)
+    try:
+        return Fabric(**kwargs)
+    except ValueError as exc:  # settings that do not go together (fsdp on a CPU, a precision a strategy lacks)
+        raise ConfigError(f"fabric: {' '.join(str(exc).split())}") from None
+
+
+def fsdp2_strategy(kwargs: dict, blocks: tuple[type, ...], sharded_checkpoints: bool):
+    """torch's fully_shard on each block, then on the whole model, over every process (pure data
+    parallel: tensor_parallel_size 1). Checkpoints: whole files gathered on rank 0, or folders of
+    shards (checkpoint.sharded); either loads into any number of processes, sharded or not."""
+    from lightning_fabric.strategies import ModelParallelStrategy
+    from torch.distributed.fsdp import fully_shard
+
+    devices = kwargs.get("devices", 1)
+    world = int(os.environ.get("WORLD_SIZE", 0)) or (
+        devices if isinstance(devices, int) and devices > 0 else torch.cuda.device_count() or 1
+    ) * kwargs.get("num_nodes", 1)
+
+    def shard(model: torch.nn.Module, device_mesh) -> torch.nn.Module:
+        mesh = device_mesh["data_parallel"]
+        for module in list(model.modules()):
+            if isinstance(module, blocks):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    # Our models return views (squeeze, slices); nothing modifies them in place, which is what the warning is about.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    return ModelParallelStrategy(
+        parallelize_fn=shard,
+        data_parallel_size=world,
+        tensor_parallel_size=1,
+        save_distributed_checkpoint=sharded_checkpoints,
+    )
+
+
+def gradient_clipper(fabric: Fabric, model, optimizer, max_norm: float):
+    """A function of this step's per-parameter gradient norms (or None) that clips the global gradient
+    norm, with no host sync. Where gradients are whole and unscaled (one device or DDP, no fp16 scaler)
+    it is torch's clip over the optimizer's parameters, exactly what Fabric does there without its 20 us
+    of Python a step, and it reuses the norms the monitoring hook already took (same order, so the same
+    total, bit for bit); FSDP and fp16 go through Fabric (sharded norms, unscaling)."""
+    from lightning_fabric.strategies import DDPStrategy, SingleDeviceStrategy
+
+    if (
+        isinstance(fabric.strategy, (SingleDeviceStrategy, DDPStrategy))
+        and getattr(fabric.strategy.precision, "scaler", None) is None
+    ):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+
+        def clip(norms: torch.Tensor | None) -> None:
+            if norms is None or len(norms) != len(params):
+                torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
+            else:
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.linalg.vector_norm(norms))
+
+        return clip
+    return lambda norms: fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+
+
+def shutdown_distributed() -> None:
+    """Fabric leaves the process group up, and its threads then race interpreter exit: about 1 in 10
+    two-process runs aborted ("terminate called without an active exception"). Destroy it, but only
+    once the DDP wrapper that holds it is gone (destroying it first hung the teardown instead)."""
+    import gc
+
+    gc.collect()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,126 @@
+"""The shape of the code: the trainer knows no task, and no module imports itself round a cycle."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+TRAINER = (
+    "train",
+    "config",
+    "data",
+    "schedules",
+    "callbacks",
+    "checkpoints",
+    "monitor",
+    "loggers",
+    "tools",
+    "distributed",
+    "cli",
+)
+TASK_CODE = ("chessdata", "chess", "model", "tasks", "losses", "predict", "examples")
+TASK_NAMES = ("chess", "dvae", "charlm")
+
+
+def project_modules() -> dict[str, Path]:
+    files = [*ROOT.glob("*.py"), *ROOT.glob("chessdata/*.py"), *ROOT.glob("examples/*.py")]
+    return {".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in files}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module an import statement names, also inside functions ('from a import b' gives a and a.b)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_trainer_modules_import_no_task_code_and_name_no_task():
+    modules = project_modules()
+    for name in TRAINER:
+        imported = {i.split(".")[0] for i in imports_of(modules[name])}
+        assert not imported & set(TASK_CODE), f"{name}.py imports {imported & set(TASK_CODE)}"
+        tree = ast.parse(modules[name].read_text())
+        docs = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}  # docstrings may explain
+        strings = {
+            node.value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+        }
+        named = {
+            task
+            for task in TASK_NAMES
+            for s in strings
+            if task in s.replace("python-chess", "").split() or s == task or f"val/{task}" in s
+        }
+        assert not named, f"{name}.py names the task(s) {named}"
+        assert not any(s.startswith(("val/l1", "val/token_acc", "val/bpc")) for s in strings), name
+
+
+def test_no_import_cycles():
+    modules = project_modules()
+    graph = {name: {i for i in imports_of(path) if i in modules and i != name} for name, path in modules.items()}
+    done, path = set(), []
+
+    def visit(node: str) -> None:
+        assert node not in path, "import cycle: " + " -> ".join([*path[path.index(node) :], node])
+        if node in done:
+            return
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            visit(nxt)
+        path.pop()
+        done.add(node)
+
+    for name in sorted(graph):
+        visit(name)
+    assert "chessdata.prepare" in graph and graph["train"], "the walk found the project's modules"
+
+
+def test_the_walk_sees_an_import_inside_a_function(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from chessdata.folder import SPLITS\n    import tasks\n")
+    assert {"chessdata.folder", "chessdata.folder.SPLITS", "tasks"} <= imports_of(probe)
+
+
+def test_help_lists_tasks_tools_and_config():
+    result = subprocess.run(
+        [sys.executable, "train.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    for word in ("chess ", "dvae ", "evaluate", "lr-find", "export-config", "--config FILE", "examples/charlm.py"):
+        assert word in result.stdout, word
+
+
+def test_a_bad_choice_is_refused_naming_the_choices(capsys):
+    import train
+
+    assert train.main(["dvae", "--dvae.quantizer", "gumbal"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: dvae.quantizer: expected one of gumbel, reinmax, softmax, got 'gumbal'"
+    assert train.main(["--schedule.kind=cosin"]) == 2
+    assert capsys.readouterr().err.startswith("error: schedule.kind: expected one of constant, cosine, noam")
+    assert train.main(["knight"]) == 2
+    assert "task: expected one of chess, dvae, a task file" in capsys.readouterr().err
+
+
+def test_the_loop_is_one_screen():
+    import inspect
+
+    import train
+
+    assert len(inspect.getsource(train.fit).splitlines()) <= 70
+
+
+def test_the_example_task_is_one_short_file():
+    assert len((ROOT / "examples" / "charlm.py").read_text().splitlines()) <= 150
