@@ -16,8 +16,13 @@ import torch
 STAT_FIELDS = ("min", "max", "mean", "std", "norm")
 
 
-def tensor_stats(tensors: list[torch.Tensor], bins: int, max_elements: int | None = None,
-                 scale: torch.Tensor | None = None, moments: bool = False) -> torch.Tensor:
+def tensor_stats(
+    tensors: list[torch.Tensor],
+    bins: int,
+    max_elements: int | None = None,
+    scale: torch.Tensor | None = None,
+    moments: bool = False,
+) -> torch.Tensor:
     """(len(tensors), 5 + bins) float32 on the tensors' device: min, max, mean, std, norm, counts.
     `max_elements` samples a strided subset of huge tensors; `scale` divides first (AMP unscaling).
     Histograms take two passes over each tensor (min and max, then the binning: on a CPU it is
@@ -39,7 +44,7 @@ def tensor_stats(tensors: list[torch.Tensor], bins: int, max_elements: int | Non
         else:
             extra = nan.to(flat.device).expand(3)
         if flat.device.type == "cpu" and bins <= 256:  # no device to sync with; uint8 bin indices are
-            if hi > lo:                                   # a quarter of int64's memory traffic (histc: 2x slower)
+            if hi > lo:  # a quarter of int64's memory traffic (histc: 2x slower)
                 index = ((flat - lo) * (bins / (hi - lo))).to(torch.uint8).clamp_(max=bins - 1)
                 counts = torch.bincount(index, minlength=bins).float()
             else:
@@ -64,8 +69,9 @@ def to_host(stats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]
     return host, event
 
 
-def gather_shares(fabric, names: list[str], tensors: list[torch.Tensor], bins: int, max_elements: int | None,
-                  scale=None) -> torch.Tensor | None:
+def gather_shares(
+    fabric, names: list[str], tensors: list[torch.Tensor], bins: int, max_elements: int | None, scale=None
+) -> torch.Tensor | None:
     """Under DDP every rank holds the same weights and reduced gradients: rank r computes the stats
     of tensors r, r + world, ... and rank 0 gathers them in the original order (None elsewhere)."""
     world, rank = fabric.world_size, fabric.global_rank
@@ -76,7 +82,7 @@ def gather_shares(fabric, names: list[str], tensors: list[torch.Tensor], bins: i
     per_rank = -(-len(tensors) // world)
     padded = torch.zeros(per_rank, 5 + bins, device=fabric.device)
     if stats is not None:
-        padded[:len(stats)] = stats
+        padded[: len(stats)] = stats
     gathered = fabric.all_gather(padded)  # (world, per_rank, 5 + bins): small, and only on logging steps
     if rank != 0:
         return None
@@ -93,8 +99,9 @@ def sharded_stats(fabric, shards: list[torch.Tensor], bins: int, scale=None) -> 
     the counts and moments are summed (a second all-reduce); rank 0 gets the rows of `tensor_stats`
     (None elsewhere). Moments are exact here: they cost one more sum each."""
     device = fabric.device
-    flats = [s.detach().reshape(-1).float() / scale if scale is not None else s.detach().reshape(-1).float()
-             for s in shards]
+    flats = [
+        s.detach().reshape(-1).float() / scale if scale is not None else s.detach().reshape(-1).float() for s in shards
+    ]
     inf = torch.tensor(float("inf"), device=device)
     lo = torch.stack([f.min() if f.numel() else inf for f in flats])  # a rank may hold nothing of a small tensor
     hi = torch.stack([f.max() if f.numel() else -inf for f in flats])

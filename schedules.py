@@ -32,8 +32,16 @@ def noam(step: int, scale: float, d_model: int, warmup_steps: int) -> float:
     return scale * d_model**-0.5 * min(n**-0.5, n * max(1, warmup_steps) ** -1.5)
 
 
-def learning_rate(step: int, kind: str, base_lr: float, warmup_steps: int, total_steps: int,
-                  min_lr_ratio: float, noam_scale: float, d_model: int) -> float:
+def learning_rate(
+    step: int,
+    kind: str,
+    base_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float,
+    noam_scale: float,
+    d_model: int,
+) -> float:
     """The learning rate at `step` for the schedule named `kind` (one of LR_SCHEDULES)."""
     if kind == "constant":
         return constant(step, base_lr)

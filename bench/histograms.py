@@ -7,8 +7,9 @@ Arms (each logs every step): none; kibitz (monitor.py: on-device statistics, one
 sender, TensorBoard raw histograms); TensorBoard's add_histogram of every weight and gradient in an
 after-backward hook (the naive way); wandb.watch(log="all", log_freq=1), offline. Each round runs
 every arm for --steps steps; medians over rounds. Like wandb's own writer process, kibitz's sender
-works beside the loop; whatever it has not sent by the end of a round is waited for inside the round. Prints the cost of one event (all tensors), the
-step-time ratios when logging every step, and the overhead when logging every 100 steps.
+works beside the loop; whatever it has not sent by the end of a round is waited for inside the round.
+Prints the cost of one event (all tensors), the step-time ratios when logging every step, and the
+overhead when logging every 100 steps.
 """
 
 import argparse
@@ -96,14 +97,18 @@ def main() -> None:
     step_time = {name: statistics.median(t) for name, t in times.items()}
     plain = step_time["none"]
     tensors = len(names["none"]) * 2
-    print(f"chess MLP {args.depth} x {args.width}, batch {args.batch}, {tensors} tensors per event, "
-          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds of {args.steps} steps; "
-          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"chess MLP {args.depth} x {args.width}, batch {args.batch}, {tensors} tensors per event, "
+        f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds of {args.steps} steps; "
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
     print(f"  {'arm':<28}{'step ms':>10}{'event ms':>10}{'x plain':>9}{'every 100 steps':>17}")
     for name, value in step_time.items():
         event = max(value - plain, 0.0)
-        print(f"  {name:<28}{value * 1e3:>10.1f}{event * 1e3:>10.1f}{value / plain:>8.2f}x"
-              f"{100 * event / (100 * plain):>15.2f} %")
+        print(
+            f"  {name:<28}{value * 1e3:>10.1f}{event * 1e3:>10.1f}{value / plain:>8.2f}x"
+            f"{100 * event / (100 * plain):>15.2f} %"
+        )
     ours_event = max(step_time["kibitz"] - plain, 1e-9)
     for other in ("tensorboard add_histogram", "wandb.watch"):
         print(f"  one event: kibitz costs {ours_event / max(step_time[other] - plain, 1e-9):.2f} of {other}")

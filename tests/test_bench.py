@@ -4,18 +4,37 @@ from conftest import run_script
 
 
 def test_data_benchmark_smoke():
-    result = run_script(["bench/data.py", "--mix-games", "400", "--naive-games", "20", "--games-per-chunk", "100",
-                         "--max-games", "400", "--loader-seconds", "0.3"],
-                        timeout=300)
+    result = run_script(
+        [
+            "bench/data.py",
+            "--mix-games",
+            "400",
+            "--naive-games",
+            "20",
+            "--games-per-chunk",
+            "100",
+            "--max-games",
+            "400",
+            "--loader-seconds",
+            "0.3",
+        ],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    for line in ("naive python-chess loop", "prepare, 1 worker", "vs naive", "loader, batch 4096",
-                 "one lichess month on 16 cores"):
+    for line in (
+        "naive python-chess loop",
+        "prepare, 1 worker",
+        "vs naive",
+        "loader, batch 4096",
+        "one lichess month on 16 cores",
+    ):
         assert line in result.stdout
 
 
 def test_histogram_benchmark_smoke():
-    result = run_script(["bench/histograms.py", "--rounds", "1", "--steps", "2", "--width", "32", "--depth", "1"],
-                        timeout=300)
+    result = run_script(
+        ["bench/histograms.py", "--rounds", "1", "--steps", "2", "--width", "32", "--depth", "1"], timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for arm in ("none", "kibitz", "tensorboard add_histogram", "wandb.watch", "one event: kibitz costs"):
         assert arm in result.stdout
@@ -40,6 +59,7 @@ def test_throughput_benchmark_smoke(tmp_path):
     result = run_script(["bench/throughput.py", "--smoke", "--out", str(out)], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     import json
+
     rows = json.loads(out.read_text())["results"]
     assert {r["task"] for r in rows} == {"chess", "dvae"} and all("error" not in r for r in rows), rows
     assert all(r["samples_per_s"] > 0 for r in rows) and all(r["tokens_per_s"] > 0 for r in rows if r["task"] == "dvae")

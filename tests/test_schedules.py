@@ -24,11 +24,11 @@ def test_noam_formula():
     d_model, warmup = 512, 4000
     for step in (0, 99, 3999, 4000, 100_000):
         n = step + 1
-        expected = 2.0 * d_model ** -0.5 * min(n ** -0.5, n * warmup ** -1.5)
+        expected = 2.0 * d_model**-0.5 * min(n**-0.5, n * warmup**-1.5)
         assert schedules.noam(step, 2.0, d_model, warmup) == pytest.approx(expected)
     # the peak is at the end of warmup
     peak = schedules.noam(warmup - 1, 1.0, d_model, warmup)
-    assert peak == pytest.approx(d_model ** -0.5 * warmup ** -0.5)
+    assert peak == pytest.approx(d_model**-0.5 * warmup**-0.5)
     assert schedules.noam(warmup * 4 - 1, 1.0, d_model, warmup) == pytest.approx(peak / 2)
 
 
@@ -37,12 +37,15 @@ def test_unknown_schedule():
         schedules.learning_rate(0, "linear", 1e-3, 10, 100, 0.1, 1, 512)
 
 
-@pytest.mark.parametrize("shape, formula", [
-    ("linear", lambda a, b, p: a + (b - a) * p),
-    ("exponential", lambda a, b, p: a * (b / a) ** p),
-    ("cosine", lambda a, b, p: a + (b - a) * (1 - math.cos(math.pi * p)) / 2),
-    ("threshold", lambda a, b, p: a),
-])
+@pytest.mark.parametrize(
+    "shape, formula",
+    [
+        ("linear", lambda a, b, p: a + (b - a) * p),
+        ("exponential", lambda a, b, p: a * (b / a) ** p),
+        ("cosine", lambda a, b, p: a + (b - a) * (1 - math.cos(math.pi * p)) / 2),
+        ("threshold", lambda a, b, p: a),
+    ],
+)
 def test_ramp_shapes_hold_then_move(shape, formula):
     start, end, hold, steps = 1.0, 1 / 16, 50, 200
     ramp = lambda step: schedules.ramp(step, start, end, hold, steps, shape)  # noqa: E731
