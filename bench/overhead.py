@@ -49,7 +49,6 @@ from chessdata.encoding import random_flip  # noqa: E402
 from chessdata.prepare import ensure_prepared  # noqa: E402
 from config import TrainConfig  # noqa: E402
 from model import ChessEvaluator  # noqa: E402
-from schedules import learning_rate  # noqa: E402
 from tasks import ChessConfig, ChessData, ChessLog, ChessModelConfig  # noqa: E402
 
 SIZES = {"default": (808, 4, 512), "tiny": (32, 1, 64)}  # width, depth, batch
@@ -116,17 +115,7 @@ def base_config(size: str, steps: int, out: Path) -> ChessConfig:
 
 
 def lr_function(cfg: ChessConfig):
-    s = cfg.schedule
-    return lambda step: learning_rate(
-        step,
-        s.kind,
-        cfg.optim.lr,
-        s.warmup_steps,
-        s.total_steps or cfg.train.max_steps,
-        s.min_lr_ratio,
-        s.noam_scale,
-        s.noam_d_model,
-    )
+    return train.lr_schedule(cfg, cfg.train.max_steps)  # the trainer's own LR function: the same floats
 
 
 def seed_all(seed: int) -> None:

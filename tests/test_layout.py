@@ -124,3 +124,19 @@ def test_the_loop_is_one_screen():
 
 def test_the_example_task_is_one_short_file():
     assert len((ROOT / "examples" / "charlm.py").read_text().splitlines()) <= 150
+
+
+def test_a_tasks_help_shows_its_own_sections_only(capsys, monkeypatch):
+    import pytest
+
+    import train
+
+    monkeypatch.setenv("COLUMNS", "200")
+    helps = {}
+    for task in ("chess", "dvae"):
+        with pytest.raises(SystemExit):
+            train.main([task, "--help"])
+        helps[task] = capsys.readouterr().out
+    assert "--data.target" in helps["chess"] and "--log.predictions" in helps["chess"]
+    assert "--dvae.quantizer" in helps["dvae"] and "--data.dir" in helps["dvae"]
+    assert not any(flag in helps["dvae"] for flag in ("--data.target", "--data.flip", "--log.predictions"))
