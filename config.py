@@ -338,13 +338,14 @@ def monitored(cfg: RunConfig, task: Task) -> tuple[str, str]:
 def check(cfg: RunConfig, task: Task) -> None:
     """Raise ConfigError for the first value outside what is allowed (the choices are Literals, which
     the command line already refuses; a config built in code is checked here)."""
-    for section in (cfg.fabric, cfg.schedule, cfg.log, cfg.monitor, cfg.checkpoint):
+    for name in ("fabric", "schedule", "data", "log", "monitor", "checkpoint"):  # a task's own sections: its check
+        section = getattr(cfg, name)
         for f in dataclasses.fields(section):
             choices = literal_choices(typing.get_type_hints(type(section))[f.name])
             value = getattr(section, f.name)
             need(
                 not choices or value in choices,
-                f"{type(section).__name__.removesuffix('Config').lower()}.{f.name}",
+                f"{name}.{f.name}",
                 "one of " + ", ".join(map(str, choices)),
                 value,
             )

@@ -140,3 +140,19 @@ def test_a_tasks_help_shows_its_own_sections_only(capsys, monkeypatch):
     assert "--data.target" in helps["chess"] and "--log.predictions" in helps["chess"]
     assert "--dvae.quantizer" in helps["dvae"] and "--data.dir" in helps["dvae"]
     assert not any(flag in helps["dvae"] for flag in ("--data.target", "--data.flip", "--log.predictions"))
+
+
+def test_a_config_built_in_code_is_checked_against_its_choices():
+    import pytest
+
+    import config
+    import tasks
+
+    cfg = tasks.ChessConfig()
+    cfg.data.target = "centipawns"
+    with pytest.raises(config.ConfigError, match="^data.target: expected one of pawns, win_prob, got 'centipawns'$"):
+        config.check(cfg, tasks.CHESS)
+    cfg = tasks.DVAEConfig()
+    cfg.checkpoint.monitor = "val/l1"  # a chess metric: not one of this task's
+    with pytest.raises(config.ConfigError, match="^checkpoint.monitor: expected one of val/token_acc"):
+        config.check(cfg, tasks.DVAE)
