@@ -7,8 +7,8 @@ from typing import Annotated
 import tyro
 
 from chessdata.encoding import row_to_fen
+from chessdata.evals import format_eval
 from chessdata.folder import SAMPLE_PGN, load_split
-from chessdata.pgn import format_eval
 
 
 def prepare(

@@ -6,7 +6,8 @@ whose `count.npy` entry says how many were merged. Then a position that is in te
 val and train, and one in val from train, so no test position is ever trained on.
 
 "Identical" means the board, castling rights, side to move and en-passant square: the position a
-FEN's first four fields describe; the move clocks do not count (the first copy's are kept).
+FEN's first four fields describe as python-chess writes them (en passant only where a capture is legal); the
+move clocks do not count (the first copy's row is kept).
 Data larger than memory is hash-partitioned into buckets first, each deduplicated on its own.
 """
 
@@ -15,9 +16,10 @@ import os
 import shutil
 from pathlib import Path
 
+import chess
 import numpy as np
 
-from chessdata.encoding import ROW_BYTES
+from chessdata.encoding import FLAG_BLACK_TO_MOVE, FLAG_EN_PASSANT, ROW_BYTES, row_to_fen
 from chessdata.folder import COLUMNS, SPLITS
 
 KEY_COLUMNS = np.r_[0:96, 99:101]  # the bitboards, en passant and flags: not the clocks (96..98)
@@ -26,15 +28,49 @@ _MIX = np.array([0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD
 ]
 
 
+def key_bytes(positions: np.ndarray) -> np.ndarray:
+    """The bytes that identify each row's position: bitboards, en passant and flags, with the en-passant square
+    only where a capture is legal (python-chess's FEN), since games set it after every double push and the eval
+    database only where it matters: the same position from either is one key."""
+    key = np.concatenate([positions[:, :96], positions[:, 99:101]], axis=1)  # KEY_COLUMNS, a contiguous copy
+    rows = np.flatnonzero(positions[:, 100] & FLAG_EN_PASSANT)
+    if len(rows):
+        legal = np.zeros(len(rows), dtype=bool)
+        maybe = np.flatnonzero(_pawn_beside(positions[rows]))  # a capturer stands there: python-chess decides
+        if len(maybe):  # once per distinct position (openings repeat)
+            distinct, inverse = np.unique(positions[rows[maybe]], axis=0, return_inverse=True)
+            verdict = np.array([chess.Board(row_to_fen(row)).has_legal_en_passant() for row in distinct])
+            legal[maybe] = verdict[inverse.ravel()]
+        cleared = rows[~legal]
+        key[cleared, -2] = 0xFF
+        key[cleared, -1] &= ~FLAG_EN_PASSANT & 0xFF
+    return key
+
+
+def _pawn_beside(rows: np.ndarray) -> np.ndarray:
+    """Per row: does a pawn of the side to move stand where it could take on the en-passant square?"""
+    ep = rows[:, 99].astype(np.int64)
+    black = (rows[:, 100] & FLAG_BLACK_TO_MOVE) != 0
+    plane = np.where(black, 11, 5)  # the mover's pawns: BP or WP
+    found = np.zeros(len(rows), dtype=bool)
+    for white_step, black_step, side_ok in ((-9, 7, ep % 8 > 0), (-7, 9, ep % 8 < 7)):
+        square = ep + np.where(black, black_step, white_step)
+        inside = side_ok & (ep < 64) & (square >= 0) & (square < 64)
+        square = np.clip(square, 0, 63)
+        byte = rows[np.arange(len(rows)), 8 * plane + square // 8]
+        found |= inside & ((byte >> (7 - square % 8)) & 1).astype(bool)
+    return found
+
+
 def keys(positions: np.ndarray) -> np.ndarray:
     """One opaque (void) value per row, comparable and sortable by numpy."""
-    key = np.ascontiguousarray(positions[:, KEY_COLUMNS])
+    key = key_bytes(positions)
     return key.view(np.dtype((np.void, key.shape[1]))).ravel()
 
 
 def bucket_of(positions: np.ndarray, buckets: int) -> np.ndarray:
     padded = np.zeros((len(positions), 104), dtype=np.uint8)
-    padded[:, : len(KEY_COLUMNS)] = positions[:, KEY_COLUMNS]
+    padded[:, : len(KEY_COLUMNS)] = key_bytes(positions)
     with np.errstate(over="ignore"):  # wrapping multiplication is the point of the hash
         h = (padded.view(np.uint64) * _MIX).sum(axis=1, dtype=np.uint64)
     return ((h >> np.uint64(17)) % np.uint64(buckets)).astype(np.int64)

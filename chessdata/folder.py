@@ -1,7 +1,8 @@
 """The prepared-folder format, defined once.
 
 A prepared folder holds, per split (train/val/test), `positions.npy` (N x 101 uint8, see encoding.py),
-`cp.npy` (int32 centipawns, White's view), `mate.npy` (int16, +-N = mate in N, 0 = none) and, when
+`cp.npy` (int32 centipawns, White's view), `mate.npy` (int16, +-N = mate in N, 0 = none, +-32767 = mate already
+given: the side to move is mated; the sign says who mates, as everywhere) and, when
 deduplicated, `count.npy`; `meta.json`, written last, says the folder is complete and what made it.
 Raw evals are stored; a training target (say, clamped pawns) is chosen when the data is loaded.
 """
@@ -15,7 +16,7 @@ from chessdata.encoding import ROW_BYTES
 
 SPLITS = ("train", "val", "test")
 COLUMNS = {"positions": np.uint8, "cp": np.int32, "mate": np.int16}
-LAYOUT_VERSION = 2  # 2: deduplicated splits with count.npy
+LAYOUT_VERSION = 3  # 2: deduplicated splits with count.npy; 3: one key per position across sources, FEN games
 SAMPLE_PGN = Path(__file__).resolve().parent.parent / "data" / "sample.pgn.zst"
 
 

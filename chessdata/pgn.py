@@ -1,4 +1,4 @@
-"""Reading lichess PGN: stream games out of `.pgn` / `.pgn.zst`, pull the `%eval` annotations,
+"""Reading PGN: cut games out of `.pgn` / `.pgn.zst` as python-chess would, pull the `%eval` annotations,
 replay the moves and return every evaluated position as board-state tuples (see encoding.py).
 
 A lichess game is its header tags, a blank line, the whole movetext on one line, a blank line:
@@ -7,23 +7,30 @@ A lichess game is its header tags, a blank line, the whole movetext on one line,
 position after the move it follows.
 """
 
-import codecs
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import zstandard
+import chess
 
-from chessdata.replay import FastBoard, IllegalMove
+from chessdata import evals
+from chessdata.replay import FastBoard, IllegalMove, NullMove
+from chessdata.stream import CorruptArchive, read_text  # noqa: F401 - CorruptArchive: what reading raises
 
 RESULTS = ("1-0", "0-1", "1/2-1/2", "*")
-_EVAL = re.compile(r"\[%eval\s+([^\]\s]+)\s*\]")
-_HEADER = re.compile(r'^\[(\w+)\s+"(.*)"\]\s*$')
-# One movetext token: a comment, a move number, a result, a NAG, a variation bracket, or a SAN.
-_TOKEN = re.compile(r"\{[^}]*\}|\{|\d+\.(?:\.\.)?|1-0|0-1|1/2-1/2|\*|\$\d+|[()]|[^\s{}()$]+")
+# A tag pair, as python-chess reads one (`chess.pgn.TAG_REGEX`).
+_HEADER = re.compile(r'^\[([A-Za-z0-9][A-Za-z0-9_+#=:-]*)\s+"([^\r]*)"\]\s*$')
+_VARIANT = re.compile(r'^\[Variant[ \t]+"([^\n]*)"\][ \t]*$', re.MULTILINE)
+# One movetext token: a comment (also an unclosed one), a rest-of-line comment, an escape line, a move number, a
+# result, a NAG, a variation bracket, or a SAN.
+_TOKEN = re.compile(r"\{[^}]*\}|\{|;[^\n]*|(?m:^%[^\n]*)|\d+\.(?:\.\.)?|1-0|0-1|1/2-1/2|\*|\$\d+|[()]|[^\s{}()$;]+")
 _MOVE_NUMBER = re.compile(r"\d+\.(?:\.\.)?$")
 # Clean lichess movetext: an optional move number, a SAN (or the result), an optional comment.
 _MOVE_AND_COMMENT = re.compile(r"(?:\d+\.(?:\.\.)?\s*)?([^\s{}()$]+)\s*(\{[^}]*\})?")
+STANDARD = {name.lower() for name in chess.Board.aliases}  # "Standard", "From Position", ...
+NULL_MOVES = {"--", "Z0", "0000", "@@@@"}  # the null-move spellings python-chess reads
+MAX_GAME_CHARS = 1 << 23  # a "game" longer than this is damage (a lichess game is a few kB)
+PENDING_CHARS = 1 << 20  # text without a blank-line-then-`[` beyond this goes to the line-by-line cutter
 
 
 class BadGame(ValueError):
@@ -34,111 +41,211 @@ class BadGame(ValueError):
         self.reason = reason
 
 
-class CorruptArchive(RuntimeError):
-    """The compressed stream itself is broken; carries the file and the byte offset reached."""
+def iter_games(path: Path) -> Iterator[str | BadGame]:
+    """Yield each game's text, cut where python-chess's `read_game` ends a game: at a blank (or whitespace-only)
+    line outside a comment, and also where a tag pair starts a line after the moves (files concatenated without
+    a blank line between them). A BadGame is yielded, to be counted, for a stretch too long to be a game.
 
-
-CHUNK_BYTES = 1 << 20
-
-
-def read_chunks(path: Path) -> Iterator[bytes]:
-    """Decompressed bytes of `.pgn.zst` (all frames) or `.pgn`, a chunk at a time: never the whole
-    archive in memory. A corrupt or truncated archive raises CorruptArchive with the byte offset."""
-    with open(path, "rb") as raw:
-        if path.suffix != ".zst":
-            while chunk := raw.read(CHUNK_BYTES):
-                yield chunk
-            return
-        decompressor = zstandard.ZstdDecompressor()
-        frame = decompressor.decompressobj()
-        in_frame = False
-        while chunk := raw.read(CHUNK_BYTES):
-            while chunk:
-                try:
-                    out = frame.decompress(chunk)
-                except zstandard.ZstdError as exc:
-                    raise CorruptArchive(
-                        f"{path}: corrupt zstd data in the {CHUNK_BYTES}-byte block "
-                        f"ending at compressed byte {raw.tell()}: {exc}"
-                    ) from None
-                in_frame = True
-                if out:
-                    yield out
-                chunk = b""
-                if frame.eof:  # one frame done; lichess archives may hold several
-                    chunk, frame, in_frame = frame.unused_data, decompressor.decompressobj(), False
-        if in_frame:
-            raise CorruptArchive(
-                f"{path}: truncated zstd archive: it ends inside a frame at compressed byte {raw.tell()}"
-            )
-
-
-def iter_games(path: Path) -> Iterator[str]:
-    """Yield each game's text. Games are cut where a blank line is followed by a header line, by
-    str.split on whole chunks (C speed: the main process cuts every game of an archive). A piece
-    with headers but no moves is joined to the next, so a game is always its headers, then moves.
-    A game cut off mid-line (a damaged file) runs into the next one; both are then skipped as bad."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending, headers_only = "", ""
-    for chunk in read_chunks(path):
-        pieces = (pending + decoder.decode(chunk)).split("\n\n[")
+    Lichess games are cut by str.split at blank-line-then-`[` (C speed: the main process cuts every game of an
+    archive); a piece that is not plainly one game (comments, escapes, odd blank lines) goes through the
+    line-by-line GameCutter instead. Memory stays bounded by the longest game, whatever the input."""
+    cutter = GameCutter()
+    pending = ""
+    for text in read_text(path):
+        buffer = pending + text
+        if _BLANK.search(buffer):
+            buffer = _BLANK.sub("\n", buffer)  # whitespace-only lines become empty ones
+        pieces = buffer.split("\n\n[")
         pending = pieces.pop() if len(pieces) == 1 else "[" + pieces.pop()
         for i, piece in enumerate(pieces):
-            game = headers_only + ("[" + piece if i else piece)
-            if _has_movetext(game):
-                headers_only = ""
+            game = "[" + piece if i else piece
+            if cutter.idle and _plainly_one_game(game):
                 yield game + "\n\n"
             else:
-                headers_only = game + "\n\n"
-    game = (headers_only + pending).rstrip("\n")
-    if game.strip():
-        yield game + "\n\n"
+                yield from cutter.feed(game + "\n\n")
+        if len(pending) > PENDING_CHARS:
+            cut = pending.rfind("\n") + 1 or len(pending)  # no game boundary in sight: the cutter takes over
+            yield from cutter.feed(pending[:cut] + ("" if cut < len(pending) else "\n"))
+            pending = pending[cut:]
+    if pending.strip() or not cutter.idle:
+        if cutter.idle and _plainly_one_game(pending.rstrip("\n")):
+            yield pending.rstrip("\n") + "\n\n"
+        else:
+            yield from cutter.feed(pending + "\n\n")
+    yield from cutter.finish()
 
 
-def _has_movetext(game: str) -> bool:
-    """Does anything but headers follow? Usually a blank line ends the headers; else look at lines."""
-    at = game.find("\n\n")
-    if at >= 0:
-        return bool(game[at:].strip())
-    return any(line.strip() and not line.startswith("[") for line in game.split("\n"))
+_BLANK = re.compile(r"\n[^\S\n]+(?=\n)")
+
+
+def _plainly_one_game(game: str) -> bool:
+    """Is this piece exactly one game as the fast cut reads it: tag lines, one blank line, moves with no blank
+    line, tag line, escape line or `;` comment among them, not ending inside a comment? Lichess writes the
+    moves on one line, which makes most of this a few single-character scans (memchr speed)."""
+    moves = game.find("\n\n") + 2
+    if (
+        moves < 2
+        or moves >= len(game)
+        or game[0] != "["
+        or game[-1] == "\n"
+        or game[moves] in "%;["
+        or ";" in game
+        or game.rfind("{") > game.rfind("}")  # ends inside a comment: it runs on into the next piece
+        or game.count("\n", 0, moves - 2) != game.count("\n[", 0, moves - 2)  # a line among the tags that is none
+    ):
+        return False
+    if game.find("\n", moves) < 0:  # the moves on one line, as lichess writes them
+        return True
+    return (
+        game.find("\n\n", moves) < 0
+        and game.find("\n[", moves) < 0
+        and game.find("\n%", moves) < 0
+        and len(game) < MAX_GAME_CHARS
+    )
+
+
+class GameCutter:
+    """Game boundaries line by line, as `chess.pgn.read_game` finds them: `%` escape lines and `;` comment lines
+    are dropped, a comment `{...}` may span blank lines, one blank line may sit between tag pairs, and a blank line
+    in the moves ends the game. Beyond python-chess, a tag pair that starts a line after the moves starts the next
+    game. Fed whole lines; returns the games they complete."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.size = 0
+        self.phase = "between"  # between games | headers | moves
+        self.blank_lines = 0  # consecutive, among the headers
+        self.in_comment = False
+
+    @property
+    def idle(self) -> bool:
+        return self.phase == "between"
+
+    def feed(self, text: str) -> list:
+        games = []
+        for line in text.split("\n")[:-1]:
+            self._line(line, games)
+        return games
+
+    def finish(self) -> list:
+        games: list = []
+        if not self.idle:
+            self._end(games)
+        return games
+
+    def _end(self, games: list) -> None:
+        if self.size > MAX_GAME_CHARS:
+            games.append(BadGame("too_long", f"over {MAX_GAME_CHARS} characters without a game boundary"))
+        elif self.lines:
+            games.append("\n".join(self.lines) + "\n\n")
+        self.lines, self.size, self.phase, self.in_comment = [], 0, "between", False
+
+    def _keep(self, line: str) -> None:
+        self.size += len(line) + 1
+        if self.size <= MAX_GAME_CHARS:
+            self.lines.append(line)
+        else:
+            self.lines = []
+
+    def _line(self, line: str, games: list) -> None:
+        blank = not line.strip()
+        if self.in_comment:
+            self._keep(line)
+            self._scan(line)
+            return
+        if line.startswith(("%", ";")):
+            return
+        if self.phase == "between":
+            if blank:
+                return
+            self.phase, self.blank_lines = "headers", 0
+        if self.phase == "headers":
+            if blank:
+                self.blank_lines += 1
+                if self.blank_lines == 2:  # python-chess: the headers end; this blank line is their separator
+                    self.phase = "moves"
+                return
+            if line.startswith("["):
+                self.blank_lines = 0
+                self._keep(line)
+                return
+            self.phase = "moves"
+            self._keep("")
+        elif blank:
+            self._end(games)
+            return
+        elif line.startswith("[") and _HEADER.match(line) and self._has_moves():
+            self._end(games)
+            self.phase, self.blank_lines = "headers", 0
+            self._keep(line)
+            return
+        self._keep(line)
+        self._scan(line)
+
+    def _has_moves(self) -> bool:
+        return bool(self.lines) and not self.lines[-1].startswith("[")
+
+    def _scan(self, line: str) -> None:
+        """Follow `{` ... `}` across the line; a `;` outside a comment hides the rest of it."""
+        if ";" not in line:  # then the last brace decides: a `{` after the last `}` leaves a comment open
+            opening, closing = line.rfind("{"), line.rfind("}")
+            if opening != closing:
+                self.in_comment = opening > closing
+            return
+        at = 0
+        while True:
+            if self.in_comment:
+                close = line.find("}", at)
+                if close < 0:
+                    return
+                self.in_comment, at = False, close + 1
+            else:
+                opening, semicolon = line.find("{", at), line.find(";", at)
+                if opening < 0 or 0 <= semicolon < opening:
+                    return
+                self.in_comment, at = True, opening + 1
 
 
 def parse_headers(game: str) -> tuple[dict[str, str], str]:
-    """Split a game into its header tags and its movetext (all non-header lines joined)."""
-    headers, moves = {}, []
-    for line in game.splitlines():
-        match = _HEADER.match(line)
-        if match:
-            headers[match.group(1)] = match.group(2)
-        elif line.strip():
-            moves.append(line.strip())
-    return headers, " ".join(moves)
+    """Split a game into its tag pairs and its movetext: the tag lines come first (blank, `%` and `;` lines
+    among them ignored; a `[` line that is not a tag pair too, as python-chess does), the movetext is every line
+    after them, newlines kept (a `;` comment runs to the end of its line)."""
+    headers = {}
+    lines = game.split("\n")
+    for at, line in enumerate(lines):
+        if line.startswith("["):
+            match = _HEADER.match(line)
+            if match:
+                headers[match.group(1)] = match.group(2)
+        elif line.strip() and not line.startswith(("%", ";")):
+            return headers, "\n".join(lines[at:]).strip()
+    return headers, ""
 
 
-def parse_eval(text: str) -> tuple[int, int]:
-    """Lichess eval notation -> (centipawns, mate). `0.17` -> (17, 0); `#-3` -> (0, -3)."""
-    if text.startswith("#"):
-        mate = int(text[1:])
-        if mate == 0:
-            raise ValueError(f"mate in 0 is not an eval: {text!r}")
-        return 0, mate
-    return round(float(text) * 100), 0
+def standard_chess(headers: dict[str, str]) -> bool:
+    """Standard chess, possibly from a set-up position (lichess's "From Position"); not Chess960 or a variant."""
+    return headers.get("Variant", "Standard").strip().lower() in STANDARD
 
 
-def format_eval(cp: int, mate: int) -> str:
-    """(centipawns, mate) -> lichess notation: `0.17`, `-1.50`, `#3`, `#-2`."""
-    return f"#{mate}" if mate else f"{cp / 100:.2f}"
+def raw_variant(game: str) -> bool:
+    """The raw-text test prepare runs before replaying: does the game name a variant other than standard chess?"""
+    if "[Variant " not in game:
+        return False
+    match = _VARIANT.search(game)
+    return bool(match) and match.group(1).strip().lower() not in STANDARD
 
 
 def movetext_pairs(movetext: str) -> list[tuple[str, str]]:
     """The movetext as (SAN or result, the comment after it or ""), variations and NAGs dropped."""
     pairs = _MOVE_AND_COMMENT.findall(movetext)
     # One regex covers clean lichess movetext; use it only when every character is accounted for:
-    # no variations or NAGs, and every `{` is a comment that follows a move.
+    # no variations, NAGs, `;` comments or escape lines, and every `{` is a comment that follows a move.
     if (
         "(" in movetext
         or ")" in movetext
         or "$" in movetext
+        or ";" in movetext
+        or "\n%" in movetext
         or movetext.count("{") != sum(1 for _, comment in pairs if comment)
     ):
         return _generic_pairs(movetext)
@@ -154,6 +261,8 @@ def _generic_pairs(movetext: str) -> list[tuple[str, str]]:
                 raise BadGame("broken_comment", "unclosed {")
             if depth == 0 and pairs:
                 pairs[-1] = (pairs[-1][0], pairs[-1][1] + token[1:-1])
+        elif token.startswith((";", "%")):
+            continue  # a comment to the end of the line, or an escape line
         elif token == "(":
             depth += 1
         elif token == ")":
@@ -168,38 +277,59 @@ def _generic_pairs(movetext: str) -> list[tuple[str, str]]:
 _eval_cache: dict[str, tuple[int, int]] = {}
 
 
-def game_positions(game: str) -> tuple[dict[str, str], list[tuple], list[int], list[int]]:
-    """Replay one game; return its headers and, for every position that carries an eval,
-    its board state, centipawns and mate. Raises BadGame for anything unusable."""
+def start_position(headers: dict[str, str]) -> FastBoard:
+    """The board a game starts from: the standard one, or its `[FEN]` tag's (python-chess uses the tag whether
+    or not `[SetUp "1"]` is there)."""
+    if not standard_chess(headers):
+        raise BadGame("variant", headers.get("Variant", ""))
+    if "FEN" not in headers:
+        return FastBoard()
+    try:
+        board = chess.Board(headers["FEN"])
+    except ValueError:
+        raise BadGame("bad_fen", headers["FEN"]) from None
+    if board.has_chess960_castling_rights():
+        raise BadGame("variant", "Chess960 castling rights")
+    if not board.is_valid():
+        raise BadGame("invalid_position", headers["FEN"])
+    return FastBoard.from_board(board)
+
+
+def game_positions(game: str) -> tuple[dict[str, str], list[tuple], list[int], list[int], str | None]:
+    """Replay one game; return its headers, for every position that carries an eval its board state,
+    centipawns and mate, and why the game was cut short (None if it was not).
+
+    An illegal or a null move ends the replay there: the positions before it are sound and kept ("illegal_move",
+    "null_move"). Raises BadGame for a game that cannot be used at all."""
     headers, movetext = parse_headers(game)
-    if "Variant" in headers and headers["Variant"] != "Standard" or "FEN" in headers:
-        raise BadGame("variant")
-    board = FastBoard()
+    board = start_position(headers)
     states, cps, mates = [], [], []
-    result = None
+    result = truncated = None
     for ply, (san, comment) in enumerate(movetext_pairs(movetext)):
         if san in RESULTS:
             result = san
             break
         try:
             board.push_san(san.rstrip("!?") if san[-1] in "!?" else san)
-        except IllegalMove:
-            raise BadGame("illegal_move", f"{san} at ply {ply}") from None
+        except IllegalMove as exc:
+            truncated = "null_move" if isinstance(exc, NullMove) or san in NULL_MOVES else "illegal_move"
+            break
         if comment and "%eval" in comment:
-            match = _EVAL.search(comment)
-            if match:
-                text = match.group(1)
-                value = _eval_cache.get(text)
-                if value is None:
-                    try:
-                        value = parse_eval(text)
-                    except ValueError:
-                        raise BadGame("bad_eval", text) from None
-                    if len(_eval_cache) < 100_000:
-                        _eval_cache[text] = value
-                states.append(board.state())
-                cps.append(value[0])
-                mates.append(value[1])
-    if result is None:
+            match = evals.IN_COMMENT.search(comment)
+            if match is None:
+                raise BadGame("bad_eval", f"unreadable [%eval] after {san} at ply {ply}")
+            text = match.group(1)
+            value = _eval_cache.get(text)
+            if value is None:
+                try:
+                    value = evals.read_eval(text, black_to_move=board.turn == 1)
+                except evals.BadEval as exc:
+                    raise BadGame("bad_eval", str(exc)) from None
+                if len(_eval_cache) < 100_000 and abs(value[1]) != evals.CHECKMATE:  # #0 depends on the side to move
+                    _eval_cache[text] = value
+            states.append(board.state())
+            cps.append(value[0])
+            mates.append(value[1])
+    if result is None and truncated is None:
         raise BadGame("missing_result")
-    return headers, states, cps, mates
+    return headers, states, cps, mates, truncated

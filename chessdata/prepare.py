@@ -25,7 +25,7 @@ from chessdata import dedup
 from chessdata import sources as sources_module
 from chessdata.encoding import ROW_BYTES, pack_states
 from chessdata.folder import COLUMNS, LAYOUT_VERSION, SPLITS, split_of
-from chessdata.pgn import BadGame, CorruptArchive, game_positions, iter_games
+from chessdata.pgn import BadGame, CorruptArchive, game_positions, iter_games, raw_variant
 
 
 @dataclass(frozen=True)
@@ -58,15 +58,19 @@ def header_filter(headers: dict[str, str], filters: Filters) -> str | None:
 
 
 def parse_chunk(games: list[str], filters: Filters) -> tuple[dict, collections.Counter, collections.Counter]:
-    """Replay a chunk of games: per split the packed rows, cps and mates; games kept per split; skips."""
+    """Replay a chunk of games: per split the packed rows, cps and mates; games kept per split (and, as
+    `truncated_<reason>`, those kept only up to an illegal or null move); skips by reason."""
     states = {split: ([], [], []) for split in SPLITS}
     kept: collections.Counter = collections.Counter()
     skipped: collections.Counter = collections.Counter()
     for game in games:
         try:
-            headers, game_states, cps, mates = game_positions(game)
+            headers, game_states, cps, mates, truncated = game_positions(game)
         except BadGame as bad:
             skipped[bad.reason] += 1
+            continue
+        if truncated and not game_states:
+            skipped[truncated] += 1  # nothing before the bad move to keep
             continue
         reason = header_filter(headers, filters)
         if reason is None and not game_states:
@@ -78,6 +82,8 @@ def parse_chunk(games: list[str], filters: Filters) -> tuple[dict, collections.C
             continue
         split = split_of(game, filters.val_fraction, filters.test_fraction)
         kept[split] += 1
+        if truncated:
+            kept["truncated_" + truncated] += 1
         for column, values in zip(states[split], (game_states, cps, mates)):
             column.extend(values)
     arrays = {
@@ -102,9 +108,11 @@ def raw_chunks(sources: list[Path], records_per_chunk: int, max_records: int | N
             read_in_chunk += 1
             if kind != "pgn":
                 chunk.append(record)
+            elif isinstance(record, BadGame):  # damage the game cutter found
+                skipped[record.reason] += 1
             elif "%eval" not in record:  # the raw-text test: most lichess games carry no eval
                 skipped["no_eval"] += 1
-            elif "[Variant " in record and '[Variant "Standard"]' not in record or "[FEN " in record:
+            elif raw_variant(record):
                 skipped["variant"] += 1
             else:
                 chunk.append(record)
@@ -127,11 +135,12 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(shards: Path, index: int, arrays: dict, read: int, kept, skipped) -> dict:
+def write_shard(shards: Path, index: int, arrays: dict, kind: str, read: int, kept, skipped) -> dict:
     for split, columns in arrays.items():
         for name, values in columns.items():
             _write_atomic(shards / f"{index:06d}.{split}.{name}.npy", lambda tmp, v=values: np.save(tmp, v))
     info = {
+        "kind": kind,
         "read": read,
         "kept": dict(kept),
         "skipped": dict(skipped),
@@ -182,9 +191,9 @@ def prepare(
     infos: list[dict] = []
     resumed = 0
 
-    def finish(index: int, result, read: int, raw_skipped) -> None:
+    def finish(index: int, result, kind: str, read: int, raw_skipped) -> None:
         arrays, kept, skipped = result
-        infos.append(write_shard(shards, index, arrays, read, kept, skipped + raw_skipped))
+        infos.append(write_shard(shards, index, arrays, kind, read, kept, skipped + raw_skipped))
 
     # fork where it is safe: on Linux, from a process with no other thread (e.g. `python -m chessdata
     # prepare`). spawn re-imports the caller's script and torch in every worker (seconds), but a fork
@@ -202,12 +211,12 @@ def prepare(
                 resumed += 1
                 continue
             if pool is None:
-                finish(index, parse_any(kind, records, filters), read, raw_skipped)
+                finish(index, parse_any(kind, records, filters), kind, read, raw_skipped)
                 continue
-            pending.append((index, pool.apply_async(parse_any, (kind, records, filters)), read, raw_skipped))
+            pending.append((index, pool.apply_async(parse_any, (kind, records, filters)), kind, read, raw_skipped))
             while len(pending) >= 2 * workers:
-                index_done, result, read_done, raw_done = pending.popleft()
-                finish(index_done, result.get(), read_done, raw_done)
+                index_done, result, *facts = pending.popleft()
+                finish(index_done, result.get(), *facts)
         infos_wait(pending, finish)
     except CorruptArchive as exc:
         infos_wait(pending, finish)  # keep every shard completed before the damage
@@ -217,28 +226,36 @@ def prepare(
             pool.terminate()
     join_shards(shards, out, infos)
     duplicates = dedup.deduplicate(out) if filters.dedup else None  # before meta.json: a crash resumes
+    games = [info for info in infos if info.get("kind", "pgn") == "pgn"]
+    records = [info for info in infos if info.get("kind", "pgn") != "pgn"]
     counts = {
         split: {
-            "games": sum(i["kept"].get(split, 0) for i in infos),
+            "games": sum(i["kept"].get(split, 0) for i in games),
+            "records": sum(i["kept"].get(split, 0) for i in records),
             "positions": len(np.load(out / split / "cp.npy", mmap_mode="r")),
         }
         for split in SPLITS
     }
     skipped: collections.Counter = collections.Counter()
+    truncated: collections.Counter = collections.Counter()
     for info in infos:
         skipped.update(info["skipped"])
+        truncated.update({k.removeprefix("truncated_"): v for k, v in info["kept"].items() if k not in SPLITS})
     total = sum(c["positions"] for c in counts.values())
+    read = _read_phrase(sum(i["read"] for i in games), sum(i["read"] for i in records))
     if not total:
         raise SystemExit(
-            f"error: {', '.join(map(str, sources))}: no game with %eval annotations found "
-            f"(read {sum(i['read'] for i in infos)} games, skipped {dict(skipped)})"
+            f"error: {', '.join(map(str, sources))}: no position with an eval found "
+            f"(read {read}; skipped {dict(skipped) or 'none'})"
         )
     meta = {
         "layout_version": LAYOUT_VERSION,
         "sources": [str(s) for s in sources],
-        "games_read": sum(i["read"] for i in infos),
+        "games_read": sum(i["read"] for i in games),
+        "records_read": sum(i["read"] for i in records),
         "splits": counts,
         "skipped": dict(skipped),
+        "truncated": dict(truncated),
         "duplicates": duplicates,
         "filters": {k: v for k, v in vars(filters).items()},
         "shards": len(infos),
@@ -249,18 +266,26 @@ def prepare(
     _write_atomic(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     shutil.rmtree(shards)
     per_split = ", ".join(f"{split} {c['positions']}" for split, c in counts.items())
+    kept_from = _read_phrase(sum(c["games"] for c in counts.values()), sum(c["records"] for c in counts.values()))
     print(
-        f"prepared {out}: {total} positions from {sum(c['games'] for c in counts.values())} games "
-        f"({per_split}); skipped {dict(skipped)}; {meta['seconds']} s on {workers} worker(s)"
+        f"prepared {out}: {total} positions from {kept_from} ({per_split}); skipped {dict(skipped)}"
+        + (f"; cut short {dict(truncated)}" if truncated else "")
+        + f"; {meta['seconds']} s on {workers} worker(s)"
     )
     return meta
+
+
+def _read_phrase(games: int, records: int) -> str:
+    """ "12 games", "40 records" (position sources), or both."""
+    parts = [f"{games} games"] * bool(games or not records) + [f"{records} records"] * bool(records)
+    return " and ".join(parts)
 
 
 def infos_wait(pending: collections.deque, finish) -> None:
     """Write every chunk still in flight, in order."""
     while pending:
-        index, result, read, raw_skipped = pending.popleft()
-        finish(index, result.get(), read, raw_skipped)
+        index, result, *facts = pending.popleft()
+        finish(index, result.get(), *facts)
 
 
 def ensure_prepared(sources: list[Path], out: Path) -> dict:

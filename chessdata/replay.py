@@ -35,6 +35,10 @@ class IllegalMove(ValueError):
     pass
 
 
+class NullMove(IllegalMove):
+    """`--` and the other null-move spellings: legal PGN, but no position of a real game follows."""
+
+
 def _steps(square: int, deltas) -> int:
     mask, file, rank = 0, square % 8, square // 8
     for df, dr in deltas:
@@ -325,6 +329,6 @@ class FastBoard:
         except ValueError:
             raise IllegalMove(san) from None
         if not move:  # a null move (`--`): no real game has one
-            raise IllegalMove(san)
+            raise NullMove(san)
         board.push(move)
         self._read(board)

@@ -20,7 +20,7 @@ import chess
 import chess.engine
 import zstandard
 
-from chessdata.pgn import format_eval
+from chessdata.evals import format_eval
 
 ENGINE_PATHS = ("stockfish", "/usr/games/stockfish", "/usr/local/bin/stockfish")
 START_CLOCK_S, INCREMENT_S = 180, 2

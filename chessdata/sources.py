@@ -12,7 +12,6 @@ A record that cannot be used is skipped and counted by reason; positions are spl
 their FEN's first four fields, so a position always lands in the same split.
 """
 
-import codecs
 import collections
 import json
 import sqlite3
@@ -22,9 +21,10 @@ from pathlib import Path
 import chess
 import numpy as np
 
+from chessdata import evals
 from chessdata.encoding import board_state, pack_states
 from chessdata.folder import SPLITS, split_of
-from chessdata.pgn import parse_eval, read_chunks
+from chessdata.stream import read_text
 
 KINDS = {".pgn": "pgn", ".jsonl": "evaldb", ".db": "sqlite", ".sqlite": "sqlite", ".sqlite3": "sqlite", ".csv": "csv"}
 
@@ -46,10 +46,10 @@ def kind_of(path: Path) -> str:
 
 
 def iter_lines(path: Path) -> Iterator[str]:
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    """Non-blank lines, any line-ending style, BOMs dropped."""
     pending = ""
-    for chunk in read_chunks(path):
-        *lines, pending = (pending + decoder.decode(chunk)).split("\n")
+    for text in read_text(path):
+        *lines, pending = (pending + text).split("\n")
         yield from (line for line in lines if line.strip())
     if pending.strip():
         yield pending
@@ -75,42 +75,64 @@ def iter_records(path: Path, kind: str) -> Iterator:
     return sqlite_rows(path) if kind == "sqlite" else iter_lines(path)
 
 
-def evaldb_record(line: str) -> tuple[str, int, int]:
+def evaldb_record(line: str) -> tuple[str, object, object]:
+    """(FEN, cp, mate) of the deepest eval's first line; checked against the board later (a mate of 0 needs
+    the side to move)."""
     try:
         item = json.loads(line)
         deepest = max(item["evals"], key=lambda e: (e.get("depth", 0), e.get("knodes", 0)))
         pv = deepest["pvs"][0]
         fen = item["fen"]
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         raise BadRecord("bad_json") from None
-    if "mate" in pv:
-        return fen, 0, int(pv["mate"])
-    if "cp" in pv:
-        return fen, int(pv["cp"]), 0
-    raise BadRecord("bad_json")
+    if not isinstance(fen, str) or not isinstance(pv, dict) or ("mate" not in pv and "cp" not in pv):
+        raise BadRecord("bad_json")
+    return fen, pv.get("cp"), pv.get("mate")
 
 
-def sqlite_record(row: tuple) -> tuple[str, int, int]:
+def sqlite_record(row: tuple) -> tuple[str, str | float, None]:
     fen, value = row
     if not isinstance(fen, str) or not isinstance(value, (int, float)):
         raise BadRecord("bad_row")
-    return fen, round(value * 100), 0
+    return fen, float(value), None
 
 
-def csv_record(line: str) -> tuple[str, int, int]:
-    fen, _, value = line.rpartition(",")
-    try:
-        cp, mate = parse_eval(value.strip())
-    except ValueError:
-        raise BadRecord("header" if fen.strip().lower() == "fen" else "bad_row") from None
-    return fen.strip(), cp, mate
+def csv_record(line: str) -> tuple[str, str, None]:
+    fen, comma, value = line.rpartition(",")
+    if not comma:
+        raise BadRecord("bad_row")
+    if fen.strip().lower() == "fen":
+        raise BadRecord("header")
+    return fen.strip(), value.strip(), None
 
 
 READERS = {"evaldb": evaldb_record, "sqlite": sqlite_record, "csv": csv_record}
 
 
-def position_split(fen: str, val_fraction: float, test_fraction: float) -> str:
-    return split_of(" ".join(fen.split()[:4]), val_fraction, test_fraction)
+def eval_of(kind: str, cp, mate, board: chess.Board) -> tuple[int, int]:
+    """The stored (centipawns, mate) of one record; raises evals.BadEval for what does not fit.
+
+    evaldb: integer cp or mate (mate 0: the side to move is mated). sqlite: pawns, any finite float. csv: pawns
+    (any float notation) or the `#N` of a PGN `%eval`."""
+    black_to_move = board.turn == chess.BLACK
+    if kind == "evaldb":
+        return evals.checked(cp, mate, black_to_move)
+    if kind == "csv" and cp.startswith("#"):
+        return evals.read_eval(cp, black_to_move)
+    try:
+        pawns = float(cp)
+    except ValueError:
+        raise evals.BadEval(f"not an eval: {cp!r}") from None
+    return evals.pawns_to_cp(pawns), 0
+
+
+def position_split(fen: str, board: chess.Board, val_fraction: float, test_fraction: float) -> str:
+    """A position's split, by its FEN's first four fields with the en-passant square only where a capture is
+    legal (as python-chess writes FENs): one position lands in one split whichever way its FEN was written."""
+    fields = fen.split()[:4]
+    if len(fields) == 4 and fields[3] != "-" and not board.has_legal_en_passant():
+        fields[3] = "-"
+    return split_of(" ".join(fields), val_fraction, test_fraction)
 
 
 def parse_position_chunk(kind: str, records: list, filters) -> tuple[dict, collections.Counter, collections.Counter]:
@@ -122,17 +144,21 @@ def parse_position_chunk(kind: str, records: list, filters) -> tuple[dict, colle
     for record in records:
         try:
             fen, cp, mate = read(record)
-            board = chess.Board(fen if len(fen.split()) > 4 else fen + " 0 1")  # eval-db FENs lack the clocks
+            try:
+                board = chess.Board(fen if len(fen.split()) > 4 else fen + " 0 1")  # eval-db FENs lack the clocks
+            except ValueError:
+                raise BadRecord("bad_fen") from None
             if not board.is_valid():
                 raise BadRecord("invalid_position")
+            cp, mate = eval_of(kind, cp, mate, board)
         except BadRecord as bad:
             if bad.reason != "header":
                 skipped[bad.reason] += 1
             continue
-        except ValueError:
-            skipped["bad_fen"] += 1
+        except evals.BadEval:
+            skipped["bad_eval"] += 1
             continue
-        split = position_split(fen, filters.val_fraction, filters.test_fraction)
+        split = position_split(fen, board, filters.val_fraction, filters.test_fraction)
         kept[split] += 1
         for column, value in zip(rows[split], (board_state(board), cp, mate)):
             column.append(value)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from chessdata import cli, encoding, folder, pgn, prepare
+from chessdata import cli, encoding, evals, folder, pgn, prepare
 
 HEADERS = '[Event "Rated Blitz game"]\n[Site "https://lichess.org/abcdefgh"]\n[Result "{result}"]\n\n'
 
@@ -26,9 +26,9 @@ def game(movetext: str, result: str = "0-1") -> str:
     ],
 )
 def test_parse_eval(text, expected):
-    assert pgn.parse_eval(text) == expected
+    assert evals.read_eval(text) == expected
     cp, mate = expected
-    assert pgn.parse_eval(pgn.format_eval(cp, mate)) == expected
+    assert evals.read_eval(evals.format_eval(cp, mate)) == expected
 
 
 def test_eval_labels_the_position_after_its_move():
@@ -38,7 +38,8 @@ def test_eval_labels_the_position_after_its_move():
         "3... Nf6?? { [%eval #1] } 4. Qxf7# 1-0",
         result="1-0",
     )
-    headers, states, cps, mates = pgn.game_positions(text)
+    headers, states, cps, mates, truncated = pgn.game_positions(text)
+    assert truncated is None
     assert headers["Result"] == "1-0"
     assert cps == [17, 20, -50, 10, 30, 0] and mates == [0, 0, 0, 0, 0, 1]  # no eval after the mate
     board = chess.Board()
@@ -47,14 +48,13 @@ def test_eval_labels_the_position_after_its_move():
 
 
 def test_old_format_without_black_move_numbers():
-    _, states, cps, _ = pgn.game_positions(game("1. d4 { [%eval 0.1] } d5 { [%eval 0.2] } 2. c4 { [%eval 0.0] } *"))
+    _, states, cps, _, _ = pgn.game_positions(game("1. d4 { [%eval 0.1] } d5 { [%eval 0.2] } 2. c4 { [%eval 0.0] } *"))
     assert cps == [10, 20, 0] and len(states) == 3
 
 
 @pytest.mark.parametrize(
     "movetext, reason",
     [
-        ("1. e4 { [%eval 0.1] } 1... e4 { [%eval 0.1] } 0-1", "illegal_move"),
         ("1. e4 { [%eval 0.1] } 1... e5 { [%eval 0.1] }", "missing_result"),
         ("1. e4 { [%eval 0.1] 1... e5 0-1", "broken_comment"),
         ("1. e4 { [%eval x.y] } 0-1", "bad_eval"),
@@ -80,10 +80,11 @@ def test_prepare_skips_and_counts(tmp_path: Path):
     source.write_bytes(zstandard.ZstdCompressor().compress((good + no_eval + illegal + good).encode()))
     meta = cli.prepare([source], tmp_path / "out", val_fraction=0, test_fraction=0, dedup=False)
     assert meta["games_read"] == 4
-    assert meta["skipped"] == {"no_eval": 1, "illegal_move": 1}
-    assert meta["splits"]["train"]["positions"] == 4
+    assert meta["skipped"] == {"no_eval": 1}
+    assert meta["truncated"] == {"illegal_move": 1}  # its first position, before Ke3, is kept
+    assert meta["splits"]["train"]["positions"] == 5
     arrays = folder.load_split(tmp_path / "out", "train")
-    assert arrays["cp"].tolist() == [17, 0, 17, 0] and arrays["mate"].tolist() == [0, -3, 0, -3]
+    assert arrays["cp"].tolist() == [17, 0, 10, 17, 0] and arrays["mate"].tolist() == [0, -3, 0, 0, -3]
 
 
 def test_split_is_by_game_and_stable(prepared: Path):
@@ -103,7 +104,8 @@ def test_dump_prints_fen_and_lichess_eval(prepared: Path, capsys):
     for i, line in enumerate(lines):
         fen, value = line.split("\t")
         assert np.array_equal(encoding.pack_fen(fen), arrays["positions"][i])
-        assert pgn.parse_eval(value) == (int(arrays["cp"][i]), int(arrays["mate"][i]))
+        black_to_move = fen.split()[1] == "b"
+        assert evals.read_eval(value, black_to_move) == (int(arrays["cp"][i]), int(arrays["mate"][i]))
 
 
 def test_sample_matches_lichess_format():
@@ -132,7 +134,7 @@ def test_corrupt_zst_names_file_and_offset(tmp_path: Path):
     payload = zstandard.ZstdCompressor().compress((game("1. e4 { [%eval 0.1] } 0-1") * 2000).encode())
     broken = tmp_path / "broken.pgn.zst"
     broken.write_bytes(payload[: len(payload) // 2] + b"\x00garbage" * 64)
-    with pytest.raises(SystemExit, match=r"broken\.pgn\.zst: (corrupt|truncated) zstd .* compressed byte \d+"):
+    with pytest.raises(SystemExit, match=r"broken\.pgn\.zst: (corrupt|truncated) zstd .* compressed bytes? \d+"):
         cli.prepare([broken], tmp_path / "out")
 
 
