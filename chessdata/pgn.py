@@ -43,8 +43,8 @@ class BadGame(ValueError):
 
 def iter_games(path: Path) -> Iterator[str | BadGame]:
     """Yield each game's text, cut where python-chess's `read_game` ends a game: at a blank (or whitespace-only)
-    line outside a comment, and also where a tag pair starts a line after the moves (files concatenated without
-    a blank line between them). A BadGame is yielded, to be counted, for a stretch too long to be a game.
+    line outside a comment, and also where a tag pair starts the line after a game's result (files concatenated
+    without a blank line between them). A BadGame is yielded, to be counted, for a stretch too long to be a game.
 
     Lichess games are cut by str.split at blank-line-then-`[` (C speed: the main process cuts every game of an
     archive); a piece that is not plainly one game (comments, escapes, odd blank lines) goes through the
@@ -52,9 +52,7 @@ def iter_games(path: Path) -> Iterator[str | BadGame]:
     cutter = GameCutter()
     pending = ""
     for text in read_text(path):
-        buffer = pending + text
-        if _BLANK.search(buffer):
-            buffer = _BLANK.sub("\n", buffer)  # whitespace-only lines become empty ones
+        buffer = pending + text  # (a line of only spaces is no separator here: its pieces go to the cutter)
         pieces = buffer.split("\n\n[")
         pending = pieces.pop() if len(pieces) == 1 else "[" + pieces.pop()
         for i, piece in enumerate(pieces):
@@ -75,11 +73,8 @@ def iter_games(path: Path) -> Iterator[str | BadGame]:
     yield from cutter.finish()
 
 
-_BLANK = re.compile(r"\n[^\S\n]+(?=\n)")
-
-
 def _plainly_one_game(game: str) -> bool:
-    """Is this piece exactly one game as the fast cut reads it: tag lines, one blank line, moves with no blank
+    """Is this piece exactly one game as the line-by-line cut reads it: tags, one blank line, moves with no blank
     line, tag line, escape line or `;` comment among them, not ending inside a comment? Lichess writes the
     moves on one line, which makes most of this a few single-character scans (memchr speed)."""
     moves = game.find("\n\n") + 2
@@ -88,7 +83,7 @@ def _plainly_one_game(game: str) -> bool:
         or moves >= len(game)
         or game[0] != "["
         or game[-1] == "\n"
-        or game[moves] in "%;["
+        or game[moves] in "%;[ \t"
         or ";" in game
         or game.rfind("{") > game.rfind("}")  # ends inside a comment: it runs on into the next piece
         or game.count("\n", 0, moves - 2) != game.count("\n[", 0, moves - 2)  # a line among the tags that is none
@@ -97,18 +92,18 @@ def _plainly_one_game(game: str) -> bool:
     if game.find("\n", moves) < 0:  # the moves on one line, as lichess writes them
         return True
     return (
-        game.find("\n\n", moves) < 0
+        len(game) < MAX_GAME_CHARS
         and game.find("\n[", moves) < 0
         and game.find("\n%", moves) < 0
-        and len(game) < MAX_GAME_CHARS
+        and all(line.strip() for line in game[moves:].split("\n"))  # no blank line, nor one of only spaces
     )
 
 
 class GameCutter:
     """Game boundaries line by line, as `chess.pgn.read_game` finds them: `%` escape lines and `;` comment lines
     are dropped, a comment `{...}` may span blank lines, one blank line may sit between tag pairs, and a blank line
-    in the moves ends the game. Beyond python-chess, a tag pair that starts a line after the moves starts the next
-    game. Fed whole lines; returns the games they complete."""
+    in the moves ends the game. Beyond python-chess, a tag pair that starts the line after a game's result starts
+    the next game (files joined without a blank line). Fed whole lines; returns the games they complete."""
 
     def __init__(self):
         self.lines: list[str] = []
@@ -174,7 +169,7 @@ class GameCutter:
         elif blank:
             self._end(games)
             return
-        elif line.startswith("[") and _HEADER.match(line) and self._has_moves():
+        elif line.startswith("[") and _HEADER.match(line) and self._after_result():
             self._end(games)
             self.phase, self.blank_lines = "headers", 0
             self._keep(line)
@@ -182,8 +177,9 @@ class GameCutter:
         self._keep(line)
         self._scan(line)
 
-    def _has_moves(self) -> bool:
-        return bool(self.lines) and not self.lines[-1].startswith("[")
+    def _after_result(self) -> bool:
+        """Does the last line end with a game result? Then a tag pair on this line begins the next game."""
+        return bool(self.lines) and self.lines[-1].rstrip().endswith(RESULTS)
 
     def _scan(self, line: str) -> None:
         """Follow `{` ... `}` across the line; a `;` outside a comment hides the rest of it."""
