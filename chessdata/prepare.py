@@ -136,9 +136,9 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def write_shard(shards: Path, index: int, arrays: dict, kind: str, read: int, kept, skipped) -> dict:
-    for split, columns in arrays.items():
-        for name, values in columns.items():
-            _write_atomic(shards / f"{index:06d}.{split}.{name}.npy", lambda tmp, v=values: np.save(tmp, v))
+    # one file for every split and column: a shard of a few hundred games costs one file write, not nine
+    columns = {f"{split}.{name}": values for split, named in arrays.items() for name, values in named.items()}
+    _write_atomic(shards / f"{index:06d}.npz", lambda tmp: np.savez(tmp, **columns))
     info = {
         "kind": kind,
         "read": read,
@@ -163,7 +163,8 @@ def join_shards(shards: Path, out: Path, infos: list[dict]) -> None:
             for index, info in enumerate(infos):
                 count = info["positions"][split]
                 if count:
-                    joined[at : at + count] = np.load(shards / f"{index:06d}.{split}.{name}.npy")
+                    with np.load(shards / f"{index:06d}.npz") as shard:
+                        joined[at : at + count] = shard[f"{split}.{name}"]
                     at += count
             joined.flush()
             del joined
@@ -205,7 +206,7 @@ def prepare(
     try:
         for index, (kind, records, read, raw_skipped) in enumerate(raw_chunks(sources, games_per_chunk, max_games)):
             done = shards / f"{index:06d}.json"
-            if done.exists():  # finished by an earlier, interrupted run
+            if done.exists() and done.with_suffix(".npz").exists():  # finished by an earlier, interrupted run
                 infos_wait(pending, finish)  # keep shard order
                 infos.append(json.loads(done.read_text()))
                 resumed += 1
