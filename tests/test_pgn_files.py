@@ -341,3 +341,16 @@ def test_the_fast_cut_and_the_line_by_line_cut_agree(tmp_path):
         cutter = pgn.GameCutter()
         by_lines = cutter.feed("".join(games) + "\n") + cutter.finish()
         assert list(pgn.iter_games(source)) == by_lines
+
+
+def test_out_of_range_evals_in_sqlite(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "evals.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE evaluations (fen TEXT, eval FLOAT)")
+        rows = [(START + " 0 1", 0.5), (START + " 0 1", float("inf")), (START + " 0 1", -1e300), (MATED, -152.65)]
+        con.executemany("INSERT INTO evaluations VALUES (?, ?)", rows)
+    meta = prepare.prepare([db], tmp_path / "out", NO_SPLIT, workers=1)
+    assert meta["skipped"] == {"bad_eval": 2} and meta["records_read"] == 4
+    assert folder.load_split(tmp_path / "out", "train")["cp"].tolist() == [50, -15265]
