@@ -15,7 +15,7 @@ import chess
 
 from chessdata import evals
 from chessdata.replay import FastBoard, IllegalMove, NullMove
-from chessdata.stream import CorruptArchive, read_text  # noqa: F401 - CorruptArchive: what reading raises
+from chessdata.stream import CorruptArchive, Progress, read_text  # noqa: F401 - CorruptArchive: what reading raises
 
 RESULTS = ("1-0", "0-1", "1/2-1/2", "*")
 # A tag pair, as python-chess reads one (`chess.pgn.TAG_REGEX`).
@@ -41,7 +41,7 @@ class BadGame(ValueError):
         self.reason = reason
 
 
-def iter_games(path: Path) -> Iterator[str | BadGame]:
+def iter_games(path: Path, progress: Progress | None = None) -> Iterator[str | BadGame]:
     """Yield each game's text, cut where python-chess's `read_game` ends a game: at a blank (or whitespace-only)
     line outside a comment, and also where a tag pair starts the line after a game's result (files concatenated
     without a blank line between them). A BadGame is yielded, to be counted, for a stretch too long to be a game.
@@ -51,7 +51,7 @@ def iter_games(path: Path) -> Iterator[str | BadGame]:
     line-by-line GameCutter instead. Memory stays bounded by the longest game, whatever the input."""
     cutter = GameCutter()
     pending = ""
-    for text in read_text(path):
+    for text in read_text(path, progress):
         buffer = pending + text  # (a line of only spaces is no separator here: its pieces go to the cutter)
         pieces = buffer.split("\n\n[")
         pending = pieces.pop() if len(pieces) == 1 else "[" + pieces.pop()

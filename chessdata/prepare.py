@@ -10,12 +10,15 @@ shards are joined into one file per split and column, and `meta.json` is written
 """
 
 import collections
+import contextlib
 import json
 import multiprocessing
 import os
 import shutil
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from chessdata import sources as sources_module
 from chessdata.encoding import ROW_BYTES, pack_states
 from chessdata.folder import COLUMNS, LAYOUT_VERSION, SPLITS, split_of
 from chessdata.pgn import BadGame, CorruptArchive, game_positions, iter_games, raw_variant
+from chessdata.stream import Progress, fingerprint
 
 
 @dataclass(frozen=True)
@@ -94,12 +98,17 @@ def parse_chunk(games: list[str], filters: Filters) -> tuple[dict, collections.C
 
 
 def raw_chunks(sources: list[Path], records_per_chunk: int, max_records: int | None):
-    """Yield (kind, records worth parsing, records read, raw skips) per chunk of `records_per_chunk`
-    games or positions read. A chunk never spans two sources (each has one kind)."""
+    """Yield (kind, records worth parsing, records read, raw skips, input mark) per chunk of `records_per_chunk`
+    games or positions read. A chunk never spans two sources (each has one kind); its mark says which bytes of
+    its source had been read when it was cut (see stream.Progress)."""
     read = 0
     for source in sources:
         kind = sources_module.kind_of(source)
-        records = iter_games(source) if kind == "pgn" else sources_module.iter_records(source, kind)
+        progress = Progress()
+        if kind == "pgn":
+            records = iter_games(source, progress)
+        else:
+            records = sources_module.iter_records(source, kind, progress)
         chunk, skipped, read_in_chunk = [], collections.Counter(), 0
         for record in records:
             if max_records is not None and read >= max_records:
@@ -117,10 +126,10 @@ def raw_chunks(sources: list[Path], records_per_chunk: int, max_records: int | N
             else:
                 chunk.append(record)
             if read_in_chunk == records_per_chunk:
-                yield kind, chunk, read_in_chunk, skipped
+                yield kind, chunk, read_in_chunk, skipped, f"{source}:{progress.mark()}"
                 chunk, skipped, read_in_chunk = [], collections.Counter(), 0
         if read_in_chunk:
-            yield kind, chunk, read_in_chunk, skipped
+            yield kind, chunk, read_in_chunk, skipped, f"{source}:{progress.mark()}"
 
 
 def parse_any(kind: str, records: list, filters: Filters):
@@ -129,17 +138,30 @@ def parse_any(kind: str, records: list, filters: Filters):
     return sources_module.parse_position_chunk(kind, records, filters)
 
 
+def finished_shard(shards: Path, index: int, mark: str) -> dict | None:
+    """The info of shard `index` if an earlier run completed it from the same input bytes, else None."""
+    done = shards / f"{index:06d}.json"
+    if not (done.is_file() and done.with_suffix(".npz").is_file()):
+        return None
+    try:
+        info = json.loads(done.read_text())
+    except ValueError:
+        return None
+    return info if info.get("input") == mark else None
+
+
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(".tmp-" + path.name)  # same suffix: np.save would append .npy otherwise
     write(tmp)
     os.replace(tmp, path)
 
 
-def write_shard(shards: Path, index: int, arrays: dict, kind: str, read: int, kept, skipped) -> dict:
+def write_shard(shards: Path, index: int, arrays: dict, kind: str, read: int, kept, skipped, mark: str) -> dict:
     # one file for every split and column: a shard of a few hundred games costs one file write, not nine
     columns = {f"{split}.{name}": values for split, named in arrays.items() for name, values in named.items()}
     _write_atomic(shards / f"{index:06d}.npz", lambda tmp: np.savez(tmp, **columns))
     info = {
+        "input": mark,
         "kind": kind,
         "read": read,
         "kept": dict(kept),
@@ -171,6 +193,34 @@ def join_shards(shards: Path, out: Path, infos: list[dict]) -> None:
             os.replace(tmp, out / split / f"{name}.npy")
 
 
+def recipe_of(sources: list[Path], filters: Filters, max_games: int | None, games_per_chunk: int) -> dict:
+    """What the output depends on beside the sources' bytes (and not the worker count): shards are reused only
+    under the same recipe, and each only if the bytes it was cut from are unchanged (Progress marks)."""
+    recipe = {
+        "layout_version": LAYOUT_VERSION,
+        "sources": [str(source) for source in sources],
+        "games_per_chunk": games_per_chunk,
+        "max_games": max_games,
+        "filters": vars(filters),
+    }
+    return json.loads(json.dumps(recipe))  # tuples as lists, as they come back from a file
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """Take turns on one output folder, through a lock file beside it: jobs that reach it together (two
+    `prepare`s, the first rank of each node on a shared filesystem) would otherwise write the same files."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        except (ImportError, OSError):  # no fcntl (Windows), or a filesystem without locks: no turn-taking
+            pass
+        yield
+
+
 def prepare(
     sources: list[Path],
     out: Path,
@@ -184,47 +234,77 @@ def prepare(
         if not source.is_file():
             raise SystemExit(f"error: {source}: no such file (expected .pgn, .jsonl, .csv (optionally .zst) or .db)")
         sources_module.kind_of(source)  # an unknown type fails before any work
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: {out}: is a file; --out must name a folder")
+    with locked(out):
+        return _prepare(sources, out, filters, max_games, workers, games_per_chunk)
+
+
+def _prepare(sources, out, filters, max_games, workers, games_per_chunk) -> dict:
     start = time.perf_counter()
     workers = workers or os.cpu_count() or 1
     shards = out / "shards"
+    for leftover in out.glob(".shards-done-*"):  # a cleanup that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    recipe = recipe_of(sources, filters, max_games, games_per_chunk)
+    recipe_file = shards / "recipe.json"
+    if shards.is_dir() and (not recipe_file.is_file() or json.loads(recipe_file.read_text() or "null") != recipe):
+        print(f"{shards}: left by a preparation of other sources or settings; starting over")
+        shutil.rmtree(shards)
     shards.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # the directory is incomplete until meta.json is back
+    _write_atomic(recipe_file, lambda tmp: tmp.write_text(json.dumps(recipe)))
     infos: list[dict] = []
     resumed = 0
 
-    def finish(index: int, result, kind: str, read: int, raw_skipped) -> None:
+    def finish(index: int, result, kind: str, read: int, raw_skipped, mark: str) -> None:
         arrays, kept, skipped = result
-        infos.append(write_shard(shards, index, arrays, kind, read, kept, skipped + raw_skipped))
+        infos.append(write_shard(shards, index, arrays, kind, read, kept, skipped + raw_skipped, mark))
 
     # fork where it is safe: on Linux, from a process with no other thread (e.g. `python -m chessdata
     # prepare`). spawn re-imports the caller's script and torch in every worker (seconds), but a fork
     # taken while another thread (wandb, the histogram sender) holds a lock deadlocks the child.
     safe_fork = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
     method = "fork" if safe_fork else "spawn"
-    pool = multiprocessing.get_context(method).Pool(workers) if workers > 1 else None
+    # A ProcessPoolExecutor, not a Pool: when a worker dies (OOM killer, a signal) its futures fail at once,
+    # where a Pool would wait forever for the lost chunk.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) if workers > 1 else None
     pending: collections.deque = collections.deque()  # at most 2 chunks per worker in flight
+    completed = False
     try:
-        for index, (kind, records, read, raw_skipped) in enumerate(raw_chunks(sources, games_per_chunk, max_games)):
-            done = shards / f"{index:06d}.json"
-            if done.exists() and done.with_suffix(".npz").exists():  # finished by an earlier, interrupted run
+        for index, (kind, records, read, raw_skipped, mark) in enumerate(
+            raw_chunks(sources, games_per_chunk, max_games)
+        ):
+            done = finished_shard(shards, index, mark)
+            if done is not None:  # finished by an earlier, interrupted run, from the same bytes
                 infos_wait(pending, finish)  # keep shard order
-                infos.append(json.loads(done.read_text()))
+                infos.append(done)
                 resumed += 1
                 continue
             if pool is None:
-                finish(index, parse_any(kind, records, filters), kind, read, raw_skipped)
+                finish(index, parse_any(kind, records, filters), kind, read, raw_skipped, mark)
                 continue
-            pending.append((index, pool.apply_async(parse_any, (kind, records, filters)), kind, read, raw_skipped))
+            pending.append((index, pool.submit(parse_any, kind, records, filters), kind, read, raw_skipped, mark))
             while len(pending) >= 2 * workers:
                 index_done, result, *facts = pending.popleft()
-                finish(index_done, result.get(), *facts)
+                finish(index_done, result.result(), *facts)
         infos_wait(pending, finish)
+        completed = True
     except CorruptArchive as exc:
         infos_wait(pending, finish)  # keep every shard completed before the damage
         raise SystemExit(f"error: {exc} (the {len(infos)} shards before it are kept; re-run to resume)") from None
+    except BrokenProcessPool:
+        raise SystemExit(
+            f"error: a prepare worker died (killed by a signal, or out of memory?) on chunk {len(infos)} of "
+            f"{games_per_chunk} records; the {len(infos)} shards before it are kept (re-run to resume; "
+            f"--workers fewer or --games-per-chunk smaller need less memory, but start over)"
+        ) from None
     finally:
         if pool is not None:
-            pool.terminate()
+            if not completed:  # stop the chunks still being parsed now, not when they are done
+                for process in list((pool._processes or {}).values()):  # no public way
+                    process.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
     join_shards(shards, out, infos)
     duplicates = dedup.deduplicate(out) if filters.dedup else None  # before meta.json: a crash resumes
     games = [info for info in infos if info.get("kind", "pgn") == "pgn"]
@@ -252,6 +332,8 @@ def prepare(
     meta = {
         "layout_version": LAYOUT_VERSION,
         "sources": [str(s) for s in sources],
+        "made_from": recipe,
+        "fingerprints": [fingerprint(source) for source in sources],
         "games_read": sum(i["read"] for i in games),
         "records_read": sum(i["read"] for i in records),
         "splits": counts,
@@ -265,7 +347,10 @@ def prepare(
         "seconds": round(time.perf_counter() - start, 2),
     }
     _write_atomic(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
-    shutil.rmtree(shards)
+    # out of the way in one rename, then removed: a kill during the removal leaves no half-deleted shards folder
+    trash = out / f".shards-done-{os.getpid()}"
+    os.replace(shards, trash)
+    shutil.rmtree(trash)
     per_split = ", ".join(f"{split} {c['positions']}" for split, c in counts.items())
     kept_from = _read_phrase(sum(c["games"] for c in counts.values()), sum(c["records"] for c in counts.values()))
     print(
@@ -286,26 +371,34 @@ def infos_wait(pending: collections.deque, finish) -> None:
     """Write every chunk still in flight, in order."""
     while pending:
         index, result, *facts = pending.popleft()
-        finish(index, result.get(), *facts)
+        finish(index, result.result(), *facts)
 
 
 def ensure_prepared(sources: list[Path], out: Path) -> dict:
     """Prepare `out` from `sources` unless a complete preparation of the same sources is there.
 
-    Jobs that reach one data folder together (the first rank of each node on a shared filesystem, two
-    runs started at once) take turns through a lock file beside it: one prepares, the others then find
-    it complete. Without the lock they would write the same shard files at once."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(out.name + ".lock"), "a") as lock:
-        try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        except (ImportError, OSError):  # no fcntl (Windows), or a filesystem without locks: no turn-taking
-            pass
+    A folder prepared from other sources is never overwritten: that is refused, naming what it holds (a user's
+    own prepared data, reached with the default sources, is not to be replaced by the bundled sample). The
+    same sources changed on disk, or an older layout, are prepared again. Jobs take turns through the lock."""
+    with locked(out):
         meta_path = out / "meta.json"
         if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("sources") == [str(s) for s in sources] and meta.get("layout_version") == LAYOUT_VERSION:
+            try:
+                meta = json.loads(meta_path.read_text())
+            except ValueError:
+                raise SystemExit(
+                    f"error: {meta_path}: not valid JSON (a damaged folder: delete it to prepare again)"
+                ) from None
+            held = meta.get("sources")
+            if held != [str(s) for s in sources]:
+                raise SystemExit(
+                    f"error: {out}: holds positions prepared from {', '.join(held or []) or 'unknown sources'}, not "
+                    f"from {', '.join(map(str, sources))}; name those sources (--data.sources) or another folder "
+                    "(--data.dir); nothing was changed"
+                )
+            if meta.get("layout_version") == LAYOUT_VERSION and meta.get("fingerprints") == [
+                fingerprint(source) for source in sources
+            ]:
                 return meta
-        return prepare(sources, out)
+            print(f"{out}: its sources changed on disk, or its layout is older; preparing it again")
+        return _prepare(sources, out, Filters(), None, 0, 20_000)

@@ -24,7 +24,7 @@ import numpy as np
 from chessdata import evals
 from chessdata.encoding import board_state, pack_states
 from chessdata.folder import SPLITS, split_of
-from chessdata.stream import read_text
+from chessdata.stream import Progress, fingerprint, read_text
 
 KINDS = {".pgn": "pgn", ".jsonl": "evaldb", ".db": "sqlite", ".sqlite": "sqlite", ".sqlite3": "sqlite", ".csv": "csv"}
 
@@ -45,10 +45,10 @@ def kind_of(path: Path) -> str:
     return kind
 
 
-def iter_lines(path: Path) -> Iterator[str]:
+def iter_lines(path: Path, progress: Progress | None = None) -> Iterator[str]:
     """Non-blank lines, any line-ending style, BOMs dropped."""
     pending = ""
-    for text in read_text(path):
+    for text in read_text(path, progress):
         *lines, pending = (pending + text).split("\n")
         yield from (line for line in lines if line.strip())
     if pending.strip():
@@ -71,8 +71,12 @@ def sqlite_rows(path: Path) -> Iterator[tuple]:
         connection.close()
 
 
-def iter_records(path: Path, kind: str) -> Iterator:
-    return sqlite_rows(path) if kind == "sqlite" else iter_lines(path)
+def iter_records(path: Path, kind: str, progress: Progress | None = None) -> Iterator:
+    if kind != "sqlite":
+        return iter_lines(path, progress)
+    if progress is not None:  # a database is read by SQLite, not as a stream: the whole file stands for its rows
+        progress.update(json.dumps(fingerprint(path)).encode())
+    return sqlite_rows(path)
 
 
 def evaldb_record(line: str) -> tuple[str, object, object]:
