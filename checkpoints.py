@@ -27,10 +27,30 @@ import torch.distributed
 from config import ConfigError, to_dict
 
 
+def nonfinite_weights(run) -> torch.Tensor:
+    """Per parameter (this rank's shard of it under FSDP): does it hold an inf or NaN? On the device. Not a norm:
+    the norm of large finite weights overflows."""
+    weights = [p.detach() for p in run.params]
+    if run.sharded:
+        weights = [w.to_local() for w in weights]
+    return torch.stack([~torch.isfinite(w).all() for w in weights])
+
+
 def save(run, path: Path) -> None:
     """Write `path` atomically, every rank taking part. A write error on any rank stops every rank
-    (or the others would hang) with the previous checkpoints intact."""
+    (or the others would hang) with the previous checkpoints intact. Under `--monitor.on-nonfinite skip`
+    non-finite weights are never written: the run stops instead, the last checkpoint being the last good one."""
     fabric = run.fabric
+    if run.cfg.monitor.on_nonfinite == "skip":
+        bad = nonfinite_weights(run).float()
+        if fabric.world_size > 1:
+            bad = fabric.all_reduce(bad, reduce_op="max")
+        if bad.any().item():
+            name = run.param_names[int(bad.argmax())]
+            raise SystemExit(
+                f"error: step {run.step}: {name} is not finite (is the learning rate too large?); not saved to "
+                f"{path.name}: the last checkpoint holds the last finite weights"
+            )
     state = {
         "model": run.model,
         "optimizer": run.optimizer,

@@ -77,6 +77,7 @@ class Run:
     bad_validations: int = 0
     should_stop: bool = False  # the one value a hook may set
     loss_sum: torch.Tensor | None = None  # task.train_fields (loss first) summed on the device since the last log
+    loss_before: torch.Tensor | None = None  # under on-nonfinite skip: loss_sum before this step
     steps_since_log: int = 0
     data_wait_s: float = 0.0  # host time spent waiting for batches since the last log
     grad_norms: torch.Tensor | None = None  # this step's per-parameter gradient norms (optimizer order)
@@ -214,6 +215,7 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None 
         monitor=config.monitored(cfg, task),
         resume_command=resume_command,
         loss_sum=torch.zeros(len(task.train_fields), device=fabric.device),
+        loss_before=torch.zeros(len(task.train_fields), device=fabric.device),
         norm_rows=torch.empty(cfg.log.every, len(named), device=fabric.device),
     )
     if cfg.init_from and not cfg.resume:  # fine-tuning: the weights only, a fresh optimizer and counters
@@ -223,6 +225,7 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None 
         fabric.print(f"initialised the weights from {cfg.init_from}")
     if cfg.resume:
         checkpoints.restore(run, resume_from)
+        run.loss_before = run.loss_sum.clone()
     stop_on_signals(run)
     if fabric.is_global_zero:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -342,16 +345,34 @@ def gradient_norms(run: Run) -> bool:
         grads = [g.to_local() for g in grads]
     if run.cfg.monitor.on_nonfinite == "skip":
         run.grad_norms = norms = torch.stack(torch._foreach_norm(grads))
-        bad = ~torch.isfinite(norms)
-        flag = bad.any()
-        if run.sharded:  # every rank must skip together
-            flag = run.fabric.all_reduce(flag.float(), reduce_op="max") > 0
-        if flag.item():  # the one mode that reads a flag every step: skipping needs the host
+        # also this step's loss (the sum since the last log was finite before it) and the weights after the
+        # last update: finite gradients times a huge learning rate can still overflow them
+        flags = torch.cat(
+            [~torch.isfinite(norms), (~torch.isfinite(run.loss_sum)).any()[None], checkpoints.nonfinite_weights(run)]
+        ).float()
+        if run.fabric.world_size > 1:  # every rank must skip together (each has its own loss)
+            flags = run.fabric.all_reduce(flags, reduce_op="max")
+        flags = flags.tolist()  # the one mode that reads flags every step: skipping needs the host
+        count = len(run.param_names)
+        bad_grads, bad_loss, bad_weights = flags[:count], flags[count], flags[count + 1 :]
+        if any(bad_weights):
+            name = run.param_names[bad_weights.index(1.0)]
+            raise SystemExit(
+                f"error: step {run.step}: the update made {name} not finite (is the learning rate too large?); "
+                "stopped without saving it: the last checkpoint holds the last finite weights"
+            )
+        if bad_loss:
+            run.loss_sum.copy_(run.loss_before)  # leave this step out of the logged mean
+            run.steps_since_log -= 1
+            run.fabric.print(f"warning: step {run.step + 1}: the training loss is not finite; skipping this step")
+            return True
+        if any(bad_grads):
             run.fabric.print(
                 f"warning: step {run.step + 1}: the gradient of "
-                f"{run.param_names[int(bad.int().argmax())]} is not finite; skipping this step"
+                f"{run.param_names[bad_grads.index(1.0)]} is not finite; skipping this step"
             )
             return True
+        run.loss_before = run.loss_sum.clone()
         return False
     if run.rows_used == len(run.norm_rows):  # a longer interval than log.every (a resumed run): grow
         run.norm_rows = torch.cat([run.norm_rows, torch.empty_like(run.norm_rows)])
@@ -373,11 +394,18 @@ def log_training(run: Run, hooks: callbacks.Hooks) -> None:
     *means, nonfinite, first_bad = torch.cat(
         [means.float(), bad.any().float()[None], bad.flatten().int().argmax().float()[None]]
     ).tolist()
-    used, run.rows_used, run.steps_since_log = run.rows_used, 0, 0
+    used, interval, run.rows_used, run.steps_since_log = run.rows_used, run.steps_since_log, 0, 0
     run.loss_sum.zero_()
-    if nonfinite:
-        first_step = run.step - used + 1 + int(first_bad) // len(names)
-        message = f"step {first_step}: the gradient of {names[int(first_bad) % len(names)]} is not finite"
+    run.loss_before.zero_()
+    finite_loss = all(math.isfinite(value) for value in means)
+    if run.cfg.monitor.on_nonfinite == "skip" and not finite_loss:
+        fabric.print(f"warning: step {run.step}: every step since the last log was skipped")
+    elif nonfinite or not finite_loss:
+        if nonfinite:
+            first_step = run.step - used + 1 + int(first_bad) // len(names)
+            message = f"step {first_step}: the gradient of {names[int(first_bad) % len(names)]} is not finite"
+        else:  # e.g. NaN outputs under a ReLU: the gradients are 0, the loss tells
+            message = f"steps {run.step - interval + 1}-{run.step}: the training loss is not finite"
         if run.cfg.monitor.on_nonfinite == "stop":
             path = run.run_dir / "checkpoints" / f"nonfinite-step-{run.step:08d}.ckpt"
             checkpoints.save(run, path)

@@ -218,3 +218,43 @@ def test_fsdp2_histograms_from_shards_match_ddp(prepared, tmp_path):
                 (r["step"], r["name"]): float(r["value"]) for r in csv.DictReader(f) if r["name"].startswith("val/")
             }
     assert len(val["ddp"]) >= 3 and val["fsdp2"] == pytest.approx(val["ddp"], rel=1e-4)  # reduced over both ranks
+
+
+def test_a_nonfinite_loss_with_zero_gradients_is_caught(prepared, tmp_path, capsys):
+    """lr 1e20: the outputs go NaN, ReLU gives their gradients 0, and only the loss tells."""
+    args = ["--optim.lr", "1e20", "--train.max-steps", "8", "--log.every", "2"]
+    with pytest.raises(SystemExit, match="the training loss is not finite; stopped") as info:
+        train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "stop", "--monitor.on-nonfinite", "stop"))
+    assert info.value.code != 0
+    assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "warn")) == 0
+    assert "warning: steps 1-2: the training loss is not finite" in capsys.readouterr().out
+    assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "skip", "--monitor.on-nonfinite", "skip")) == 0
+    assert "the training loss is not finite; skipping this step" in capsys.readouterr().out
+    saved = list((tmp_path / "skip" / "checkpoints").glob("*.ckpt"))
+    assert saved and all(
+        torch.isfinite(w).all() for f in saved for w in torch.load(f, weights_only=False)["model"].values()
+    )
+
+
+def test_skip_never_lets_a_nonfinite_weight_into_a_checkpoint(prepared, tmp_path, monkeypatch):
+    class Overflowing(ChessEvaluator):  # a weight turns inf on the 6th forward pass, as an overflowing update would
+        def __init__(self, *args):
+            super().__init__(*args)
+            calls = {"n": 0}
+
+            def overflow(module, inputs):
+                calls["n"] += module.training
+                if calls["n"] == 6 and module.training:
+                    with torch.no_grad():
+                        module.layers[0].weight[0, 0] = float("inf")
+
+            self.register_forward_pre_hook(overflow)
+
+    monkeypatch.setattr(tasks, "ChessEvaluator", Overflowing)
+    args = ["--monitor.on-nonfinite", "skip", "--train.max-steps", "8", "--run-name", "skip"]
+    with pytest.raises(SystemExit, match="layers.0.weight not finite.*last checkpoint holds the last finite") as info:
+        train.main(tiny_args(prepared, tmp_path, *args))
+    assert info.value.code != 0
+    saved = list((tmp_path / "skip" / "checkpoints").glob("*.ckpt"))
+    assert [f.name for f in saved if f.name.startswith("step-")] == ["step-00000004.ckpt"]
+    assert all(torch.isfinite(w).all() for f in saved for w in torch.load(f, weights_only=False)["model"].values())
