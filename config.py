@@ -8,6 +8,7 @@ RunConfig, adds its own sections (model, loss, ...) and may replace the defaults
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -235,8 +236,44 @@ def to_dict(cfg) -> dict:
     }
 
 
+def numbers(section, where: str = ""):
+    """(dotted name, value) of every float in a config, sections and task sections included."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from numbers(value, f"{where}{f.name}.")
+        elif isinstance(value, float):
+            yield f"{where}{f.name}", value
+        elif isinstance(value, (list, tuple)):
+            yield from ((f"{where}{f.name}", v) for v in value if isinstance(v, float))
+
+
+def fits(value, hint) -> bool:
+    """Does a value read from a JSON config have the field's type? (An int is a float; a list, a tuple.)"""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(fits(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (str, Path):
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(fits(v, args[0]) for v in value[: None if args else 0])
+    return True
+
+
 def from_dict(cls, values: dict, where: str = ""):
-    """Rebuild a config dataclass from `to_dict` output, naming any unknown key."""
+    """Rebuild a config dataclass from `to_dict` output, naming any unknown key or value of the wrong type."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a section (a JSON object), got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -246,11 +283,27 @@ def from_dict(cls, values: dict, where: str = ""):
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value, f"{where}{key}.")
-        elif value is not None and _mentions_path(hint):
+            continue
+        if not fits(value, hint):
+            raise ConfigError(f"{where}{key}: expected {describe(hint)}, got {value!r}")
+        if value is not None and _mentions_path(hint):
             kwargs[key] = [Path(v) for v in value] if isinstance(value, list) else Path(value)
         else:
             kwargs[key] = value
     return cls(**kwargs)
+
+
+def describe(hint) -> str:
+    """A field's type in words, for an error message."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(arg) for arg in args)
+    if origin in (list, tuple):
+        return f"a list of {describe(args[0])}" if args else "a list"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path string"}
+    return "null" if hint is type(None) else names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _mentions_path(hint) -> bool:
@@ -268,6 +321,8 @@ def load_json(path: Path, cls):
         values = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"--config {path}: cannot read a JSON config ({exc})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of config sections, got {type(values).__name__}")
     values.pop("resume", None)  # a saved config describes a run, not how it was started
     values.pop("init_from", None)
     return from_dict(cls, values)
@@ -349,7 +404,12 @@ def check(cfg: RunConfig, task: Task) -> None:
                 "one of " + ", ".join(map(str, choices)),
                 value,
             )
+    for name, value in numbers(cfg):  # inf or NaN passes every comparison below (or fails it with no reason)
+        need(math.isfinite(value), name, "a finite number", value)
     f, o, s, d, t = cfg.fabric, cfg.optim, cfg.schedule, cfg.data, cfg.train
+    need(0 <= t.seed < 2**32, "train.seed", "a seed in [0, 2**32)", t.seed)
+    need(s.total_steps is None or s.total_steps >= 1, "schedule.total_steps", "a count >= 1", s.total_steps)
+    need(s.noam_d_model is None or s.noam_d_model >= 1, "schedule.noam_d_model", "a count >= 1", s.noam_d_model)
     need(
         f.devices == "auto" or all(p.strip().lstrip("-").isdigit() for p in f.devices.split(",")),
         "fabric.devices",
