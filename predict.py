@@ -20,6 +20,7 @@ import torch
 import tyro
 
 from chessdata.encoding import pack_board
+from chessdata.pgn import standard_chess
 from config import ConfigError
 from losses import to_pawns
 from tasks import CHESS
@@ -46,18 +47,29 @@ def read_positions(args: PredictArgs) -> list[chess.Board]:
     if args.fens:
         fens += [line.strip() for line in args.fens.read_text().splitlines() if line.strip()]
     for i, fen in enumerate(fens):
+        where = f"{args.fens} line {i - len(args.positions) + 1}" if i >= len(args.positions) else "argument"
         try:
-            boards.append(chess.Board(fen))
+            board = chess.Board(fen)
         except ValueError as exc:
-            where = f"{args.fens} line {i - len(args.positions) + 1}" if i >= len(args.positions) else "argument"
             raise ConfigError(f"invalid FEN {fen!r} ({where}): {exc}") from None
+        if board.has_chess960_castling_rights() or not board.is_valid():  # what prepare refuses too
+            raise ConfigError(f"FEN {fen!r} ({where}): not a legal standard-chess position ({board.status()!r})")
+        boards.append(board)
     if args.pgn:
+        skipped = 0
         with open(args.pgn, encoding="utf-8", errors="replace") as f:
             while (game := chess.pgn.read_game(f)) is not None:
                 board = game.board()
+                if not standard_chess(dict(game.headers)) or board.chess960 or not board.is_valid():
+                    skipped += 1  # a variant, Chess960 or an impossible start: the model knows none of them
+                    continue
                 for move in game.mainline_moves():
                     board.push(move)
                     boards.append(board.copy(stack=False))
+        if skipped:
+            print(
+                f"note: {args.pgn}: skipped {skipped} games of a variant or from an invalid position", file=sys.stderr
+            )
     if not boards:
         raise ConfigError("positions: expected FEN arguments, --fens FILE or --pgn FILE")
     return boards
@@ -72,6 +84,11 @@ def predict(model: torch.nn.Module, boards: list[chess.Board], batch_size: int) 
 def main(argv: list[str]) -> int:
     try:
         args = tyro.cli(PredictArgs, args=argv, prog="predict.py")
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size: expected a positive count, got {args.batch_size}")
+        for path in (args.fens, args.pgn):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{path}: no such file")
         cfg, model = load_checkpoint(args.ckpt, CHESS)
         boards = read_positions(args)
         outputs = torch.from_numpy(predict(model, boards, args.batch_size))

@@ -174,3 +174,30 @@ def test_win_probability_model_trains_evaluates_and_predicts(prepared, tmp_path,
     assert 0 < float(win) < 1
     logit = math.log(float(win) / (1 - float(win)))
     assert float(pawns) == pytest.approx(logit * losses.WIN_PROB_SCALE_CP / 100, abs=1e-2)
+
+
+def test_predict_refuses_what_prepare_refuses(trained, tmp_path, capsys):
+    ckpt = str(best_checkpoint(trained))
+    two_white_kings = "4k3/8/8/8/8/8/8/K3K3 w - - 0 1"
+    assert predict.main(["--ckpt", ckpt, two_white_kings]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a legal standard-chess position" in err and "\n" not in err
+    games = tmp_path / "g.pgn"
+    games.write_text(
+        '[Event "a"]\n[Variant "Atomic"]\n\n1. e4 e5 *\n\n[Event "c"]\n[Variant "Crazyhouse"]\n\n1. e4 e5 *\n\n'
+        '[Event "960"]\n[Variant "Chess960"]\n[FEN "bbqnnrkr/pppppppp/8/8/8/8/PPPPPPPP/BBQNNRKR w HFhf - 0 1"]\n\n'
+        '1. e4 *\n\n[Event "ok"]\n\n1. d4 *\n\n'
+    )
+    assert predict.main(["--ckpt", ckpt, "--pgn", str(games)]) == 0
+    captured = capsys.readouterr()
+    assert [line.split("\t")[0].split()[0] for line in captured.out.splitlines()] == [
+        "rnbqkbnr/pppppppp/8/8/3P4/8/PPP1PPPP/RNBQKBNR"
+    ]
+    assert "skipped 3 games" in captured.err
+    for flags, message in (
+        (["--pgn", str(tmp_path / "missing.pgn")], "missing.pgn: no such file"),
+        (["--batch-size", "0", two_white_kings], "--batch-size: expected a positive count"),
+    ):
+        assert predict.main(["--ckpt", ckpt, *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
