@@ -5,6 +5,7 @@ except `none`, flushed on every write so a crash loses nothing. wandb (offline b
 folder is one `wandb sync` uploads) or TensorBoard can be added beside it.
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -17,11 +18,10 @@ from pathlib import Path
 class CSVLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         if resume_step is not None and path.exists():  # rows past the checkpoint will be logged again
-            with open(path, newline="") as f:
-                rows = [row for i, row in enumerate(csv.reader(f)) if i == 0 or int(row[0]) <= resume_step]
+            rows = [row for row in metric_rows(path) if int(row[0]) <= resume_step]
             tmp = path.with_name(path.name + ".tmp")
             with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows(rows)
+                csv.writer(f).writerows([["step", "name", "value"], *rows])
             os.replace(tmp, path)
         new = not path.exists()
         self.file = open(path, "a", newline="")
@@ -95,6 +95,7 @@ class WandbLog:
         for name, direction in summaries.items():  # the task's metrics: summarised by their best value
             self.run.define_metric(name, summary=direction)
         self.wandb = wandb
+        self.staging = run_dir / "wandb" / "data"
 
     def log(self, metrics: dict, step: int) -> None:
         if step > self.recorded:
@@ -122,11 +123,12 @@ class WandbLog:
         local keep-k deleted lose their aliases and, online, are deleted (offline there is nothing
         to delete until `wandb sync`)."""
         artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"file": name})
-        if path.is_dir():  # a sharded checkpoint: its folder
-            artifact.add_dir(str(path), name="model.ckpt")
-        else:
-            artifact.add_file(str(path), name="model.ckpt")
-        self.run.log_artifact(artifact, aliases=aliases)
+        with staging_in(self.staging):  # wandb copies the checkpoint there until `wandb sync` uploads it
+            if path.is_dir():  # a sharded checkpoint: its folder
+                artifact.add_dir(str(path), name="model.ckpt")
+            else:
+                artifact.add_file(str(path), name="model.ckpt")
+            self.run.log_artifact(artifact, aliases=aliases)
         if dropped and self.run.settings.mode == "online":
             try:
                 api = self.wandb.Api()
@@ -141,6 +143,23 @@ class WandbLog:
 
     def finish(self) -> None:
         self.run.finish()
+
+
+@contextlib.contextmanager
+def staging_in(folder: Path):
+    """wandb stages a logged artifact's files under its data folder (~/.local/share/wandb unless WANDB_DATA_DIR
+    says otherwise) until they are uploaded: in the run folder instead, they travel with the run when it is
+    copied, and a cluster's home quota does not fill with checkpoint copies. The caller's environment is
+    restored."""
+    before = os.environ.get("WANDB_DATA_DIR")
+    os.environ["WANDB_DATA_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("WANDB_DATA_DIR", None)
+        else:
+            os.environ["WANDB_DATA_DIR"] = before
 
 
 def wandb_records(log: Path) -> list[dict]:
@@ -185,11 +204,24 @@ def csv_rows(path: Path, first: int, last: int):
     """(step, {name: value}) for the steps first..last of a metrics.csv, in step order."""
     steps: dict[int, dict] = {}
     if first <= last and path.exists():
-        with open(path, newline="") as f:
-            for step, name, value in list(csv.reader(f))[1:]:
-                if first <= int(step) <= last:
-                    steps.setdefault(int(step), {})[name] = float(value)
+        for step, name, value in metric_rows(path):
+            if first <= int(step) <= last:
+                steps.setdefault(int(step), {})[name] = float(value)
     return sorted(steps.items())
+
+
+def metric_rows(path: Path) -> list[list[str]]:
+    """The well-formed [step, name, value] rows of a metrics.csv, as written. A crash or a power loss can leave a
+    torn last line, a blank line or a tail of NUL bytes: those are not rows."""
+    rows = []
+    with open(path, newline="", errors="replace") as f:
+        for row in csv.reader(line.replace("\0", "") for line in f):
+            try:
+                if len(row) == 3 and int(row[0]) >= 0 and float(row[2]) is not None:  # a NaN loss is a row too
+                    rows.append(row)
+            except ValueError:  # the header, or a torn line
+                continue
+    return rows
 
 
 class TensorBoardLog:

@@ -37,12 +37,29 @@ def load_split(directory: Path, split: str) -> dict[str, np.ndarray]:
         raise SystemExit(
             f"error: {directory}: not a prepared data directory (no meta.json; run python -m chessdata prepare)"
         )
-    arrays = {name: np.load(directory / split / f"{name}.npy", mmap_mode="r") for name in COLUMNS}
+    damaged = "a damaged folder: delete it to prepare again"
+    names = [*COLUMNS, *(["count"] if (directory / split / "count.npy").exists() else [])]
+    arrays = {}
+    for name in names:
+        path = directory / split / f"{name}.npy"
+        try:
+            arrays[name] = np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            raise SystemExit(f"error: {path}: missing ({damaged})") from None
+        except (OSError, ValueError) as exc:  # truncated, not an .npy file
+            raise SystemExit(f"error: {path}: cannot be read ({exc}; {damaged})") from None
+        if name in COLUMNS and arrays[name].dtype != COLUMNS[name]:
+            raise SystemExit(
+                f"error: {path}: expected {np.dtype(COLUMNS[name])} values, got {arrays[name].dtype} ({damaged})"
+            )
     if arrays["positions"].ndim != 2 or arrays["positions"].shape[1] != ROW_BYTES:
         raise SystemExit(
             f"error: {directory / split / 'positions.npy'}: expected N x {ROW_BYTES} uint8 rows, "
-            f"got shape {arrays['positions'].shape}"
+            f"got shape {arrays['positions'].shape} ({damaged})"
         )
+    lengths = {name: len(array) for name, array in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise SystemExit(f"error: {directory / split}: the arrays' lengths differ, {lengths} ({damaged})")
     return arrays
 
 

@@ -56,19 +56,28 @@ def iter_lines(path: Path, progress: Progress | None = None) -> Iterator[str]:
 
 
 def sqlite_rows(path: Path) -> Iterator[tuple]:
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         tables = [name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        usable = [
-            t for t in tables if {"fen", "eval"} <= {row[1] for row in connection.execute(f'PRAGMA table_info("{t}")')}
-        ]
+    except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
+        raise SystemExit(f"error: {path}: cannot be read as an SQLite database ({exc})") from None
+    try:
+        columns = {t: {row[1] for row in connection.execute(f"PRAGMA table_info({quoted(t)})")} for t in tables}
+        usable = [t for t in tables if {"fen", "eval"} <= columns[t]]
         if len(usable) != 1:
             raise SystemExit(
                 f"error: {path}: expected one table with `fen` and `eval` columns, found {usable or tables}"
             )
-        yield from connection.execute(f'SELECT fen, eval FROM "{usable[0]}"')
+        yield from connection.execute(f"SELECT fen, eval FROM {quoted(usable[0])}")
+    except sqlite3.DatabaseError as exc:  # damaged pages found while reading
+        raise SystemExit(f"error: {path}: a damaged SQLite database ({exc})") from None
     finally:
         connection.close()
+
+
+def quoted(name: str) -> str:
+    """An SQL identifier, whatever characters the table's name holds."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def iter_records(path: Path, kind: str, progress: Progress | None = None) -> Iterator:
