@@ -14,16 +14,21 @@ A source for `--resume` / `--init-from` may also be a wandb model artifact (see 
 import contextlib
 import datetime
 import inspect
+import json
 import os
 import random
 import shutil
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed
+from lightning_fabric.wrappers import _unwrap_objects
 
+import distributed
 from config import ConfigError, to_dict
 
 
@@ -69,23 +74,61 @@ def save(run, path: Path) -> None:
             if fabric.is_global_zero:
                 remove(tmp)
             fabric.barrier()
-        fabric.save(tmp, state)
+        # The strategy's save without Fabric's barrier after it: rank 0 failing alone would leave the other
+        # ranks in that barrier and itself in stop_together's all-reduce, forever. That all-reduce is the barrier.
+        with ordinary_errors():
+            fabric.strategy.save_checkpoint(path=tmp, state=_unwrap_objects(state))
         if fabric.is_global_zero:
+            if tmp.is_dir():  # a file carries CRC-32s already (a zip archive); a folder's go beside its shards
+                (tmp / CHECKSUMS).write_text(json.dumps(folder_checksums(tmp), indent=1))
             fsync_tree(tmp)  # a folder's shards are complete here: torch's save ends in a collective
-    except OSError as exc:  # disk full, permissions, ...
-        error = exc
-    failed = (
-        fabric.world_size > 1
-        and fabric.all_reduce(torch.tensor(float(error is not None), device=fabric.device), reduce_op="max").item()
-    )
-    if error is not None or failed:
-        raise SystemExit(
-            f"error: cannot write checkpoint {path} ({error or 'failed on another rank'}); the run stops "
-            f"here, the checkpoints already in {path.parent} are intact"
+    except (OSError, RuntimeError) as exc:  # disk full, permissions, ... (RuntimeError: from torch's sharded save)
+        error = (
+            f"error: cannot write checkpoint {path} ({exc}); the run stops here, the checkpoints already in "
+            f"{path.parent} are intact"
         )
+    distributed.stop_together(fabric, error)
     if fabric.is_global_zero:
         replace(tmp, path)
     fabric.barrier()
+
+
+CHECKSUMS = "checksums.json"
+
+
+def folder_checksums(folder: Path) -> dict[str, str]:
+    return {
+        str(f.relative_to(folder)): file_crc(f)
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != CHECKSUMS
+    }
+
+
+def file_crc(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def verify(path: Path) -> None:
+    """Raise if a checkpoint's bytes changed since it was written (bit rot, a bad copy), as a truncated one does."""
+    if path.is_dir():
+        recorded = json.loads((path / CHECKSUMS).read_text()) if (path / CHECKSUMS).exists() else None
+        if recorded is not None and folder_checksums(path) != recorded:
+            bad = sorted(set(folder_checksums(path).items()) ^ set(recorded.items()))
+            raise ValueError(f"damaged: {bad[0][0]} does not match its checksum")
+        return
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not a file torch.save wrote")
+    with zipfile.ZipFile(path) as archive:
+        try:
+            bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+            raise ValueError(f"damaged: {exc}") from None
+    if bad is not None:
+        raise ValueError(f"damaged: {bad} does not match its CRC-32")
 
 
 def save_ranked(run, score: float, mode: str) -> None:
@@ -226,6 +269,7 @@ def restore(run, path: Path | None) -> None:
     candidates = [path] if path else resume_candidates(run.run_dir)
     for candidate in candidates:
         try:
+            verify(candidate)
             rest = load(run.fabric, candidate, {"model": run.model, "optimizer": run.optimizer})
         except Exception as exc:  # a truncated or foreign file: fall back to the previous one
             if path:
@@ -248,6 +292,76 @@ def restore(run, path: Path | None) -> None:
     run.fabric.print(f"resume auto: no checkpoint in {run.run_dir}; starting a new run")
 
 
+def init_weights(run, source: str) -> None:
+    """`--init-from`: the tensors of a checkpoint (kibitz's, a file or a folder, or a plain state_dict file) whose
+    names and shapes the model shares, the rest of the model as initialised. A source that fits nothing is an
+    error (another task's checkpoint, say), not a silent no-op."""
+    path = resolve_source(source, run.cfg.out_dir)[0]
+    with torch.device("meta"):  # names and shapes as the model's own state_dict has them, whatever the strategy
+        expected = {k: v.shape for k, v in run.task.build_model(run.cfg).state_dict().items()}
+    try:
+        found = saved_shapes(path)
+    except Exception as exc:  # random bytes, a foreign pickle
+        raise ConfigError(f"init_from: {path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from None
+    if found is None:
+        raise ConfigError(f"init_from: {path}: expected a kibitz checkpoint or a file of a state_dict of tensors")
+    fitting = [k for k, shape in found.items() if expected.get(k) == shape]
+    other_shape = [k for k in found if k in expected and expected[k] != found[k]]
+    if not fitting:
+        raise ConfigError(
+            f"init_from: {path}: none of its {len(found)} tensors fits the model's {len(expected)} by name and shape"
+            f" (a checkpoint of another task or model?)"
+        )
+    if other_shape and is_sharding(run.fabric):
+        raise ConfigError(
+            f"init_from: {path}: {', '.join(other_shape[:3])} have another shape (under FSDP every "
+            f"tensor the model shares with the checkpoint must have the same shape)"
+        )
+    if is_sharding(run.fabric):
+        with ordinary_errors():
+            run.fabric.load(path, {"model": run.model}, strict=False, weights_only=False)
+    else:
+        module = getattr(run.model, "_original_module", run.model)
+        getattr(module, "_orig_mod", module).load_state_dict(whole_state(path, fitting), strict=False)  # compiled
+    skipped = f"; {len(other_shape)} of another shape kept as initialised: {', '.join(other_shape[:3])}"
+    run.fabric.print(
+        f"initialised {len(fitting)} of the model's {len(expected)} tensors from {source}"
+        + (skipped if other_shape else "")
+    )
+
+
+def saved_shapes(path: Path) -> dict[str, torch.Size] | None:
+    """{name: shape} of the model tensors a checkpoint holds (None: it holds none), without reading them."""
+    if path.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        return {
+            k[len("model.") :]: v.size for k, v in metadata.items() if k.startswith("model.") and hasattr(v, "size")
+        }
+    checkpoint = torch_file(path)
+    weights = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(weights, dict) or not weights or not all(torch.is_tensor(v) for v in weights.values()):
+        return None
+    return {k: v.shape for k, v in weights.items()}
+
+
+def whole_state(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named model tensors of a checkpoint file or folder, whole, on the CPU."""
+    if path.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        shapes = saved_shapes(path)
+        wanted = {"model": {k: torch.empty(shapes[k]) for k in names}}
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        with ordinary_errors():
+            dcp.load(wanted, checkpoint_id=path)
+        return wanted["model"]
+    checkpoint = torch_file(path)
+    weights = checkpoint.get("model", checkpoint)
+    return {k: weights[k] for k in names}
+
+
 def is_sharding(fabric) -> bool:
     from lightning_fabric.strategies import FSDPStrategy, ModelParallelStrategy
 
@@ -266,7 +380,10 @@ def load(fabric, path: Path, state: dict, strict: bool = True) -> dict:
             return fabric.load(path, state, strict=strict, weights_only=False)
     if Path(path).is_dir():
         return load_folder(Path(path), state, strict)
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    checkpoint = torch_file(path)
+    missing = [key for key in [*state, "progress"] if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ValueError(f"not a kibitz checkpoint: no {', '.join(missing)} entry")
     for key, obj in state.items():
         if isinstance(obj, torch.nn.Module):
             obj.load_state_dict(checkpoint.pop(key), strict=strict)
@@ -320,13 +437,20 @@ def ordinary_errors():
         raise RuntimeError(f"{type(cause).__name__}: {cause}") from None
 
 
+def torch_file(path: Path):
+    """torch.load, memory-mapped onto the CPU (tensors are read when used); random bytes are a clear error."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not a file torch.save wrote")
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
 def read_metadata(path: Path) -> dict:
     """A checkpoint without its model and optimizer: config, progress, RNG states, run identity
     (a file is memory-mapped, so its tensors are not read)."""
     path = Path(path)
     if path.is_dir():
-        return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return torch_file(path / "meta.pt")
+    return torch_file(path)
 
 
 # ---------------------------------------------------------------- wandb model artifacts

@@ -96,6 +96,20 @@ def gradient_clipper(fabric: Fabric, model, optimizer, max_norm: float):
     return lambda norms: fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
 
 
+def stop_together(fabric: Fabric, error: str | None) -> None:
+    """Every rank calls this at the same point after work that may fail on some ranks only (rank 0 writing a
+    file): if any failed, every rank stops, the failing ones with their one-line `error`, the others quietly
+    (exit 2). Without it the others would wait in their next collective for a rank that is gone or elsewhere."""
+    failed = error is not None
+    if fabric.world_size > 1:
+        flag = torch.tensor(float(failed), device=fabric.device)
+        failed = bool(fabric.all_reduce(flag, reduce_op="max").item())
+    if error is not None:
+        raise SystemExit(error)
+    if failed:
+        raise SystemExit(2)
+
+
 def shutdown_distributed() -> None:
     """Fabric leaves the process group up, and its threads then race interpreter exit: about 1 in 10
     two-process runs aborted ("terminate called without an active exception"). Destroy it, but only

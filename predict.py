@@ -24,7 +24,7 @@ from chessdata.pgn import standard_chess
 from config import ConfigError
 from losses import to_pawns
 from tasks import CHESS
-from tools import load_checkpoint
+from tools import fail, load_checkpoint
 
 
 @dataclass
@@ -98,8 +98,11 @@ def main(argv: list[str]) -> int:
             extra = f"\t{win[i]:.4f}" if win is not None else ""
             print(f"{board.fen(en_passant='fen')}\t{pawns[i]:.4f}{extra}")
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(f"error: {exc}")
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            return fail(exc.code)
+        raise
     return 0
 
 

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import json
 import math
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,14 @@ class EvaluateArgs(typing.Generic[DataT]):
     """Examples per batch; unset = the training run's data.eval_batch_size."""
     accelerator: Accelerator = "auto"
     """cpu, cuda or auto."""
+
+
+def fail(message: str) -> int:
+    """Print a one-line error in one write (the lines of two ranks never interleave) and return the exit code
+    of every error kibitz reports, whatever its kind: 2 (1 is left to a crash, a bug)."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+    return 2
 
 
 def print_table(title: str, metrics: dict[str, float]) -> None:

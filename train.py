@@ -156,6 +156,10 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None 
         )
         for split in ("val", "test")
     }
+    for split in ("val", "test") if cfg.train.val_every is not None else ("test",):
+        if len(datasets[split]) == 0:  # its metrics would read 0.0 and pick the best checkpoint on nothing
+            hint = "; --train.val-every None trains without validation" if split == "val" else ""
+            raise ConfigError(f"data: the {split} split holds no examples (nothing to evaluate on{hint})")
     steps_per_epoch = len(train_loader.sampler) // cfg.train.accumulate
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -219,17 +223,22 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None 
         norm_rows=torch.empty(cfg.log.every, len(named), device=fabric.device),
     )
     if cfg.init_from and not cfg.resume:  # fine-tuning: the weights only, a fresh optimizer and counters
-        checkpoints.load(
-            fabric, checkpoints.resolve_source(cfg.init_from, cfg.out_dir)[0], {"model": model}, strict=False
-        )
-        fabric.print(f"initialised the weights from {cfg.init_from}")
+        checkpoints.init_weights(run, cfg.init_from)
     if cfg.resume:
         checkpoints.restore(run, resume_from)
         run.loss_before = run.loss_sum.clone()
     stop_on_signals(run)
+    error = None
     if fabric.is_global_zero:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        config.save_json(dataclasses.replace(cfg, resume=None), run_dir / "config.json")
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            for leftover in (run_dir / "checkpoints").glob("*.tmp"):  # of a save that was killed
+                checkpoints.remove(leftover)
+            config.save_json(dataclasses.replace(cfg, resume=None), run_dir / "config.json")
+        except OSError as exc:
+            error = f"error: cannot write the run folder {run_dir} ({exc})"
+    distributed.stop_together(fabric, error)
+    if fabric.is_global_zero:
         run.loggers = open_loggers(cfg, task, run_dir, run.step if cfg.resume else None)
         print(
             f"run folder: {run_dir}  ({world} process{'es' if world > 1 else ''}, {fabric.device}, "
@@ -452,7 +461,8 @@ def stop_on_signals(run: Run) -> None:
 
     def handler(signum, frame):
         if run.stop_signal:
-            raise SystemExit(f"{signal.Signals(signum).name} again: exiting at once")
+            print(f"{signal.Signals(signum).name} again: exiting at once", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)  # the shell's code for a process ended by that signal
         run.stop_signal = signum
         print(f"{signal.Signals(signum).name} received: saving a checkpoint at the next log interval", flush=True)
 
@@ -481,15 +491,19 @@ def test(run: Run) -> dict[str, float]:
         checkpoints.load(fabric, best_path, {"model": run.model}, strict=False)
         fabric.print(f"testing the best checkpoint: {best_path.name} ({run.monitor[0]} {run.best[0][0]:.4f})")
     metrics, _ = run.task.evaluate(fabric, run.cfg, run.model, run.eval_loaders["test"])
+    error = None
     if fabric.is_global_zero:
         title, rows = run.task.report(run.cfg, metrics)
         tools.print_table(f"test metrics ({title})", rows)
         tested = {f"test/{k}": v for k, v in metrics.items()}
-        (run.run_dir / "test_metrics.json").write_text(json.dumps(tested, indent=2))
+        try:
+            (run.run_dir / "test_metrics.json").write_text(json.dumps(tested, indent=2))
+        except OSError as exc:
+            error = f"error: cannot write {run.run_dir / 'test_metrics.json'} ({exc}); the metrics are above"
         if run.loggers:
             run.loggers.summary(tested)
             run.loggers.finish()
-    fabric.barrier()
+    distributed.stop_together(fabric, error)
     return metrics
 
 
@@ -530,6 +544,8 @@ def lr_find(args: tools.LRFindArgs, task: Task, resume_command: str) -> float:
         log=dataclasses.replace(cfg.log, every=1, logger="none", progress_bar=False),
         monitor=dataclasses.replace(cfg.monitor, histogram_every=None, norms=False, on_nonfinite="warn"),
     )
+    if args.steps < 2:
+        raise ConfigError(f"steps: expected at least 2 steps for a range of learning rates, got {args.steps}")
     config.check(cfg, task)
     if not 0 < args.lr_min < args.lr_max:
         raise ConfigError(f"lr_min/lr_max: expected 0 < lr_min < lr_max, got {args.lr_min}, {args.lr_max}")
@@ -559,8 +575,11 @@ def main(argv: list[str], task: Task | None = None) -> int:
         else:
             print(tools.export_config(parsed))
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return tools.fail(f"error: {exc}")
+    except SystemExit as exc:  # a one-line error from deeper down (a damaged file, a full disk, a non-finite stop)
+        if isinstance(exc.code, str):
+            return tools.fail(exc.code)
+        raise
     distributed.shutdown_distributed()
     return 0
 

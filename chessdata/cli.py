@@ -102,3 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     except BrokenPipeError:  # `dump | head`
         sys.stderr.close()
+    except SystemExit as exc:  # every one-line error exits 2, as the trainer's do
+        if not isinstance(exc.code, str):
+            raise
+        sys.stderr.write(exc.code + "\n")
+        raise SystemExit(2) from None

@@ -105,7 +105,7 @@ def test_a_dead_worker_stops_prepare_with_one_line(tmp_path):
     started = time.monotonic()
     stdout, stderr = process.communicate(timeout=60)
     assert time.monotonic() - started < 30
-    assert process.returncode == 1 and "Traceback" not in stderr.decode(), stderr.decode()[-2000:]
+    assert process.returncode == 2 and "Traceback" not in stderr.decode(), stderr.decode()[-2000:]
     lines = [line for line in stderr.decode().splitlines() if line.strip()]
     assert len(lines) == 1 and "worker died" in lines[0] and "chunk" in lines[0], lines
 

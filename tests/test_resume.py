@@ -151,7 +151,7 @@ def test_a_second_sigterm_exits_at_once(prepared, tmp_path):
     time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
-    assert process.returncode == 1, output[-2000:]
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
     assert "SIGTERM received" in output and "SIGTERM again: exiting at once" in output
 
 
@@ -233,7 +233,7 @@ def test_a_checkpoint_folder_missing_a_shard_falls_back_to_the_previous_one(prep
         ["train.py", *tiny_args(prepared, tmp_path, *args, "--train.max-steps", "16", "--resume", "auto")]
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"warning: {last}: cannot load checkpoint (RuntimeError)" in result.stdout
+    assert f"warning: {last}: cannot load checkpoint (ValueError)" in result.stdout  # its checksums tell
     assert "step-00000012.ckpt at step 12" in result.stdout
 
 
@@ -243,7 +243,7 @@ def test_init_from_takes_the_weights_only(prepared, tmp_path, capsys):
     # a learning rate too small to move anything: the new run ends where the source ended
     args = ["--run-name", "tuned", "--init-from", str(source), "--optim.lr", "1e-30", "--schedule.kind", "constant"]
     assert train.main(tiny_args(prepared, tmp_path, *args)) == 0
-    assert "initialised the weights from" in capsys.readouterr().out
+    assert "initialised 4 of the model's 4 tensors from" in capsys.readouterr().out
     assert sorted(train_losses(tmp_path / "tuned")) == [4, 8, 12]  # a new run: its own steps from 0
     tuned, base = weights(tmp_path / "tuned"), weights(tmp_path / "base")
     assert all(torch.equal(tuned[k], base[k]) for k in base)
@@ -381,7 +381,7 @@ def test_a_checkpoint_write_failure_stops_the_run_and_keeps_the_previous_one(pre
         timeout=300,
         env=child_env(),
     )
-    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.returncode == 2, result.stderr[-2000:]
     assert "error: cannot write checkpoint" in result.stderr and "step-00000008.ckpt (" in result.stderr
     assert "are intact" in result.stderr
     last = torch.load(tmp_path / "cw" / "checkpoints" / "last.ckpt", weights_only=False)
