@@ -75,6 +75,34 @@ def cut_rate(path: Path) -> float:
     return size / (time.perf_counter() - start)
 
 
+PEAK_MEMORY = """
+import resource, sys
+from pathlib import Path
+from chessdata import prepare
+filters = prepare.Filters(dedup=sys.argv[3] == "dedup")
+prepare.prepare([Path(sys.argv[1])], Path(sys.argv[2]), filters, None, 2, int(sys.argv[4]), float(sys.argv[5]))
+usage = resource.getrusage
+print(usage(resource.RUSAGE_SELF).ru_maxrss, usage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def peak_memory(path: Path, out: Path, dedup: bool, games_per_chunk: int, dedup_memory: float):
+    """prepare in a fresh process (2 workers): positions, peak RSS of the main process and of the largest
+    worker, in MB (Linux reports kB)."""
+    import json
+    import shutil
+    import subprocess
+
+    shutil.rmtree(out, ignore_errors=True)
+    root = Path(__file__).resolve().parent.parent
+    settings = ["dedup" if dedup else "plain", str(games_per_chunk), str(dedup_memory)]
+    args = [sys.executable, "-c", PEAK_MEMORY, str(path), str(out), *settings]
+    result = subprocess.run(args, cwd=root, capture_output=True, text=True, check=True)
+    main_kb, worker_kb = map(int, result.stdout.split()[-2:])
+    positions = sum(c["positions"] for c in json.loads((out / "meta.json").read_text())["splits"].values())
+    return positions, main_kb / 1e3, worker_kb / 1e3
+
+
 def loader_rate(directory: Path, batch_size: int, unpack: bool, seconds: float) -> float:
     arrays = folder.load_split(directory, "train")
     split = data.ArrayDataset(arrays["positions"], folder.eval_target(arrays["cp"], arrays["mate"], 15.0))
@@ -96,6 +124,8 @@ def main() -> None:
     parser.add_argument("--games-per-chunk", type=int, default=500)
     parser.add_argument("--max-games", type=int, help="games each prepare arm reads (default: all)")
     parser.add_argument("--loader-seconds", type=float, default=1.0, help="time per loader measurement")
+    parser.add_argument("--memory-games", type=int, default=24_000, help="games of the larger peak-memory corpus")
+    parser.add_argument("--dedup-memory-gb", type=float, default=0.1, help="prepare's dedup bound in the memory arm")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,6 +154,23 @@ def main() -> None:
             for arm, rate in rows:
                 print(f"  {arm:<28}{rate:>14,.0f}{rate / rows[0][1]:>9.1f}x")
             print(f"  prepare scaling 1 -> {cores} workers: {rows[2][1] / rows[1][1]:.2f}x\n")
+        if not args.source:  # the same games twice over: memory must not grow with the output
+            print(
+                f"peak memory of prepare (2 workers, --games-per-chunk {args.games_per_chunk}, "
+                f"--dedup-memory-gb {args.dedup_memory_gb}), in MB:"
+            )
+            print(f"  {'corpus':<34}{'positions':>11}{'main':>8}{'worker':>8}")
+            for dedup in (False, True):
+                for total in (args.memory_games // 4, args.memory_games):
+                    corpus = tmp / f"memory-{total}.pgn.zst"
+                    if not corpus.exists():
+                        build_mix(games, total, 1.0, corpus)
+                    n, main_mb, worker_mb = peak_memory(
+                        corpus, tmp / "memory", dedup, args.games_per_chunk, args.dedup_memory_gb * 1e9
+                    )
+                    label = f"{total} analysed games{', dedup' if dedup else ''}"
+                    print(f"  {label:<34}{n:>11,}{main_mb:>8.0f}{worker_mb:>8.0f}")
+            print()
         mix = corpora.get("lichess-like mix (6 % analysed)", next(iter(corpora.values())))
         cut = cut_rate(mix)
         for batch in (4096, 65536):

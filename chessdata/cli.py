@@ -24,6 +24,7 @@ def prepare(
     max_elo: int | None = None,
     time_controls: list[str] | None = None,
     dedup: bool = True,
+    dedup_memory_gb: float = 2.0,
 ) -> dict:
     """Read lichess `.pgn` / `.pgn.zst` files and write packed positions with their evals.
 
@@ -41,6 +42,7 @@ def prepare(
         time_controls: Keep only these TimeControl header values (e.g. 180+2 600+0).
         dedup: Merge identical positions within a split (mean eval, count.npy) and remove positions of
             test from val and train, and of val from train.
+        dedup_memory_gb: About the most memory deduplication takes (the data is done in buckets of this size).
     """
     from chessdata import prepare as preparation
 
@@ -53,7 +55,7 @@ def prepare(
         tuple(time_controls) if time_controls is not None else None,
         dedup,
     )
-    return preparation.prepare(sources, out, filters, max_games, workers, games_per_chunk)
+    return preparation.prepare(sources, out, filters, max_games, workers, games_per_chunk, dedup_memory_gb * 1e9)
 
 
 def dump(directory: Annotated[Path, tyro.conf.Positional], split: str = "test", limit: int | None = 10) -> None:

@@ -20,7 +20,7 @@ import chess
 import numpy as np
 
 from chessdata.encoding import FLAG_BLACK_TO_MOVE, FLAG_EN_PASSANT, ROW_BYTES, row_to_fen
-from chessdata.folder import COLUMNS, SPLITS
+from chessdata.folder import COLUMNS, SPLITS, npy_blocks, write_npy_header
 
 KEY_COLUMNS = np.r_[0:96, 99:101]  # the bitboards, en passant and flags: not the clocks (96..98)
 _MIX = np.array([0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93] * 4, dtype=np.uint64)[
@@ -107,27 +107,41 @@ def dedup_bucket(columns: dict) -> tuple[dict, dict, dict]:
 
 
 def deduplicate(directory: Path, max_bucket_bytes: float = 2e9) -> dict:
-    """Deduplicate a prepared directory in place; returns the counts for meta.json."""
+    """Deduplicate a prepared directory in place; returns the counts for meta.json. Peak memory is about
+    `max_bucket_bytes`, whatever the data's size: the rows are spread over buckets that fit it, and each
+    bucket's result goes to disk before the next is read."""
     sizes = {split: len(np.load(directory / split / "cp.npy", mmap_mode="r")) for split in SPLITS}
     buckets = max(1, math.ceil(sum(sizes.values()) * ROW_BYTES * 3 / max_bucket_bytes))  # np.unique needs ~3x
     parts = directory / "dedup-parts"
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir()
     if buckets > 1:
-        partition(directory, parts, buckets)
+        partition(directory, parts, buckets, block=max(1 << 12, int(max_bucket_bytes / ROW_BYTES / 8)))
     totals = {"merged": dict.fromkeys(SPLITS, 0), "dropped_overlap": dict.fromkeys(SPLITS, 0), "buckets": buckets}
-    results: dict[str, dict[str, list]] = {s: {name: [] for name in (*COLUMNS, "count")} for s in SPLITS}
-    for bucket in range(buckets):
-        columns = {split: read_bucket(directory, parts, split, bucket, buckets) for split in SPLITS}
-        out, merged, dropped = dedup_bucket(columns)
-        for split in SPLITS:
-            totals["merged"][split] += merged[split]
-            totals["dropped_overlap"][split] += dropped[split]
-            for name, values in out[split].items():
-                results[split][name].append(values)
+    names = (*COLUMNS, "count")
+    results = {(split, name): open(parts / f"out.{split}.{name}.bin", "wb") for split in SPLITS for name in names}
+    try:
+        for bucket in range(buckets):
+            columns = {split: read_bucket(directory, parts, split, bucket, buckets) for split in SPLITS}
+            out, merged, dropped = dedup_bucket(columns)
+            del columns
+            for split in SPLITS:
+                totals["merged"][split] += merged[split]
+                totals["dropped_overlap"][split] += dropped[split]
+                for name, values in out[split].items():
+                    results[split, name].write(np.ascontiguousarray(values).data)
+    finally:
+        for f in results.values():
+            f.close()
     for split in SPLITS:
-        for name, pieces in results[split].items():
-            joined = np.concatenate(pieces) if pieces else np.zeros((0,), dtype=np.int32)
+        for name in names:
+            dtype = np.dtype(COLUMNS.get(name, np.int32))
+            raw = parts / f"out.{split}.{name}.bin"
+            rows = raw.stat().st_size // (dtype.itemsize * (ROW_BYTES if name == "positions" else 1))
             tmp = directory / split / f".tmp-{name}.npy"
-            np.save(tmp, joined)
+            with open(tmp, "wb") as target, open(raw, "rb") as source:
+                write_npy_header(target, dtype, (rows, ROW_BYTES) if name == "positions" else (rows,))
+                shutil.copyfileobj(source, target, 1 << 22)
             os.replace(tmp, directory / split / f"{name}.npy")
     shutil.rmtree(parts, ignore_errors=True)
     return totals
@@ -135,13 +149,11 @@ def deduplicate(directory: Path, max_bucket_bytes: float = 2e9) -> dict:
 
 def partition(directory: Path, parts: Path, buckets: int, block: int = 1 << 20) -> None:
     """Spread every split's rows over bucket files by a hash of the position, a block at a time."""
-    parts.mkdir(exist_ok=True)
     for split in SPLITS:
-        arrays = {name: np.load(directory / split / f"{name}.npy", mmap_mode="r") for name in COLUMNS}
+        blocks = {name: npy_blocks(directory / split / f"{name}.npy", block) for name in COLUMNS}
         files = {(b, name): open(parts / f"{b}.{split}.{name}.bin", "wb") for b in range(buckets) for name in COLUMNS}
         try:
-            for start in range(0, len(arrays["cp"]), block):
-                chunk = {name: np.asarray(a[start : start + block]) for name, a in arrays.items()}
+            for chunk in (dict(zip(blocks, pieces)) for pieces in zip(*blocks.values())):
                 which = bucket_of(chunk["positions"], buckets)
                 for b in range(buckets):
                     mask = which == b

@@ -63,6 +63,26 @@ def load_split(directory: Path, split: str) -> dict[str, np.ndarray]:
     return arrays
 
 
+def write_npy_header(file, dtype, shape: tuple) -> None:
+    """The header of an .npy file whose rows the caller then writes itself, in order: the file grows on disk
+    without an array (or a memory map, whose written pages count as the process's memory) the size of it."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(file, header)
+
+
+def npy_blocks(path: Path, rows: int):
+    """An .npy file's rows, `rows` at a time, read (not memory-mapped: mapped pages stay in the process's memory
+    for as long as the map lives, which would grow it with the file)."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        for start in range(0, shape[0], rows):
+            count = min(rows, shape[0] - start)
+            yield np.fromfile(f, dtype=dtype, count=count * row).reshape(count, *shape[1:])
+
+
 def eval_target(cp: np.ndarray, mate: np.ndarray, clamp: float) -> np.ndarray:
     """Pawns from White's view clamped to +-clamp; mates map to the clamp with their sign."""
     pawns = np.clip(cp.astype(np.float32) / 100, -clamp, clamp)

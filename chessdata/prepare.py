@@ -27,7 +27,7 @@ import numpy as np
 from chessdata import dedup
 from chessdata import sources as sources_module
 from chessdata.encoding import ROW_BYTES, pack_states
-from chessdata.folder import COLUMNS, LAYOUT_VERSION, SPLITS, split_of
+from chessdata.folder import COLUMNS, LAYOUT_VERSION, SPLITS, split_of, write_npy_header
 from chessdata.pgn import BadGame, CorruptArchive, game_positions, iter_games, raw_variant
 from chessdata.stream import Progress, fingerprint
 
@@ -173,23 +173,18 @@ def write_shard(shards: Path, index: int, arrays: dict, kind: str, read: int, ke
 
 
 def join_shards(shards: Path, out: Path, infos: list[dict]) -> None:
-    """Concatenate the shards of each split and column into `out/<split>/<column>.npy`, streaming."""
+    """Concatenate the shards of each split and column into `out/<split>/<column>.npy`, a shard at a time."""
     for split in SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
         total = sum(info["positions"][split] for info in infos)
         for name, dtype in COLUMNS.items():
-            shape = (total, ROW_BYTES) if name == "positions" else (total,)
             tmp = out / split / f"{name}.tmp.npy"
-            joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-            at = 0
-            for index, info in enumerate(infos):
-                count = info["positions"][split]
-                if count:
-                    with np.load(shards / f"{index:06d}.npz") as shard:
-                        joined[at : at + count] = shard[f"{split}.{name}"]
-                    at += count
-            joined.flush()
-            del joined
+            with open(tmp, "wb") as joined:
+                write_npy_header(joined, dtype, (total, ROW_BYTES) if name == "positions" else (total,))
+                for index, info in enumerate(infos):
+                    if info["positions"][split]:
+                        with np.load(shards / f"{index:06d}.npz") as shard:
+                            joined.write(np.ascontiguousarray(shard[f"{split}.{name}"], dtype=dtype).data)
             os.replace(tmp, out / split / f"{name}.npy")
 
 
@@ -228,8 +223,15 @@ def prepare(
     max_games: int | None = None,
     workers: int = 0,
     games_per_chunk: int = 20_000,
+    dedup_memory: float = 2e9,
 ) -> dict:
-    """Prepare `out` from lichess PGN `sources`; see the module docstring. workers=0: all cores."""
+    """Prepare `out` from lichess PGN `sources`; see the module docstring. workers=0: all cores. Peak memory:
+    the workers' chunks (about `games_per_chunk` games each, two per worker in flight) and, with dedup, about
+    `dedup_memory` bytes; not the size of the data."""
+    if not (dedup_memory > 0 and games_per_chunk > 0):
+        raise SystemExit(
+            f"error: dedup memory and games per chunk: expected > 0, got {dedup_memory}, {games_per_chunk}"
+        )
     for source in sources:
         if not source.is_file():
             raise SystemExit(f"error: {source}: no such file (expected .pgn, .jsonl, .csv (optionally .zst) or .db)")
@@ -237,10 +239,10 @@ def prepare(
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: {out}: is a file; --out must name a folder")
     with locked(out):
-        return _prepare(sources, out, filters, max_games, workers, games_per_chunk)
+        return _prepare(sources, out, filters, max_games, workers, games_per_chunk, dedup_memory)
 
 
-def _prepare(sources, out, filters, max_games, workers, games_per_chunk) -> dict:
+def _prepare(sources, out, filters, max_games, workers, games_per_chunk, dedup_memory=2e9) -> dict:
     start = time.perf_counter()
     workers = workers or os.cpu_count() or 1
     shards = out / "shards"
@@ -306,7 +308,7 @@ def _prepare(sources, out, filters, max_games, workers, games_per_chunk) -> dict
                     process.terminate()
             pool.shutdown(wait=True, cancel_futures=True)
     join_shards(shards, out, infos)
-    duplicates = dedup.deduplicate(out) if filters.dedup else None  # before meta.json: a crash resumes
+    duplicates = dedup.deduplicate(out, dedup_memory) if filters.dedup else None  # before meta.json: a crash resumes
     games = [info for info in infos if info.get("kind", "pgn") == "pgn"]
     records = [info for info in infos if info.get("kind", "pgn") != "pgn"]
     counts = {

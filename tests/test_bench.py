@@ -17,6 +17,8 @@ def test_data_benchmark_smoke():
             "400",
             "--loader-seconds",
             "0.3",
+            "--memory-games",
+            "800",
         ],
         timeout=300,
     )
@@ -27,6 +29,8 @@ def test_data_benchmark_smoke():
         "vs naive",
         "loader, batch 4096",
         "one lichess month on 16 cores",
+        "peak memory of prepare",
+        "800 analysed games, dedup",
     ):
         assert line in result.stdout
 
