@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.wrappers import _unwrap_objects
 
 import distributed
@@ -129,6 +130,48 @@ def verify(path: Path) -> None:
             raise ValueError(f"damaged: {exc}") from None
     if bad is not None:
         raise ValueError(f"damaged: {bad} does not match its CRC-32")
+
+
+class DirectCheckpointIO(TorchCheckpointIO):
+    """torch.save straight into the file `save` names (a temporary one beside the checkpoint, renamed once complete).
+    Fabric's own writes an in-memory copy of the whole checkpoint to a staging file in $TMPDIR first: twice the
+    memory, a full $TMPDIR fails the save, and a kill leaves the staging file there."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        with open(path, "wb") as file:
+            writer = RecordingWriter(file)
+            try:
+                torch.save(checkpoint, writer)
+            except RuntimeError:  # torch reports a failed write as "unexpected pos": give the OS's reason
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
+
+
+class RecordingWriter:
+    """A file whose write errors (a full disk) are kept for the message."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_directly(fabric) -> None:
+    """Where Fabric writes a whole checkpoint through its CheckpointIO (one device, DDP), use DirectCheckpointIO.
+    FSDP's strategies torch.save on rank 0 themselves."""
+    from lightning_fabric.strategies import DDPStrategy, SingleDeviceStrategy
+
+    if isinstance(fabric.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        fabric.strategy.checkpoint_io = DirectCheckpointIO()
 
 
 def save_ranked(run, score: float, mode: str) -> None:

@@ -417,7 +417,8 @@ def check(cfg: RunConfig, task: Task) -> None:
         f.devices,
     )
     need(f.num_nodes is None or f.num_nodes >= 1, "fabric.num_nodes", "a count >= 1", f.num_nodes)
-    need(o.lr > 0, "optim.lr", "a positive number", o.lr)
+    # the optimizers' float32 arithmetic divides the lr by (1 - beta1**t): far beyond any useful value it overflows
+    need(0 < o.lr <= 1e30, "optim.lr", "a positive number at most 1e30", o.lr)
     need(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
     need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "values in [0, 1)", (o.beta1, o.beta2))
     need(o.eps > 0, "optim.eps", "a positive number", o.eps)

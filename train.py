@@ -113,6 +113,7 @@ def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, fused: bool)
 def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None = None) -> Run:
     """Processes, data, model and optimizer (in Fabric's order), the run folder, a resumed state."""
     fabric = distributed.make_fabric(cfg.fabric, task.blocks, cfg.checkpoint.sharded)
+    checkpoints.write_directly(fabric)
     if os.environ.get("LT_CLI_USED") != "1":  # under `fabric run` the processes already exist
         fabric.launch()
     if fabric.device.type == "cuda":
@@ -547,8 +548,8 @@ def lr_find(args: tools.LRFindArgs, task: Task, resume_command: str) -> float:
     if args.steps < 2:
         raise ConfigError(f"steps: expected at least 2 steps for a range of learning rates, got {args.steps}")
     config.check(cfg, task)
-    if not 0 < args.lr_min < args.lr_max:
-        raise ConfigError(f"lr_min/lr_max: expected 0 < lr_min < lr_max, got {args.lr_min}, {args.lr_max}")
+    if not 0 < args.lr_min < args.lr_max <= 1e30:
+        raise ConfigError(f"lr_min/lr_max: expected 0 < lr_min < lr_max <= 1e30, got {args.lr_min}, {args.lr_max}")
     run_dir = cfg.out_dir / f"lr-find-{datetime.datetime.now():%Y%m%d-%H%M%S}"  # never an existing run's folder
     run = setup(cfg, task, resume_command, run_dir=run_dir)
     run.lr_at = args.lr_at

@@ -12,6 +12,7 @@ import train
     "flags, field",
     [
         (["--optim.lr", "inf"], "optim.lr"),
+        (["--optim.lr", "1e39"], "optim.lr: expected a positive number at most 1e30"),
         (["--optim.lr", "nan"], "optim.lr"),
         (["--optim.weight-decay", "inf"], "optim.weight_decay"),
         (["--optim.eps", "inf"], "optim.eps"),

@@ -21,6 +21,9 @@ from test_train import tiny_args
 
 import checkpoints
 import chessdata.cli
+import chessdata.folder
+import chessdata.pgn
+import chessdata.prepare
 import train
 
 TWO_DDP = ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp"]
@@ -219,3 +222,38 @@ def test_other_bad_arguments_and_a_full_disk_are_one_line(prepared, tmp_path, ca
     (run_dir / "config.json.tmp").symlink_to("/dev/full")  # every write fails with ENOSPC
     assert train.main(tiny_args(prepared, tmp_path, "--run-name", "full")) == 2
     assert "cannot write the run folder" in (line := one_error(capsys)) and "No space left on device" in line
+
+
+def test_a_run_that_prepares_its_data_equals_one_that_finds_it_prepared(tmp_path):
+    """Same seed, same data: bitwise the same weights, whether the process prepared the data itself (its memory
+    and threads used by prepare first) while another run trains beside it, or found the folder ready."""
+    flags = ["--model.width", "128", "--train.max-steps", "40", "--log.every", "1", "--train.val-every", "20"]
+
+    def start(data_dir: Path, name: str, sources: str) -> subprocess.Popen:
+        args = tiny_args(data_dir, tmp_path, *flags, "--run-name", name)
+        args[args.index("--data.sources") + 1] = sources
+        return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=child_env(), stderr=subprocess.PIPE)
+
+    capped = tmp_path / "300.pgn"  # the games `prepared` holds, as a source of their own
+    games = [game for _, game in zip(range(300), chessdata.pgn.iter_games(chessdata.folder.SAMPLE_PGN))]
+    capped.write_text("".join(games))
+    chessdata.prepare.prepare([capped], tmp_path / "ready")
+    runs = [start(tmp_path / "ready", "ready", str(capped)), start(tmp_path / "fresh", "fresh", str(capped))]
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read().decode()[-3000:]
+    ready, fresh = (
+        torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=False) for n in ("ready", "fresh")
+    )
+    assert ready["model"].keys() == fresh["model"].keys()
+    assert all(torch.equal(ready["model"][k], fresh["model"][k]) for k in ready["model"])
+
+
+def test_saves_never_stage_in_tmpdir(prepared, tmp_path, monkeypatch):
+    """Fabric's own save stages each checkpoint in $TMPDIR (a kill leaves it there, a full $TMPDIR fails the
+    save); kibitz writes beside the checkpoint: with no usable temporary folder at all, the run still saves."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "direct")) == 0
+    saved = torch.load(tmp_path / "direct" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["progress"]["step"] == 12
