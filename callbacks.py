@@ -10,6 +10,7 @@ except where it says so. A task adds its own (chess's table of predictions) thro
 """
 
 import math
+import sys
 import time
 
 import torch
@@ -62,13 +63,21 @@ def throughput() -> Hooks:
 
 
 def progress_bar(total_steps: int | None) -> Hooks:
-    """tqdm on rank 0: advances every step (no sync), shows the last logged values."""
+    """tqdm on rank 0: advances every step (no sync), shows the last logged values. Off a terminal (a SLURM .out
+    file, a pipe) it is drawn once per log interval, not ten times a second."""
     bar = {}
 
     def start(run) -> None:
         if run.fabric.is_global_zero:
+            terminal = sys.stderr.isatty()
             bar["tqdm"] = tqdm(
-                total=total_steps, initial=run.step, desc=run.cfg.task, unit="step", dynamic_ncols=True, smoothing=0.1
+                total=total_steps,
+                initial=run.step,
+                desc=run.cfg.task,
+                unit="step",
+                dynamic_ncols=True,
+                smoothing=0.1,
+                mininterval=0.1 if terminal else math.inf,
             )
 
     def advance(run) -> None:
@@ -84,6 +93,8 @@ def progress_bar(total_steps: int | None) -> Hooks:
                 samples_s=f"{row.get('perf/samples_per_s', 0):.0f}",
                 refresh=False,
             )
+            if bar["tqdm"].mininterval == math.inf:
+                bar["tqdm"].refresh()
 
     def close(run) -> None:
         if "tqdm" in bar:

@@ -172,6 +172,8 @@ class TrainConfig:
     """Stop after this many minutes (checked at log intervals)."""
     val_every: int | None = 200
     """Validate every N optimizer steps (and at the end of every epoch and of the run); unset = never."""
+    val_batches: int | None = None
+    """Validate on the first N evaluation batches of the val split on each rank (a fixed subset); unset = all."""
     accumulate: int = 1
     """Micro-batches per optimizer step (gradient accumulation)."""
     skip_grad_sync: bool | None = None
@@ -487,7 +489,7 @@ def check(cfg: RunConfig, task: Task) -> None:
         "a limit: set max_steps, max_epochs or max_time",
         None,
     )
-    for name in ("max_steps", "max_epochs", "val_every", "accumulate"):
+    for name in ("max_steps", "max_epochs", "val_every", "val_batches", "accumulate"):
         value = getattr(t, name)
         need(value is None or value >= 1, f"train.{name}", "a count >= 1", value)
     need(t.max_time is None or t.max_time > 0, "train.max_time", "a positive number of minutes", t.max_time)

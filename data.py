@@ -46,9 +46,10 @@ class EpochBatches(torch.utils.data.Sampler):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = True,
+        max_batches: int | None = None,
     ):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.rank, self.world_size, self.drop_last, self.max_batches = rank, world_size, drop_last, max_batches
         self.epoch, self.skip = 0, 0
 
     def start_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -58,9 +59,11 @@ class EpochBatches(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         if self.drop_last:
-            return self.size // self.world_size // self.batch_size
-        most = -(-self.size // self.world_size)  # the examples of the fullest rank (ceil division)
-        return -(-most // self.batch_size)
+            batches = self.size // self.world_size // self.batch_size
+        else:
+            most = -(-self.size // self.world_size)  # the examples of the fullest rank (ceil division)
+            batches = -(-most // self.batch_size)
+        return batches if self.max_batches is None else min(batches, self.max_batches)  # the first ones
 
     def __iter__(self):
         if self.shuffle:
@@ -99,10 +102,12 @@ def make_loader(
     drop_last: bool,
     num_workers: int = 0,
     device: torch.device | None = None,
+    max_batches: int | None = None,
 ):
     """Batches for one rank: from the memory map (a DataLoader; Fabric moves them to the device), or,
-    given a device, from a copy of the split kept there (an ArrayDataset)."""
-    sampler = EpochBatches(len(dataset), batch_size, shuffle, seed, rank, world_size, drop_last)
+    given a device, from a copy of the split kept there (an ArrayDataset). `max_batches`: only the first ones
+    (every rank the same number)."""
+    sampler = EpochBatches(len(dataset), batch_size, shuffle, seed, rank, world_size, drop_last, max_batches)
     if device is not None:
         return DeviceBatches(dataset, sampler, device)
     # batch_size=None: the sampler already yields whole batches, the dataset gathers them at once.

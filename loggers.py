@@ -74,10 +74,18 @@ class WandbLog:
         # secrets, not random: drawing from the training RNG here would change the run.
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
-        os.environ.setdefault("WANDB_SILENT", "true")
         self.recorded = last_recorded_step(run_dir / "wandb", run_id) if resume_step is not None else -1
         self.run = wandb.init(
-            project=project, name=run_dir.name, id=run_id, dir=run_dir, mode=mode, config=config, resume="allow"
+            project=project,
+            name=run_dir.name,
+            id=run_id,
+            dir=run_dir,
+            mode=mode,
+            config=config,
+            resume="allow",
+            settings=wandb.Settings(
+                silent=os.environ.get("WANDB_SILENT", "true").lower() == "true"
+            ),  # quiet by default
         )
         summaries = summaries or {}
         if self.run.resumed:  # online: the server knows the run's last step too

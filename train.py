@@ -17,6 +17,7 @@ The same script runs under `fabric run`, torchrun and SLURM: configs default to 
 launcher's settings apply.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -26,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,6 +156,7 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None 
             world,
             drop_last=False,
             device=on_device,
+            max_batches=cfg.train.val_batches if split == "val" else None,
         )
         for split in ("val", "test")
     }
@@ -510,10 +513,25 @@ def test(run: Run) -> dict[str, float]:
 
 def train(cfg: RunConfig, task: Task, resume_command: str = "python train.py") -> dict[str, float] | None:
     config.check(cfg, task)
-    run = setup(cfg, task, resume_command)
-    if not fit(run, standard_hooks(run)):
-        return None  # stopped by a signal, last.ckpt written
-    return test(run)
+    with as_found():
+        run = setup(cfg, task, resume_command)
+        if not fit(run, standard_hooks(run)):
+            return None  # stopped by a signal, last.ckpt written
+        return test(run)
+
+
+@contextlib.contextmanager
+def as_found():
+    """A run called from a notebook or another program leaves it as it found it: its SIGTERM/SIGUSR1 handlers
+    and its warning filters (a run silences a few warnings it knows to be noise) come back afterwards."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    with warnings.catch_warnings():
+        try:
+            yield
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                for signum, handler in handlers.items():
+                    signal.signal(signum, handler)
 
 
 def open_loggers(cfg: RunConfig, task: Task, run_dir: Path, resume_step: int | None):
@@ -551,10 +569,11 @@ def lr_find(args: tools.LRFindArgs, task: Task, resume_command: str) -> float:
     if not 0 < args.lr_min < args.lr_max <= 1e30:
         raise ConfigError(f"lr_min/lr_max: expected 0 < lr_min < lr_max <= 1e30, got {args.lr_min}, {args.lr_max}")
     run_dir = cfg.out_dir / f"lr-find-{datetime.datetime.now():%Y%m%d-%H%M%S}"  # never an existing run's folder
-    run = setup(cfg, task, resume_command, run_dir=run_dir)
-    run.lr_at = args.lr_at
-    result = {}
-    fit(run, tools.lr_range(args, run.run_dir, result))
+    with as_found():
+        run = setup(cfg, task, resume_command, run_dir=run_dir)
+        run.lr_at = args.lr_at
+        result = {}
+        fit(run, tools.lr_range(args, run.run_dir, result))
     return result["suggestion"]
 
 
@@ -570,7 +589,8 @@ def main(argv: list[str], task: Task | None = None) -> int:
         if tool is None:
             train(parsed, task, f"python {prog}")
         elif tool == "evaluate":
-            tools.evaluate(parsed, task)
+            with as_found():
+                tools.evaluate(parsed, task)
         elif tool == "lr-find":
             lr_find(parsed, task, f"python {prog}")
         else:

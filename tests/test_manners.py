@@ -1,0 +1,58 @@
+"""kibitz as a library and as a batch job: it leaves its caller as it found it, writes logs a file can hold, and
+takes weights and validation budgets from elsewhere."""
+
+import csv
+import re
+import signal
+import subprocess
+import sys
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+from conftest import ROOT, child_env
+from test_train import tiny_args
+
+import train
+
+
+def test_an_in_process_run_leaves_signal_handlers_and_warning_filters_as_it_found_them(prepared, tmp_path):
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "base", "--train.max-steps", "4")) == 0
+    folder = tmp_path / "weights.ckpt"  # weights as a folder of shards: reading it silences a torch warning
+    state = torch.load(tmp_path / "base" / "checkpoints" / "last.ckpt", weights_only=False)["model"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": state}, checkpoint_id=folder)
+
+    def mine(signum, frame):  # a notebook's own handler
+        pass
+
+    signal.signal(signal.SIGTERM, mine)
+    try:
+        filters = list(warnings.filters)
+        assert train.main(tiny_args(prepared, tmp_path, "--train.max-steps", "4", "--init-from", str(folder))) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+        assert warnings.filters == filters
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_off_a_terminal_the_progress_bar_is_drawn_once_per_log_interval(prepared, tmp_path):
+    args = tiny_args(prepared, tmp_path, "--train.max-steps", "200", "--log.every", "50", "--train.val-every", "100")
+    args.remove("--log.no-progress-bar")
+    result = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    draws = [piece for piece in re.split(r"[\r\n]", result.stderr) if re.search(r"\d+/200 \[", piece)]
+    assert 4 <= len(draws) <= 4 + 2, draws  # each log, plus the bar's first and last drawing
+
+
+def test_val_batches_caps_validation(prepared, tmp_path):
+    args = ["--run-name", "capped", "--train.val-batches", "2", "--data.eval-batch-size", "100"]
+    assert train.main(tiny_args(prepared, tmp_path, *args)) == 0
+    with open(tmp_path / "capped" / "metrics.csv") as f:
+        counted = {float(r["value"]) for r in csv.DictReader(f) if r["name"] == "val/positions"}
+    assert counted == {200.0}  # the same first 200 positions at every validation
+    assert train.main(tiny_args(prepared, tmp_path, "--train.val-batches", "0")) == 2
