@@ -124,7 +124,8 @@ class WandbLog:
         if step <= self.recorded:
             return
         rows = [[self.wandb.Html(v) if isinstance(v, str) and v.startswith("<svg") else v for v in row] for row in rows]
-        self.run.log({name: self.wandb.Table(columns=columns, data=rows)}, step=step)
+        with staging_in(self.staging):  # a logged table is an artifact too
+            self.run.log({name: self.wandb.Table(columns=columns, data=rows)}, step=step)
 
     def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
         """The checkpoint as a version of the run's model artifact. Versions of checkpoints that the

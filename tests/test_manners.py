@@ -2,6 +2,7 @@
 takes weights and validation budgets from elsewhere."""
 
 import csv
+import os
 import re
 import signal
 import subprocess
@@ -56,3 +57,15 @@ def test_val_batches_caps_validation(prepared, tmp_path):
         counted = {float(r["value"]) for r in csv.DictReader(f) if r["name"] == "val/positions"}
     assert counted == {200.0}  # the same first 200 positions at every validation
     assert train.main(tiny_args(prepared, tmp_path, "--train.val-batches", "0")) == 2
+
+
+def test_wandb_stages_a_runs_artifacts_inside_its_folder(prepared, tmp_path, monkeypatch):
+    home_data = tmp_path / "xdg"  # where wandb would stage them otherwise (~/.local/share/wandb)
+    monkeypatch.setenv("XDG_DATA_HOME", str(home_data))
+    monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
+    args = ["--run-name", "staged", "--log.logger", "wandb", "--log.checkpoint-artifacts"]
+    assert train.main(tiny_args(prepared, tmp_path, *args)) == 0
+    staged = [f for f in (tmp_path / "staged" / "wandb" / "data").rglob("*") if f.is_file()]
+    assert staged and sum(f.stat().st_size for f in staged) > 100_000  # the checkpoints' copies
+    assert not [f for f in home_data.rglob("*") if f.is_file() and "staging" in str(f)]
+    assert "WANDB_DATA_DIR" not in os.environ
