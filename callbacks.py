@@ -12,6 +12,7 @@ except where it says so. A task adds its own (chess's table of predictions) thro
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -101,6 +102,54 @@ def progress_bar(total_steps: int | None) -> Hooks:
             bar.pop("tqdm").close()
 
     return {"on_train_start": [start], "after_step": [advance], "on_log": [show], "on_train_end": [close]}
+
+
+def curves(min_interval_s: float = 60.0) -> Hooks:
+    """`curves.png` in the run folder, drawn from metrics.csv on rank 0: the training loss, the task's validation
+    metrics and the learning rate. Redrawn after a validation (at most once a minute: drawing takes ~0.2 s)
+    and at the end, whatever the logger, so a run without a tracker account still has its picture."""
+    last = {"drawn": -math.inf}
+
+    def draw(run, force: bool = False) -> None:
+        due = force or time.monotonic() - last["drawn"] >= min_interval_s
+        if run.fabric.is_global_zero and due and (run.run_dir / "metrics.csv").exists():  # not with --log.logger none
+            plot_curves(run.run_dir / "metrics.csv", run.run_dir / "curves.png", list(run.task.metrics))
+            last["drawn"] = time.monotonic()
+
+    return {"on_validation_end": [draw], "on_train_end": [lambda run: draw(run, force=True)]}
+
+
+def plot_curves(metrics_csv: Path, path: Path, val_names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    from loggers import metric_rows
+
+    series: dict[str, tuple[list, list]] = {}
+    for step, name, value in metric_rows(metrics_csv):
+        steps, values = series.setdefault(name, ([], []))
+        steps.append(int(step))
+        values.append(float(value))
+    panels = [
+        ("training loss", ["train/loss"]),
+        ("validation", [n for n in val_names if n in series]),
+        ("lr", ["train/lr"]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
+    for ax, (title, names) in zip(axes, panels):
+        for name in names:
+            if name in series:
+                ax.plot(*series[name], label=name, marker="o" if title == "validation" else None, markersize=3)
+        ax.set(title=title, xlabel="step")
+        if names and title != "lr":
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)  # a reader (a browser refreshing it) never sees half a picture
 
 
 # ---------------------------------------------------------------- weights, gradients, non-finite guard

@@ -270,6 +270,7 @@ def standard_hooks(run: Run) -> callbacks.Hooks:
     return callbacks.merge(
         callbacks.throughput(),
         callbacks.monitoring(cfg.monitor, cfg.log.every),
+        callbacks.curves(),
         callbacks.progress_bar(run.total_steps if run.total_steps < sys.maxsize else None)
         if cfg.log.progress_bar
         else {},

@@ -69,3 +69,11 @@ def test_wandb_stages_a_runs_artifacts_inside_its_folder(prepared, tmp_path, mon
     assert staged and sum(f.stat().st_size for f in staged) > 100_000  # the checkpoints' copies
     assert not [f for f in home_data.rglob("*") if f.is_file() and "staging" in str(f)]
     assert "WANDB_DATA_DIR" not in os.environ
+
+
+def test_every_run_folder_gets_its_curves_as_a_picture(prepared, tmp_path):
+    import matplotlib.image
+
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "pic")) == 0
+    image = matplotlib.image.imread(tmp_path / "pic" / "curves.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0  # drawn, not blank
