@@ -108,12 +108,17 @@ def curves(min_interval_s: float = 60.0) -> Hooks:
     """`curves.png` in the run folder, drawn from metrics.csv on rank 0: the training loss, the task's validation
     metrics and the learning rate. Redrawn after a validation (at most once a minute: drawing takes ~0.2 s)
     and at the end, whatever the logger, so a run without a tracker account still has its picture."""
-    last = {"drawn": -math.inf}
+    last = {"drawn": -math.inf, "failed": False}
 
     def draw(run, force: bool = False) -> None:
         due = force or time.monotonic() - last["drawn"] >= min_interval_s
-        if run.fabric.is_global_zero and due and (run.run_dir / "metrics.csv").exists():  # not with --log.logger none
-            plot_curves(run.run_dir / "metrics.csv", run.run_dir / "curves.png", list(run.task.metrics))
+        # not with --log.logger none (no metrics.csv); a picture that cannot be drawn never stops training
+        if run.fabric.is_global_zero and due and not last["failed"] and (run.run_dir / "metrics.csv").is_file():
+            try:
+                plot_curves(run.run_dir / "metrics.csv", run.run_dir / "curves.png", list(run.task.metrics))
+            except Exception as exc:
+                last["failed"] = True
+                print(f"warning: curves.png not drawn ({type(exc).__name__}: {exc}); training continues", flush=True)
             last["drawn"] = time.monotonic()
 
     return {"on_validation_end": [draw], "on_train_end": [lambda run: draw(run, force=True)]}

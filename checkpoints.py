@@ -416,8 +416,8 @@ def load(fabric, path: Path, state: dict, strict: bool = True) -> dict:
 
     Under FSDP/FSDP2 Fabric loads (a whole file into the shards, a folder resharded to any number of
     processes), from the CPU. Otherwise the file is memory-mapped onto the CPU and each tensor copied to
-    its parameter: Fabric's own load would put every rank's copy on the GPU the checkpoint was saved
-    from (cuda:0), and a folder is read whole from its shards."""
+    its parameter, read only as it is copied: Fabric's own load reads every rank's whole copy into memory
+    first. A folder is read whole from its shards."""
     if is_sharding(fabric):
         with ordinary_errors():
             return fabric.load(path, state, strict=strict, weights_only=False)

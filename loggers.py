@@ -223,6 +223,8 @@ def metric_rows(path: Path) -> list[list[str]]:
     """The well-formed [step, name, value] rows of a metrics.csv, as written. A crash or a power loss can leave a
     torn last line, a blank line or a tail of NUL bytes: those are not rows."""
     rows = []
+    if not path.is_file():  # a device (/dev/full, say) would be read forever
+        return rows
     with open(path, newline="", errors="replace") as f:
         for row in csv.reader(line.replace("\0", "") for line in f):
             try:

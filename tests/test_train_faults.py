@@ -50,12 +50,12 @@ def test_a_failed_checkpoint_write_stops_every_rank_of_a_two_process_run(prepare
         start_new_session=True,
     )
     try:
-        _, stderr = process.communicate(timeout=90)
+        _, stderr = process.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         raise AssertionError("the run hung after a failed checkpoint write") from None
-    assert time.monotonic() - started < 90
+    assert time.monotonic() - started < 60  # start-up, 4 steps, the failed save and every rank gone
     assert process.returncode == 2
     assert "Traceback" not in stderr, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if "error" in line]
