@@ -159,51 +159,99 @@ def plot_curves(metrics_csv: Path, path: Path, val_names: list[str]) -> None:
 
 # ---------------------------------------------------------------- weights, gradients, non-finite guard
 
-# Dense peaks in TFLOP/s (bf16, and TF32 for fp32 matmuls), by a piece of the CUDA device name; kept
-# here because Fabric 2.6.6's table has the sparse H100 NVL figure and no "NVIDIA H200".
-PEAK_TFLOPS = {
-    "H200": (989, 494),
-    "H100 NVL": (835, 417),
-    "H100 PCIe": (756, 378),
-    "H100": (989, 494),
-    "A100": (312, 156),
+# Dense peaks in FLOP/s (bf16/fp16, TF32, fp32) where Fabric 2.6.6's table is wrong: it gives the sparse
+# figures for H100 NVL and the H200 parts and does not match a plain "NVIDIA H200" (NVIDIA's datasheets).
+DENSE_PEAKS = {
+    "H200 NVL": (835e12, 417e12, 60e12),
+    "H200": (989e12, 494e12, 67e12),
+    "H100 NVL": (835e12, 417e12, 60e12),
 }
 
 
-def peak_tflops(run) -> tuple[float, str] | None:
-    if run.cfg.monitor.peak_tflops:
-        return run.cfg.monitor.peak_tflops, "--monitor.peak-tflops"
-    if run.fabric.device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(run.fabric.device)
-    half = "bf16" in str(run.cfg.fabric.precision) or "16" in str(run.cfg.fabric.precision)
-    for key, (bf16, tf32) in PEAK_TFLOPS.items():
-        if key in name:
-            return (bf16 if half else tf32), f"{name}, {'bf16' if half else 'tf32'} dense"
+def dense_peak(device_name: str, dtype: torch.dtype, matmul_precision: str) -> float | None:
+    """Our override for a device Fabric's table gets wrong; None = ask Fabric."""
+    for key, (half, tf32, fp32) in DENSE_PEAKS.items():
+        if key in device_name:
+            if dtype in (torch.bfloat16, torch.float16):
+                return half
+            return (fp32 if matmul_precision == "highest" else tf32) if dtype == torch.float32 else None
     return None
+
+
+def compute_dtype(fabric) -> torch.dtype:
+    """The dtype the matmuls run in, from the precision plugin Fabric actually built (a launcher's
+    --precision included), not from our config."""
+    from lightning_fabric.utilities.throughput import _plugin_to_compute_dtype
+
+    return _plugin_to_compute_dtype(fabric.strategy.precision)
+
+
+def device_peak(fabric, given_tflops: float | None, dtype: torch.dtype) -> tuple[float, str] | None:
+    """One device's peak FLOP/s for `dtype` (fp32 matmuls count as TF32 unless the matmul precision is
+    "highest") and where it came from."""
+    if given_tflops:
+        return given_tflops * 1e12, "--monitor.peak-tflops"
+    if fabric.device.type != "cuda":
+        return None  # Fabric knows no CPU peaks
+    from lightning_fabric.utilities.throughput import get_available_flops
+
+    name = torch.cuda.get_device_name(fabric.device)
+    peak = dense_peak(name, dtype, torch.get_float32_matmul_precision())
+    if peak:
+        return peak, f"{name}, dense"
+    peak = get_available_flops(fabric.device, dtype)  # warns once for a device it does not know
+    return (float(peak), f"{name}, Fabric's table") if peak else None
+
+
+def flops_per_sample(task, cfg, batch: list, train_size: int) -> float:
+    """FLOPs of one training sample: Fabric's measure_flops (torch's FlopCounterMode: matmuls, convolutions,
+    attention) over the task's own training step, forward, loss and backward, on a copy of the model on the
+    meta device, so nothing is computed or allocated. `batch` is a real micro-batch (only its shapes and
+    dtypes are used)."""
+    from lightning_fabric.utilities.throughput import measure_flops
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # draws nothing from the run's generator
+        model = task.build_model(cfg)
+        inputs = [torch.empty_like(t, device="meta") for t in batch]
+        flops = measure_flops(model, lambda: task.train_step(cfg, model, inputs, 0, train_size)[0], lambda x: x)
+    return flops / len(batch[0])
+
+
+def mfu_setup(run) -> tuple[float, float] | None:
+    """(FLOPs a sample, one device's peak) for perf/mfu, or None when either is unknown (rank 0 says which)."""
+    import numpy as np
+
+    dtype = compute_dtype(run.fabric)
+    peak = device_peak(run.fabric, run.cfg.monitor.peak_tflops, dtype)
+    if peak is None:
+        return None
+    micro_batch = run.cfg.data.batch_size // (run.cfg.train.accumulate * run.fabric.world_size)
+    batch = list(run.datasets["train"][np.arange(micro_batch)])
+    try:
+        flops = flops_per_sample(run.task, run.cfg, batch, len(run.datasets["train"]))
+    except Exception as exc:  # a step that reads values (.item(), data-dependent shapes) cannot run on meta
+        run.fabric.print(f"warning: no MFU: the training step does not run on the meta device ({exc})")
+        return None
+    if not flops:
+        return None
+    matmuls = "tf32" if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest" else dtype
+    run.fabric.print(
+        f"MFU per device: {flops / 1e6:.4g} MFLOP a training sample (measured), against {peak[0] / 1e12:g} TFLOP/s "
+        f"({peak[1]}; {str(matmuls).removeprefix('torch.')} matmuls)"
+    )
+    return flops, peak[0]
 
 
 def monitoring(cfg, log_every: int) -> Hooks:
     """Weight/gradient statistics and histograms, gradient norms and update ratios, MFU and memory.
     The loop takes each step's per-layer gradient norms (run.grad_norms); this keeps those of a
     logging step and the weights before its update, and reads them all in one transfer at the log."""
-    from torch import nn
-
     import monitor
 
     state: dict = {}
 
     def start(run) -> None:
-        model = getattr(run.model, "_original_module", run.model)
-        if hasattr(model, "flops_per_sample"):  # a model that applies its layers per token counts itself
-            state["flops_per_sample"] = model.flops_per_sample()
-        else:
-            state["flops_per_sample"] = 6 * sum(
-                m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)
-            )  # forward 2, backward 4 per MAC
-        state["peak"] = peak_tflops(run)
-        if state["peak"] and run.fabric.is_global_zero:
-            print(f"MFU against a peak of {state['peak'][0]} TFLOP/s ({state['peak'][1]})")
+        state["mfu"] = mfu_setup(run)
         state["sharded"] = run.sharded
         if cfg.histogram_every and run.fabric.is_global_zero and run.loggers is not None:
             run.loggers.sender = monitor.Sender(run.loggers)
@@ -245,9 +293,9 @@ def monitoring(cfg, log_every: int) -> Hooks:
             row.update({f"grad_norm/{n}": v for n, v in zip(names, values[1 : 1 + len(names)])})
             row.update({f"update_ratio/{n}": v for n, v in zip(names, values[1 + len(names) :])})
         if "perf/samples_per_s" in run.log_row:
-            if state["peak"]:
-                samples = run.log_row["perf/samples_per_s"]
-                row["perf/mfu"] = samples * state["flops_per_sample"] / (state["peak"][0] * 1e12)
+            if state["mfu"]:  # per device: the global rate over the devices, against one device's peak
+                flops, peak = state["mfu"]
+                row["perf/mfu"] = run.log_row["perf/samples_per_s"] / run.fabric.world_size * flops / peak
             if run.fabric.device.type == "cuda":
                 row["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(run.fabric.device) / 2**30
         return row

@@ -139,7 +139,8 @@ class MonitorConfig:
     """A NaN/Inf gradient: warn (at the next log), skip (drop that optimizer step; reads a flag every
     step) or stop (save a checkpoint, exit non-zero)."""
     peak_tflops: float | None = None
-    """The accelerator's dense peak for MFU; unset = our table (A100, H100 SXM/PCIe/NVL, H200) by name."""
+    """One device's dense peak for MFU (perf/mfu, per device); unset = Fabric's table for the dtype its precision
+    plugin computes in (callbacks.DENSE_PEAKS where that table is wrong: H100 NVL, H200)."""
 
 
 @dataclass

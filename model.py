@@ -114,16 +114,3 @@ class DiscreteVAE(nn.Module):
         else:
             codes, sample = quantize(code_logits)
         return self.decode(codes), code_logits, sample
-
-    def flops_per_sample(self) -> int:
-        """Matmul FLOPs of one training sample (forward 2 + backward 4 per multiply-add), counting each
-        linear layer once per position it is applied at; used for MFU."""
-        macs = 0
-        for module in self.modules():
-            if isinstance(module, MixerBlock):
-                positions = module.mix_positions[0].in_features
-                width = module.mix_channels[0].in_features
-                macs += 2 * 4 * positions * positions * width + 2 * 4 * width * width * positions
-        width = self.codebook.out_features
-        macs += width * (64 * self.latents * 2 + self.latents * self.codebook_size * 2 + 64 * NUM_SQUARE_TOKENS)
-        return 6 * macs

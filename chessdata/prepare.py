@@ -376,6 +376,10 @@ def infos_wait(pending: collections.deque, finish) -> None:
         finish(index, result.result(), *facts)
 
 
+def without_path(mark) -> dict:
+    return {k: v for k, v in mark.items() if k != "path"} if isinstance(mark, dict) else mark
+
+
 def ensure_prepared(sources: list[Path], out: Path) -> dict:
     """Prepare `out` from `sources` unless a complete preparation of the same sources is there.
 
@@ -391,16 +395,16 @@ def ensure_prepared(sources: list[Path], out: Path) -> dict:
                 raise SystemExit(
                     f"error: {meta_path}: not valid JSON (a damaged folder: delete it to prepare again)"
                 ) from None
-            held = meta.get("sources")
-            if held != [str(s) for s in sources]:
+            held, marks = meta.get("sources"), [fingerprint(source) for source in sources]
+            # the same files reached by another path (another working directory) are the same sources
+            same_bytes = [without_path(f) for f in meta.get("fingerprints") or []] == list(map(without_path, marks))
+            if held != [str(s) for s in sources] and not same_bytes:
                 raise SystemExit(
                     f"error: {out}: holds positions prepared from {', '.join(held or []) or 'unknown sources'}, not "
                     f"from {', '.join(map(str, sources))}; name those sources (--data.sources) or another folder "
                     "(--data.dir); nothing was changed"
                 )
-            if meta.get("layout_version") == LAYOUT_VERSION and meta.get("fingerprints") == [
-                fingerprint(source) for source in sources
-            ]:
+            if meta.get("layout_version") == LAYOUT_VERSION and same_bytes:
                 return meta
             print(f"{out}: its sources changed on disk, or its layout is older; preparing it again")
         return _prepare(sources, out, Filters(), None, 0, 20_000)

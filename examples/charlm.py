@@ -96,8 +96,6 @@ class CharLM(nn.Module):
             x = block(x)
         return self.head(self.norm(x))
 
-    def flops_per_sample(self) -> int:  # for MFU: 6 per weight and character (attention's own is small here)
-        return 6 * self.tokens_per_sample * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
 
 def build_model(cfg: CharConfig) -> nn.Module:

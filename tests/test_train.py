@@ -5,10 +5,13 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import SAMPLE, run_script
 
+import callbacks
+import tasks
 import train
 
 
@@ -194,8 +197,20 @@ def test_two_process_cpu_run_and_the_same_under_torchrun(prepared, tmp_path):
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
-def test_fabric_run_launch(prepared, tmp_path):
+def mfu_per_sample_rate(run_dir: Path) -> float:
+    """perf/mfu over perf/samples_per_s at the last log: FLOPs a sample / (devices x peak)."""
+    with open(run_dir / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["name"] in ("perf/mfu", "perf/samples_per_s")]
+    last = {r["name"]: float(r["value"]) for r in rows if r["step"] == rows[-1]["step"]}
+    return last["perf/mfu"] / last["perf/samples_per_s"]
+
+
+def test_fabric_run_launch_with_its_precision_and_mfu_per_device(prepared, tmp_path):
+    """Under `fabric run --precision bf16-mixed` (our config left at its default) the peak is looked up for the
+    dtype Fabric's plugin computes in, and MFU is per device: 2 processes at a global rate R log what one
+    process at R/2 would, not twice it."""
     fabric_cli = str(Path(sys.executable).parent / "fabric")  # the entry point lightning-fabric installs
+    peak = ["--monitor.peak-tflops", "0.5"]
     result = run_script(
         [
             "run",
@@ -205,13 +220,23 @@ def test_fabric_run_launch(prepared, tmp_path):
             "2",
             "--strategy",
             "ddp",
+            "--precision",
+            "bf16-mixed",
             "train.py",
-            *tiny_args(prepared, tmp_path, "--run-name", "cli"),
+            *tiny_args(prepared, tmp_path, "--run-name", "cli", *peak),
         ],
         program=fabric_cli,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stdout and "test metrics" in result.stdout
+    assert "0.5 TFLOP/s (--monitor.peak-tflops; bfloat16 matmuls)" in result.stdout
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "one", *peak)) == 0
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["fabric"]["precision"] is None  # the launcher's
+    cfg = train.parse_args(tiny_args(prepared, tmp_path))
+    batch = list(tasks.CHESS.datasets(cfg)["train"][np.arange(8)])
+    flops = callbacks.flops_per_sample(tasks.CHESS, cfg, batch, 1000)
+    assert mfu_per_sample_rate(tmp_path / "one") == pytest.approx(flops / 0.5e12)
+    assert mfu_per_sample_rate(tmp_path / "cli") == pytest.approx(flops / 0.5e12 / 2)
 
 
 def test_the_launchers_fsdp_is_built_with_one_unit_per_block(monkeypatch, capsys):
