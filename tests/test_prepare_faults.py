@@ -138,3 +138,23 @@ def test_the_trainer_never_overwrites_a_folder_of_other_data(tmp_path):
     assert folder_bytes(mine) == before
     meta = json.loads((mine / "meta.json").read_text())
     assert meta["fingerprints"][0]["path"] == str(source)
+
+
+def test_the_same_files_by_another_path_are_the_same_sources(tmp_path, monkeypatch):
+    """A folder prepared from `data/x.pgn.zst` in one working directory is used, untouched, when another job
+    names the same file by its absolute path (or through a link); a file with other bytes is still refused."""
+    (tmp_path / "data").mkdir()
+    write(tmp_path / "data" / "x.pgn.zst", GAMES[:60])
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "prepared"
+    prepare.ensure_prepared([Path("data/x.pgn.zst")], out)
+    before = folder_bytes(out)
+    (tmp_path / "link.pgn.zst").symlink_to(tmp_path / "data" / "x.pgn.zst")
+    monkeypatch.chdir(ROOT)
+    for name in (tmp_path / "data" / "x.pgn.zst", tmp_path / "link.pgn.zst"):
+        assert prepare.ensure_prepared([name], out)["sources"] == ["data/x.pgn.zst"]
+    assert folder_bytes(out) == before
+    other = write(tmp_path / "other.pgn.zst", GAMES[60:120])
+    with pytest.raises(SystemExit, match="holds positions prepared from data/x.pgn.zst"):
+        prepare.ensure_prepared([other], out)
+    assert folder_bytes(out) == before
