@@ -4,9 +4,10 @@ the loop's values flow to them, and the only thing a hook may change is `run.sho
 Points: `on_train_start`, `after_backward` (the gradients are there, `run.grad_norms` holds their
 per-layer norms), `after_step`, `on_log` (every log.every steps, the training values in `run.log_row`;
 a hook may return a dict of values, which the loop adds to the row for the hooks after it and the
-loggers), `on_validation_end` (metrics in `run.val_metrics`), `on_train_end`. A factory below
-returns {point: [functions]} for one concern; `merge` joins them. Nothing here syncs with the device
-except where it says so. A task adds its own (chess's table of predictions) through Task.hooks.
+loggers), `on_validation_end` (metrics in `run.val_metrics`), `on_train_end`, `on_test_end` (after the
+test of the best checkpoint, before the loggers close). A factory below returns {point: [functions]} for
+one concern; `merge` joins them. Nothing here syncs with the device except where it says so. A task adds
+its own (chess's table of predictions, the test pictures of figures.py) through Task.hooks.
 """
 
 import math
@@ -125,10 +126,7 @@ def curves(min_interval_s: float = 60.0) -> Hooks:
 
 
 def plot_curves(metrics_csv: Path, path: Path, val_names: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend and figures are left alone
 
     from loggers import metric_rows
 
@@ -142,19 +140,23 @@ def plot_curves(metrics_csv: Path, path: Path, val_names: list[str]) -> None:
         ("validation", [n for n in val_names if n in series]),
         ("lr", ["train/lr"]),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
-    for ax, (title, names) in zip(axes, panels):
+    fig = Figure(figsize=(15, 4))
+    for ax, (title, names) in zip(fig.subplots(1, len(panels)), panels):
         for name in names:
             if name in series:
                 ax.plot(*series[name], label=name, marker="o" if title == "validation" else None, markersize=3)
         ax.set(title=title, xlabel="step")
         if names and title != "lr":
             ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path, dpi: int = 90) -> None:
+    """Write a matplotlib Figure as a PNG in one rename: a reader (a browser refreshing it) never sees half."""
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)  # a reader (a browser refreshing it) never sees half a picture
+    fig.savefig(tmp, dpi=dpi)
+    tmp.replace(path)
 
 
 # ---------------------------------------------------------------- weights, gradients, non-finite guard

@@ -39,6 +39,9 @@ class CSVLog:
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
         pass
 
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        pass  # the picture is in the run folder already
+
     def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
         pass
 
@@ -126,6 +129,12 @@ class WandbLog:
         rows = [[self.wandb.Html(v) if isinstance(v, str) and v.startswith("<svg") else v for v in row] for row in rows]
         with staging_in(self.staging):  # a logged table is an artifact too
             self.run.log({name: self.wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        if step <= self.recorded:
+            return
+        with staging_in(self.staging):
+            self.run.log({name: self.wandb.Image(str(path))}, step=step)
 
     def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
         """The checkpoint as a version of the run's model artifact. Versions of checkpoints that the
@@ -235,14 +244,29 @@ def metric_rows(path: Path) -> list[list[str]]:
     return rows
 
 
+def flat_hparams(config: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 3e-4}} -> {"optim.lr": 3e-4}; values TensorBoard's HParams cannot hold (None, lists,
+    paths) as their text."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
 class TensorBoardLog:
     def __init__(self, run_dir: Path, config: dict):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+        self.hparams = flat_hparams(config)
+        self.step = 0
 
     def log(self, metrics: dict, step: int) -> None:
+        self.step = max(self.step, step)
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
 
@@ -270,11 +294,26 @@ class TensorBoardLog:
         ]
         self.writer.add_text(name, "\n".join(lines), step)
 
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        import matplotlib.image
+
+        pixels = matplotlib.image.imread(path)[..., :3]  # RGBA floats in [0, 1]
+        self.writer.add_image(name, (pixels * 255).round().astype("uint8"), step, dataformats="HWC")
+
     def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
         pass
 
     def summary(self, metrics: dict) -> None:
+        """The test metrics as text, and in the HParams tab against the flattened config (one row a run)."""
+        from torch.utils.tensorboard.summary import hparams
+
         self.writer.add_text("test", "\n".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+        values = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        writer = self.writer._get_file_writer()  # add_hparams would open a second run folder for them
+        for part in hparams(self.hparams, values):
+            writer.add_summary(part)
+        for name, value in values.items():  # the HParams tab reads each metric from its scalar series
+            self.writer.add_scalar(name, value, self.step)
 
     def finish(self) -> None:
         self.writer.close()
@@ -319,6 +358,10 @@ class Loggers:
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
         with self.lock:
             self._each("log_table", name, columns, rows, step)
+
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        with self.lock:
+            self._each("log_image", name, path, step)
 
     def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
         with self.lock:

@@ -8,6 +8,7 @@ A batch is (packed 101-byte rows, evals in pawns) for chess and (packed rows,) f
 task needs no entry here: a file like examples/charlm.py is run directly (see the README).
 """
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 import tyro
 
+import callbacks
+import figures
 import losses
 from chessdata.encoding import board_tokens, random_flip, row_to_fen
 from chessdata.folder import SPLITS, eval_target, load_split
@@ -241,6 +244,36 @@ def prediction_table(cfg: ChessConfig, datasets: dict) -> dict:
     return {"on_validation_end": [log]}
 
 
+def chess_test_pictures(cfg: ChessConfig, datasets: dict) -> dict:
+    """After the test, test_predictions.png (and test_error_by_eval.json): the tested model's prediction against
+    Stockfish on up to 20,000 test positions spread over the split, and the mean error by |eval| bucket."""
+    test = datasets["test"]
+    index = figures.spread(len(test), 20_000)
+
+    def draw(run) -> None:
+        positions, targets = (np.asarray(a[index]) for a in test.arrays)
+        predictions = figures.predict(
+            run.model,
+            positions,
+            run.fabric.device,
+            cfg.data.eval_batch_size,
+            lambda out: losses.to_pawns(out, cfg.data.target),
+        )
+
+        def picture(path: Path) -> None:
+            buckets = figures.error_by_eval(targets, predictions, cfg.data.clamp)
+            (path.parent / "test_error_by_eval.json").write_text(json.dumps(buckets, indent=2))
+            figures.draw_predictions(path, targets, predictions, cfg.data.clamp, buckets)
+
+        figures.publish(run, run.run_dir / "test_predictions.png", "test/predictions", picture)
+
+    return {"on_test_end": [draw]}
+
+
+def chess_hooks(cfg: ChessConfig, datasets: dict) -> dict:
+    return callbacks.merge(prediction_table(cfg, datasets), chess_test_pictures(cfg, datasets))
+
+
 def check_chess(cfg: ChessConfig) -> None:
     need(
         cfg.model.width > 0 and cfg.model.depth >= 0,
@@ -262,7 +295,7 @@ CHESS = Task(
     chess_report,
     metrics={"val/l1": "min", "val/rmse": "min", "val/sign_acc": "max", "val/loss": "min", "val/material_l1": "min"},
     prepare_data=prepare_positions,
-    hooks=prediction_table,
+    hooks=chess_hooks,
     check=check_chess,
     blocks=ChessEvaluator.block_types,
 )
@@ -362,6 +395,25 @@ def dvae_report(cfg: DVAEConfig, metrics: dict) -> tuple[str, dict]:
     )
 
 
+def dvae_test_pictures(cfg: DVAEConfig, datasets: dict) -> dict:
+    """After the test, test_reconstructions.png: 8 test boards spread over the split beside the tested model's
+    reconstructions (through the argmax codes, as the test scores them), the wrong squares marked."""
+    test = datasets["test"]
+    index = figures.spread(len(test), 8)
+
+    def draw(run) -> None:
+        tokens = board_tokens(torch.from_numpy(np.asarray(test.arrays[0][index]))).numpy()
+        recon = figures.predict(run.model, tokens, run.fabric.device, len(tokens) or 1, lambda out: out[0].argmax(-1))
+        figures.publish(
+            run,
+            run.run_dir / "test_reconstructions.png",
+            "test/reconstructions",
+            lambda path: figures.draw_reconstructions(path, tokens, recon.astype(np.int64)),
+        )
+
+    return {"on_test_end": [draw]}
+
+
 def check_dvae(cfg: DVAEConfig) -> None:
     m, d = cfg.model, cfg.dvae
     for name in ("latents", "codebook", "width"):
@@ -425,6 +477,7 @@ DVAE = Task(
     train_fields=DVAE_FIELDS,
     scheduled=dvae_scheduled,
     prepare_data=prepare_positions,
+    hooks=dvae_test_pictures,
     check=check_dvae,
     blocks=DiscreteVAE.block_types,
 )

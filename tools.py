@@ -193,20 +193,18 @@ def lr_range(args: LRFindArgs, run_dir: Path, result: dict) -> dict:
 
 
 def plot_lr_curve(lrs, loss, smoothed, suggestion: float, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend is left alone
 
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+    from callbacks import save_figure
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     ax.plot(lrs, loss, alpha=0.3, label="loss")
     ax.plot(lrs, smoothed, label="smoothed loss")
     ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.2g}")
     ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="learning-rate range test")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def export_config(cfg: RunConfig) -> str:

@@ -488,14 +488,16 @@ def preempt(run: Run, hooks: callbacks.Hooks) -> None:
     )
 
 
-def test(run: Run) -> dict[str, float]:
-    """Test once, on the best checkpoint by the monitored validation metric (the final weights if none)."""
+def test(run: Run, hooks: callbacks.Hooks | None = None) -> dict[str, float]:
+    """Test once, on the best checkpoint by the monitored validation metric (the final weights if none); then
+    the hooks' on_test_end (a task's pictures of the tested model) before the loggers close."""
     fabric = run.fabric
     if run.best:
         best_path = run.run_dir / "checkpoints" / run.best[0][1]
         checkpoints.load(fabric, best_path, {"model": run.model}, strict=False)
         fabric.print(f"testing the best checkpoint: {best_path.name} ({run.monitor[0]} {run.best[0][0]:.4f})")
     metrics, _ = run.task.evaluate(fabric, run.cfg, run.model, run.eval_loaders["test"])
+    callbacks.call(hooks or {}, "on_test_end", run)
     error = None
     if fabric.is_global_zero:
         title, rows = run.task.report(run.cfg, metrics)
@@ -516,9 +518,10 @@ def train(cfg: RunConfig, task: Task, resume_command: str = "python train.py") -
     config.check(cfg, task)
     with as_found():
         run = setup(cfg, task, resume_command)
-        if not fit(run, standard_hooks(run)):
+        hooks = standard_hooks(run)
+        if not fit(run, hooks):
             return None  # stopped by a signal, last.ckpt written
-        return test(run)
+        return test(run, hooks)
 
 
 @contextlib.contextmanager

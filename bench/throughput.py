@@ -6,9 +6,9 @@
 For the chess evaluator: batch sizes 1k-64k x precision (32-true, bf16-mixed, bf16-true) x torch.compile
 off/on x the dataset memory-mapped (a DataLoader gathers each batch on the host) or on the device
 (`--data.on-device`: one gather there). For the dVAE: tokens/s at the default size, per precision and
-compile. Each cell is a real `train.train` run whose log rows give samples/s, MFU (per device, against the peak
-callbacks.device_peak finds for the compute dtype) and the share of step time spent waiting for data; the first log interval
-(compilation, warm-up) is dropped and the median of the rest is reported.
+compile. Each cell is a real `train.train` run whose log rows give samples/s, MFU (per device, against the
+peak callbacks.device_peak finds for the compute dtype) and the share of step time spent waiting for data;
+the first log interval (compilation, warm-up) is dropped and the median of the rest is reported.
 
 The data: the bundled sample's training split tiled `--tile` times into a scratch directory (the same
 101-byte rows repeated: enough steps per epoch for large batches; the content does not matter for speed).

@@ -232,14 +232,20 @@ def prepare(
         raise SystemExit(
             f"error: dedup memory and games per chunk: expected > 0, got {dedup_memory}, {games_per_chunk}"
         )
-    for source in sources:
-        if not source.is_file():
-            raise SystemExit(f"error: {source}: no such file (expected .pgn, .jsonl, .csv (optionally .zst) or .db)")
-        sources_module.kind_of(source)  # an unknown type fails before any work
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: {out}: is a file; --out must name a folder")
+    check_paths(sources, out)
     with locked(out):
         return _prepare(sources, out, filters, max_games, workers, games_per_chunk, dedup_memory)
+
+
+def check_paths(sources: list[Path], out: Path, hint: str = "") -> None:
+    for source in sources:
+        if not source.is_file():
+            raise SystemExit(
+                f"error: {source}: no such file (expected .pgn, .jsonl, .csv (optionally .zst) or .db{hint})"
+            )
+        sources_module.kind_of(source)  # an unknown type fails before any work
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: {out}: is a file; expected a folder for the prepared data")
 
 
 def _prepare(sources, out, filters, max_games, workers, games_per_chunk, dedup_memory=2e9) -> dict:
@@ -380,28 +386,43 @@ def without_path(mark) -> dict:
     return {k: v for k, v in mark.items() if k != "path"} if isinstance(mark, dict) else mark
 
 
+def read_meta(path: Path) -> dict | None:
+    """A prepared folder's meta.json, None if there is none."""
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise SystemExit(
+            f"error: {path}: not valid JSON ({exc}; a damaged folder: delete it to prepare again)"
+        ) from None
+    if not isinstance(meta, dict):
+        raise SystemExit(f"error: {path}: expected a JSON object (a damaged folder: delete it to prepare again)")
+    return meta
+
+
 def ensure_prepared(sources: list[Path], out: Path) -> dict:
     """Prepare `out` from `sources` unless a complete preparation of the same sources is there.
 
     A folder prepared from other sources is never overwritten: that is refused, naming what it holds (a user's
     own prepared data, reached with the default sources, is not to be replaced by the bundled sample). The
     same sources changed on disk, or an older layout, are prepared again. Jobs take turns through the lock."""
+    names = [str(source) for source in sources]
+    meta = read_meta(out / "meta.json")
+    if meta and meta.get("sources") == names and not all(source.is_file() for source in sources):
+        print(f"{out}: its sources ({', '.join(names)}) are gone; using the folder as it was prepared")
+        return meta
+    check_paths(sources, out, f"; --data.sources, relative to the working directory {Path.cwd()}")
     with locked(out):
-        meta_path = out / "meta.json"
-        if meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text())
-            except ValueError:
-                raise SystemExit(
-                    f"error: {meta_path}: not valid JSON (a damaged folder: delete it to prepare again)"
-                ) from None
+        meta = read_meta(out / "meta.json")
+        if meta is not None:
             held, marks = meta.get("sources"), [fingerprint(source) for source in sources]
             # the same files reached by another path (another working directory) are the same sources
             same_bytes = [without_path(f) for f in meta.get("fingerprints") or []] == list(map(without_path, marks))
-            if held != [str(s) for s in sources] and not same_bytes:
+            if held != names and not same_bytes:
                 raise SystemExit(
                     f"error: {out}: holds positions prepared from {', '.join(held or []) or 'unknown sources'}, not "
-                    f"from {', '.join(map(str, sources))}; name those sources (--data.sources) or another folder "
+                    f"from {', '.join(names)}; name those sources (--data.sources) or another folder "
                     "(--data.dir); nothing was changed"
                 )
             if meta.get("layout_version") == LAYOUT_VERSION and same_bytes:

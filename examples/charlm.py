@@ -97,7 +97,6 @@ class CharLM(nn.Module):
         return self.head(self.norm(x))
 
 
-
 def build_model(cfg: CharConfig) -> nn.Module:
     return CharLM(cfg.data.context, cfg.model.width, cfg.model.depth, cfg.model.heads)
 

@@ -20,7 +20,7 @@ TRAINER = (
     "distributed",
     "cli",
 )
-TASK_CODE = ("chessdata", "chess", "model", "tasks", "losses", "predict", "examples")
+TASK_CODE = ("chessdata", "chess", "model", "tasks", "losses", "figures", "predict", "examples")
 TASK_NAMES = ("chess", "dvae", "charlm")
 
 

@@ -2,13 +2,16 @@
 takes weights and validation budgets from elsewhere."""
 
 import csv
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from conftest import ROOT, child_env
@@ -68,12 +71,48 @@ def test_wandb_stages_a_runs_artifacts_inside_its_folder(prepared, tmp_path, mon
     staged = [f for f in (tmp_path / "staged" / "wandb" / "data").rglob("*") if f.is_file()]
     assert staged and sum(f.stat().st_size for f in staged) > 100_000  # the checkpoints' copies
     assert not [f for f in home_data.rglob("*") if f.is_file() and "staging" in str(f)]
+    pictures = list((tmp_path / "staged" / "wandb").rglob("media/images/test/predictions_*.png"))
+    assert len(pictures) == 1 and not list(home_data.rglob("*.png"))  # the test picture, logged inside the folder
     assert "WANDB_DATA_DIR" not in os.environ
 
 
-def test_every_run_folder_gets_its_curves_as_a_picture(prepared, tmp_path):
+def opens_as_a_picture(path: Path) -> None:
     import matplotlib.image
 
-    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "pic")) == 0
-    image = matplotlib.image.imread(tmp_path / "pic" / "curves.png")
+    image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0  # drawn, not blank
+
+
+def test_every_run_folder_gets_its_curves_and_the_tasks_pictures(prepared, tmp_path):
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "pic")) == 0
+    opens_as_a_picture(tmp_path / "pic" / "curves.png")
+    opens_as_a_picture(tmp_path / "pic" / "test_predictions.png")
+    buckets = json.loads((tmp_path / "pic" / "test_error_by_eval.json").read_text())
+    test = json.loads((tmp_path / "pic" / "test_metrics.json").read_text())
+    assert sum(b["positions"] for b in buckets) == test["test/positions"]  # a small split: every position
+    assert [b["abs_eval"] for b in buckets][:2] == ["0-0.5", "0.5-1"] and buckets[-1]["abs_eval"].startswith("15")
+    weighted = sum(b["l1"] * b["positions"] for b in buckets if b["positions"]) / test["test/positions"]
+    assert weighted == pytest.approx(test["test/l1"], rel=1e-4)  # the same predictions as the test metrics
+
+
+def test_dvae_reconstructions_and_hparams_reach_tensorboard(prepared, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from test_dvae import dvae_args
+
+    assert train.main(dvae_args(prepared, tmp_path, "--run-name", "tb", "--log.logger", "tensorboard")) == 0
+    opens_as_a_picture(tmp_path / "tb" / "test_reconstructions.png")
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert "test/reconstructions" in events.Tags()["images"]
+    image = events.Images("test/reconstructions")[-1]
+    assert image.step == 40 and image.width > 200
+    hparams = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert {"optim.lr", "model.latents", "dvae.quantizer", "data.dir"} <= {h.name for h in experiment.hparam_infos}
+    metrics = {m.name.tag for m in experiment.metric_infos}
+    assert {"test/token_acc", "test/board_acc", "test/recon_loss"} <= metrics
+    session = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
+    assert session.session_start_info.hparams["model.latents"].number_value == 8
+    tested = json.loads((tmp_path / "tb" / "test_metrics.json").read_text())
+    assert events.Scalars("test/token_acc")[-1].value == pytest.approx(tested["test/token_acc"])

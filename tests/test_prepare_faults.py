@@ -158,3 +158,25 @@ def test_the_same_files_by_another_path_are_the_same_sources(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="holds positions prepared from data/x.pgn.zst"):
         prepare.ensure_prepared([other], out)
     assert folder_bytes(out) == before
+
+
+def test_missing_sources_are_one_line_and_a_prepared_folder_outlives_them(tmp_path, monkeypatch):
+    """The defaults from another working directory name no file: one line naming the field and the directory
+    (was a traceback). A folder whose sources were deleted after preparing is used as it is."""
+    result = run_script(
+        [str(ROOT / "train.py"), "chess", "--train.max-steps", "1", "--schedule.warmup-steps", "0"],
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert "data/sample.pgn.zst: no such file" in line and f"working directory {tmp_path}" in line
+    source = write(tmp_path / "gone.pgn.zst", GAMES[:60])
+    out = tmp_path / "prepared"
+    prepare.ensure_prepared([source], out)
+    before = folder_bytes(out)
+    source.unlink()
+    assert prepare.ensure_prepared([source], out)["sources"] == [str(source)]
+    assert folder_bytes(out) == before
+    with pytest.raises(SystemExit, match="other.pgn.zst: no such file"):
+        prepare.ensure_prepared([tmp_path / "other.pgn.zst"], out)
