@@ -48,9 +48,9 @@ def overview(prog: str, tasks: dict[str, Task] | None) -> str:
     lines = [f"usage: {prog} {'[TASK] ' if tasks else ''}[TOOL] [--config FILE] [flags]", ""]
     if tasks:
         lines += ["tasks (the first is the default; or a file defining TASK, like examples/charlm.py):"]
-        lines += [f"  {name:<16}{(task.config.__doc__ or '').strip().splitlines()[0]}" for name, task in tasks.items()]
+        lines += [f"  {name:<19}{(task.config.__doc__ or '').strip().splitlines()[0]}" for name, task in tasks.items()]
         lines += [""]
-    lines += ["tools:"] + [f"  {name:<16}{what}" for name, what in tools.TOOLS.items()] + [""]
+    lines += ["tools:"] + [f"  {name:<19}{what}" for name, what in tools.TOOLS.items()] + [""]
     lines += [
         "  --config FILE   start from a saved config.json (flags after it override it)",
         "",
@@ -157,6 +157,8 @@ def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, 
             prog=f"{prog} evaluate",
         )
         return task, tool, args, prog
+    if tool == "export-checkpoint":
+        return task, tool, tyro.cli(tools.ExportArgs, args=argv, prog=f"{prog} export-checkpoint"), prog
     task = task or next(iter(tasks.values()))
     default = task.config()
     if "--config" in argv:

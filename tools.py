@@ -31,6 +31,7 @@ TOOLS = {
     "evaluate": "run a checkpoint over a split and print its metrics (the task comes from the checkpoint)",
     "lr-find": "the learning-rate range test: a short run with an exponentially growing LR",
     "export-config": "print the resolved config as JSON (for --config)",
+    "export-checkpoint": "write a folder of shards (--checkpoint.sharded) as one checkpoint file",
 }
 
 
@@ -89,6 +90,45 @@ class EvaluateArgs(typing.Generic[DataT]):
     """Examples per batch; unset = the training run's data.eval_batch_size."""
     accelerator: Accelerator = "auto"
     """cpu, cuda or auto."""
+
+
+@dataclass
+class ExportArgs:
+    """Write a sharded checkpoint folder as one checkpoint file: evaluate, predict.py, --init-from and anyone
+    without torch.distributed read it like any other (resume from the folder itself: any number of processes)."""
+
+    ckpt: Path
+    """The folder of shards (runs/<run>/checkpoints/step-N.ckpt with --checkpoint.sharded)."""
+    out: Path
+    """The file to write (its folder must exist); an existing file is replaced only once the new one is whole."""
+
+
+def export_checkpoint(args: ExportArgs) -> Path:
+    """torch's converter (python -m torch.distributed.checkpoint.format_utils dcp_to_torch) gathers the shards'
+    tensors into one file, but leaves out what Fabric keeps beside them in meta.pt (the config, progress, RNG
+    states, the task): those are added back, so the file is a whole kibitz checkpoint."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder, out = args.ckpt, args.out
+    if not (folder / "meta.pt").is_file() or not list(folder.glob("*.distcp")):
+        raise ConfigError(f"ckpt: expected a folder of shards (meta.pt and *.distcp files), got {folder}")
+    if not out.parent.is_dir() or out.is_dir():
+        raise ConfigError(f"out: expected a file name in an existing folder, got {out}")
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        checkpoints.verify(folder)
+        with checkpoints.ordinary_errors():
+            dcp_to_torch_save(folder, tmp)
+        state = torch.load(tmp, map_location="cpu", weights_only=False)
+        state.update(torch.load(folder / "meta.pt", map_location="cpu", weights_only=False))
+        torch.save(state, tmp)
+        checkpoints.fsync(tmp)
+        checkpoints.replace(tmp, out)
+    except Exception as exc:  # a damaged shard or meta.pt, a full disk: one line, nothing half-written left
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"error: cannot export {folder} to {out} ({type(exc).__name__}: {exc})") from None
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB): the model whole, with its run's config and progress")
+    return out
 
 
 def fail(message: str) -> int:

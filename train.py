@@ -6,7 +6,7 @@
     python train.py chess --fabric.devices 2 --train.max-steps 5000
     python train.py chess --config runs/chess-.../config.json --optim.lr 3e-4
     python train.py chess --resume auto   # continue the newest run from its last checkpoint
-    python train.py evaluate --ckpt runs/.../checkpoints/last.ckpt   # also: lr-find, export-config
+    python train.py evaluate --ckpt runs/.../checkpoints/last.ckpt   # also: lr-find, export-config/-checkpoint
     python examples/charlm.py             # a task in a file of its own, through the same loop
 
 Read top to bottom: `setup` builds everything a run shares (the Run), `fit` is the loop, `train` is
@@ -597,6 +597,8 @@ def main(argv: list[str], task: Task | None = None) -> int:
                 tools.evaluate(parsed, task)
         elif tool == "lr-find":
             lr_find(parsed, task, f"python {prog}")
+        elif tool == "export-checkpoint":
+            tools.export_checkpoint(parsed)
         else:
             print(tools.export_config(parsed))
     except ConfigError as exc:

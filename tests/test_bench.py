@@ -67,3 +67,22 @@ def test_throughput_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert {r["task"] for r in rows} == {"chess", "dvae"} and all("error" not in r for r in rows), rows
     assert all(r["samples_per_s"] > 0 for r in rows) and all(r["tokens_per_s"] > 0 for r in rows if r["task"] == "dvae")
+
+
+def test_gpu_check_smoke(tmp_path):
+    """The one-command GPU check at CPU sizes: the bf16-mixed FSDP2 run resumed from its sharded checkpoint is
+    the uninterrupted run bitwise, and every throughput cell has its numbers, in the JSON and the markdown."""
+    import json
+
+    out = tmp_path / "gpu_check.json"
+    result = run_script(["bench/gpu_check.py", "--smoke", "--out", str(out)], timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["check"] for r in report["resume"]] == ["FSDP2, bf16-mixed, sharded"]
+    assert report["resume"][0]["exact"], report["resume"]
+    cells = report["throughput"]
+    assert {c["task"] for c in cells} == {"chess", "dvae"} and all("samples_per_s" in c and "mfu" in c for c in cells)
+    assert all("tokens_per_s" in c for c in cells if c["task"] == "dvae")
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| resume check |" in table and "exact (losses and weights bitwise)" in table
+    assert table.count("| chess |") == 2 and table.count("| dvae |") == 1

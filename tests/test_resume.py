@@ -1,6 +1,7 @@
 """Surviving interruptions: SIGTERM, SIGKILL, a damaged checkpoint, and fine-tuning from weights."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -296,6 +297,16 @@ def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_chan
         metrics = tools.evaluate(tools.EvaluateArgs(folder, split="val"), TASKS["chess"])
         logged = val_metrics(tmp_path / "k2")[STEPS]
         assert abs(metrics["l1"] - logged["val/l1"]) < 1e-5
+        # exported as one file (the documented command): the same checkpoint, with its config and progress
+        export = ["train.py", "export-checkpoint", "--ckpt", str(folder), "--out", str(tmp_path / "one.ckpt")]
+        assert run_script(export).returncode == 0
+        whole = torch.load(tmp_path / "one.ckpt", weights_only=False)
+        assert whole["progress"]["step"] == STEPS and whole["config"]["task"] == "chess" and "optimizer" in whole
+        assert tools.evaluate(tools.EvaluateArgs(tmp_path / "one.ckpt", split="val"), TASKS["chess"]) == metrics
+        init = ["--init-from", str(tmp_path / "one.ckpt"), "--train.max-steps", "4", "--train.val-every", "2"]
+        result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, *init, "--run-name", "tuned")])
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert re.search(r"initialised (\d+) of the model's \1 tensors", result.stdout), result.stdout[-2000:]
 
 
 def val_metrics(run_dir: Path) -> dict[int, dict[str, float]]:

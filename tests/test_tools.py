@@ -201,3 +201,23 @@ def test_predict_refuses_what_prepare_refuses(trained, tmp_path, capsys):
         assert predict.main(["--ckpt", ckpt, *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
+
+
+def test_export_checkpoint_refuses_what_is_not_a_folder_of_shards(trained, tmp_path, capsys):
+    """(The export of a real sharded folder is tested with the 2-process FSDP2 run in test_resume.py.)"""
+    ckpt = trained / "checkpoints" / "last.ckpt"  # a file: one already
+    cases = [
+        (["--ckpt", str(ckpt), "--out", str(tmp_path / "x.ckpt")], "ckpt: expected a folder of shards"),
+        (["--ckpt", str(tmp_path), "--out", str(tmp_path / "x.ckpt")], "ckpt: expected a folder of shards"),
+    ]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "meta.pt").write_bytes(b"x")
+    (shards / "__0_0.distcp").write_bytes(b"not a shard")
+    cases.append((["--ckpt", str(shards), "--out", str(tmp_path / "no" / "x.ckpt")], "out: expected a file name"))
+    cases.append((["--ckpt", str(shards), "--out", str(tmp_path / "x.ckpt")], f"error: cannot export {shards}"))
+    for args, message in cases:
+        assert train.main(["export-checkpoint", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not list(tmp_path.glob("x.ckpt*"))  # nothing half-written left behind
