@@ -159,7 +159,7 @@ def save_figure(fig, path: Path, dpi: int = 90) -> None:
     tmp.replace(path)
 
 
-# ---------------------------------------------------------------- weights, gradients, non-finite guard
+# ---------------------------------------------------------------- MFU
 
 # Dense peaks in FLOP/s (bf16/fp16, TF32, fp32) where Fabric 2.6.6's table is wrong: it gives the sparse
 # figures for H100 NVL and the H200 parts and does not match a plain "NVIDIA H200" (NVIDIA's datasheets).
@@ -242,6 +242,9 @@ def mfu_setup(run) -> tuple[float, float] | None:
         f"({peak[1]}; {str(matmuls).removeprefix('torch.')} matmuls)"
     )
     return flops, peak[0]
+
+
+# ---------------------------------------------------------------- weights, gradients, MFU
 
 
 def monitoring(cfg, log_every: int) -> Hooks:

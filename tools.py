@@ -25,6 +25,7 @@ from lightning_fabric import Fabric
 import checkpoints
 import config
 import data
+import storage
 from config import Accelerator, ConfigError, DataConfig, RunConfig, Task
 
 TOOLS = {
@@ -116,14 +117,14 @@ def export_checkpoint(args: ExportArgs) -> Path:
         raise ConfigError(f"out: expected a file name in an existing folder, got {out}")
     tmp = out.with_name(out.name + ".tmp")
     try:
-        checkpoints.verify(folder)
-        with checkpoints.ordinary_errors():
+        storage.verify(folder)
+        with storage.ordinary_errors():
             dcp_to_torch_save(folder, tmp)
         state = torch.load(tmp, map_location="cpu", weights_only=False)
         state.update(torch.load(folder / "meta.pt", map_location="cpu", weights_only=False))
         torch.save(state, tmp)
-        checkpoints.fsync(tmp)
-        checkpoints.replace(tmp, out)
+        storage.fsync(tmp)
+        storage.replace(tmp, out)
     except Exception as exc:  # a damaged shard or meta.pt, a full disk: one line, nothing half-written left
         tmp.unlink(missing_ok=True)
         raise SystemExit(f"error: cannot export {folder} to {out} ({type(exc).__name__}: {exc})") from None

@@ -40,6 +40,7 @@ import cli
 import config
 import data
 import distributed
+import storage
 import tools
 from config import ConfigError, RunConfig, Task
 from schedules import learning_rate
@@ -115,7 +116,7 @@ def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, fused: bool)
 def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None = None) -> Run:
     """Processes, data, model and optimizer (in Fabric's order), the run folder, a resumed state."""
     fabric = distributed.make_fabric(cfg.fabric, task.blocks, cfg.checkpoint.sharded)
-    checkpoints.write_directly(fabric)
+    storage.write_directly(fabric)
     if os.environ.get("LT_CLI_USED") != "1":  # under `fabric run` the processes already exist
         fabric.launch()
     if fabric.device.type == "cuda":
@@ -237,7 +238,7 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None 
         try:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             for leftover in (run_dir / "checkpoints").glob("*.tmp"):  # of a save that was killed
-                checkpoints.remove(leftover)
+                storage.remove(leftover)
             config.save_json(dataclasses.replace(cfg, resume=None), run_dir / "config.json")
         except OSError as exc:
             error = f"error: cannot write the run folder {run_dir} ({exc})"

@@ -14,6 +14,7 @@ TRAINER = (
     "schedules",
     "callbacks",
     "checkpoints",
+    "storage",
     "monitor",
     "loggers",
     "tools",

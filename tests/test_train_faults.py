@@ -19,11 +19,11 @@ import torch
 from conftest import ROOT, child_env
 from test_train import tiny_args
 
-import checkpoints
 import chessdata.cli
 import chessdata.folder
 import chessdata.pgn
 import chessdata.prepare
+import storage
 import train
 
 TWO_DDP = ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp"]
@@ -190,14 +190,14 @@ def test_a_rotten_shard_folder_fails_its_checksum(tmp_path):
 
     folder = tmp_path / "step.ckpt"
     dcp.save({"model": {"w": torch.randn(1000)}}, checkpoint_id=folder)
-    (folder / checkpoints.CHECKSUMS).write_text(json.dumps(checkpoints.folder_checksums(folder)))
-    checkpoints.verify(folder)
+    (folder / storage.CHECKSUMS).write_text(json.dumps(storage.folder_checksums(folder)))
+    storage.verify(folder)
     shard = next(folder.glob("*.distcp"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 1
     shard.write_bytes(data)
     with pytest.raises(ValueError, match=f"damaged: {shard.name} does not match its checksum"):
-        checkpoints.verify(folder)
+        storage.verify(folder)
 
 
 @pytest.mark.parametrize("tail", ["\n\n", "\0" * 64, "12,train/lo"])
