@@ -214,6 +214,13 @@ def chess_report(cfg: ChessConfig, metrics: dict) -> tuple[str, dict]:
     )
 
 
+def predicted_pawns(cfg: ChessConfig, run, positions: np.ndarray, batch_size: int) -> np.ndarray:
+    """The model's evals (pawns) of packed positions, in eval mode, on every rank (FSDP gathers from all)."""
+    return figures.predict(
+        run.model, positions, run.fabric.device, batch_size, lambda out: losses.to_pawns(out, cfg.data.target)
+    )
+
+
 def prediction_table(cfg: ChessConfig, datasets: dict) -> dict:
     """At every validation, rank 0 logs the same `log.predictions` validation positions: FEN, target,
     prediction (pawns) and the board drawn by python-chess."""
@@ -227,16 +234,8 @@ def prediction_table(cfg: ChessConfig, datasets: dict) -> dict:
     fens = [row_to_fen(row) for row in positions]
     boards = [chess.svg.board(chess.Board(fen), size=160) for fen in fens]
 
-    @torch.no_grad()
     def log(run) -> None:
-        # Every rank runs the forward: under FSDP it gathers parameters from all of them.
-        module = getattr(run.model, "_original_module", run.model)
-        was_training = module.training
-        module.eval()
-        predictions = losses.to_pawns(
-            module(torch.from_numpy(positions).to(run.fabric.device)), cfg.data.target
-        ).tolist()
-        module.train(was_training)
+        predictions = predicted_pawns(cfg, run, positions, len(positions)).tolist()
         if run.loggers is not None:
             table = [list(row) for row in zip(fens, targets.tolist(), predictions, boards)]
             run.loggers.log_table("val/predictions", ["fen", "target", "prediction", "board"], table, run.step)
@@ -252,13 +251,7 @@ def chess_test_pictures(cfg: ChessConfig, datasets: dict) -> dict:
 
     def draw(run) -> None:
         positions, targets = (np.asarray(a[index]) for a in test.arrays)
-        predictions = figures.predict(
-            run.model,
-            positions,
-            run.fabric.device,
-            cfg.data.eval_batch_size,
-            lambda out: losses.to_pawns(out, cfg.data.target),
-        )
+        predictions = predicted_pawns(cfg, run, positions, cfg.data.eval_batch_size)
 
         def picture(path: Path) -> None:
             buckets = figures.error_by_eval(targets, predictions, cfg.data.clamp)
