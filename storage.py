@@ -41,8 +41,7 @@ def verify(path: Path) -> None:
             bad = sorted(set(folder_checksums(path).items()) ^ set(recorded.items()))
             raise ValueError(f"damaged: {bad[0][0]} does not match its checksum")
         return
-    if not zipfile.is_zipfile(path):
-        raise ValueError("not a file torch.save wrote")
+    require_torch_save(path)
     with zipfile.ZipFile(path) as archive:
         try:
             bad = archive.testzip()
@@ -150,8 +149,13 @@ def ordinary_errors():
         raise RuntimeError(f"{type(cause).__name__}: {cause}") from None
 
 
-def torch_file(path: Path):
-    """torch.load, memory-mapped onto the CPU (tensors are read when used); random bytes are a clear error."""
+def require_torch_save(path: Path) -> None:
+    """torch.save writes a zip archive: anything else (random bytes, a foreign pickle) is refused before unpickling."""
     if not zipfile.is_zipfile(path):
         raise ValueError("not a file torch.save wrote")
+
+
+def torch_file(path: Path):
+    """torch.load, memory-mapped onto the CPU (tensors are read when used); random bytes are a clear error."""
+    require_torch_save(path)
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
