@@ -26,7 +26,8 @@ import torch.distributed
 from lightning_fabric.wrappers import _unwrap_objects
 
 import distributed
-from config import ConfigError, to_dict
+from config import ConfigError
+from configfile import to_dict
 from storage import (
     CHECKSUMS,
     folder_checksums,

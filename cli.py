@@ -14,6 +14,7 @@ from pathlib import Path
 import tyro
 
 import config
+import configfile
 import tools
 from config import ConfigError, Task
 
@@ -165,7 +166,7 @@ def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, 
         at = argv.index("--config")
         if at + 1 >= len(argv):
             raise ConfigError("--config: expected a JSON file written by a run (config.json)")
-        default = config.load_json(Path(argv[at + 1]), task.config)
+        default = configfile.load_json(Path(argv[at + 1]), task.config)
         if default.task != task.name:
             raise ConfigError(f"--config {argv[at + 1]}: a config of the {default.task!r} task, expected {task.name!r}")
         argv = argv[:at] + argv[at + 2 :]

@@ -1,16 +1,14 @@
 """Run configuration: one dataclass per concern, a docstring per field (these become `--help`), and
 `Task`, the one bundle a task hands the trainer.
 
-Saved as `config.json` in every run folder and inside every checkpoint; `--config FILE` loads one
+Saved as `config.json` in every run folder and inside every checkpoint (configfile.py); `--config FILE` loads one
 back as the defaults, and flags given after it override it. A task's config class subclasses
 RunConfig, adds its own sections (model, loss, ...) and may replace the defaults of the shared ones.
 """
 
 import dataclasses
-import json
 import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,22 +221,6 @@ class ConfigError(ValueError):
     """A bad config value; the message is one line naming the field."""
 
 
-def to_dict(cfg) -> dict:
-    """A JSON-ready dict (paths as strings)."""
-
-    def plain(value):
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, list):
-            return [plain(v) for v in value]
-        return value
-
-    return {
-        k: (to_dict(v) if dataclasses.is_dataclass(v) else plain(v))
-        for k, v in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))
-    }
-
-
 def numbers(section, where: str = ""):
     """(dotted name, value) of every float in a config, sections and task sections included."""
     for f in dataclasses.fields(section):
@@ -249,92 +231,6 @@ def numbers(section, where: str = ""):
             yield f"{where}{f.name}", value
         elif isinstance(value, (list, tuple)):
             yield from ((f"{where}{f.name}", v) for v in value if isinstance(v, float))
-
-
-def fits(value, hint) -> bool:
-    """Does a value read from a JSON config have the field's type? (An int is a float; a list, a tuple.)"""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Literal:
-        return value in args
-    if origin in (typing.Union, types.UnionType):
-        return any(fits(value, arg) for arg in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint in (str, Path):
-        return isinstance(value, str)
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple)) and all(fits(v, args[0]) for v in value[: None if args else 0])
-    return True
-
-
-def from_dict(cls, values: dict, where: str = ""):
-    """Rebuild a config dataclass from `to_dict` output, naming any unknown key or value of the wrong type."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a section (a JSON object), got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in names:
-            raise ConfigError(f"{where}{key}: unknown config field (expected one of {', '.join(sorted(names))})")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value, f"{where}{key}.")
-            continue
-        if not fits(value, hint):
-            raise ConfigError(f"{where}{key}: expected {describe(hint)}, got {value!r}")
-        if value is not None and _mentions_path(hint):
-            kwargs[key] = [Path(v) for v in value] if isinstance(value, list) else Path(value)
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
-
-
-def describe(hint) -> str:
-    """A field's type in words, for an error message."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(map(repr, args))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(describe(arg) for arg in args)
-    if origin in (list, tuple):
-        return f"a list of {describe(args[0])}" if args else "a list"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path string"}
-    return "null" if hint is type(None) else names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _mentions_path(hint) -> bool:
-    if hint is Path:
-        return True
-    return (
-        any(_mentions_path(arg) for arg in typing.get_args(hint))
-        if isinstance(hint, (types.UnionType, types.GenericAlias)) or typing.get_origin(hint)
-        else False
-    )
-
-
-def load_json(path: Path, cls):
-    try:
-        values = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--config {path}: cannot read a JSON config ({exc})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: expected a JSON object of config sections, got {type(values).__name__}")
-    values.pop("resume", None)  # a saved config describes a run, not how it was started
-    values.pop("init_from", None)
-    return from_dict(cls, values)
-
-
-def save_json(cfg, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    tmp.replace(path)
 
 
 def strategy_of(f: FabricConfig) -> str:

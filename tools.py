@@ -23,7 +23,7 @@ import tyro
 from lightning_fabric import Fabric
 
 import checkpoints
-import config
+import configfile
 import data
 import storage
 from config import Accelerator, ConfigError, DataConfig, RunConfig, Task
@@ -62,7 +62,7 @@ def load_checkpoint(path: Path, task: Task) -> tuple[RunConfig, torch.nn.Module]
     saved_task = checkpoint["config"].get("task")
     if saved_task != task.name:
         raise ConfigError(f"ckpt: {path} is a checkpoint of the {saved_task!r} task, expected {task.name!r}")
-    cfg = config.from_dict(task.config, checkpoint["config"])
+    cfg = configfile.from_dict(task.config, checkpoint["config"])
     model = task.build_model(cfg)
     try:
         if source.is_dir():
@@ -250,4 +250,4 @@ def plot_lr_curve(lrs, loss, smoothed, suggestion: float, path: Path) -> None:
 
 def export_config(cfg: RunConfig) -> str:
     """The full resolved config as JSON; `--config` reads it back unchanged."""
-    return json.dumps(config.to_dict(dataclasses.replace(cfg, resume=None)), indent=2)
+    return json.dumps(configfile.to_dict(dataclasses.replace(cfg, resume=None)), indent=2)

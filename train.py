@@ -38,6 +38,7 @@ import callbacks
 import checkpoints
 import cli
 import config
+import configfile
 import data
 import distributed
 import storage
@@ -239,7 +240,7 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None 
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             for leftover in (run_dir / "checkpoints").glob("*.tmp"):  # of a save that was killed
                 storage.remove(leftover)
-            config.save_json(dataclasses.replace(cfg, resume=None), run_dir / "config.json")
+            configfile.save_json(dataclasses.replace(cfg, resume=None), run_dir / "config.json")
         except OSError as exc:
             error = f"error: cannot write the run folder {run_dir} ({exc})"
     distributed.stop_together(fabric, error)
@@ -547,7 +548,7 @@ def open_loggers(cfg: RunConfig, task: Task, run_dir: Path, resume_step: int | N
         run_dir,
         cfg.log.project,
         cfg.log.wandb_mode,
-        config.to_dict(cfg),
+        configfile.to_dict(cfg),
         resume_step,
         summaries=dict(task.metrics),
     )

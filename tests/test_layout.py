@@ -10,6 +10,7 @@ from conftest import ROOT
 TRAINER = (
     "train",
     "config",
+    "configfile",
     "data",
     "schedules",
     "callbacks",
