@@ -41,6 +41,7 @@ import config
 import configfile
 import data
 import distributed
+import nonfinite
 import storage
 import tools
 from config import ConfigError, RunConfig, Task
@@ -304,7 +305,7 @@ def fit(run: Run, hooks: callbacks.Hooks) -> bool:
                         loss, logged = loss / accumulate, logged / accumulate
                     fabric.backward(loss)
                 run.loss_sum += logged  # stays on the device
-            skip = gradient_norms(run)
+            skip = nonfinite.gradient_norms(run)
             callbacks.call(hooks, "after_backward", run)
             if not skip:
                 if cfg.train.clip is not None:
@@ -352,81 +353,23 @@ def fit(run: Run, hooks: callbacks.Hooks) -> bool:
     return True
 
 
-def gradient_norms(run: Run) -> bool:
-    """Each layer's gradient norm, kept on the device: the clip reuses them and the next log reads all
-    the rows since the last one for a non-finite gradient (two ops a step, no sync). Under
-    `--monitor.on-nonfinite skip` a flag is read every step instead; True = drop this step."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run.params]
-    if run.sharded:
-        grads = [g.to_local() for g in grads]
-    if run.cfg.monitor.on_nonfinite == "skip":
-        run.grad_norms = norms = torch.stack(torch._foreach_norm(grads))
-        # also this step's loss (the sum since the last log was finite before it) and the weights after the
-        # last update: finite gradients times a huge learning rate can still overflow them
-        flags = torch.cat(
-            [~torch.isfinite(norms), (~torch.isfinite(run.loss_sum)).any()[None], checkpoints.nonfinite_weights(run)]
-        ).float()
-        if run.fabric.world_size > 1:  # every rank must skip together (each has its own loss)
-            flags = run.fabric.all_reduce(flags, reduce_op="max")
-        flags = flags.tolist()  # the one mode that reads flags every step: skipping needs the host
-        count = len(run.param_names)
-        bad_grads, bad_loss, bad_weights = flags[:count], flags[count], flags[count + 1 :]
-        if any(bad_weights):
-            name = run.param_names[bad_weights.index(1.0)]
-            raise SystemExit(
-                f"error: step {run.step}: the update made {name} not finite (is the learning rate too large?); "
-                "stopped without saving it: the last checkpoint holds the last finite weights"
-            )
-        if bad_loss:
-            run.loss_sum.copy_(run.loss_before)  # leave this step out of the logged mean
-            run.steps_since_log -= 1
-            run.fabric.print(f"warning: step {run.step + 1}: the training loss is not finite; skipping this step")
-            return True
-        if any(bad_grads):
-            run.fabric.print(
-                f"warning: step {run.step + 1}: the gradient of "
-                f"{run.param_names[bad_grads.index(1.0)]} is not finite; skipping this step"
-            )
-            return True
-        run.loss_before = run.loss_sum.clone()
-        return False
-    if run.rows_used == len(run.norm_rows):  # a longer interval than log.every (a resumed run): grow
-        run.norm_rows = torch.cat([run.norm_rows, torch.empty_like(run.norm_rows)])
-    run.grad_norms = torch.stack(torch._foreach_norm(grads), out=run.norm_rows[run.rows_used])
-    run.rows_used += 1
-    return False
-
-
 def log_training(run: Run, hooks: callbacks.Hooks) -> None:
     """The loop's one host sync of a log interval: the mean training values since the last log and
     where a gradient first went non-finite (warn: say so; stop: save and exit)."""
-    fabric, names = run.fabric, run.param_names
+    fabric = run.fabric
     bad = ~torch.isfinite(run.norm_rows[: run.rows_used])
     if run.sharded:  # a layer is bad if any rank's shard is
         bad = fabric.all_reduce(bad.float(), reduce_op="max") > 0
     if not bad.numel():
         bad = torch.zeros(1, dtype=torch.bool, device=fabric.device)
     means = fabric.all_reduce(run.loss_sum, reduce_op="mean") / run.steps_since_log
-    *means, nonfinite, first_bad = torch.cat(
+    *means, bad_gradient, first_bad = torch.cat(
         [means.float(), bad.any().float()[None], bad.flatten().int().argmax().float()[None]]
     ).tolist()
     used, interval, run.rows_used, run.steps_since_log = run.rows_used, run.steps_since_log, 0, 0
     run.loss_sum.zero_()
     run.loss_before.zero_()
-    finite_loss = all(math.isfinite(value) for value in means)
-    if run.cfg.monitor.on_nonfinite == "skip" and not finite_loss:
-        fabric.print(f"warning: step {run.step}: every step since the last log was skipped")
-    elif nonfinite or not finite_loss:
-        if nonfinite:
-            first_step = run.step - used + 1 + int(first_bad) // len(names)
-            message = f"step {first_step}: the gradient of {names[int(first_bad) % len(names)]} is not finite"
-        else:  # e.g. NaN outputs under a ReLU: the gradients are 0, the loss tells
-            message = f"steps {run.step - interval + 1}-{run.step}: the training loss is not finite"
-        if run.cfg.monitor.on_nonfinite == "stop":
-            path = run.run_dir / "checkpoints" / f"nonfinite-step-{run.step:08d}.ckpt"
-            checkpoints.save(run, path)
-            raise SystemExit(f"error: {message}; stopped (--monitor.on-nonfinite stop), state saved in {path}")
-        fabric.print(f"warning: {message}")
+    nonfinite.judge(run, means, bool(bad_gradient), int(first_bad), used, interval)
     run.log_row = {f"train/{name}": value for name, value in zip(run.task.train_fields, means)}
     if run.task.scheduled:
         run.log_row.update({f"schedule/{k}": v for k, v in run.task.scheduled(run.cfg, run.step).items()})

@@ -10,6 +10,7 @@ from conftest import ROOT
 TRAINER = (
     "train",
     "config",
+    "nonfinite",
     "configfile",
     "data",
     "schedules",
