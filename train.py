@@ -130,7 +130,6 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None 
             f"data.batch_size: expected a multiple of train.accumulate x devices "
             f"({cfg.train.accumulate} x {world}), got {cfg.data.batch_size}"
         )
-    fabric.seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights
 
     # Data: built once if missing (rank 0 of each node first), then read by every rank.
     if task.prepare_data:
@@ -177,7 +176,10 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None 
         # step in Python, which shows on small models); evaluation is not on the hot path.
         eval_loaders = {k: fabric.setup_dataloaders(v, use_distributed_sampler=False) for k, v in eval_loaders.items()}
 
-    # Model, then compile, then Fabric's wrappers, then the optimizer over the wrapped parameters.
+    # Model, then compile, then Fabric's wrappers, then the optimizer over the wrapped parameters. Seeded here, after
+    # the data: whatever preparing or loading it drew (a task's random split, say), whether or not this process
+    # prepared it, the weights and every later draw are the same on every rank and in every run with this seed.
+    fabric.seed_everything(cfg.train.seed)
     model = task.build_model(cfg)
     if cfg.train.compile:
         model = torch.compile(model)

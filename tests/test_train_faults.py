@@ -2,6 +2,7 @@
 or a hang."""
 
 import csv
+import dataclasses
 import json
 import os
 import resource
@@ -226,26 +227,51 @@ def test_other_bad_arguments_and_a_full_disk_are_one_line(prepared, tmp_path, ca
 
 def test_a_run_that_prepares_its_data_equals_one_that_finds_it_prepared(tmp_path):
     """Same seed, same data: bitwise the same weights, whether the process prepared the data itself (its memory
-    and threads used by prepare first) while another run trains beside it, or found the folder ready."""
+    and threads used by prepare first), waited on the lock while another run prepared it (the case once seen to
+    differ), or found the folder ready; the three train side by side with torch's default thread count, more
+    threads than the machine has cores."""
     flags = ["--model.width", "128", "--train.max-steps", "40", "--log.every", "1", "--train.val-every", "20"]
+    env = {k: v for k, v in child_env().items() if k != "OMP_NUM_THREADS"}
 
     def start(data_dir: Path, name: str, sources: str) -> subprocess.Popen:
         args = tiny_args(data_dir, tmp_path, *flags, "--run-name", name)
         args[args.index("--data.sources") + 1] = sources
-        return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=child_env(), stderr=subprocess.PIPE)
+        command = [sys.executable, "train.py", *args]
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     capped = tmp_path / "300.pgn"  # the games `prepared` holds, as a source of their own
     games = [game for _, game in zip(range(300), chessdata.pgn.iter_games(chessdata.folder.SAMPLE_PGN))]
     capped.write_text("".join(games))
     chessdata.prepare.prepare([capped], tmp_path / "ready")
-    runs = [start(tmp_path / "ready", "ready", str(capped)), start(tmp_path / "fresh", "fresh", str(capped))]
-    for run in runs:
-        assert run.wait(timeout=300) == 0, run.stderr.read().decode()[-3000:]
-    ready, fresh = (
-        torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=False) for n in ("ready", "fresh")
-    )
-    assert ready["model"].keys() == fresh["model"].keys()
-    assert all(torch.equal(ready["model"][k], fresh["model"][k]) for k in ready["model"])
+    names = ("ready", "fresh", "waiter")
+    runs = [start(tmp_path / ("ready" if n == "ready" else "shared"), n, str(capped)) for n in names]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    for run, (_, stderr) in zip(runs, outputs):
+        assert run.returncode == 0, stderr[-3000:]
+    assert ["prepared " in stdout for stdout, _ in outputs] in ([False, True, False], [False, False, True])
+    saved = [torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=False)["model"] for n in names]
+    for other in saved[1:]:
+        assert other.keys() == saved[0].keys()
+        assert all(torch.equal(saved[0][k], other[k]) for k in saved[0])
+
+
+def test_what_preparing_the_data_draws_does_not_change_the_run(prepared, tmp_path):
+    """A task's prepare_data may draw random numbers (a random split, a shuffle) in the process that prepares,
+    and not in one that finds the data ready: the weights are seeded after the data, so both runs are the same."""
+    import random
+
+    from tasks import TASKS
+
+    def draw(cfg) -> None:
+        torch.rand(7), np.random.rand(7), random.random()
+
+    weights = {}
+    for name, prepare in (("draws", draw), ("ready", None)):
+        task = dataclasses.replace(TASKS["chess"], prepare_data=prepare)
+        cfg = train.parse_args(tiny_args(prepared, tmp_path, "--run-name", name))
+        train.train(cfg, task)
+        weights[name] = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)["model"]
+    assert all(torch.equal(weights["draws"][k], weights["ready"][k]) for k in weights["ready"])
 
 
 def test_saves_never_stage_in_tmpdir(prepared, tmp_path, monkeypatch):
