@@ -313,4 +313,6 @@ def monitoring(cfg, log_every: int) -> Hooks:
 
 
 def improved(score: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if not math.isfinite(score):  # a NaN metric never improves on anything
+        return False
     return best is None or (score < best - min_delta if mode == "min" else score > best + min_delta)

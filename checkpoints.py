@@ -14,6 +14,7 @@ A source for `--resume` / `--init-from` may also be a wandb model artifact (see 
 import datetime
 import inspect
 import json
+import math
 import os
 import random
 import shutil
@@ -26,16 +27,18 @@ import torch.distributed
 from lightning_fabric.wrappers import _unwrap_objects
 
 import distributed
-from config import ConfigError
+from config import ConfigError, is_plain_name
 from configfile import to_dict
 from storage import (
     CHECKSUMS,
+    dcp_metadata,
     folder_checksums,
     fsync_tree,
     link_or_copy,
     ordinary_errors,
     remove,
     replace,
+    require_data_only,
     torch_file,
     verify,
 )
@@ -91,7 +94,8 @@ def save(run, path: Path) -> None:
             if tmp.is_dir():  # a file carries CRC-32s already (a zip archive); a folder's go beside its shards
                 (tmp / CHECKSUMS).write_text(json.dumps(folder_checksums(tmp), indent=1))
             fsync_tree(tmp)  # a folder's shards are complete here: torch's save ends in a collective
-    except (OSError, RuntimeError) as exc:  # disk full, permissions, ... (RuntimeError: from torch's sharded save)
+            require_data_only(tmp)  # what the safe loader would refuse is a bug here, not a file to find later
+    except (OSError, RuntimeError, ValueError) as exc:  # disk full, permissions (RuntimeError: torch's sharded save)
         error = (
             f"error: cannot write checkpoint {path} ({exc}); the run stops here, the checkpoints already in "
             f"{path.parent} are intact"
@@ -107,7 +111,7 @@ def save_ranked(run, score: float, mode: str) -> None:
     ckpt = run.cfg.checkpoint
     path = run.run_dir / "checkpoints" / f"step-{run.step:08d}.ckpt"
     run.best.append((score, path.name))
-    run.best.sort(key=lambda item: item[0], reverse=mode == "max")
+    run.best.sort(key=lambda item: rank_key(item[0], mode))
     dropped = run.best[ckpt.keep_best :] if ckpt.keep_best > 0 else []
     del run.best[len(run.best) - len(dropped) :]
     save(run, path)
@@ -116,9 +120,21 @@ def save_ranked(run, score: float, mode: str) -> None:
         for _, name in dropped:
             remove(run.run_dir / "checkpoints" / name)
         if run.loggers is not None and run.cfg.log.checkpoint_artifacts:
-            aliases = ["last", f"step-{run.step}"] + (["best"] if run.best[0][1] == path.name else [])
+            best = run.best[0][1] == path.name and math.isfinite(score)
+            aliases = ["last", f"step-{run.step}"] + (["best"] if best else [])
             # from last.ckpt (the same file): `path` itself is gone if it did not make the best k
             run.loggers.log_checkpoint(path.parent / "last.ckpt", path.name, aliases, [name for _, name in dropped])
+
+
+def rank_key(score: float, mode: str) -> tuple[bool, float]:
+    """Best first by the direction; a non-finite score (a NaN metric) is never best, whatever the direction."""
+    finite = math.isfinite(score)
+    return not finite, (score if mode == "min" else -score) if finite else 0.0
+
+
+def best_finite(best: list) -> tuple[float, str] | None:
+    """The best ranked checkpoint whose score is finite (None: no validation gave a finite score)."""
+    return best[0] if best and math.isfinite(best[0][0]) else None
 
 
 def run_identity(run_dir: Path) -> dict:
@@ -148,10 +164,32 @@ def resume_candidates(run_dir: Path) -> list[Path]:
     return lasts + sorted(folder.glob("step-*.ckpt"), reverse=True)
 
 
-def newest_run(out_dir: Path) -> Path | None:
-    """The run folder under `out_dir` whose newest checkpoint is the most recent (for `--resume auto`)."""
-    checkpoints = [p for p in out_dir.glob("*/checkpoints/*.ckpt")]
+def newest_run(out_dir: Path, task: str) -> Path | None:
+    """The run folder of `task` under `out_dir` whose newest checkpoint is the most recent (for `--resume auto`)."""
+    checkpoints = [p for p in out_dir.glob("*/checkpoints/*.ckpt") if run_task(p.parent.parent) == task]
     return max(checkpoints, key=os.path.getmtime).parent.parent if checkpoints else None
+
+
+def run_task(run_dir: Path) -> str | None:
+    """The task a run folder's config.json names (None if it cannot be read)."""
+    try:
+        return json.loads((run_dir / "config.json").read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def new_run_dir(out_dir: Path, name: str) -> Path:
+    """A run folder of that name that did not exist, made now (name-2, name-3, ... if it did): two runs started in
+    the same second get two folders."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = out_dir / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise ConfigError(f"out_dir: {out_dir} already holds {name} and 999 more of that name")
 
 
 def choose_run_dir(fabric, cfg) -> tuple[Path, Path | None]:
@@ -168,19 +206,33 @@ def choose_run_dir(fabric, cfg) -> tuple[Path, Path | None]:
                 return None, None, f"resume: {exc}"
         try:
             recorded = read_metadata(resume_from).get("run", {}) if resume_from else {}
-        except Exception as exc:  # a truncated or foreign file
-            return None, None, f"resume: {resume_from}: cannot load checkpoint ({type(exc).__name__}: {exc})"
+        except Exception as exc:  # a truncated, foreign or unsafe file
+            return None, None, f"resume: {resume_from}: cannot load checkpoint ({reason(exc)})"
+        # names read from a file are data: one plain folder name under out_dir, never a path
+        for key in ("name", "wandb_id"):
+            if recorded.get(key) is not None and not is_plain_name(recorded[key]):
+                return (
+                    None,
+                    None,
+                    (
+                        f"resume: {resume_from} records the run {key} {recorded[key]!r}, which is not one plain folder "
+                        "name; give --run-name NAME"
+                    ),
+                )
         new_name = f"{cfg.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         if cfg.run_name:
             run_dir = cfg.out_dir / cfg.run_name
         elif resume_from and not from_artifact and resume_from.resolve().parent.name == "checkpoints":
             run_dir = resume_from.resolve().parent.parent  # <run>/checkpoints/<checkpoint>
-        elif resume_from:  # an artifact or a loose checkpoint: the run it records, under out_dir
-            run_dir = cfg.out_dir / (recorded.get("name") or new_name)
-        elif cfg.resume == "auto" and (latest := newest_run(cfg.out_dir)):
+        elif resume_from and recorded.get("name"):  # an artifact or a loose checkpoint: the run it records
+            run_dir = cfg.out_dir / recorded["name"]
+        elif cfg.resume == "auto" and (latest := newest_run(cfg.out_dir, cfg.task)):
             run_dir = latest
         else:
-            run_dir = cfg.out_dir / new_name
+            try:
+                run_dir = new_run_dir(cfg.out_dir, new_name)
+            except OSError as exc:
+                return None, None, f"out_dir: cannot make a run folder in {cfg.out_dir} ({exc})"
         if recorded.get("wandb_id") and not (run_dir / "wandb_id.txt").exists():  # continue its wandb run
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "wandb_id.txt").write_text(recorded["wandb_id"])
@@ -192,20 +244,18 @@ def choose_run_dir(fabric, cfg) -> tuple[Path, Path | None]:
     return Path(run_dir), resume_from and Path(resume_from)
 
 
-def restore(run, path: Path | None) -> None:
+def restore(run, path: Path | None) -> bool:
     """Load model, optimizer, counters and RNG states. With `--resume auto`, try the run's
-    checkpoints newest first and skip any that fails to load, naming it."""
+    checkpoints newest first and skip any that fails to load, naming it. False: nothing to resume."""
     candidates = [path] if path else resume_candidates(run.run_dir)
     for candidate in candidates:
         try:
             verify(candidate)
             rest = load(run.fabric, candidate, {"model": run.model, "optimizer": run.optimizer})
-        except Exception as exc:  # a truncated or foreign file: fall back to the previous one
+        except Exception as exc:  # a truncated, foreign or unsafe file: fall back to the previous one
             if path:
-                raise SystemExit(f"error: {candidate}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
-            run.fabric.print(
-                f"warning: {candidate}: cannot load checkpoint ({type(exc).__name__}); trying an older one"
-            )
+                raise SystemExit(f"error: {candidate}: cannot load checkpoint ({reason(exc)})") from None
+            run.fabric.print(f"warning: {candidate}: cannot load checkpoint ({reason(exc)}); trying an older one")
             continue
         for key, value in rest["progress"].items():
             setattr(run, key, value.to(run.fabric.device) if torch.is_tensor(value) else value)
@@ -215,10 +265,11 @@ def restore(run, path: Path | None) -> None:
         # from an artifact or a copied file, the run's other checkpoints may not be here: rank only those that are
         run.best = [(score, name) for score, name in run.best if (run.run_dir / "checkpoints" / name).exists()]
         run.fabric.print(f"resumed from {candidate} at step {run.step} (epoch {run.epoch})")
-        return
+        return True
     if candidates:
         raise SystemExit(f"error: {run.run_dir}: no loadable checkpoint among {', '.join(map(str, candidates))}")
     run.fabric.print(f"resume auto: no checkpoint in {run.run_dir}; starting a new run")
+    return False
 
 
 def init_weights(run, source: str) -> None:
@@ -248,7 +299,7 @@ def init_weights(run, source: str) -> None:
         )
     if is_sharding(run.fabric):
         with ordinary_errors():
-            run.fabric.load(path, {"model": run.model}, strict=False, weights_only=False)
+            run.fabric.load(path, {"model": run.model}, strict=False, weights_only=True)
     else:
         module = getattr(run.model, "_original_module", run.model)
         getattr(module, "_orig_mod", module).load_state_dict(whole_state(path, fitting), strict=False)  # compiled
@@ -262,9 +313,8 @@ def init_weights(run, source: str) -> None:
 def saved_shapes(path: Path) -> dict[str, torch.Size] | None:
     """{name: shape} of the model tensors a checkpoint holds (None: it holds none), without reading them."""
     if path.is_dir():
-        from torch.distributed.checkpoint import FileSystemReader
-
-        metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        require_data_only(path)
+        metadata = dcp_metadata(path).state_dict_metadata
         return {
             k[len("model.") :]: v.size for k, v in metadata.items() if k.startswith("model.") and hasattr(v, "size")
         }
@@ -291,6 +341,12 @@ def whole_state(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     return {k: weights[k] for k in names}
 
 
+def reason(exc: Exception) -> str:
+    """An exception as a short clause for a one-line message (torch's size mismatches run to many lines)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
 def is_sharding(fabric) -> bool:
     from lightning_fabric.strategies import FSDPStrategy, ModelParallelStrategy
 
@@ -304,9 +360,10 @@ def load(fabric, path: Path, state: dict, strict: bool = True) -> dict:
     processes), from the CPU. Otherwise the file is memory-mapped onto the CPU and each tensor copied to
     its parameter, read only as it is copied: Fabric's own load reads every rank's whole copy into memory
     first. A folder is read whole from its shards."""
+    require_data_only(path)  # Fabric's loads below unpickle without restriction: only data reaches them
     if is_sharding(fabric):
         with ordinary_errors():
-            return fabric.load(path, state, strict=strict, weights_only=False)
+            return fabric.load(path, state, strict=strict, weights_only=True)
     if Path(path).is_dir():
         return load_folder(Path(path), state, strict)
     checkpoint = torch_file(path)
@@ -324,6 +381,7 @@ def load(fabric, path: Path, state: dict, strict: bool = True) -> dict:
 def load_folder(path: Path, state: dict, strict: bool = True) -> dict:
     """A folder of shards into whole modules and optimizers (Fabric's wrappers or plain ones): torch's
     distributed checkpoint reads every tensor from whichever shards hold its pieces."""
+    require_data_only(path)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -436,8 +494,15 @@ def offline_artifact(name: str, alias: str, out_dir: Path) -> dict[str, str] | N
 
 
 def rng_states(fabric) -> list[dict]:
-    """Every rank's RNG states (python, numpy, torch, cuda), gathered so rank 0 can save them all."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every rank's RNG states (python, numpy, torch, cuda) as tensors, numbers and lists (what the safe loader
+    reads), gathered so rank 0 can save them all."""
+    version, words, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(words), gauss],
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if fabric.world_size == 1:
@@ -449,8 +514,10 @@ def rng_states(fabric) -> list[dict]:
 
 def restore_rng(states: list[dict], rank: int) -> None:
     state = states[rank % len(states)]  # a changed world size reuses states; resume then is not bitwise
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

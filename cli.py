@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -103,11 +104,11 @@ def checkpoint_task(ckpt: str, given: Task | None) -> Task:
         raise ConfigError(f"ckpt: {ckpt} cannot be loaded as a kibitz checkpoint")
     if name in registry():
         return registry()[name]
-    if file and Path(file).is_file():
-        return task_from_file(file)
+    # A task file is code: the file a checkpoint names runs only when the user names it.
+    command = shlex.join(["python", "train.py", file or "TASKFILE.py", "evaluate", "--ckpt", ckpt])
     raise ConfigError(
-        f"ckpt: {ckpt} is a checkpoint of the {name!r} task, whose file {file} is not here; "
-        f"run it as: python {file or 'TASKFILE.py'} evaluate --ckpt {ckpt}"
+        f"ckpt: {ckpt} is a checkpoint of the {name!r} task, defined in a task file, which is code that kibitz runs "
+        f"only when you name it; if you trust {file or 'the task file'}, run: {command}"
     )
 
 
@@ -160,6 +161,8 @@ def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, 
         return task, tool, args, prog
     if tool == "export-checkpoint":
         return task, tool, tyro.cli(tools.ExportArgs, args=argv, prog=f"{prog} export-checkpoint"), prog
+    if tool == "convert-checkpoint":
+        return task, tool, tyro.cli(tools.ConvertArgs, args=argv, prog=f"{prog} convert-checkpoint"), prog
     task = task or next(iter(tasks.values()))
     default = task.config()
     if "--config" in argv:

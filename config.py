@@ -398,8 +398,51 @@ def check(cfg: RunConfig, task: Task) -> None:
         t.early_stop_patience,
     )
     need(t.early_stop_min_delta >= 0, "train.early_stop_min_delta", "a number >= 0", t.early_stop_min_delta)
+    need(
+        cfg.run_name is None or is_plain_name(cfg.run_name),
+        "run_name",
+        "one plain folder name (no /, \\ or ..: the run folder stays inside out_dir)",
+        cfg.run_name,
+    )
+    check_task(task)
     if task.check:
-        task.check(cfg)
+        try:
+            task.check(cfg)
+        except ConfigError:
+            raise
+        except Exception as exc:  # a task's own check raising a plain ValueError, say: still one line
+            raise ConfigError(f"task {task.name}: check raised {type(exc).__name__}: {exc}") from None
+
+
+def check_task(task: Task) -> None:
+    """What a Task declares, checked before anything runs: a name, metrics with a direction each, callables."""
+    need(is_plain_name(task.name), "Task.name", "one plain name (it names the run folders)", task.name)
+    need(
+        isinstance(task.metrics, dict) and len(task.metrics) > 0,
+        f"task {task.name}: Task.metrics",
+        'at least one validation metric, {"name": "min" or "max"}',
+        task.metrics,
+    )
+    for name, direction in task.metrics.items():
+        need(direction in ("min", "max"), f"task {task.name}: Task.metrics[{name!r}]", "'min' or 'max'", direction)
+    for name in ("build_model", "datasets", "train_step", "evaluate", "report"):
+        need(callable(getattr(task, name)), f"task {task.name}: Task.{name}", "a function", getattr(task, name))
+    need(
+        isinstance(task.train_fields, (tuple, list)) and len(task.train_fields) > 0,
+        f"task {task.name}: Task.train_fields",
+        "the names of what train_step returns, the loss first",
+        task.train_fields,
+    )
+
+
+def is_plain_name(name) -> bool:
+    """One path component that stays where it is put: not empty, no separator, not . or .."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+        and Path(name).name == name
+    )
 
 
 def literal_choices(hint) -> tuple:

@@ -1,12 +1,16 @@
 """How a checkpoint's bytes reach the disk and come back intact: written straight to a temporary name beside
 the checkpoint (never staged in $TMPDIR), fsynced and renamed into place; a file's CRC-32s (a torch.save file is
-a zip archive) and a folder's checksums.json verified before a resume trusts it; torch.load of a file that may
-be anything; torch.distributed.checkpoint's failures as ordinary exceptions."""
+a zip archive) and a folder's checksums.json verified before a resume trusts it; a file or folder that may be
+anything read as data only (no pickled code runs); torch.distributed.checkpoint's failures as ordinary exceptions."""
 
 import contextlib
+import fcntl
+import io
 import json
 import os
+import pickle
 import shutil
+import socket
 import zipfile
 import zlib
 from pathlib import Path
@@ -34,12 +38,14 @@ def file_crc(path: Path) -> str:
 
 
 def verify(path: Path) -> None:
-    """Raise if a checkpoint's bytes changed since it was written (bit rot, a bad copy), as a truncated one does."""
+    """Raise if a checkpoint's bytes changed since it was written (bit rot, a bad copy), as a truncated one does,
+    or if it holds more than data (UnsafeCheckpoint)."""
     if path.is_dir():
         recorded = json.loads((path / CHECKSUMS).read_text()) if (path / CHECKSUMS).exists() else None
         if recorded is not None and folder_checksums(path) != recorded:
             bad = sorted(set(folder_checksums(path).items()) ^ set(recorded.items()))
             raise ValueError(f"damaged: {bad[0][0]} does not match its checksum")
+        require_data_only(path)
         return
     require_torch_save(path)
     with zipfile.ZipFile(path) as archive:
@@ -49,6 +55,7 @@ def verify(path: Path) -> None:
             raise ValueError(f"damaged: {exc}") from None
     if bad is not None:
         raise ValueError(f"damaged: {bad} does not match its CRC-32")
+    require_data_only(path)
 
 
 class DirectCheckpointIO(TorchCheckpointIO):
@@ -151,11 +158,122 @@ def ordinary_errors():
 
 def require_torch_save(path: Path) -> None:
     """torch.save writes a zip archive: anything else (random bytes, a foreign pickle) is refused before unpickling."""
+    if not path.exists():
+        raise ValueError("no such file")
+    with open(path, "rb"):  # unreadable: the OS's reason (zipfile would call it "not a zip file")
+        pass
     if not zipfile.is_zipfile(path):
-        raise ValueError("not a file torch.save wrote")
+        raise ValueError("not a file torch.save wrote (truncated, or another kind of file)")
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint that needs more than tensors and plain data to load: refused, none of its code run."""
+
+
+TRUST_HINT = (
+    "if it is a checkpoint of kibitz's previous format that you trust, convert it once with "
+    "`python train.py convert-checkpoint --trust --ckpt OLD --out NEW` (that runs the file's code)"
+)
+
+
+def require_data_only(path: Path) -> None:
+    """Refuse, without running any of it, a checkpoint file or folder that holds anything but tensors and plain
+    data. Checked before every load: Fabric's own loads (FSDP's whole-file load, torch's reading of a folder's
+    .metadata) unpickle without restriction, so they only ever see what passed here."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / ".metadata").is_file():
+            dcp_metadata(path)
+        if (path / "meta.pt").is_file():
+            require_data_only(path / "meta.pt")
+        return
+    require_torch_save(path)
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as exc:  # a damaged archive
+        raise ValueError(f"damaged ({type(exc).__name__}: {exc})") from None
+    if unsafe:
+        raise UnsafeCheckpoint(
+            f"holds Python objects, not only tensors and plain data ({', '.join(sorted(unsafe)[:3])}); refused, "
+            f"nothing of it was run; {TRUST_HINT}"
+        )
 
 
 def torch_file(path: Path):
-    """torch.load, memory-mapped onto the CPU (tensors are read when used); random bytes are a clear error."""
-    require_torch_save(path)
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    """A torch.save file as data only (weights_only: tensors, numbers, strings, lists, dicts), memory-mapped onto
+    the CPU (tensors are read when used); random bytes, a damaged file or pickled objects are a clear error."""
+    require_data_only(path)
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:  # what the scan above let through and the safe loader still refused
+        raise UnsafeCheckpoint(f"refused by torch's safe loader, nothing of it was run ({exc}); {TRUST_HINT}") from None
+
+
+# What torch.distributed.checkpoint's .metadata pickle may name: its own metadata classes, torch sizes, dtypes and
+# layouts, and the path it records. Calling any of them builds a value; none runs a program.
+DCP_CLASSES = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class DcpMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = (module, name) in DCP_CLASSES or module == "torch.distributed.checkpoint.metadata"
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed:
+            raise UnsafeCheckpoint(
+                f".metadata names {module}.{name}, which torch's checkpoint format never needs; refused, nothing "
+                "of it was run"
+            )
+        return super().find_class(module, name)
+
+
+def dcp_metadata(folder: Path):
+    """A sharded folder's .metadata (what torch's FileSystemReader reads with a plain pickle.load), read with an
+    allow-list of the classes the format needs."""
+    try:
+        data = (folder / ".metadata").read_bytes()
+        return DcpMetadataUnpickler(io.BytesIO(data)).load()
+    except UnsafeCheckpoint:
+        raise
+    except Exception as exc:  # truncated, random bytes
+        raise ValueError(f"damaged .metadata ({type(exc).__name__}: {exc})") from None
+
+
+class FolderBusy(ValueError):
+    """Another living process holds a run folder's lock."""
+
+
+def lock_folder(folder: Path):
+    """Hold `folder/.lock` for as long as the returned file stays open: one writer per run folder. The OS drops the
+    lock when its process ends, however it ends, so a folder left by a killed run is taken over (and said so)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    file = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "another process"
+        file.close()
+        raise FolderBusy(f"{folder} is in use by {holder}: one run writes a run folder at a time") from None
+    file.seek(0)
+    previous = file.read().strip()  # emptied by a run that ended; left by one that was killed
+    file.seek(0)
+    file.truncate()
+    file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    file.flush()
+    if previous:
+        print(f"taking over {folder}: its previous run ({previous}) ended without releasing it", flush=True)
+    return file
+
+
+def unlock_folder(file) -> None:
+    if file is not None and not file.closed:
+        file.truncate(0)
+        file.close()

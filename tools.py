@@ -33,15 +33,18 @@ TOOLS = {
     "lr-find": "the learning-rate range test: a short run with an exponentially growing LR",
     "export-config": "print the resolved config as JSON (for --config)",
     "export-checkpoint": "write a folder of shards (--checkpoint.sharded) as one checkpoint file",
+    "convert-checkpoint": "rewrite a checkpoint of kibitz's previous format (--trust: runs the old file's code)",
 }
 
 
 def checkpoint_task(path: Path) -> tuple[str | None, str | None]:
-    """The task name and task file a checkpoint records, or Nones if it cannot be read."""
+    """The task name and task file a checkpoint records (Nones if it records none)."""
     try:
         metadata = checkpoints.read_metadata(checkpoints.resolve_source(str(path), Path("runs"))[0])
-    except Exception:
-        return None, None
+    except ConfigError:
+        raise
+    except Exception as exc:  # truncated, unreadable, not data only: say which
+        raise ConfigError(f"ckpt: {path} cannot be loaded ({checkpoints.reason(exc)})") from None
     if not isinstance(metadata, dict):
         return None, None
     return metadata.get("config", {}).get("task"), metadata.get("task", {}).get("file")
@@ -56,7 +59,7 @@ def load_checkpoint(path: Path, task: Task) -> tuple[RunConfig, torch.nn.Module]
         source = checkpoints.resolve_source(str(path), Path("runs"))[0]
         checkpoint = checkpoints.read_metadata(source)
     except Exception as exc:
-        raise ConfigError(f"ckpt: {path} cannot be loaded ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(f"ckpt: {path} cannot be loaded ({checkpoints.reason(exc)})") from None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or not (source.is_dir() or "model" in checkpoint):
         raise ConfigError(f"ckpt: {path} is not a kibitz checkpoint (no saved config and model)")
     saved_task = checkpoint["config"].get("task")
@@ -70,7 +73,7 @@ def load_checkpoint(path: Path, task: Task) -> tuple[RunConfig, torch.nn.Module]
         else:
             model.load_state_dict(checkpoint["model"])
     except Exception as exc:
-        raise ConfigError(f"ckpt: {path} does not fit its saved config ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(f"ckpt: {path} does not fit its saved config ({checkpoints.reason(exc)})") from None
     return cfg, model.eval()
 
 
@@ -120,8 +123,8 @@ def export_checkpoint(args: ExportArgs) -> Path:
         storage.verify(folder)
         with storage.ordinary_errors():
             dcp_to_torch_save(folder, tmp)
-        state = torch.load(tmp, map_location="cpu", weights_only=False)
-        state.update(torch.load(folder / "meta.pt", map_location="cpu", weights_only=False))
+        state = torch.load(tmp, map_location="cpu", weights_only=True)
+        state.update(storage.torch_file(folder / "meta.pt"))
         torch.save(state, tmp)
         storage.fsync(tmp)
         storage.replace(tmp, out)
@@ -130,6 +133,68 @@ def export_checkpoint(args: ExportArgs) -> Path:
         raise SystemExit(f"error: cannot export {folder} to {out} ({type(exc).__name__}: {exc})") from None
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB): the model whole, with its run's config and progress")
     return out
+
+
+@dataclass
+class ConvertArgs:
+    """Rewrite a checkpoint of kibitz's previous format (RNG states pickled as numpy objects, which the safe loader
+    refuses) in today's, which holds only tensors and plain data. Reading the old file needs torch's unrestricted
+    loader, which runs any code the file holds: convert only files you trust (your own runs')."""
+
+    ckpt: Path
+    """The old checkpoint: a file, or a folder of shards."""
+    out: Path
+    """Where to write the converted checkpoint (a file or folder as the old one; its parent folder must exist)."""
+    trust: bool = False
+    """I trust this file: load it with the unrestricted loader, running whatever code it holds."""
+
+
+def convert_checkpoint(args: ConvertArgs) -> Path:
+    old, out = args.ckpt, args.out
+    if not args.trust:
+        raise ConfigError(
+            f"trust: reading {old} in the old format runs any code it holds; add --trust only for a file you trust"
+        )
+    if not old.exists():
+        raise ConfigError(f"ckpt: {old}: no such checkpoint file or folder")
+    if not out.parent.is_dir() or out.exists() and out.is_dir() != old.is_dir():
+        raise ConfigError(f"out: expected a new {'folder' if old.is_dir() else 'file'} name in an existing folder")
+    tmp = out.with_name(out.name + ".tmp")
+    storage.remove(tmp)
+    try:
+        if old.is_dir():
+            import shutil
+
+            shutil.copytree(old, tmp, copy_function=storage.link_or_copy)
+            (tmp / "meta.pt").unlink()  # a hard link to the old file: write a new one, not through the link
+            meta = torch.load(old / "meta.pt", map_location="cpu", weights_only=False)  # --trust: the user's word
+            torch.save(as_data(meta), tmp / "meta.pt")
+            (tmp / storage.CHECKSUMS).write_text(json.dumps(storage.folder_checksums(tmp), indent=1))
+        else:
+            state = torch.load(old, map_location="cpu", weights_only=False)  # --trust: the user's word
+            torch.save(as_data(state), tmp)
+        storage.require_data_only(tmp)  # what it wrote is data: anything else in the old file was not a kibitz state
+        storage.fsync_tree(tmp)
+        storage.replace(tmp, out)
+    except Exception as exc:
+        storage.remove(tmp)
+        raise SystemExit(f"error: cannot convert {old} ({checkpoints.reason(exc)})") from None
+    print(f"wrote {out}: the same checkpoint as data only (loads with weights_only=True)")
+    return out
+
+
+def as_data(state):
+    """The previous format's RNG states as lists (what checkpoints.rng_states writes today)."""
+    import numpy as np
+
+    for rank_state in state.get("rng", []) if isinstance(state, dict) else []:
+        if isinstance(rank_state.get("python"), tuple):
+            version, words, gauss = rank_state["python"]
+            rank_state["python"] = [version, list(words), gauss]
+        if isinstance(rank_state.get("numpy"), tuple):
+            kind, keys, position, has_gauss, cached = rank_state["numpy"]
+            rank_state["numpy"] = [str(kind), np.asarray(keys).tolist(), int(position), int(has_gauss), float(cached)]
+    return state
 
 
 def fail(message: str) -> int:

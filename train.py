@@ -23,6 +23,7 @@ import datetime
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -39,6 +40,7 @@ import checkpoints
 import cli
 import config
 import configfile
+import contract
 import data
 import distributed
 import nonfinite
@@ -88,7 +90,8 @@ class Run:
     grad_norms: torch.Tensor | None = None  # this step's per-parameter gradient norms (optimizer order)
     norm_rows: torch.Tensor | None = None  # every step's norms since the last log, read there for non-finite ones
     rows_used: int = 0
-    stop_signal: int = 0  # SIGTERM / SIGUSR1 received: save and stop at the next log interval
+    stop_signal: int = 0  # SIGINT / SIGTERM / SIGUSR1 received: save and stop at the next log interval
+    folder_lock: object = None  # held by rank 0 for the whole run: one writer per run folder
     log_row: dict = field(default_factory=dict)
     val_metrics: dict = field(default_factory=dict)
 
@@ -115,7 +118,7 @@ def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, fused: bool)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
-def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None = None) -> Run:
+def setup(cfg: RunConfig, task: Task, resume_command: str, fresh_name: str | None = None) -> Run:
     """Processes, data, model and optimizer (in Fabric's order), the run folder, a resumed state."""
     fabric = distributed.make_fabric(cfg.fabric, task.blocks, cfg.checkpoint.sharded)
     storage.write_directly(fabric)
@@ -135,7 +138,8 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None 
     if task.prepare_data:
         with fabric.rank_zero_first(local=True):
             task.prepare_data(cfg)
-    datasets = task.datasets(cfg)
+    datasets = contract.call(task, "datasets", cfg)
+    contract.check_datasets(task, datasets)
     on_device = fabric.device if cfg.data.on_device else None
     train_loader = data.make_loader(
         datasets["train"],
@@ -180,7 +184,8 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None 
     # the data: whatever preparing or loading it drew (a task's random split, say), whether or not this process
     # prepared it, the weights and every later draw are the same on every rank and in every run with this seed.
     fabric.seed_everything(cfg.train.seed)
-    model = task.build_model(cfg)
+    model = contract.call(task, "build_model", cfg)
+    contract.check_model(task, model)
     if cfg.train.compile:
         model = torch.compile(model)
     model = fabric.setup_module(model)
@@ -202,10 +207,18 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None 
         raise ConfigError(
             "schedule.total_steps: expected a step count for the cosine decay when only train.max_time limits the run"
         )
-    if run_dir is None:
+    if fresh_name is None:
         run_dir, resume_from = checkpoints.choose_run_dir(fabric, cfg)
-    else:  # rank 0's: the ranks' clocks may disagree on a folder named by the time
-        run_dir, resume_from = Path(fabric.broadcast(str(run_dir), 0)), None
+    else:  # a new folder, made by rank 0 (the ranks' clocks may disagree on a name with the time in it)
+        made = str(checkpoints.new_run_dir(cfg.out_dir, fresh_name)) if fabric.is_global_zero else None
+        run_dir, resume_from = Path(fabric.broadcast(made, 0)), None
+    folder_lock, error = None, None
+    if fabric.is_global_zero:
+        try:
+            folder_lock = storage.lock_folder(run_dir)
+        except (storage.FolderBusy, OSError) as exc:
+            error = f"error: run_name: {exc}; choose another --run-name"
+    distributed.stop_together(fabric, error)
     skip_sync = cfg.train.skip_grad_sync  # unset: on, except where skipping keeps whole gradients (FSDP)
     run = Run(
         fabric,
@@ -230,12 +243,13 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, run_dir: Path | None 
         loss_sum=torch.zeros(len(task.train_fields), device=fabric.device),
         loss_before=torch.zeros(len(task.train_fields), device=fabric.device),
         norm_rows=torch.empty(cfg.log.every, len(named), device=fabric.device),
+        folder_lock=folder_lock,
     )
-    if cfg.init_from and not cfg.resume:  # fine-tuning: the weights only, a fresh optimizer and counters
-        checkpoints.init_weights(run, cfg.init_from)
-    if cfg.resume:
-        checkpoints.restore(run, resume_from)
+    resumed = cfg.resume is not None and checkpoints.restore(run, resume_from)
+    if resumed:
         run.loss_before = run.loss_sum.clone()
+    elif cfg.init_from:  # fine-tuning: the weights only, a fresh optimizer and counters (and with --resume auto,
+        checkpoints.init_weights(run, cfg.init_from)  # the first start; the later ones resume)
     stop_on_signals(run)
     error = None
     if fabric.is_global_zero:
@@ -287,7 +301,7 @@ def fit(run: Run, hooks: callbacks.Hooks) -> bool:
     """The loop: optimizer steps until a limit or a stop request. False if stopped by a signal."""
     cfg, fabric, model, optimizer = run.cfg, run.fabric, run.model, run.optimizer
     accumulate, train_size = cfg.train.accumulate, len(run.datasets["train"])
-    start_time = time.perf_counter()
+    train_step, start_time = contract.checked_once(run.task), time.perf_counter()  # first return checked: no sync
     callbacks.call(hooks, "on_train_start", run)
     while not run.should_stop and run.step < run.total_steps:
         run.train_loader.sampler.start_epoch(run.epoch, skip_batches=run.step_in_epoch * accumulate)
@@ -302,7 +316,7 @@ def fit(run: Run, hooks: callbacks.Hooks) -> bool:
                 run.data_wait_s += time.perf_counter() - waited
                 # With skip_sync, gradients are all-reduced only on the last micro-batch of the step.
                 with fabric.no_backward_sync(model, enabled=run.skip_sync and micro < accumulate - 1):
-                    loss, logged = run.task.train_step(cfg, model, batch, run.step, train_size)
+                    loss, logged = train_step(cfg, model, batch, run.step, train_size)
                     if accumulate > 1:  # the mean over micro-batches (no extra op when there is one)
                         loss, logged = loss / accumulate, logged / accumulate
                     fabric.backward(loss)
@@ -387,7 +401,7 @@ def validate(run: Run, hooks: callbacks.Hooks) -> None:
     count validations without improvement for early stopping."""
     cfg, (monitor, mode) = run.cfg, run.monitor
     metrics, histograms = run.task.evaluate(run.fabric, cfg, run.model, run.eval_loaders["val"])
-    run.val_metrics = {f"val/{k}": v for k, v in metrics.items()}
+    run.val_metrics = {f"val/{k}": float(v) for k, v in metrics.items()}  # numpy scalars too: checkpoints hold data
     if run.loggers:
         run.loggers.log(run.val_metrics, run.step)
         if histograms:
@@ -406,7 +420,7 @@ def validate(run: Run, hooks: callbacks.Hooks) -> None:
 
 
 def stop_on_signals(run: Run) -> None:
-    """SIGTERM, and SIGUSR1 (SLURM's warning before preemption), ask for a checkpoint and a clean
+    """Ctrl-C (SIGINT), SIGTERM and SIGUSR1 (SLURM's warning before preemption) ask for a checkpoint and a clean
     exit at the next log interval, taken by every rank together; a second signal exits at once."""
     if threading.current_thread() is not threading.main_thread():
         return
@@ -418,8 +432,11 @@ def stop_on_signals(run: Run) -> None:
         run.stop_signal = signum
         print(f"{signal.Signals(signum).name} received: saving a checkpoint at the next log interval", flush=True)
 
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, handler)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, a scheduler's stop, SLURM's warning
 
 
 def preempt(run: Run, hooks: callbacks.Hooks) -> None:
@@ -428,10 +445,12 @@ def preempt(run: Run, hooks: callbacks.Hooks) -> None:
     checkpoints.save(run, run.run_dir / "checkpoints" / "last.ckpt")
     if run.loggers:
         run.loggers.finish()
+    # the run as it was configured: its config.json holds every value, flags included
+    config_file = str(run.run_dir / "config.json")
+    again = shlex.join(["--config", config_file, "--run-name", run.run_dir.name, "--resume", "auto"])
     run.fabric.print(
         f"stopped at step {run.step} on a signal; checkpoint {run.run_dir / 'checkpoints' / 'last.ckpt'}; "
-        f"resume with: {run.resume_command} --out-dir {run.cfg.out_dir} "
-        f"--run-name {run.run_dir.name} --resume auto"
+        f"resume with: {run.resume_command} {again}"
     )
 
 
@@ -439,10 +458,12 @@ def test(run: Run, hooks: callbacks.Hooks | None = None) -> dict[str, float]:
     """Test once, on the best checkpoint by the monitored validation metric (the final weights if none); then
     the hooks' on_test_end (a task's pictures of the tested model) before the loggers close."""
     fabric = run.fabric
-    if run.best:
-        best_path = run.run_dir / "checkpoints" / run.best[0][1]
+    if best := checkpoints.best_finite(run.best):
+        best_path = run.run_dir / "checkpoints" / best[1]
         checkpoints.load(fabric, best_path, {"model": run.model}, strict=False)
-        fabric.print(f"testing the best checkpoint: {best_path.name} ({run.monitor[0]} {run.best[0][0]:.4f})")
+        fabric.print(f"testing the best checkpoint: {best_path.name} ({run.monitor[0]} {best[0]:.4f})")
+    elif run.best:
+        fabric.print(f"no validation gave a finite {run.monitor[0]}: testing the final weights")
     metrics, _ = run.task.evaluate(fabric, run.cfg, run.model, run.eval_loaders["test"])
     callbacks.call(hooks or {}, "on_test_end", run)
     error = None
@@ -465,17 +486,21 @@ def train(cfg: RunConfig, task: Task, resume_command: str = "python train.py") -
     config.check(cfg, task)
     with as_found():
         run = setup(cfg, task, resume_command)
-        hooks = standard_hooks(run)
-        if not fit(run, hooks):
-            return None  # stopped by a signal, last.ckpt written
-        return test(run, hooks)
+        try:
+            contract.check_evaluation(run)
+            hooks = standard_hooks(run)
+            if not fit(run, hooks):
+                return None  # stopped by a signal, last.ckpt written
+            return test(run, hooks)
+        finally:
+            storage.unlock_folder(run.folder_lock)
 
 
 @contextlib.contextmanager
 def as_found():
-    """A run called from a notebook or another program leaves it as it found it: its SIGTERM/SIGUSR1 handlers
+    """A run called from a notebook or another program leaves it as it found it: its SIGINT/SIGTERM/SIGUSR1 handlers
     and its warning filters (a run silences a few warnings it knows to be noise) come back afterwards."""
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     with warnings.catch_warnings():
         try:
             yield
@@ -519,12 +544,16 @@ def lr_find(args: tools.LRFindArgs, task: Task, resume_command: str) -> float:
     config.check(cfg, task)
     if not 0 < args.lr_min < args.lr_max <= 1e30:
         raise ConfigError(f"lr_min/lr_max: expected 0 < lr_min < lr_max <= 1e30, got {args.lr_min}, {args.lr_max}")
-    run_dir = cfg.out_dir / f"lr-find-{datetime.datetime.now():%Y%m%d-%H%M%S}"  # never an existing run's folder
+    name = f"lr-find-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     with as_found():
-        run = setup(cfg, task, resume_command, run_dir=run_dir)
-        run.lr_at = args.lr_at
-        result = {}
-        fit(run, tools.lr_range(args, run.run_dir, result))
+        # never an existing run's folder, nor another lr-find's of the same second (rank 0's choice is broadcast)
+        run = setup(cfg, task, resume_command, fresh_name=name)
+        try:
+            run.lr_at = args.lr_at
+            result = {}
+            fit(run, tools.lr_range(args, run.run_dir, result))
+        finally:
+            storage.unlock_folder(run.folder_lock)
     return result["suggestion"]
 
 
@@ -546,6 +575,8 @@ def main(argv: list[str], task: Task | None = None) -> int:
             lr_find(parsed, task, f"python {prog}")
         elif tool == "export-checkpoint":
             tools.export_checkpoint(parsed)
+        elif tool == "convert-checkpoint":
+            tools.convert_checkpoint(parsed)
         else:
             print(tools.export_config(parsed))
     except ConfigError as exc:
@@ -554,6 +585,8 @@ def main(argv: list[str], task: Task | None = None) -> int:
         if isinstance(exc.code, str):
             return tools.fail(exc.code)
         raise
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handler is in place (or in a tool): nothing to save
+        return tools.fail("interrupted") + 128
     distributed.shutdown_distributed()
     return 0
 

@@ -61,7 +61,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
         dcp_to_torch_save(last, run_dir / "whole.pt")
         last = run_dir / "whole.pt"
-    return torch.load(last, map_location="cpu", weights_only=False)["model"]
+    return torch.load(last, map_location="cpu", weights_only=True)["model"]
 
 
 def resume_check(name: str, flags: list[str], common: list[str], out: Path, steps: int, timeout: float) -> dict:

@@ -159,7 +159,7 @@ def kibitz_loop(cfg: ChessConfig) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
         train.train(cfg, tasks.CHESS)
     run_dir = max(cfg.out_dir.iterdir(), key=lambda p: p.stat().st_mtime)
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["model"]
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["model"]
 
 
 def lightning_loop(cfg: ChessConfig) -> dict:

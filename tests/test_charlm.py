@@ -61,9 +61,12 @@ def test_smoke_run_learns_checkpoints_and_evaluates(tmp_path):
     for name in ("val/bpc", "grad_norm/total", "update_ratio/blocks.0.qkv.weight", "perf/tokens_per_s"):
         assert name in names, name
     assert list((tmp_path / "s").glob("events.out.tfevents.*")) or list((tmp_path / "s").rglob("*tfevents*"))
-    # evaluate from the generic entry point: the task comes from the checkpoint (its file)
+    # evaluate from the generic entry point: the checkpoint names its task file, which runs only when named
     ckpt = tmp_path / "s" / "checkpoints" / "last.ckpt"
     result = run_script(["train.py", "evaluate", "--ckpt", str(ckpt), "--split", "val", "--accelerator", "cpu"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "only when you name it" in result.stderr and "examples/charlm.py evaluate --ckpt" in result.stderr
+    result = run_script(["train.py", "examples/charlm.py", "evaluate", "--ckpt", str(ckpt), "--split", "val"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val metrics of" in result.stdout and "bits per char" in result.stdout
 

@@ -11,6 +11,7 @@ TRAINER = (
     "train",
     "config",
     "nonfinite",
+    "contract",
     "configfile",
     "data",
     "schedules",

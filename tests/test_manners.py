@@ -23,7 +23,7 @@ import train
 def test_an_in_process_run_leaves_signal_handlers_and_warning_filters_as_it_found_them(prepared, tmp_path):
     assert train.main(tiny_args(prepared, tmp_path, "--run-name", "base", "--train.max-steps", "4")) == 0
     folder = tmp_path / "weights.ckpt"  # weights as a folder of shards: reading it silences a torch warning
-    state = torch.load(tmp_path / "base" / "checkpoints" / "last.ckpt", weights_only=False)["model"]
+    state = torch.load(tmp_path / "base" / "checkpoints" / "last.ckpt", weights_only=True)["model"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save({"model": state}, checkpoint_id=folder)

@@ -109,7 +109,7 @@ def test_nonfinite_skip_drops_only_that_step(prepared, tmp_path, monkeypatch, ca
     assert "step 3: the gradient of layers.2.weight is not finite; skipping this step" in capsys.readouterr().out
     losses = train_losses(tmp_path / "skip")
     assert all(np.isfinite(v) for v in losses.values()) and sorted(losses) == list(range(1, 9))
-    weights = torch.load(tmp_path / "skip" / "checkpoints" / "last.ckpt", weights_only=False)["model"]
+    weights = torch.load(tmp_path / "skip" / "checkpoints" / "last.ckpt", weights_only=True)["model"]
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
@@ -231,7 +231,7 @@ def test_a_nonfinite_loss_with_zero_gradients_is_caught(prepared, tmp_path, caps
     assert "the training loss is not finite; skipping this step" in capsys.readouterr().out
     saved = list((tmp_path / "skip" / "checkpoints").glob("*.ckpt"))
     assert saved and all(
-        torch.isfinite(w).all() for f in saved for w in torch.load(f, weights_only=False)["model"].values()
+        torch.isfinite(w).all() for f in saved for w in torch.load(f, weights_only=True)["model"].values()
     )
 
 
@@ -255,4 +255,4 @@ def test_skip_never_lets_a_nonfinite_weight_into_a_checkpoint(prepared, tmp_path
     assert re.search("layers.0.weight not finite.*last checkpoint holds the last finite", capsys.readouterr().err)
     saved = list((tmp_path / "skip" / "checkpoints").glob("*.ckpt"))
     assert [f.name for f in saved if f.name.startswith("step-")] == ["step-00000004.ckpt"]
-    assert all(torch.isfinite(w).all() for f in saved for w in torch.load(f, weights_only=False)["model"].values())
+    assert all(torch.isfinite(w).all() for f in saved for w in torch.load(f, weights_only=True)["model"].values())

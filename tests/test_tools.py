@@ -31,7 +31,7 @@ def printed_table(out: str) -> dict[str, float]:
 
 
 def best_checkpoint(run_dir: Path) -> Path:
-    best = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["progress"]["best"]
+    best = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["progress"]["best"]
     return run_dir / "checkpoints" / best[0][1]
 
 
@@ -92,7 +92,7 @@ def test_bad_fen_and_wrong_checkpoints_are_one_line_errors(trained, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: invalid FEN 'rnbqkbnr/pppppppp/8/8 w'") and "\n" not in err
     other_task = tmp_path / "dvae.ckpt"
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     state["config"]["task"] = "dvae"
     torch.save(state, other_task)
     for path, message in (

@@ -52,7 +52,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
         dcp_to_torch_save(last, run_dir / "whole.pt")
         last = run_dir / "whole.pt"
-    return torch.load(last, weights_only=False)["model"]
+    return torch.load(last, weights_only=True)["model"]
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -78,7 +78,7 @@ def test_accumulation_matches_one_full_batch(prepared, tmp_path):
     full, micro = weights(tmp_path / "full"), weights(tmp_path / "micro")
     for name in full:
         torch.testing.assert_close(micro[name], full[name], rtol=1e-9, atol=1e-12)
-    initial = torch.load(tmp_path / "full" / "checkpoints" / "step-00000004.ckpt", weights_only=False)["model"]
+    initial = torch.load(tmp_path / "full" / "checkpoints" / "step-00000004.ckpt", weights_only=True)["model"]
     assert not torch.equal(initial["layers.0.weight"], full["layers.0.weight"])  # training moved the weights
 
 
@@ -98,7 +98,7 @@ def test_resume_mid_epoch_is_exact(prepared, tmp_path):
     ]
     assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "whole")) == 0
     start = tmp_path / "whole" / "checkpoints" / "step-00000007.ckpt"
-    progress = torch.load(start, weights_only=False)["progress"]
+    progress = torch.load(start, weights_only=True)["progress"]
     assert progress["epoch"] == 1 and progress["step_in_epoch"] > 0
     assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "resumed", "--resume", str(start))) == 0
     whole, resumed = train_losses(tmp_path / "whole"), train_losses(tmp_path / "resumed")
@@ -113,7 +113,7 @@ def test_resume_auto_continues_the_newest_run(prepared, tmp_path):
     assert train.main(tiny_args(prepared, tmp_path, "--train.max-steps", "12", "--resume", "auto")) == 0
     assert sorted(train_losses(tmp_path / "r")) == [4, 8, 12]  # one run folder, continued
     assert [p.name for p in tmp_path.iterdir()] == ["r"]
-    assert torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=False)["progress"]["step"] == 12
+    assert torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)["progress"]["step"] == 12
 
 
 def test_best_k_checkpoints_last_and_test_on_best(prepared, tmp_path, capsys):
@@ -121,13 +121,13 @@ def test_best_k_checkpoints_last_and_test_on_best(prepared, tmp_path, capsys):
     folder = tmp_path / "k" / "checkpoints"
     assert len(list(folder.glob("step-*.ckpt"))) == 2 and (folder / "last.ckpt").exists()
     assert not list(folder.glob("*.tmp"))
-    best = torch.load(folder / "last.ckpt", weights_only=False)["progress"]["best"]
+    best = torch.load(folder / "last.ckpt", weights_only=True)["progress"]["best"]
     assert sorted(name for _, name in best) == sorted(p.name for p in folder.glob("step-*.ckpt"))
     assert best[0][0] <= best[1][0]  # best first (val/l1, lower is better)
     assert f"testing the best checkpoint: {best[0][1]}" in capsys.readouterr().out
     saved = json.loads((tmp_path / "k" / "config.json").read_text())
     assert saved["model"]["width"] == 32 and saved["resume"] is None
-    assert torch.load(folder / "last.ckpt", weights_only=False)["config"]["model"]["width"] == 32
+    assert torch.load(folder / "last.ckpt", weights_only=True)["config"]["model"]["width"] == 32
 
 
 def test_early_stopping(prepared, tmp_path, capsys):

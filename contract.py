@@ -1,0 +1,165 @@
+"""The task contract, checked before training: what a task's functions return, so that a mistake in a task is
+one line naming the task, the function and what it gave, before a minute of training is spent (not a traceback
+at the first validation, or after the whole run at the test).
+
+`datasets` and `build_model` are checked as the run is set up; `evaluate` and `report` by a dry run over one batch
+of the validation split at the start; `train_step`'s return at the first step (its shapes and types only: no host
+sync). None of it changes the run: the dry run restores every RNG stream and leaves weights, optimizer and the
+training data's order untouched.
+"""
+
+import contextlib
+import inspect
+import random
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+from config import ConfigError
+
+SPLITS = ("train", "val", "test")
+
+
+def where(task, function: str) -> str:
+    """`task NAME: FUNCTION (FILE)`: how every message of this module starts."""
+    code = code_of(task, function)
+    return f"task {task.name}: {function}" + (f" ({Path(code.co_filename).name})" if code else "")
+
+
+def code_of(task, function: str):
+    """The code object of a task's function, under its decorators (torch.no_grad, functools.wraps)."""
+    return getattr(inspect.unwrap(getattr(task, function)), "__code__", None)
+
+
+def failed(task, function: str, exc: Exception) -> ConfigError:
+    """An exception raised inside a task's function as one line, with the task file's line it came from."""
+    code = code_of(task, function)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if code and f.filename == code.co_filename]
+    at = f" at line {frames[-1].lineno}" if frames else ""
+    return ConfigError(f"{where(task, function)} raised {type(exc).__name__}{at}: {exc}")
+
+
+def call(task, function: str, *args):
+    try:
+        return getattr(task, function)(*args)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise failed(task, function, exc) from None
+
+
+def check_datasets(task, datasets) -> None:
+    if not isinstance(datasets, dict) or any(split not in datasets for split in SPLITS):
+        got = sorted(datasets) if isinstance(datasets, dict) else type(datasets).__name__
+        raise ConfigError(f"{where(task, 'datasets')}: expected a dict with the splits train, val and test, got {got}")
+    for split in SPLITS:
+        if not hasattr(datasets[split], "__len__"):
+            raise ConfigError(
+                f"{where(task, 'datasets')}: the {split} split has no length (got {type(datasets[split]).__name__})"
+            )
+
+
+def check_model(task, model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"{where(task, 'build_model')}: expected a torch.nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"{where(task, 'build_model')}: the model has no trainable parameters")
+
+
+def check_train_step(task, result) -> None:
+    """(loss, logged): a scalar floating loss that backpropagates, and a vector of len(train_fields) values. Shapes and
+    types only: reading a value would sync the device."""
+    fields = len(task.train_fields)
+    expected = f"(loss: a scalar tensor with a gradient, logged: a tensor of {fields} values {task.train_fields})"
+    if not isinstance(result, tuple) or len(result) != 2:
+        got = f"a {type(result).__name__}" + (f" of {len(result)}" if isinstance(result, (tuple, list)) else "")
+        raise ConfigError(f"{where(task, 'train_step')}: expected {expected}, got {got}")
+    loss, logged = result
+    if not torch.is_tensor(loss) or loss.dim() != 0 or not loss.is_floating_point() or not loss.requires_grad:
+        got = describe(loss) + ("" if not torch.is_tensor(loss) or loss.requires_grad else " without a gradient")
+        raise ConfigError(f"{where(task, 'train_step')}: expected a scalar loss tensor with a gradient, got {got}")
+    if not torch.is_tensor(logged) or logged.dim() > 1 or logged.numel() != fields:  # one value: a scalar too
+        raise ConfigError(
+            f"{where(task, 'train_step')}: expected logged values as a tensor of shape ({fields},) for train_fields "
+            f"{task.train_fields}, got {describe(logged)}"
+        )
+
+
+def checked_once(task):
+    """`task.train_step`, whose first call is checked (an exception in it, or a wrong return, is one line); every
+    later call goes straight to the task's function."""
+    checked = False
+
+    def train_step(*args):
+        nonlocal checked
+        if checked:
+            return task.train_step(*args)
+        result = call(task, "train_step", *args)
+        check_train_step(task, result)
+        checked = True
+        return result
+
+    return train_step
+
+
+def describe(value) -> str:
+    if torch.is_tensor(value):
+        return f"a tensor of shape {tuple(value.shape)} ({value.dtype})"
+    return f"a {type(value).__name__}"
+
+
+def check_evaluation(run) -> None:
+    """A dry run of `evaluate` and `report` over one batch of the validation split (the test split without
+    validation): every metric the task names returned, each a number."""
+    task, cfg, fabric = run.task, run.cfg, run.fabric
+    split = "val" if cfg.train.val_every is not None else "test"
+    loader = data.make_loader(
+        run.datasets[split],
+        cfg.data.eval_batch_size,
+        False,
+        0,
+        fabric.global_rank,
+        fabric.world_size,
+        drop_last=False,
+        device=fabric.device if cfg.data.on_device else None,
+        max_batches=1,
+    )
+    if not cfg.data.on_device:
+        loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+    training = run.model.training
+    with same_random_numbers():
+        result = call(task, "evaluate", fabric, cfg, run.model, loader)
+    run.model.train(training)
+    if not isinstance(result, tuple) or len(result) != 2 or not isinstance(result[0], dict):
+        raise ConfigError(f"{where(task, 'evaluate')}: expected (metrics dict, histograms), got {describe(result)}")
+    metrics = result[0]
+    missing = [name for name in task.metrics if name.removeprefix("val/") not in metrics]
+    if missing:
+        raise ConfigError(
+            f"{where(task, 'evaluate')}: returned no {', '.join(missing)} (Task.metrics names it); it returned "
+            f"{', '.join(metrics) or 'nothing'}"
+        )
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(
+                f"{where(task, 'evaluate')}: metric {name!r} is {describe(value)}; expected a Python number "
+                "(reduce over ranks, then .item())"
+            )
+    report = call(task, "report", cfg, metrics)
+    if not isinstance(report, tuple) or len(report) != 2 or not isinstance(report[1], dict):
+        raise ConfigError(f"{where(task, 'report')}: expected (title, {{row name: value}}), got {describe(report)}")
+
+
+@contextlib.contextmanager
+def same_random_numbers():
+    """Whatever the block draws, every RNG stream (python, numpy, torch, cuda) continues afterwards as before it."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
