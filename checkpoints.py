@@ -344,7 +344,7 @@ def whole_state(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
 def reason(exc: Exception) -> str:
     """An exception as a short clause for a one-line message (torch's size mismatches run to many lines)."""
     text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+    return f"{type(exc).__name__}: {text[:600]}{'...' if len(text) > 600 else ''}"
 
 
 def is_sharding(fabric) -> bool:

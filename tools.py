@@ -57,6 +57,7 @@ def load_checkpoint(path: Path, task: Task) -> tuple[RunConfig, torch.nn.Module]
         raise ConfigError(f"ckpt: {path} is not a checkpoint file or folder")
     try:
         source = checkpoints.resolve_source(str(path), Path("runs"))[0]
+        storage.require_data_only(source)
         checkpoint = checkpoints.read_metadata(source)
     except Exception as exc:
         raise ConfigError(f"ckpt: {path} cannot be loaded ({checkpoints.reason(exc)})") from None

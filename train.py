@@ -220,53 +220,57 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, fresh_name: str | Non
             error = f"error: run_name: {exc}; choose another --run-name"
     distributed.stop_together(fabric, error)
     skip_sync = cfg.train.skip_grad_sync  # unset: on, except where skipping keeps whole gradients (FSDP)
-    run = Run(
-        fabric,
-        cfg,
-        task,
-        model,
-        optimizer,
-        run_dir,
-        train_loader,
-        eval_loaders,
-        datasets,
-        total_steps,
-        steps_per_epoch,
-        skip_sync=not checkpoints.is_sharding(fabric) if skip_sync is None else skip_sync,
-        lr_at=lr_schedule(cfg, total_steps),
-        clip=distributed.gradient_clipper(fabric, model, optimizer, cfg.train.clip),
-        params=[p for _, p in named],
-        param_names=[n for n, _ in named],
-        sharded=any(hasattr(p, "to_local") for _, p in named),
-        monitor=config.monitored(cfg, task),
-        resume_command=resume_command,
-        loss_sum=torch.zeros(len(task.train_fields), device=fabric.device),
-        loss_before=torch.zeros(len(task.train_fields), device=fabric.device),
-        norm_rows=torch.empty(cfg.log.every, len(named), device=fabric.device),
-        folder_lock=folder_lock,
-    )
-    resumed = cfg.resume is not None and checkpoints.restore(run, resume_from)
-    if resumed:
-        run.loss_before = run.loss_sum.clone()
-    elif cfg.init_from:  # fine-tuning: the weights only, a fresh optimizer and counters (and with --resume auto,
-        checkpoints.init_weights(run, cfg.init_from)  # the first start; the later ones resume)
-    stop_on_signals(run)
-    error = None
-    if fabric.is_global_zero:
-        try:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            for leftover in (run_dir / "checkpoints").glob("*.tmp"):  # of a save that was killed
-                storage.remove(leftover)
-            configfile.save_json(dataclasses.replace(cfg, resume=None), run_dir / "config.json")
-        except OSError as exc:
-            error = f"error: cannot write the run folder {run_dir} ({exc})"
-    distributed.stop_together(fabric, error)
-    if fabric.is_global_zero:
-        run.loggers = open_loggers(cfg, task, run_dir, run.step if cfg.resume else None)
-        print(
-            f"run folder: {run_dir}  ({world} process{'es' if world > 1 else ''}, {fabric.device}, "
-            f"micro-batch {micro_batch} x {cfg.train.accumulate} accumulation x {world} = {cfg.data.batch_size})"
+    try:  # a failure from here on releases the run folder at once (a notebook may start another run)
+        run = Run(
+            fabric,
+            cfg,
+            task,
+            model,
+            optimizer,
+            run_dir,
+            train_loader,
+            eval_loaders,
+            datasets,
+            total_steps,
+            steps_per_epoch,
+            skip_sync=not checkpoints.is_sharding(fabric) if skip_sync is None else skip_sync,
+            lr_at=lr_schedule(cfg, total_steps),
+            clip=distributed.gradient_clipper(fabric, model, optimizer, cfg.train.clip),
+            params=[p for _, p in named],
+            param_names=[n for n, _ in named],
+            sharded=any(hasattr(p, "to_local") for _, p in named),
+            monitor=config.monitored(cfg, task),
+            resume_command=resume_command,
+            loss_sum=torch.zeros(len(task.train_fields), device=fabric.device),
+            loss_before=torch.zeros(len(task.train_fields), device=fabric.device),
+            norm_rows=torch.empty(cfg.log.every, len(named), device=fabric.device),
+            folder_lock=folder_lock,
         )
+        resumed = cfg.resume is not None and checkpoints.restore(run, resume_from)
+        if resumed:
+            run.loss_before = run.loss_sum.clone()
+        elif cfg.init_from:  # fine-tuning: the weights only, a fresh optimizer and counters (and with --resume auto,
+            checkpoints.init_weights(run, cfg.init_from)  # the first start; the later ones resume)
+        stop_on_signals(run)
+        error = None
+        if fabric.is_global_zero:
+            try:
+                (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+                for leftover in (run_dir / "checkpoints").glob("*.tmp"):  # of a save that was killed
+                    storage.remove(leftover)
+                configfile.save_json(dataclasses.replace(cfg, resume=None), run_dir / "config.json")
+            except OSError as exc:
+                error = f"error: cannot write the run folder {run_dir} ({exc})"
+        distributed.stop_together(fabric, error)
+        if fabric.is_global_zero:
+            run.loggers = open_loggers(cfg, task, run_dir, run.step if cfg.resume else None)
+            print(
+                f"run folder: {run_dir}  ({world} process{'es' if world > 1 else ''}, {fabric.device}, "
+                f"micro-batch {micro_batch} x {cfg.train.accumulate} accumulation x {world} = {cfg.data.batch_size})"
+            )
+    except BaseException:
+        storage.unlock_folder(folder_lock)
+        raise
     return run
 
 

@@ -1,0 +1,241 @@
+"""Checkpoints are data, names stay inside --out-dir, one writer per run folder, Ctrl-C saves like SIGTERM.
+
+A crafted checkpoint here is a real kibitz checkpoint with one pickled object planted in it whose unpickling would
+create a file (`marker`): every command that reads checkpoints must refuse it in one line and create nothing."""
+
+import pickle
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from conftest import ROOT, child_env, run_script
+from test_resume import LONG, STEPS, assert_same_as_uninterrupted, start, wait_for_steps
+from test_train import tiny_args
+
+import predict
+import storage
+import train
+
+FEN = "rnbqkbnr/pppppppp/8/8/4P3/8/PPPP1PPP/RNBQKBNR b KQkq e3 0 1"
+
+
+class Plant:
+    """Unpickling this creates `path`: what an attacker's checkpoint would do (and worse)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    assert (
+        train.main(tiny_args(prepared, out, "--run-name", "t", "--train.max-steps", "8", "--train.val-every", "4")) == 0
+    )
+    return out / "t"
+
+
+def as_folder(state: dict, folder: Path) -> Path:
+    """A checkpoint file's state as a folder of shards, laid out as Fabric's sharded save lays it out."""
+    dcp.save({"model": dict(state["model"])}, checkpoint_id=folder)
+    torch.save({k: v for k, v in state.items() if k not in ("model", "optimizer")}, folder / "meta.pt")
+    return folder
+
+
+@pytest.fixture
+def crafted(trained, tmp_path):
+    """(marker, {kind: crafted checkpoint}): a file, a folder whose .metadata is planted, one whose meta.pt is."""
+    marker = tmp_path / "code-ran"
+    state = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    file = tmp_path / "crafted.ckpt"
+    torch.save({**state, "progress": Plant(marker)}, file)
+    metadata = as_folder(state, tmp_path / "metadata.ckpt")
+    real = storage.dcp_metadata(metadata)
+    real.storage_meta = Plant(marker)
+    (metadata / ".metadata").write_bytes(pickle.dumps(real))
+    meta = as_folder(state, tmp_path / "meta.ckpt")
+    torch.save({**torch.load(meta / "meta.pt", weights_only=True), "rng": Plant(marker)}, meta / "meta.pt")
+    # the plants are live: torch's unrestricted loaders would run them
+    pickle.loads((metadata / ".metadata").read_bytes())
+    assert marker.exists()
+    marker.unlink()
+    return marker, {"file": file, "metadata": metadata, "meta.pt": meta}
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("kind", ["file", "metadata", "meta.pt"])
+def test_a_crafted_checkpoint_runs_nothing_in_any_command(prepared, tmp_path, capsys, crafted, kind):
+    marker, paths = crafted
+    ckpt = str(paths[kind])
+    commands = [
+        ["evaluate", "--ckpt", ckpt],
+        ["chess", "evaluate", "--ckpt", ckpt],
+        tiny_args(prepared, tmp_path / "out", "--init-from", ckpt),
+        tiny_args(prepared, tmp_path / "out", "--resume", ckpt),
+        tiny_args(prepared, tmp_path / "out", "--run-name", "r", "--resume", ckpt),
+    ]
+    if kind != "file":
+        commands.append(["export-checkpoint", "--ckpt", ckpt, "--out", str(tmp_path / "exported.ckpt")])
+    for argv in commands:
+        assert train.main(argv) == 2, argv
+        line = one_line(capsys)
+        assert "nothing of it was run" in line or "refused" in line, (argv, line)
+        assert not marker.exists(), argv
+    assert predict.main(["--ckpt", ckpt, FEN]) == 2
+    assert "refused" in one_line(capsys) and not marker.exists()
+    assert not (tmp_path / "exported.ckpt").exists()
+
+
+def test_resume_auto_passes_over_a_planted_last_checkpoint(prepared, tmp_path, capsys, crafted):
+    marker, paths = crafted
+    args = tiny_args(prepared, tmp_path, "--checkpoint.keep-best", "-1", "--run-name", "p", "--train.max-steps", "8")
+    assert train.main([*args, "--train.val-every", "4"]) == 0
+    last = tmp_path / "p" / "checkpoints" / "last.ckpt"
+    last.unlink()
+    last.write_bytes(paths["file"].read_bytes())  # someone planted it in the run folder
+    capsys.readouterr()
+    assert train.main([*args[:-2], "--train.max-steps", "12", "--train.val-every", "4", "--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {last}: cannot load checkpoint (UnsafeCheckpoint: holds Python objects" in out
+    assert "resumed from" in out and "step-00000008.ckpt at step 8" in out and not marker.exists()
+
+
+def old_format(state: dict) -> dict:
+    """What the previous kibitz wrote: RNG states as random's tuple and numpy's array (refused by the safe loader)."""
+    import numpy as np
+
+    for rank in state["rng"]:
+        version, words, gauss = rank["python"]
+        rank["python"] = (version, tuple(words), gauss)
+        kind, keys, position, has_gauss, cached = rank["numpy"]
+        rank["numpy"] = (kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached)
+    return state
+
+
+def test_old_checkpoints_convert_only_with_trust(prepared, trained, tmp_path, capsys):
+    last = trained / "checkpoints" / "last.ckpt"
+    old = tmp_path / "old.ckpt"
+    torch.save(old_format(torch.load(last, weights_only=True)), old)
+    old_folder = as_folder(old_format(torch.load(last, weights_only=True)), tmp_path / "old-folder.ckpt")
+    for source in (old, old_folder):
+        assert train.main(["evaluate", "--ckpt", str(source)]) == 2
+        assert "convert-checkpoint --trust" in one_line(capsys)
+        new = tmp_path / f"new-{source.name}"
+        assert train.main(["convert-checkpoint", "--ckpt", str(source), "--out", str(new)]) == 2
+        assert "runs any code it holds" in one_line(capsys) and not new.exists()
+        assert train.main(["convert-checkpoint", "--ckpt", str(source), "--out", str(new), "--trust"]) == 0
+        assert train.main(["evaluate", "--ckpt", str(new)]) == 0
+    converted = torch.load(tmp_path / "new-old.ckpt", weights_only=True)
+    original = torch.load(last, weights_only=True)
+    for new, before in zip(converted["rng"], original["rng"]):
+        assert new["python"] == before["python"] and new["numpy"] == before["numpy"]
+        assert torch.equal(new["torch"], before["torch"])
+    assert converted["progress"]["step"] == original["progress"]["step"]
+    assert all(torch.equal(converted["model"][k], v) for k, v in original["model"].items())
+    resumed = tiny_args(prepared, tmp_path, "--run-name", "c", "--train.max-steps", "12", "--resume")
+    assert train.main([*resumed, str(tmp_path / "new-old.ckpt")]) == 0
+
+
+def test_names_from_a_flag_or_a_checkpoint_stay_inside_out_dir(prepared, trained, tmp_path, capsys):
+    out = tmp_path / "deep" / "out"
+    assert train.main(tiny_args(prepared, out, "--run-name", "../../escaped")) == 2
+    assert one_line(capsys).startswith("error: run_name: expected one plain folder name")
+    state = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    state["run"]["name"] = "../../escaped"
+    loose = tmp_path / "loose.ckpt"
+    torch.save(state, loose)
+    assert train.main(tiny_args(prepared, out, "--resume", str(loose))) == 2
+    assert "records the run name '../../escaped'" in one_line(capsys)
+    assert not (tmp_path / "escaped").exists() and not list(tmp_path.glob("deep/*/checkpoints"))
+
+
+def test_a_checkpoint_never_runs_the_task_file_it_names(trained, tmp_path, capsys):
+    marker = tmp_path / "task-ran"
+    task_file = tmp_path / "evil_task.py"
+    task_file.write_text(f"open({str(marker)!r}, 'w')\n")
+    state = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    state["config"]["task"], state["task"] = "evil", {"name": "evil", "file": str(task_file)}
+    torch.save(state, tmp_path / "evil.ckpt")
+    assert train.main(["evaluate", "--ckpt", str(tmp_path / "evil.ckpt")]) == 2
+    line = one_line(capsys)
+    assert "only when you name it" in line and shlex.quote(str(task_file)) in line and not marker.exists()
+
+
+def test_one_writer_per_run_folder(prepared, tmp_path, capsys):
+    folder = tmp_path / "busy"
+    hold = f"import storage, time, pathlib; held = storage.lock_folder(pathlib.Path({str(folder)!r}))"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold + "; print('held', flush=True); time.sleep(120)"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert train.main(tiny_args(prepared, tmp_path, "--run-name", "busy")) == 2
+        line = one_line(capsys)
+        assert f"{folder} is in use by process {holder.pid}" in line and "another --run-name" in line
+        assert not (folder / "metrics.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "busy")) == 0  # the dead holder's lock is taken over
+    assert f"taking over {folder}: its previous run (process {holder.pid}" in capsys.readouterr().out
+    assert (folder / ".lock").read_text() == ""  # released at the end
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    from checkpoints import new_run_dir
+
+    first, second = new_run_dir(tmp_path, "lr-find-x"), new_run_dir(tmp_path, "lr-find-x")
+    assert first.name == "lr-find-x" and second.name == "lr-find-x-2"
+
+
+def test_ctrl_c_saves_and_the_printed_command_resumes_the_run_as_configured(prepared, tmp_path):
+    out = tmp_path / "my runs"  # a space: the printed command must be quoted
+    process = start(prepared, out, "ctrlc")
+    wait_for_steps(out / "ctrlc", 20, process)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "Traceback" not in output, output[-2000:]
+    assert "SIGINT received" in output
+    command = shlex.split(output.split("resume with: ")[1].splitlines()[0])
+    # the run's flags (a model width of 256, say) come from its config.json: without them nothing would load
+    assert command[:3] == ["python", "train.py", "chess"] and "--model.width" not in command
+    resumed = run_script(command[1:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    stopped = torch.load(out / "ctrlc" / "checkpoints" / f"step-{STEPS:08d}.ckpt", weights_only=True)
+    assert stopped["progress"]["step"] == STEPS
+    assert_same_as_uninterrupted(prepared, out, "ctrlc")
+
+
+def test_a_second_ctrl_c_exits_at_once(prepared, tmp_path):
+    process = start(prepared, tmp_path, "twice", "--log.every", "1000", "--train.max-steps", "100000")
+    for line in process.stdout:
+        if line.startswith("run folder:"):
+            break
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT and "SIGINT again: exiting at once" in output, output[-2000:]
+    assert "Traceback" not in output
+
+
+assert LONG  # the interrupted runs above are test_resume's LONG runs, compared with its uninterrupted one
