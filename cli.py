@@ -34,7 +34,12 @@ def task_from_file(path: str | Path) -> Task:
     spec = importlib.util.spec_from_file_location(f"kibitz_task_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise ConfigError(f"task: {path}: line {exc.lineno}: SyntaxError: {exc.msg}") from None
+    except Exception as exc:  # a missing import, a NameError at module level: the file's own bug, in one line
+        raise ConfigError(f"task: {path}: cannot be imported ({type(exc).__name__}: {exc})") from None
     if not isinstance(getattr(module, "TASK", None), Task):
         raise ConfigError(f"task: {path}: expected a module-level TASK = config.Task(...)")
     return module.TASK

@@ -136,11 +136,11 @@ def check_evaluation(run) -> None:
     if not isinstance(result, tuple) or len(result) != 2 or not isinstance(result[0], dict):
         raise ConfigError(f"{where(task, 'evaluate')}: expected (metrics dict, histograms), got {describe(result)}")
     metrics = result[0]
-    missing = [name for name in task.metrics if name.removeprefix("val/") not in metrics]
+    missing = [name.removeprefix("val/") for name in task.metrics if name.removeprefix("val/") not in metrics]
     if missing:
         raise ConfigError(
-            f"{where(task, 'evaluate')}: returned no {', '.join(missing)} (Task.metrics names it); it returned "
-            f"{', '.join(metrics) or 'nothing'}"
+            f"{where(task, 'evaluate')}: returned no {', '.join(missing)} (Task.metrics names val/{missing[0]}); it "
+            f"returned {', '.join(metrics) or 'nothing'}"
         )
     for name, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -1,0 +1,154 @@
+"""A task's mistakes are one line naming the task, the function and what it gave, before training; metrics that lie
+(NaN, an unknown direction) are refused; --init-from with --resume auto initialises once, then resumes."""
+
+import math
+
+import pytest
+import torch
+from tiny_task import TASK, build_model, evaluate, mistaken, train_step
+
+import train
+
+
+def run(tmp_path, task, *flags: str) -> int:
+    return train.main(["--out-dir", str(tmp_path), "--run-name", "r", *flags], task=task)
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def vector_loss(cfg, model, batch, step, train_size):
+    x, y = batch
+    loss = ((model(x) - y) ** 2).mean(1)
+    return loss, loss.detach().mean()
+
+
+def two_values(cfg, model, batch, step, train_size):
+    loss, logged = train_step(cfg, model, batch, step, train_size)
+    return loss, torch.stack([logged, logged])
+
+
+def tensor_metric(fabric, cfg, model, loader):
+    metrics, histograms = evaluate(fabric, cfg, model, loader)
+    return {"mse": torch.tensor(metrics["mse"])}, histograms
+
+
+def frozen(cfg):
+    return build_model(cfg).requires_grad_(False)
+
+
+def raises_in_check(cfg):
+    raise ValueError("width must be even")
+
+
+def raises_in_evaluate(fabric, cfg, model, loader):
+    return {}["mse"], {}
+
+
+MISTAKES = {
+    "a metric evaluate never returns": (
+        dict(metrics={"val/acc": "max"}),
+        "task tiny: evaluate (tiny_task.py): returned no acc (Task.metrics names val/acc); it returned mse",
+    ),
+    "metrics={}": (dict(metrics={}), "task tiny: Task.metrics: expected at least one validation metric"),
+    "a direction other than min/max": (dict(metrics={"val/mse": "lowest"}), "expected 'min' or 'max', got 'lowest'"),
+    "train_step returns a float": (
+        dict(train_step=lambda *a: train_step(*a)[0].item()),
+        "task tiny: train_step (test_task_contract.py): expected (loss: a scalar tensor with a gradient, logged: a "
+        "tensor of 1 values ('loss',)), got a float",
+    ),
+    "train_step returns the loss alone": (dict(train_step=lambda *a: train_step(*a)[0]), "got a Tensor"),
+    "train_step returns a vector loss": (
+        dict(train_step=vector_loss),
+        "expected a scalar loss tensor with a gradient, got a tensor of shape (32,)",
+    ),
+    "train_fields longer than returned": (
+        dict(train_fields=("loss", "extra")),
+        "expected logged values as a tensor of shape (2,) for train_fields ('loss', 'extra'), got a tensor of shape ()",
+    ),
+    "train_fields shorter than returned": (dict(train_step=two_values), "got a tensor of shape (2,)"),
+    "no test split": (
+        dict(datasets=lambda cfg: {k: v for k, v in TASK.datasets(cfg).items() if k != "test"}),
+        "task tiny: datasets (test_task_contract.py): expected a dict with the splits train, val and test, got "
+        "['train', 'val']",
+    ),
+    "evaluate returns a tensor": (
+        dict(evaluate=tensor_metric),
+        "task tiny: evaluate (test_task_contract.py): metric 'mse' is a tensor of shape () (torch.float32); expected "
+        "a Python number",
+    ),
+    "a model without trainable parameters": (dict(build_model=frozen), "the model has no trainable parameters"),
+    "check raises a plain ValueError": (
+        dict(check=raises_in_check),
+        "error: task tiny: check raised ValueError: width must be even",
+    ),
+    "evaluate raises": (
+        dict(evaluate=raises_in_evaluate),
+        "task tiny: evaluate (test_task_contract.py) raised KeyError",
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_a_task_mistake_is_one_line_before_training(tmp_path, capsys, mistake):
+    changes, expected = MISTAKES[mistake]
+    assert run(tmp_path, mistaken(**changes)) == 2
+    assert expected in one_line(capsys)
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained, nothing saved
+
+
+def test_the_tiny_task_itself_trains(tmp_path, capsys):
+    assert run(tmp_path, TASK) == 0  # so every failure above is the mistake's
+
+
+def test_a_syntax_error_in_a_task_file_is_one_line(tmp_path, capsys):
+    task_file = tmp_path / "broken.py"
+    task_file.write_text("TASK = (\n")
+    assert train.main([str(task_file)]) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"error: task: {task_file}: line") and "SyntaxError" in line
+
+
+def nan_at(calls: set[int]):
+    """evaluate, NaN at the given calls (1: the dry run at the start, 2: the first validation, ...)."""
+    count = 0
+
+    def patched(fabric, cfg, model, loader):
+        nonlocal count
+        count += 1
+        metrics, histograms = evaluate(fabric, cfg, model, loader)
+        return {"mse": math.nan if count in calls else metrics["mse"]}, histograms
+
+    return patched
+
+
+@pytest.mark.parametrize("nan_validation", [2, 3])
+def test_a_nan_validation_metric_is_never_best_and_deletes_nothing_finite(tmp_path, capsys, nan_validation):
+    task = mistaken(evaluate=nan_at({nan_validation}))
+    assert run(tmp_path, task, "--checkpoint.keep-best", "1") == 0
+    finite_step = 8 if nan_validation == 2 else 4
+    kept = sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("step-*"))
+    assert kept == [f"step-{finite_step:08d}.ckpt"]
+    assert f"testing the best checkpoint: step-{finite_step:08d}.ckpt" in capsys.readouterr().out
+
+
+def test_only_nan_validations_test_the_final_weights(tmp_path, capsys):
+    assert run(tmp_path, mistaken(evaluate=nan_at({2, 3})), "--train.early-stop-patience", "5") == 0
+    assert "no validation gave a finite val/mse: testing the final weights" in capsys.readouterr().out
+
+
+def test_init_from_with_resume_auto_initialises_the_first_start_and_resumes_the_later_ones(tmp_path, capsys):
+    assert run(tmp_path, TASK) == 0
+    source = str(tmp_path / "r" / "checkpoints" / "last.ckpt")
+    again = ["--out-dir", str(tmp_path), "--run-name", "fine", "--init-from", source, "--resume", "auto"]
+    capsys.readouterr()
+    assert train.main([*again, "--train.max-steps", "4"], task=TASK) == 0
+    first = capsys.readouterr().out
+    assert "initialised 2 of the model's 2 tensors" in first and "resumed from" not in first
+    assert train.main([*again, "--train.max-steps", "8"], task=TASK) == 0
+    second = capsys.readouterr().out
+    assert "resumed from" in second and "at step 4" in second and "initialised" not in second
