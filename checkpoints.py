@@ -233,6 +233,8 @@ def choose_run_dir(fabric, cfg) -> tuple[Path, Path | None]:
                 run_dir = new_run_dir(cfg.out_dir, new_name)
             except OSError as exc:
                 return None, None, f"out_dir: cannot make a run folder in {cfg.out_dir} ({exc})"
+        if cfg.resume and (found := run_task(run_dir)) not in (None, cfg.task):
+            return None, None, f"resume: {run_dir} is a run of the {found!r} task, not of {cfg.task!r}"
         if recorded.get("wandb_id") and not (run_dir / "wandb_id.txt").exists():  # continue its wandb run
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "wandb_id.txt").write_text(recorded["wandb_id"])

@@ -170,13 +170,14 @@ def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, 
         return task, tool, tyro.cli(tools.ConvertArgs, args=argv, prog=f"{prog} convert-checkpoint"), prog
     task = task or next(iter(tasks.values()))
     default = task.config()
+    argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
+    if argv.count("--config") > 1:
+        raise ConfigError("--config: given twice; start from one config.json and change it with flags after it")
     if "--config" in argv:
         at = argv.index("--config")
         if at + 1 >= len(argv):
             raise ConfigError("--config: expected a JSON file written by a run (config.json)")
-        default = configfile.load_json(Path(argv[at + 1]), task.config)
-        if default.task != task.name:
-            raise ConfigError(f"--config {argv[at + 1]}: a config of the {default.task!r} task, expected {task.name!r}")
+        default = configfile.load_json(Path(argv[at + 1]), task.config, task.name)
         argv = argv[:at] + argv[at + 2 :]
     refuse_bad_choices(task.config, argv)
     if tool == "lr-find":

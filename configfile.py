@@ -94,13 +94,17 @@ def _mentions_path(hint) -> bool:
     )
 
 
-def load_json(path: Path, cls):
+def load_json(path: Path, cls, task: str):
     try:
         values = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text (binary bytes)
         raise ConfigError(f"--config {path}: cannot read a JSON config ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"--config {path}: nested too deeply to be a config") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of config sections, got {type(values).__name__}")
+    if values.get("task", task) != task:  # before the fields: another task's sections would be "unknown fields"
+        raise ConfigError(f"--config {path}: a config of the {values['task']!r} task, expected {task!r}")
     values.pop("resume", None)  # a saved config describes a run, not how it was started
     values.pop("init_from", None)
     return from_dict(cls, values)

@@ -45,7 +45,10 @@ def read_positions(args: PredictArgs) -> list[chess.Board]:
     boards = []
     fens = list(args.positions)
     if args.fens:
-        fens += [line.strip() for line in args.fens.read_text().splitlines() if line.strip()]
+        try:
+            fens += [line.strip() for line in args.fens.read_text().splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise ConfigError(f"{args.fens}: expected a text file of FENs, one a line (not UTF-8 text)") from None
     for i, fen in enumerate(fens):
         where = f"{args.fens} line {i - len(args.positions) + 1}" if i >= len(args.positions) else "argument"
         try:
@@ -56,16 +59,23 @@ def read_positions(args: PredictArgs) -> list[chess.Board]:
             raise ConfigError(f"FEN {fen!r} ({where}): not a legal standard-chess position ({board.status()!r})")
         boards.append(board)
     if args.pgn:
-        skipped = 0
+        skipped, before = 0, len(boards)
         with open(args.pgn, encoding="utf-8", errors="replace") as f:
+            number = 0
             while (game := chess.pgn.read_game(f)) is not None:
+                number += 1
                 board = game.board()
                 if not standard_chess(dict(game.headers)) or board.chess960 or not board.is_valid():
                     skipped += 1  # a variant, Chess960 or an impossible start: the model knows none of them
                     continue
+                if game.errors or any(not move for move in game.mainline_moves()):  # binary bytes read as "moves"
+                    reason = game.errors[0] if game.errors else "a null move (--)"
+                    raise ConfigError(f"{args.pgn}: not a PGN of legal games (game {number}: {reason})")
                 for move in game.mainline_moves():
                     board.push(move)
                     boards.append(board.copy(stack=False))
+        if not number or len(boards) == before and not skipped:
+            raise ConfigError(f"{args.pgn}: not a PGN of legal games (no game with a move in it)")
         if skipped:
             print(
                 f"note: {args.pgn}: skipped {skipped} games of a variant or from an invalid position", file=sys.stderr

@@ -163,7 +163,9 @@ def require_torch_save(path: Path) -> None:
     with open(path, "rb"):  # unreadable: the OS's reason (zipfile would call it "not a zip file")
         pass
     if not zipfile.is_zipfile(path):
-        raise ValueError("not a file torch.save wrote (truncated, or another kind of file)")
+        with open(path, "rb") as f:
+            started = f.read(4) == b"PK\x03\x04"  # a zip archive's first bytes, without its end: cut short
+        raise ValueError("truncated (its end is missing)" if started else "not a file torch.save wrote")
 
 
 class UnsafeCheckpoint(ValueError):

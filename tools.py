@@ -214,6 +214,8 @@ def print_table(title: str, metrics: dict[str, float]) -> None:
 
 
 def evaluate(args: EvaluateArgs, task: Task) -> dict[str, float]:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"batch_size: expected a positive count (unset: the run's), got {args.batch_size}")
     cfg, model = load_checkpoint(args.ckpt, task)
     if args.data is not None:
         cfg = dataclasses.replace(cfg, data=args.data)

@@ -546,6 +546,10 @@ def lr_find(args: tools.LRFindArgs, task: Task, resume_command: str) -> float:
     if args.steps < 2:
         raise ConfigError(f"steps: expected at least 2 steps for a range of learning rates, got {args.steps}")
     config.check(cfg, task)
+    if not 0 <= args.smoothing < 1:
+        raise ConfigError(f"smoothing: expected a value in [0, 1) (0 = none), got {args.smoothing}")
+    if not args.diverge > 1:
+        raise ConfigError(f"diverge: expected a multiple of the minimum loss above 1, got {args.diverge}")
     if not 0 < args.lr_min < args.lr_max <= 1e30:
         raise ConfigError(f"lr_min/lr_max: expected 0 < lr_min < lr_max <= 1e30, got {args.lr_min}, {args.lr_max}")
     name = f"lr-find-{datetime.datetime.now():%Y%m%d-%H%M%S}"

@@ -66,6 +66,8 @@ def dump(directory: Annotated[Path, tyro.conf.Positional], split: str = "test", 
         split: train, val or test.
         limit: Number of positions to print (all when unset).
     """
+    if limit is not None and limit < 0:
+        raise SystemExit(f"error: --limit: expected a count >= 0 (unset: all), got {limit}")
     arrays = load_split(directory, split)
     count = len(arrays["cp"]) if limit is None else min(limit, len(arrays["cp"]))
     for i in range(count):

@@ -134,6 +134,8 @@ def report(cfg: CharConfig, metrics: dict) -> tuple[str, dict]:
 def check(cfg: CharConfig) -> None:
     need(cfg.data.file.is_file(), "data.file", "a text file", str(cfg.data.file))
     need(cfg.data.context >= 1, "data.context", "a count >= 1", cfg.data.context)
+    size, least = cfg.data.file.stat().st_size, 20 * (cfg.data.context + 1)  # val and test get 5 % each
+    need(size >= least, "data.file", f"a text of at least {least} bytes for a context of {cfg.data.context}", size)
     need(cfg.model.width % cfg.model.heads == 0, "model.width", "a multiple of model.heads", cfg.model.width)
 
 
