@@ -299,12 +299,15 @@ def init_weights(run, source: str) -> None:
             f"init_from: {path}: {', '.join(other_shape[:3])} have another shape (under FSDP every "
             f"tensor the model shares with the checkpoint must have the same shape)"
         )
-    if is_sharding(run.fabric):
-        with ordinary_errors():
-            run.fabric.load(path, {"model": run.model}, strict=False, weights_only=True)
-    else:
-        module = getattr(run.model, "_original_module", run.model)
-        getattr(module, "_orig_mod", module).load_state_dict(whole_state(path, fitting), strict=False)  # compiled
+    try:
+        if is_sharding(run.fabric):
+            with ordinary_errors():
+                run.fabric.load(path, {"model": run.model}, strict=False, weights_only=True)
+        else:
+            module = getattr(run.model, "_original_module", run.model)
+            getattr(module, "_orig_mod", module).load_state_dict(whole_state(path, fitting), strict=False)  # compiled
+    except Exception as exc:  # a damaged shard: its names and shapes read, its tensors not
+        raise ConfigError(f"init_from: {path}: cannot be loaded ({reason(exc)})") from None
     skipped = f"; {len(other_shape)} of another shape kept as initialised: {', '.join(other_shape[:3])}"
     run.fabric.print(
         f"initialised {len(fitting)} of the model's {len(expected)} tensors from {source}"

@@ -153,7 +153,8 @@ def ordinary_errors():
     except CheckpointException as exc:
         failure = next(iter(exc.failures.values()), None)
         cause = failure[0] if isinstance(failure, tuple) else failure
-        raise RuntimeError(f"{type(cause).__name__}: {cause}") from None
+        detail = str(cause) or "a shard ends too early (damaged or cut short)"  # EOFError says nothing itself
+        raise RuntimeError(f"{type(cause).__name__}: {detail}") from None
 
 
 def require_torch_save(path: Path) -> None:

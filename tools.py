@@ -74,7 +74,9 @@ def load_checkpoint(path: Path, task: Task) -> tuple[RunConfig, torch.nn.Module]
         else:
             model.load_state_dict(checkpoint["model"])
     except Exception as exc:
-        raise ConfigError(f"ckpt: {path} does not fit its saved config ({checkpoints.reason(exc)})") from None
+        raise ConfigError(
+            f"ckpt: {path} cannot be loaded into the model of its config ({checkpoints.reason(exc)})"
+        ) from None
     return cfg, model.eval()
 
 

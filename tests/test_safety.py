@@ -115,6 +115,22 @@ def test_resume_auto_passes_over_a_planted_last_checkpoint(prepared, tmp_path, c
     assert "resumed from" in out and "step-00000008.ckpt at step 8" in out and not marker.exists()
 
 
+def test_a_damaged_folder_of_shards_is_one_line_everywhere(prepared, trained, tmp_path, capsys):
+    folder = as_folder(torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True), tmp_path / "cut.ckpt")
+    shard = next(folder.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # no checksums.json to tell: torch finds out as it reads
+    commands = [
+        ["evaluate", "--ckpt", str(folder)],
+        ["export-checkpoint", "--ckpt", str(folder), "--out", str(tmp_path / "one.ckpt")],
+        tiny_args(prepared, tmp_path, "--run-name", "i", "--init-from", str(folder)),
+        tiny_args(prepared, tmp_path, "--run-name", "r", "--resume", str(folder)),
+    ]
+    for argv in commands:
+        assert train.main(argv) == 2, argv
+        line = one_line(capsys)
+        assert "cannot" in line and ("cut short" in line or "corrupted" in line), (argv, line)
+
+
 def old_format(state: dict) -> dict:
     """What the previous kibitz wrote: RNG states as random's tuple and numpy's array (refused by the safe loader)."""
     import numpy as np
