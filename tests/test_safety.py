@@ -91,6 +91,12 @@ def test_a_crafted_checkpoint_runs_nothing_in_any_command(prepared, tmp_path, ca
     ]
     if kind != "file":
         commands.append(["export-checkpoint", "--ckpt", ckpt, "--out", str(tmp_path / "exported.ckpt")])
+    else:  # an artifact folder, as `wandb artifact get` leaves it
+        (tmp_path / "artifact").mkdir()
+        (tmp_path / "artifact" / "model.ckpt").write_bytes(paths["file"].read_bytes())
+        artifact = str(tmp_path / "artifact")
+        commands += [["evaluate", "--ckpt", artifact], tiny_args(prepared, tmp_path / "out", "--resume", artifact)]
+        commands.append(tiny_args(prepared, tmp_path / "out", "--init-from", artifact))
     for argv in commands:
         assert train.main(argv) == 2, argv
         line = one_line(capsys)
