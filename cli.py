@@ -31,6 +31,7 @@ def task_from_file(path: str | Path) -> Task:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"task: {path}: no such task file")
+    own_modules_first(path)
     spec = importlib.util.spec_from_file_location(f"kibitz_task_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -43,6 +44,14 @@ def task_from_file(path: str | Path) -> Task:
     if not isinstance(getattr(module, "TASK", None), Task):
         raise ConfigError(f"task: {path}: expected a module-level TASK = config.Task(...)")
     return module.TASK
+
+
+def own_modules_first(task_file: Path) -> None:
+    """The task file's folder first on the import path, so its own model.py, losses.py, utils.py are the ones it
+    imports (train.shadowing has refused a folder that holds a module named like one of the trainer's)."""
+    folder = str(Path(task_file).resolve().parent)
+    if sys.path[:1] != [folder]:
+        sys.path.insert(0, folder)
 
 
 def task_file_of(task: Task) -> str:
@@ -119,17 +128,20 @@ def checkpoint_task(ckpt: str, given: Task | None) -> Task:
 
 def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, object, str]:
     """-> (task, tool or None for training, the parsed config or tool arguments, the program's name)."""
-    argv = list(argv)
+    argv, prog = list(argv), None
+    if task is None and argv and argv[0].endswith(".py"):  # a task file: the built-in tasks are never imported
+        prog = shlex.join(["train.py", argv[0]])
+        task = task_from_file(argv.pop(0))
+    elif task is not None:
+        own_modules_first(Path(inspect.getsourcefile(task.build_model)))
     tasks = registry() if task is None else None
-    prog = "train.py" if task is None else task_file_of(task)
+    prog = prog or ("train.py" if task is None else shlex.quote(task_file_of(task)))
     if argv and argv[0] in ("-h", "--help"):
         print(overview(prog, tasks))
     if task is None and argv and not argv[0].startswith("-") and argv[0] not in tools.TOOLS:
         name = argv.pop(0)
         if name in tasks:
             task = tasks[name]
-        elif name.endswith(".py"):
-            task = task_from_file(name)
         else:
             raise ConfigError(
                 f"task: expected one of {', '.join(tasks)}, a task file (path/to/task.py) or a tool "

@@ -32,6 +32,28 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+TASK_MODULES = {"model", "losses", "tasks", "figures", "predict"}  # the built-in tasks': a task's own may shadow them
+
+
+def shadowing(folder: Path) -> str | None:
+    """A task folder's module named like one of the trainer's (config.py, data.py): the task's folder comes first
+    on the import path, so one would be imported in the other's place. The message, or None."""
+    folder = folder.resolve()
+    for theirs in sorted(folder.glob("*.py")) if folder != HERE else []:
+        if (HERE / theirs.name).is_file() and theirs.stem not in TASK_MODULES:
+            return (
+                f"error: task: {theirs} has the name of the trainer's {HERE / theirs.name}: one would be imported in "
+                f"the other's place; rename yours (say my_{theirs.name})"
+            )
+    return None
+
+
+# Checked before the trainer's own imports, which a task folder's config.py would otherwise replace.
+if __name__ != "__main__" and sys.path and (clash := shadowing(Path(sys.path[0] or "."))):
+    sys.stderr.write(clash + "\n")
+    sys.exit(2)
+
 import torch
 from lightning_fabric import Fabric
 
@@ -572,6 +594,8 @@ def parse_args(argv: list[str]) -> RunConfig:
 
 def main(argv: list[str], task: Task | None = None) -> int:
     """`train.py [TASK] [TOOL] [--config FILE] [flags]`; a task file calls main(sys.argv[1:], task=TASK)."""
+    if argv and argv[0].endswith(".py") and (clash := shadowing(Path(argv[0]).parent)):
+        return tools.fail(clash)
     try:
         task, tool, parsed, prog = cli.parse(argv, task)
         if tool is None:
@@ -588,15 +612,21 @@ def main(argv: list[str], task: Task | None = None) -> int:
         else:
             print(tools.export_config(parsed))
     except ConfigError as exc:
-        return tools.fail(f"error: {exc}")
+        code = tools.fail(f"error: {exc}")
     except SystemExit as exc:  # a one-line error from deeper down (a damaged file, a full disk, a non-finite stop)
         if isinstance(exc.code, str):
-            return tools.fail(exc.code)
-        raise
+            code = tools.fail(exc.code)
+        elif exc.code == 2:  # another rank failed and said so; this one stops with it, quietly
+            code = 2
+        else:
+            raise
     except KeyboardInterrupt:  # Ctrl-C before the run's own handler is in place (or in a tool): nothing to save
-        return tools.fail("interrupted") + 128
+        code = tools.fail("interrupted") + 128
+    else:
+        code = 0
+    # Out of the except blocks, the failed run's frames are gone: the process group can go without racing exit.
     distributed.shutdown_distributed()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

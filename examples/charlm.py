@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import tyro
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the trainer's flat modules
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the trainer, after this file's folder (its own)
 
 import train  # noqa: E402
 from config import DataConfig, RunConfig, ScheduleConfig, Task, TrainConfig, need  # noqa: E402
