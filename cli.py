@@ -181,7 +181,7 @@ def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, 
     if tool == "convert-checkpoint":
         return task, tool, tyro.cli(tools.ConvertArgs, args=argv, prog=f"{prog} convert-checkpoint"), prog
     task = task or next(iter(tasks.values()))
-    default = task.config()
+    default = config.for_task(task.config(), task)
     argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     if argv.count("--config") > 1:
         raise ConfigError("--config: given twice; start from one config.json and change it with flags after it")

@@ -214,7 +214,7 @@ class RunConfig:
     """Start a new run from a checkpoint's weights only (fine-tuning): fresh optimizer, step 0. The same
     sources as `resume`."""
     task: tyro.conf.Suppress[str] = ""
-    """The task's name (its config class sets it; not a flag)."""
+    """The task's name, set from the Task (not a flag; a config class need not set it)."""
 
 
 class ConfigError(ValueError):
@@ -275,6 +275,13 @@ class Task:
     """cfg -> None: raise ConfigError (config.need) for a bad value of the task's own sections."""
     blocks: tuple[type, ...] = ()
     """The model's repeated blocks: FSDP wraps (shards) each one separately."""
+
+
+def for_task(cfg: RunConfig, task: Task) -> RunConfig:
+    """The config named by its task: a config class need not repeat the Task's name in a field of its own."""
+    if cfg.task not in ("", task.name):
+        raise ConfigError(f"task: a config of the {cfg.task!r} task, given to the {task.name!r} task")
+    return cfg if cfg.task == task.name else dataclasses.replace(cfg, task=task.name)
 
 
 def need(ok: bool, name: str, allowed: str, value) -> None:

@@ -509,6 +509,7 @@ def test(run: Run, hooks: callbacks.Hooks | None = None) -> dict[str, float]:
 
 
 def train(cfg: RunConfig, task: Task, resume_command: str = "python train.py") -> dict[str, float] | None:
+    cfg = config.for_task(cfg, task)
     config.check(cfg, task)
     with as_found():
         run = setup(cfg, task, resume_command)
@@ -553,7 +554,7 @@ def open_loggers(cfg: RunConfig, task: Task, run_dir: Path, resume_step: int | N
 def lr_find(args: tools.LRFindArgs, task: Task, resume_command: str) -> float:
     """The learning-rate range test on the ordinary loop: logging every step, the LR set by the test,
     no validation, checkpoints or tracker; the lr_range hook records the curve and stops on divergence."""
-    cfg = args.run
+    cfg = config.for_task(args.run, task)
     cfg = dataclasses.replace(
         cfg,
         resume=None,

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 from torch import nn
 
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the trainer, after this file's folder (its own)
@@ -46,7 +45,6 @@ class CharConfig(RunConfig):
     data: TextData = field(default_factory=lambda: TextData(batch_size=64, eval_batch_size=256))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=50, noam_d_model=128))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1000, val_every=200))
-    task: tyro.conf.Suppress[str] = "charlm"
 
 
 def splits(cfg: CharConfig) -> dict[str, np.ndarray]:

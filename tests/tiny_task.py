@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import tyro
 
 from config import DataConfig, LogConfig, MonitorConfig, RunConfig, ScheduleConfig, Task, TrainConfig
 from data import ArrayDataset
@@ -21,7 +20,6 @@ class TinyConfig(RunConfig):
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=0))
     log: LogConfig = field(default_factory=lambda: LogConfig(logger="csv", every=2, progress_bar=False))
     monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig(histogram_every=None))
-    task: tyro.conf.Suppress[str] = "tiny"
 
 
 def datasets(cfg: TinyConfig) -> dict:
