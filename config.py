@@ -253,8 +253,8 @@ class Task:
     build_model: Callable
     """cfg -> torch.nn.Module."""
     datasets: Callable
-    """cfg -> {"train": ..., "val": ..., "test": ...}: data.ArrayDataset (or anything indexed by an array of
-    indices that returns a whole batch as a tuple of tensors)."""
+    """cfg -> {"train": ..., "val": ..., "test": ...}: each a data.ArrayDataset (a batch is one gather) or any
+    torch Dataset with __len__ and a per-example __getitem__ (examples collated into batches of any structure)."""
     train_step: Callable
     """(cfg, model, batch, step, train_size) -> (loss to backpropagate, detached tensor of train_fields)."""
     evaluate: Callable
@@ -275,6 +275,8 @@ class Task:
     """cfg -> None: raise ConfigError (config.need) for a bad value of the task's own sections."""
     blocks: tuple[type, ...] = ()
     """The model's repeated blocks: FSDP wraps (shards) each one separately."""
+    collate: Callable | None = None
+    """[examples] -> batch, for a per-example Dataset (default: torch's default_collate)."""
 
 
 def for_task(cfg: RunConfig, task: Task) -> RunConfig:

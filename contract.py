@@ -51,14 +51,20 @@ def call(task, function: str, *args):
         raise failed(task, function, exc) from None
 
 
-def check_datasets(task, datasets) -> None:
+def check_datasets(task, datasets, on_device: bool = False) -> None:
     if not isinstance(datasets, dict) or any(split not in datasets for split in SPLITS):
         got = sorted(datasets) if isinstance(datasets, dict) else type(datasets).__name__
         raise ConfigError(f"{where(task, 'datasets')}: expected a dict with the splits train, val and test, got {got}")
     for split in SPLITS:
-        if not hasattr(datasets[split], "__len__"):
+        if not hasattr(datasets[split], "__len__") or not hasattr(datasets[split], "__getitem__"):
             raise ConfigError(
-                f"{where(task, 'datasets')}: the {split} split has no length (got {type(datasets[split]).__name__})"
+                f"{where(task, 'datasets')}: the {split} split is not a map-style dataset (__len__ and __getitem__; "
+                f"got {type(datasets[split]).__name__})"
+            )
+        if on_device and not isinstance(datasets[split], data.ArrayDataset):
+            raise ConfigError(
+                f"data.on_device: expected data.ArrayDataset splits (held whole on the device), got a "
+                f"{type(datasets[split]).__name__} for {split}"
             )
 
 
@@ -126,6 +132,7 @@ def check_evaluation(run) -> None:
         drop_last=False,
         device=fabric.device if cfg.data.on_device else None,
         max_batches=1,
+        collate=task.collate,
     )
     if not cfg.data.on_device:
         loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)

@@ -1,9 +1,15 @@
-"""Task-agnostic batching: datasets of aligned arrays, the resumable epoch order, and loaders.
+"""Task-agnostic batching: any map-style dataset to resumable batches.
 
-A dataset is indexed by an array of indices and returns a whole batch with one gather, a tuple of
-tensors (one per array); the loop moves it to the device. The chess tasks hold memory-mapped packed
-positions here, examples/charlm.py windows of a text file.
+A split is either
+- an `ArrayDataset`: aligned arrays, a batch one gather of an array of indices (the chess tasks' memory-mapped
+  packed positions, examples/charlm.py's windows of a text file): the fast path;
+- any other `torch.utils.data.Dataset` with `__len__` and a per-example `__getitem__` (the torchvision habit):
+  its examples are read and collated a batch at a time (`ExampleBatches`), in worker processes if asked.
+Either way the order of an epoch is a pure function of (seed, epoch) (`EpochBatches`), so a resumed run sees
+the batches the interrupted one would have.
 """
+
+import random
 
 import numpy as np
 import torch
@@ -24,6 +30,41 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: np.ndarray) -> tuple[torch.Tensor, ...]:
         index = np.sort(index)  # sequential reads from a memmap; order inside a batch does not matter
         return tuple(torch.from_numpy(np.ascontiguousarray(a[index])) for a in self.arrays)
+
+
+class ExampleBatches(torch.utils.data.Dataset):
+    """A per-example dataset read a batch at a time: `self[(epoch, number, indices)]` is the batch of those examples,
+    collated (torch's default_collate: dicts, tuples and nested structures of tensors and numbers, batched; or the
+    task's own `collate`), inside the worker process that reads it.
+
+    The random numbers drawn while reading a batch (augmentation in `__getitem__`) come from torch's, numpy's and
+    python's generators seeded by (seed, rank, epoch, batch number): the same batch gets the same augmentation
+    whichever worker reads it, however many workers there are and however many batches a resumed run skipped. In
+    the main process (no workers) the generators are restored afterwards: reading data never shifts the training's
+    random numbers."""
+
+    def __init__(self, dataset, collate=None, seed: int = 0, rank: int = 0):
+        self.dataset, self.collate = dataset, collate or torch.utils.data.default_collate
+        self.seed, self.rank = seed, rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, batch: tuple[int, int, np.ndarray]):
+        epoch, number, indices = batch
+        seed = int(np.random.SeedSequence([self.seed, self.rank, epoch, number]).generate_state(1)[0])
+        in_worker = torch.utils.data.get_worker_info() is not None
+        saved = None if in_worker else (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        try:
+            return self.collate([self.dataset[int(i)] for i in indices])
+        finally:
+            if saved is not None:
+                torch.set_rng_state(saved[0])
+                np.random.set_state(saved[1])
+                random.setstate(saved[2])
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -47,9 +88,11 @@ class EpochBatches(torch.utils.data.Sampler):
         world_size: int = 1,
         drop_last: bool = True,
         max_batches: int | None = None,
+        numbered: bool = False,
     ):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last, self.max_batches = rank, world_size, drop_last, max_batches
+        self.numbered = numbered  # yield (epoch, batch number, indices), what ExampleBatches seeds from
         self.epoch, self.skip = 0, 0
 
     def start_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -72,7 +115,8 @@ class EpochBatches(torch.utils.data.Sampler):
             order = np.arange(self.size)
         mine = order[self.rank :: self.world_size]
         for batch in range(self.skip, len(self)):
-            yield mine[batch * self.batch_size : (batch + 1) * self.batch_size]
+            indices = mine[batch * self.batch_size : (batch + 1) * self.batch_size]
+            yield (self.epoch, batch, indices) if self.numbered else indices
 
 
 class DeviceBatches:
@@ -92,6 +136,16 @@ class DeviceBatches:
             yield tuple(a[index] for a in self.arrays)
 
 
+def to_device(batch, device: torch.device):
+    """A training batch on the device, its structure kept: a tuple or list of tensors directly (the hot path: a
+    step of a small model is a few hundred microseconds), dicts and nested structures through Fabric's mover."""
+    if type(batch) in (tuple, list) and all(torch.is_tensor(t) for t in batch):
+        return [t.to(device, non_blocking=True) for t in batch]
+    from lightning_fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(batch, device)
+
+
 def make_loader(
     dataset,
     batch_size: int,
@@ -103,21 +157,27 @@ def make_loader(
     num_workers: int = 0,
     device: torch.device | None = None,
     max_batches: int | None = None,
+    collate=None,
+    pin_memory: bool = False,
 ):
-    """Batches for one rank: from the memory map (a DataLoader; Fabric moves them to the device), or,
-    given a device, from a copy of the split kept there (an ArrayDataset). `max_batches`: only the first ones
-    (every rank the same number)."""
-    sampler = EpochBatches(len(dataset), batch_size, shuffle, seed, rank, world_size, drop_last, max_batches)
-    if device is not None:
+    """Batches for one rank: from the memory map or the per-example dataset (a DataLoader; the loop or Fabric
+    moves them to the device), or, given a device, from a copy of the split kept there (an ArrayDataset only).
+    `max_batches`: only the first ones (every rank the same number)."""
+    gathers = isinstance(dataset, ArrayDataset)
+    sampler = EpochBatches(
+        len(dataset), batch_size, shuffle, seed, rank, world_size, drop_last, max_batches, numbered=not gathers
+    )
+    if device is not None and gathers:
         return DeviceBatches(dataset, sampler, device)
-    # batch_size=None: the sampler already yields whole batches, the dataset gathers them at once.
-    # Its own generator: otherwise every iter(loader) draws a seed from the global RNG, and a resumed
-    # run, which starts one more iterator, would see different random numbers afterwards.
+    # batch_size=None: the sampler yields whole batches, which the dataset reads at once (a gather, or a batch of
+    # examples collated). Its own generator: otherwise every iter(loader) draws a seed from the global RNG, and a
+    # resumed run, which starts one more iterator, would see different random numbers afterwards.
     return torch.utils.data.DataLoader(
-        dataset,
+        dataset if gathers else ExampleBatches(dataset, collate, seed, rank),
         sampler=sampler,
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed + rank),
     )

@@ -225,7 +225,9 @@ def evaluate(args: EvaluateArgs, task: Task) -> dict[str, float]:
     fabric = Fabric(accelerator=args.accelerator, devices=1)
     model = fabric.setup_module(model)
     loader = fabric.setup_dataloaders(
-        data.make_loader(dataset, args.batch_size or cfg.data.eval_batch_size, False, 0, 0, 1, drop_last=False),
+        data.make_loader(
+            dataset, args.batch_size or cfg.data.eval_batch_size, False, 0, 0, 1, drop_last=False, collate=task.collate
+        ),
         use_distributed_sampler=False,
     )
     metrics, _ = task.evaluate(fabric, cfg, model, loader)  # the loop's own evaluation pass

@@ -161,8 +161,9 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, fresh_name: str | Non
         with fabric.rank_zero_first(local=True):
             task.prepare_data(cfg)
     datasets = contract.call(task, "datasets", cfg)
-    contract.check_datasets(task, datasets)
+    contract.check_datasets(task, datasets, cfg.data.on_device)
     on_device = fabric.device if cfg.data.on_device else None
+    pin = fabric.device.type == "cuda"  # per-example batches, copied to the GPU without blocking
     train_loader = data.make_loader(
         datasets["train"],
         micro_batch,
@@ -173,6 +174,8 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, fresh_name: str | Non
         drop_last=True,
         num_workers=cfg.data.num_workers,
         device=on_device,
+        collate=task.collate,
+        pin_memory=pin,
     )
     eval_loaders = {
         split: data.make_loader(
@@ -185,6 +188,8 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, fresh_name: str | Non
             drop_last=False,
             device=on_device,
             max_batches=cfg.train.val_batches if split == "val" else None,
+            collate=task.collate,
+            pin_memory=pin,
         )
         for split in ("val", "test")
     }
@@ -338,7 +343,7 @@ def fit(run: Run, hooks: callbacks.Hooks) -> bool:
                 group["lr"] = run.lr
             for micro in range(accumulate):
                 waited = time.perf_counter()
-                batch = [t.to(fabric.device, non_blocking=True) for t in next(batches)]
+                batch = data.to_device(next(batches), fabric.device)
                 run.data_wait_s += time.perf_counter() - waited
                 # With skip_sync, gradients are all-reduced only on the last micro-batch of the step.
                 with fabric.no_backward_sync(model, enabled=run.skip_sync and micro < accumulate - 1):

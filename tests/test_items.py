@@ -1,0 +1,59 @@
+"""A per-example Dataset (dict examples, random augmentation in 2 worker processes) trains, and resumes bitwise after
+kill -9 at a random step, in one process and under 2-process DDP, and with another number of workers."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, child_env, run_script
+from test_train import train_losses, weights
+
+TASK = str(ROOT / "tests" / "items_task.py")
+DDP = ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp"]
+
+
+def kill_at_a_random_step(out: Path, name: str, *flags: str) -> int:
+    process = subprocess.Popen(
+        [sys.executable, TASK, "--out-dir", str(out), "--run-name", name, *flags],
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    target, deadline = random.randint(8, 50), time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if (out / name / "metrics.csv").exists() and len(train_losses(out / name)) >= target:
+            break
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return target
+
+
+@pytest.mark.parametrize("flags", [[], DDP], ids=["one process", "ddp"])
+def test_per_example_data_with_workers_resumes_exactly_after_kill_9(tmp_path, flags):
+    reference = run_script([TASK, "--out-dir", str(tmp_path), "--run-name", "reference", *flags])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert "test metrics (items)" in reference.stdout
+    kill_at_a_random_step(tmp_path, "killed", *flags)
+    assert len(train_losses(tmp_path / "killed")) < 60  # it was interrupted
+    resumed = run_script([TASK, "--out-dir", str(tmp_path), "--run-name", "killed", "--resume", "auto", *flags])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "reference")  # every step, bitwise
+    final, expected = weights(tmp_path / "killed"), weights(tmp_path / "reference")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_the_augmentation_does_not_depend_on_the_number_of_workers(tmp_path):
+    for workers in ("0", "1", "3"):
+        result = run_script([TASK, "--out-dir", str(tmp_path), "--run-name", workers, "--data.num-workers", workers])
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert train_losses(tmp_path / "0") == train_losses(tmp_path / "1") == train_losses(tmp_path / "3")
+    losses = list(train_losses(tmp_path / "0").values())
+    assert losses[-1] < losses[0] / 2  # it learns
