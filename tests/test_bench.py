@@ -86,3 +86,11 @@ def test_gpu_check_smoke(tmp_path):
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| resume check |" in table and "exact (losses and weights bitwise)" in table
     assert table.count("| chess |") == 1 and table.count("| dvae |") == 1
+
+
+def test_per_example_benchmark_smoke():
+    result = run_script(["bench/per_example.py", "--workers", "0", "2", "--rounds", "1", "--examples", "1024"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for workers in ("0", "2"):
+        assert f"{workers} workers  ratio kibitz / plain:" in result.stdout
+        assert f"{workers} workers  kibitz" in result.stdout and f"{workers} workers  plain DataLoader" in result.stdout
