@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import data
+import distributed
 from config import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -140,6 +141,7 @@ def check_evaluation(run) -> None:
     with same_random_numbers():
         result = call(task, "evaluate", fabric, cfg, run.model, loader)
     run.model.train(training)
+    distributed.reshard(run.model)
     if not isinstance(result, tuple) or len(result) != 2 or not isinstance(result[0], dict):
         raise ConfigError(f"{where(task, 'evaluate')}: expected (metrics dict, histograms), got {describe(result)}")
     metrics = result[0]

@@ -96,6 +96,17 @@ def gradient_clipper(fabric: Fabric, model, optimizer, max_norm: float):
     return lambda norms: fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """After a forward without backward (an evaluation), FSDP2 leaves the root module's parameters gathered (its
+    heuristic: the backward would need them at once): shard them again, or every rank holds the whole root and a
+    checkpoint save finds no sharded model (a task without `blocks` is all root). A no-op without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def stop_together(fabric: Fabric, error: str | None) -> None:
     """Every rank calls this at the same point after work that may fail on some ranks only (rank 0 writing a
     file): if any failed, every rank stops, the failing ones with their one-line `error`, the others quietly

@@ -295,6 +295,8 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, fresh_name: str | Non
                 f"run folder: {run_dir}  ({world} process{'es' if world > 1 else ''}, {fabric.device}, "
                 f"micro-batch {micro_batch} x {cfg.train.accumulate} accumulation x {world} = {cfg.data.batch_size})"
             )
+            if checkpoints.is_sharding(fabric) and not task.blocks:
+                print(f"{config.strategy_of(cfg.fabric)}: the task names no blocks, so the whole model is one unit")
     except BaseException:
         storage.unlock_folder(folder_lock)
         raise
@@ -432,6 +434,7 @@ def validate(run: Run, hooks: callbacks.Hooks) -> None:
     count validations without improvement for early stopping."""
     cfg, (monitor, mode) = run.cfg, run.monitor
     metrics, histograms = run.task.evaluate(run.fabric, cfg, run.model, run.eval_loaders["val"])
+    distributed.reshard(run.model)
     run.val_metrics = {f"val/{k}": float(v) for k, v in metrics.items()}  # numpy scalars too: checkpoints hold data
     if run.loggers:
         run.loggers.log(run.val_metrics, run.step)
@@ -496,6 +499,7 @@ def test(run: Run, hooks: callbacks.Hooks | None = None) -> dict[str, float]:
     elif run.best:
         fabric.print(f"no validation gave a finite {run.monitor[0]}: testing the final weights")
     metrics, _ = run.task.evaluate(fabric, run.cfg, run.model, run.eval_loaders["test"])
+    distributed.reshard(run.model)
     callbacks.call(hooks or {}, "on_test_end", run)
     error = None
     if fabric.is_global_zero:

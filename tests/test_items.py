@@ -57,3 +57,22 @@ def test_the_augmentation_does_not_depend_on_the_number_of_workers(tmp_path):
     assert train_losses(tmp_path / "0") == train_losses(tmp_path / "1") == train_losses(tmp_path / "3")
     losses = list(train_losses(tmp_path / "0").values())
     assert losses[-1] < losses[0] / 2  # it learns
+
+
+def test_fsdp2_shards_a_task_without_blocks_saves_resumes_and_exports(tmp_path):
+    fsdp2 = [*DDP[:-1], "fsdp2", "--checkpoint.sharded", "--data.num-workers", "0"]
+    reference = run_script([TASK, "--out-dir", str(tmp_path), "--run-name", "reference", *fsdp2])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert "fsdp2: the task names no blocks, so the whole model is one unit" in reference.stdout
+    kill_at_a_random_step(tmp_path, "killed", *fsdp2)
+    resumed = run_script([TASK, "--out-dir", str(tmp_path), "--run-name", "killed", "--resume", "auto", *fsdp2])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "reference")
+    final, expected = weights(tmp_path / "killed"), weights(tmp_path / "reference")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    folder, whole = tmp_path / "killed" / "checkpoints" / "last.ckpt", tmp_path / "whole.ckpt"
+    assert folder.is_dir()
+    exported = run_script(["train.py", "export-checkpoint", "--ckpt", str(folder), "--out", str(whole)])
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    evaluated = run_script([TASK, "evaluate", "--ckpt", str(whole), "--split", "val"])
+    assert evaluated.returncode == 0 and "val metrics of" in evaluated.stdout, evaluated.stderr[-3000:]
