@@ -215,7 +215,7 @@ def flops_per_sample(task, cfg, batch: list, train_size: int) -> float:
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # draws nothing from the run's generator
         model = task.build_model(cfg)
         inputs = [torch.empty_like(t, device="meta") for t in batch]
-        flops = measure_flops(model, lambda: task.train_step(cfg, model, inputs, 0, train_size)[0], lambda x: x)
+        flops = measure_flops(model, lambda: loss_of(task.train_step(cfg, model, inputs, 0, train_size)), lambda x: x)
     return flops / len(batch[0])
 
 
@@ -310,6 +310,11 @@ def monitoring(cfg, log_every: int) -> Hooks:
             run.loggers.sender.flush()
 
     return {"on_train_start": [start], "after_backward": [after_backward], "on_log": [on_log], "on_train_end": [end]}
+
+
+def loss_of(result):
+    """The loss of what a train_step returned: the loss alone, or (loss, values to log)."""
+    return result[0] if isinstance(result, tuple) else result
 
 
 def improved(score: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:

@@ -256,7 +256,8 @@ class Task:
     """cfg -> {"train": ..., "val": ..., "test": ...}: each a data.ArrayDataset (a batch is one gather) or any
     torch Dataset with __len__ and a per-example __getitem__ (examples collated into batches of any structure)."""
     train_step: Callable
-    """(cfg, model, batch, step, train_size) -> (loss to backpropagate, detached tensor of train_fields)."""
+    """(cfg, model, batch, step, train_size) -> the loss to backpropagate, or (loss, {name: value to log}); the
+    values are averaged over each log interval (or, as before: (loss, a detached tensor of train_fields))."""
     evaluate: Callable
     """(fabric, cfg, model, loader) -> (metrics, histograms): sums over the split reduced over ranks."""
     report: Callable
@@ -264,7 +265,7 @@ class Task:
     metrics: dict[str, Direction]
     """The validation metrics that may rank checkpoints, each with whether lower or higher is better."""
     train_fields: tuple[str, ...] = ("loss",)
-    """What `train_step` returns, averaged over each log interval; the first is the loss."""
+    """Only for a train_step returning (loss, a tensor of values): their names, the loss first."""
     scheduled: Callable | None = None
     """(cfg, step) -> {name: value}: values the task's own schedules apply at a step (logged as schedule/...)."""
     prepare_data: Callable | None = None

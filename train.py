@@ -114,6 +114,7 @@ class Run:
     rows_used: int = 0
     stop_signal: int = 0  # SIGINT / SIGTERM / SIGUSR1 received: save and stop at the next log interval
     folder_lock: object = None  # held by rank 0 for the whole run: one writer per run folder
+    train_fields: tuple = ("loss",)  # the names of what train_step logs (the loss first), fixed at its first call
     log_row: dict = field(default_factory=dict)
     val_metrics: dict = field(default_factory=dict)
 
@@ -334,7 +335,7 @@ def fit(run: Run, hooks: callbacks.Hooks) -> bool:
     """The loop: optimizer steps until a limit or a stop request. False if stopped by a signal."""
     cfg, fabric, model, optimizer = run.cfg, run.fabric, run.model, run.optimizer
     accumulate, train_size = cfg.train.accumulate, len(run.datasets["train"])
-    train_step, start_time = contract.checked_once(run.task), time.perf_counter()  # first return checked: no sync
+    train_step, start_time = contract.checked_once(run), time.perf_counter()  # first return checked: no sync
     callbacks.call(hooks, "on_train_start", run)
     while not run.should_stop and run.step < run.total_steps:
         run.train_loader.sampler.start_epoch(run.epoch, skip_batches=run.step_in_epoch * accumulate)
@@ -419,7 +420,7 @@ def log_training(run: Run, hooks: callbacks.Hooks) -> None:
     run.loss_sum.zero_()
     run.loss_before.zero_()
     nonfinite.judge(run, means, bool(bad_gradient), int(first_bad), used, interval)
-    run.log_row = {f"train/{name}": value for name, value in zip(run.task.train_fields, means)}
+    run.log_row = {f"train/{name}": value for name, value in zip(run.train_fields, means)}
     if run.task.scheduled:
         run.log_row.update({f"schedule/{k}": v for k, v in run.task.scheduled(run.cfg, run.step).items()})
     run.log_row.update({"train/lr": run.lr, "train/epoch": run.epoch})

@@ -58,13 +58,20 @@ MISTAKES = {
     "a direction other than min/max": (dict(metrics={"val/mse": "lowest"}), "expected 'min' or 'max', got 'lowest'"),
     "train_step returns a float": (
         dict(train_step=lambda *a: train_step(*a)[0].item()),
-        "task tiny: train_step (test_task_contract.py): expected (loss: a scalar tensor with a gradient, logged: a "
-        "tensor of 1 values ('loss',)), got a float",
+        "task tiny: train_step (test_task_contract.py): expected the loss (a scalar tensor with a gradient), or "
+        "(loss, {name: value to log}), got a float",
     ),
-    "train_step returns the loss alone": (dict(train_step=lambda *a: train_step(*a)[0]), "got a Tensor"),
+    "train_step returns a detached loss": (
+        dict(train_step=lambda *a: train_step(*a)[0].detach()),
+        "got a tensor of shape () (torch.float32) without a gradient",
+    ),
     "train_step returns a vector loss": (
         dict(train_step=vector_loss),
-        "expected a scalar loss tensor with a gradient, got a tensor of shape (32,)",
+        "got (a tensor of shape (32,) (torch.float32), ...)",
+    ),
+    "train_step logs a vector": (
+        dict(train_step=lambda *a: (train_step(*a)[0], {"both": torch.zeros(2)})),
+        "expected {name: a scalar tensor or number} to log",
     ),
     "train_fields longer than returned": (
         dict(train_fields=("loss", "extra")),
@@ -103,6 +110,20 @@ def test_a_task_mistake_is_one_line_before_training(tmp_path, capsys, mistake):
 
 def test_the_tiny_task_itself_trains(tmp_path, capsys):
     assert run(tmp_path, TASK) == 0  # so every failure above is the mistake's
+
+
+def test_train_step_may_return_the_loss_alone_or_values_to_log_by_name(tmp_path):
+    def with_values(*args):
+        loss = train_step(*args)[0]
+        return loss, {"half": loss.detach() / 2, "step": args[3]}
+
+    for name, step in (("alone", lambda *a: train_step(*a)[0]), ("named", with_values)):
+        assert train.main(["--out-dir", str(tmp_path), "--run-name", name], task=mistaken(train_step=step)) == 0
+    logged = {name: (tmp_path / name / "metrics.csv").read_text() for name in ("alone", "named")}
+    assert "train/loss" in logged["alone"] and "train/half" not in logged["alone"]
+    rows = [line.split(",") for line in logged["named"].splitlines()]
+    at_2 = {row[1]: float(row[2]) for row in rows if row[0] == "2"}
+    assert at_2["train/half"] == pytest.approx(at_2["train/loss"] / 2) and at_2["train/step"] == 0.5  # steps 0, 1
 
 
 def test_a_syntax_error_in_a_task_file_is_one_line(tmp_path, capsys):
