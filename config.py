@@ -242,10 +242,11 @@ def strategy_of(f: FabricConfig) -> str:
 
 @dataclass(frozen=True)
 class Task:
-    """Everything the trainer needs from a task, as plain functions and values (see examples/charlm.py).
+    """Everything the trainer needs from a task, as plain functions and values (see examples/digits.py).
 
-    The metric names in `metrics` are what `evaluate` returns, prefixed with "val/"; the first one is what
-    checkpoints are ranked by unless checkpoint.monitor says otherwise."""
+    The metric names in `metrics` are what the evaluation returns, prefixed with "val/"; the first one is what
+    checkpoints are ranked by unless checkpoint.monitor says otherwise. Evaluation: `eval_step` (the trainer runs the
+    pass), or a whole `evaluate`."""
 
     name: str
     config: type
@@ -258,12 +259,17 @@ class Task:
     train_step: Callable
     """(cfg, model, batch, step, train_size) -> the loss to backpropagate, or (loss, {name: value to log}); the
     values are averaged over each log interval (or, as before: (loss, a detached tensor of train_fields))."""
-    evaluate: Callable
-    """(fabric, cfg, model, loader) -> (metrics, histograms): sums over the split reduced over ranks."""
-    report: Callable
-    """(cfg, test metrics) -> (title, rows) for the test table."""
     metrics: dict[str, Direction]
     """The validation metrics that may rank checkpoints, each with whether lower or higher is better."""
+    eval_step: Callable | None = None
+    """(cfg, model, batch) -> {name: tensor}: this batch's sums (a `count` of examples among them); the trainer adds
+    them up over the split and its ranks, and each metric is its sum / count (or what `eval_metrics` makes of them)."""
+    eval_metrics: Callable | None = None
+    """(cfg, {name: summed tensor, on the CPU}) -> metrics, or (metrics, histograms): for metrics other than means."""
+    evaluate: Callable | None = None
+    """Instead of eval_step: (fabric, cfg, model, loader) -> (metrics, histograms) over the split and the ranks."""
+    report: Callable | None = None
+    """(cfg, test metrics) -> (title, {row: value}) for the test table (default: the task's name and every metric)."""
     train_fields: tuple[str, ...] = ("loss",)
     """Only for a train_step returning (loss, a tensor of values): their names, the loss first."""
     scheduled: Callable | None = None
@@ -435,8 +441,17 @@ def check_task(task: Task) -> None:
     )
     for name, direction in task.metrics.items():
         need(direction in ("min", "max"), f"task {task.name}: Task.metrics[{name!r}]", "'min' or 'max'", direction)
-    for name in ("build_model", "datasets", "train_step", "evaluate", "report"):
+    for name in ("build_model", "datasets", "train_step"):
         need(callable(getattr(task, name)), f"task {task.name}: Task.{name}", "a function", getattr(task, name))
+    need(
+        callable(task.eval_step) != callable(task.evaluate),
+        f"task {task.name}: Task.eval_step",
+        "a function (the trainer runs the evaluation), or else Task.evaluate (a whole pass), not both",
+        task.eval_step,
+    )
+    for name in ("eval_metrics", "report", "collate", "scheduled", "prepare_data", "hooks", "check"):
+        value = getattr(task, name)
+        need(value is None or callable(value), f"task {task.name}: Task.{name}", "a function or None", value)
     need(
         isinstance(task.train_fields, (tuple, list)) and len(task.train_fields) > 0,
         f"task {task.name}: Task.train_fields",

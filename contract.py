@@ -19,6 +19,7 @@ import torch
 
 import data
 import distributed
+import evaluation
 from config import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -157,25 +158,33 @@ def check_evaluation(run) -> None:
     if not cfg.data.on_device:
         loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
     training = run.model.training
+    function = "evaluate" if task.evaluate else "eval_metrics" if task.eval_metrics else "eval_step"
     with same_random_numbers():
-        result = call(task, "evaluate", fabric, cfg, run.model, loader)
+        try:
+            result = evaluation.evaluate(fabric, cfg, task, run.model, loader)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise failed(task, "evaluate" if task.evaluate else "eval_step", exc) from None
     run.model.train(training)
     distributed.reshard(run.model)
     if not isinstance(result, tuple) or len(result) != 2 or not isinstance(result[0], dict):
-        raise ConfigError(f"{where(task, 'evaluate')}: expected (metrics dict, histograms), got {describe(result)}")
+        raise ConfigError(f"{where(task, function)}: expected (metrics dict, histograms), got {describe(result)}")
     metrics = result[0]
     missing = [name.removeprefix("val/") for name in task.metrics if name.removeprefix("val/") not in metrics]
     if missing:
         raise ConfigError(
-            f"{where(task, 'evaluate')}: returned no {', '.join(missing)} (Task.metrics names val/{missing[0]}); it "
+            f"{where(task, function)}: returned no {', '.join(missing)} (Task.metrics names val/{missing[0]}); it "
             f"returned {', '.join(metrics) or 'nothing'}"
         )
     for name, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(
-                f"{where(task, 'evaluate')}: metric {name!r} is {describe(value)}; expected a Python number "
+                f"{where(task, function)}: metric {name!r} is {describe(value)}; expected a Python number "
                 "(reduce over ranks, then .item())"
             )
+    if not task.report:
+        return
     report = call(task, "report", cfg, metrics)
     if not isinstance(report, tuple) or len(report) != 2 or not isinstance(report[1], dict):
         raise ConfigError(f"{where(task, 'report')}: expected (title, {{row name: value}}), got {describe(report)}")

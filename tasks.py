@@ -188,18 +188,16 @@ def chess_step(cfg: ChessConfig, model, batch, step: int, train_size: int):
     return loss
 
 
-@torch.no_grad()
-def chess_evaluate(fabric, cfg: ChessConfig, model, loader) -> tuple[dict, dict]:
-    """Metrics over a whole split, summed on each rank's device and reduced over ranks once."""
-    model.eval()
-    sums = torch.zeros(len(losses.EVAL_SUM_FIELDS), device=fabric.device, dtype=torch.float64)
-    loader.sampler.start_epoch(0)
-    for packed, pawns in loader:
-        output = losses.to_pawns(model(packed), cfg.data.target)
-        sums += losses.eval_metric_sums(output, pawns, packed, cfg.data.clamp).double()
-    model.train()
-    metrics = losses.eval_metrics(fabric.all_reduce(sums, reduce_op="sum"))
-    return {**metrics, "loss": metrics["l1"]}, {}
+def chess_eval_step(cfg: ChessConfig, model, batch) -> dict:
+    """This batch's sums (losses.EVAL_SUM_FIELDS); the trainer adds them up over the split and the ranks."""
+    packed, pawns = batch
+    output = losses.to_pawns(model(packed), cfg.data.target)
+    return {"sums": losses.eval_metric_sums(output, pawns, packed, cfg.data.clamp)}
+
+
+def chess_eval_metrics(cfg: ChessConfig, sums: dict) -> dict:
+    metrics = losses.eval_metrics(sums["sums"])
+    return {**metrics, "loss": metrics["l1"]}
 
 
 def chess_report(cfg: ChessConfig, metrics: dict) -> tuple[str, dict]:
@@ -284,9 +282,10 @@ CHESS = Task(
     chess_model,
     chess_datasets,
     chess_step,
-    chess_evaluate,
-    chess_report,
     metrics={"val/l1": "min", "val/rmse": "min", "val/sign_acc": "max", "val/loss": "min", "val/material_l1": "min"},
+    eval_step=chess_eval_step,
+    eval_metrics=chess_eval_metrics,
+    report=chess_report,
     prepare_data=prepare_positions,
     hooks=chess_hooks,
     check=check_chess,
@@ -346,24 +345,22 @@ def dvae_step(cfg: DVAEConfig, model, batch, step: int, train_size: int):
     return loss, logged
 
 
-@torch.no_grad()
-def dvae_evaluate(fabric, cfg: DVAEConfig, model, loader) -> tuple[dict, dict]:
-    """Deterministic reconstruction through the argmax codes, no masking: token and board accuracy,
-    reconstruction loss, KL, codebook perplexity and use, and a code-usage histogram per latent."""
-    model.eval()
-    sums = torch.zeros(len(losses.DVAE_SUM_FIELDS), device=fabric.device, dtype=torch.float64)
-    counts = torch.zeros(cfg.model.latents, cfg.model.codebook, device=fabric.device, dtype=torch.float64)
-    loader.sampler.start_epoch(0)
-    for packed, *_ in loader:
-        tokens = board_tokens(packed)
-        token_logits, code_logits, codes = model(tokens)
-        index = codes.argmax(-1)
-        sums += losses.dvae_metric_sums(token_logits, tokens, code_logits).double()
-        counts.scatter_add_(1, index.T, torch.ones(index.T.shape, device=counts.device, dtype=counts.dtype))
-    model.train()
-    sums = fabric.all_reduce(sums, reduce_op="sum")
-    counts = fabric.all_reduce(counts, reduce_op="sum").cpu()
-    metrics = losses.dvae_metrics(sums, counts)
+def dvae_eval_step(cfg: DVAEConfig, model, batch) -> dict:
+    """Deterministic reconstruction through the argmax codes, no masking: this batch's sums and its count of each
+    latent's codes (the trainer adds them up over the split and the ranks)."""
+    tokens = board_tokens(batch[0])
+    token_logits, code_logits, codes = model(tokens)
+    index = codes.argmax(-1)
+    counts = torch.zeros(cfg.model.latents, cfg.model.codebook, device=index.device, dtype=torch.float64)
+    counts.scatter_add_(1, index.T, torch.ones(index.T.shape, device=counts.device, dtype=counts.dtype))
+    return {"sums": losses.dvae_metric_sums(token_logits, tokens, code_logits), "code_counts": counts}
+
+
+def dvae_eval_metrics(cfg: DVAEConfig, summed: dict) -> tuple[dict, dict]:
+    """Token and board accuracy, reconstruction loss, KL, codebook perplexity and use, and a code-usage histogram
+    per latent."""
+    counts = summed["code_counts"]
+    metrics = losses.dvae_metrics(summed["sums"], counts)
     edges = torch.arange(cfg.model.codebook + 1, dtype=torch.float64).numpy()
     histograms = {}
     for latent, row in enumerate(counts):
@@ -458,8 +455,9 @@ DVAE = Task(
     dvae_model,
     board_datasets,
     dvae_step,
-    dvae_evaluate,
-    dvae_report,
+    eval_step=dvae_eval_step,
+    eval_metrics=dvae_eval_metrics,
+    report=dvae_report,
     metrics={
         "val/token_acc": "max",
         "val/board_acc": "max",

@@ -25,6 +25,7 @@ from lightning_fabric import Fabric
 import checkpoints
 import configfile
 import data
+import evaluation
 import storage
 from config import Accelerator, ConfigError, DataConfig, RunConfig, Task
 
@@ -230,8 +231,8 @@ def evaluate(args: EvaluateArgs, task: Task) -> dict[str, float]:
         ),
         use_distributed_sampler=False,
     )
-    metrics, _ = task.evaluate(fabric, cfg, model, loader)  # the loop's own evaluation pass
-    title, rows = task.report(cfg, metrics)
+    metrics, _ = evaluation.evaluate(fabric, cfg, task, model, loader)  # the loop's own evaluation pass
+    title, rows = evaluation.report(task, cfg, metrics)
     where = getattr(cfg.data, "dir", None)
     print_table(f"{args.split} metrics of {args.ckpt}{f' on {where}' if where else ''} ({title})", rows)
     return metrics

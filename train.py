@@ -65,6 +65,7 @@ import configfile
 import contract
 import data
 import distributed
+import evaluation
 import nonfinite
 import storage
 import tools
@@ -434,7 +435,7 @@ def validate(run: Run, hooks: callbacks.Hooks) -> None:
     """Evaluate on val, log, write step-N.ckpt (keeping the best k, last.ckpt pointing at it) and
     count validations without improvement for early stopping."""
     cfg, (monitor, mode) = run.cfg, run.monitor
-    metrics, histograms = run.task.evaluate(run.fabric, cfg, run.model, run.eval_loaders["val"])
+    metrics, histograms = evaluation.evaluate(run.fabric, cfg, run.task, run.model, run.eval_loaders["val"])
     distributed.reshard(run.model)
     run.val_metrics = {f"val/{k}": float(v) for k, v in metrics.items()}  # numpy scalars too: checkpoints hold data
     if run.loggers:
@@ -499,12 +500,12 @@ def test(run: Run, hooks: callbacks.Hooks | None = None) -> dict[str, float]:
         fabric.print(f"testing the best checkpoint: {best_path.name} ({run.monitor[0]} {best[0]:.4f})")
     elif run.best:
         fabric.print(f"no validation gave a finite {run.monitor[0]}: testing the final weights")
-    metrics, _ = run.task.evaluate(fabric, run.cfg, run.model, run.eval_loaders["test"])
+    metrics, _ = evaluation.evaluate(fabric, run.cfg, run.task, run.model, run.eval_loaders["test"])
     distributed.reshard(run.model)
     callbacks.call(hooks or {}, "on_test_end", run)
     error = None
     if fabric.is_global_zero:
-        title, rows = run.task.report(run.cfg, metrics)
+        title, rows = evaluation.report(run.task, run.cfg, metrics)
         tools.print_table(f"test metrics ({title})", rows)
         tested = {f"test/{k}": v for k, v in metrics.items()}
         try:

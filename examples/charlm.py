@@ -110,17 +110,14 @@ def train_step(cfg: CharConfig, model, batch, step: int, train_size: int):
 
 
 @torch.no_grad()
-def evaluate(fabric, cfg: CharConfig, model, loader) -> tuple[dict, dict]:
-    model.eval()
-    sums = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # nats, characters
-    loader.sampler.start_epoch(0)
-    for (window,) in loader:
-        sums[0] += next_char_loss(model, window, "sum").double()
-        sums[1] += window[:, 1:].numel()
-    model.train()
-    nats, chars = fabric.all_reduce(sums, reduce_op="sum").tolist()
-    loss = nats / max(chars, 1)
-    return {"bpc": loss / np.log(2), "loss": loss, "chars": chars}, {}
+def eval_step(cfg: CharConfig, model, batch) -> dict:
+    (window,) = batch
+    return {"nats": next_char_loss(model, window, "sum"), "chars": torch.tensor(window[:, 1:].numel())}
+
+
+def eval_metrics(cfg: CharConfig, sums: dict) -> dict:
+    loss = float(sums["nats"]) / max(float(sums["chars"]), 1)
+    return {"bpc": loss / np.log(2), "loss": loss, "chars": float(sums["chars"])}
 
 
 def report(cfg: CharConfig, metrics: dict) -> tuple[str, dict]:
@@ -138,9 +135,8 @@ def check(cfg: CharConfig) -> None:
 
 
 METRICS = {"val/bpc": "min", "val/loss": "min"}  # the first ranks checkpoints
-TASK = Task(
-    "charlm", CharConfig, build_model, datasets, train_step, evaluate, report, METRICS, check=check, blocks=(Block,)
-)
+TASK = Task("charlm", CharConfig, build_model, datasets, train_step, METRICS, eval_step=eval_step,
+            eval_metrics=eval_metrics, report=report, check=check, blocks=(Block,))  # fmt: skip
 
 if __name__ == "__main__":
     sys.exit(train.main(sys.argv[1:], task=TASK))

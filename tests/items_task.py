@@ -69,21 +69,12 @@ def train_step(cfg, model, batch: dict, step, train_size):
     return loss, loss.detach()
 
 
-@torch.no_grad()
-def evaluate(fabric, cfg, model, loader) -> tuple[dict, dict]:
-    model.eval()
-    sums = torch.zeros(2, device=fabric.device, dtype=torch.float64)
-    loader.sampler.start_epoch(0)
-    for batch in loader:
-        error = torch.nn.functional.mse_loss(model(batch["features"]), batch["target"], reduction="sum")
-        sums += torch.stack([error, torch.tensor(len(batch["target"]), device=sums.device)])
-    model.train()
-    total, count = fabric.all_reduce(sums, reduce_op="sum").tolist()
-    return {"mse": total / count}, {}
+def eval_step(cfg, model, batch: dict) -> dict:
+    error = torch.nn.functional.mse_loss(model(batch["features"]), batch["target"], reduction="sum")
+    return {"mse": error, "count": torch.tensor(len(batch["target"]))}
 
 
-TASK = Task("items", ItemsConfig, build_model, datasets, train_step, evaluate, lambda c, m: ("items", m),
-            {"val/mse": "min"})  # fmt: skip
+TASK = Task("items", ItemsConfig, build_model, datasets, train_step, {"val/mse": "min"}, eval_step=eval_step)
 
 if __name__ == "__main__":
     sys.exit(train.main(sys.argv[1:], task=TASK))

@@ -115,14 +115,15 @@ def test_masking_only_in_training(prepared):
     from lightning_fabric import Fabric
 
     import data
+    import evaluation
 
     fabric = Fabric(accelerator="cpu", devices=1)
     cfg.data.dir = prepared
     loader = data.make_loader(tasks.board_datasets(cfg)["val"], 512, False, 0, 0, 1, drop_last=False)
-    metrics, histograms = tasks.dvae_evaluate(fabric, cfg, model, loader)
+    metrics, histograms = evaluation.evaluate(fabric, cfg, tasks.DVAE, model, loader)
     assert seen and all(not (t == MASK_TOKEN).any() for t in seen if t.dtype == torch.int64)
     cfg.dvae.mask = Ramp()
-    assert tasks.dvae_evaluate(fabric, cfg, model, loader)[0] == metrics
+    assert evaluation.evaluate(fabric, cfg, tasks.DVAE, model, loader)[0] == metrics
     assert 0 <= metrics["token_acc"] <= 1 and metrics["codes_used"] >= 1
     assert len(histograms) == 4 and sum(h[0].sum() for h in histograms.values()) == 4 * metrics["boards"]
 

@@ -53,8 +53,8 @@ def evaluate(fabric, cfg, model, loader):
     return {{"mse": fabric.all_reduce(total, reduce_op="sum").item() / 32}}, {{}}
 
 
-TASK = Task("shapes", ShapesConfig, lambda cfg: Net(), datasets, train_step, evaluate,
-            lambda cfg, m: ("shapes", m), {{"val/mse": "min"}})
+TASK = Task("shapes", ShapesConfig, lambda cfg: Net(), datasets, train_step, {{"val/mse": "min"}},
+            evaluate=evaluate)
 
 if __name__ == "__main__":
     sys.exit(train.main(sys.argv[1:], task=TASK))

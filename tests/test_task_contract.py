@@ -1,6 +1,7 @@
 """A task's mistakes are one line naming the task, the function and what it gave, before training; metrics that lie
 (NaN, an unknown direction) are refused; --init-from with --resume auto initialises once, then resumes."""
 
+import json
 import math
 
 import pytest
@@ -97,7 +98,31 @@ MISTAKES = {
         dict(evaluate=raises_in_evaluate),
         "task tiny: evaluate (test_task_contract.py) raised KeyError",
     ),
+    "eval_step returns a non-tensor": (
+        dict(evaluate=None, eval_step=lambda cfg, model, batch: {"mse": "low", "count": 1}),
+        "task tiny: eval_step: expected {name: a tensor of this batch's sums}, got {'mse': 'str', 'count': 'int'}",
+    ),
+    "eval_step without a count": (
+        dict(evaluate=None, eval_step=lambda cfg, model, batch: {"mse": torch.zeros(())}),
+        "task tiny: eval_step: returned no 'count' (the examples in the batch)",
+    ),
+    "both evaluate and eval_step": (
+        dict(eval_step=lambda cfg, model, batch: {}),
+        "Task.eval_step: expected a function (the trainer runs the evaluation), or else Task.evaluate",
+    ),
 }
+
+
+def squared_errors(cfg, model, batch):
+    x, y = batch
+    return {"mse": ((model(x) - y) ** 2).sum(), "count": torch.tensor(len(y))}
+
+
+def test_eval_step_gives_the_metrics_the_whole_evaluate_gives(tmp_path, capsys):
+    assert run(tmp_path / "whole", TASK) == 0
+    assert run(tmp_path / "steps", mistaken(evaluate=None, eval_step=squared_errors)) == 0
+    whole, steps = (json.loads((tmp_path / k / "r" / "test_metrics.json").read_text()) for k in ("whole", "steps"))
+    assert steps["test/mse"] == pytest.approx(whole["test/mse"], rel=1e-6) and steps["test/count"] == 64
 
 
 @pytest.mark.parametrize("mistake", MISTAKES)

@@ -56,7 +56,7 @@ def report(cfg, metrics: dict) -> tuple[str, dict]:
     return "tiny regression", {"mse": metrics["mse"]}
 
 
-TASK = Task("tiny", TinyConfig, build_model, datasets, train_step, evaluate, report, {"val/mse": "min"})
+TASK = Task("tiny", TinyConfig, build_model, datasets, train_step, {"val/mse": "min"}, evaluate=evaluate, report=report)
 
 
 def mistaken(**functions) -> Task:

@@ -1,0 +1,59 @@
+"""The trainer's evaluation pass, for a task that gives `eval_step`: eval mode, no_grad, the split's loader from its
+start, the per-batch sums added up on the device, one all-reduce over ranks, then the metrics. A task that gives a
+whole `evaluate` instead (for what sums cannot express) is called as it is."""
+
+import torch
+
+from config import ConfigError
+
+
+def evaluate(fabric, cfg, task, model, loader) -> tuple[dict, dict]:
+    """-> (metrics {name: number}, histograms {name: tensor}) over the whole split, every rank's examples counted."""
+    if task.eval_step is None:
+        return task.evaluate(fabric, cfg, model, loader)
+    training = model.training
+    model.eval()
+    if hasattr(getattr(loader, "sampler", None), "start_epoch"):  # an epoch-ordered loader: from its first batch
+        loader.sampler.start_epoch(0)
+    names, shapes, total = None, None, None
+    with torch.no_grad():
+        for batch in loader:
+            sums = task.eval_step(cfg, model, batch)
+            if total is None:
+                names, shapes = check_sums(task, sums), [torch.as_tensor(v).shape for v in sums.values()]
+            flat = torch.cat([torch.as_tensor(v, device=fabric.device).reshape(-1).double() for v in sums.values()])
+            total = flat if total is None else total + flat
+    model.train(training)
+    if total is None:
+        raise ValueError("the split gave no batches to evaluate")
+    total = fabric.all_reduce(total, reduce_op="sum").cpu() if fabric.world_size > 1 else total.cpu()
+    sums = dict(zip(names, torch.split(total, [s.numel() for s in shapes])))
+    sums = {name: value.reshape(shape) for (name, value), shape in zip(sums.items(), shapes)}
+    result = task.eval_metrics(cfg, sums) if task.eval_metrics else means(sums)
+    return result if isinstance(result, tuple) else (result, {})
+
+
+def check_sums(task, sums) -> list[str]:
+    """eval_step's first return: {name: tensor or number}, with a `count` unless eval_metrics makes the metrics."""
+    if not isinstance(sums, dict) or not all(torch.is_tensor(v) or isinstance(v, (int, float)) for v in sums.values()):
+        got = type(sums).__name__ if not isinstance(sums, dict) else {k: type(v).__name__ for k, v in sums.items()}
+        raise ConfigError(f"task {task.name}: eval_step: expected {{name: a tensor of this batch's sums}}, got {got}")
+    if task.eval_metrics is None and "count" not in sums:
+        raise ConfigError(
+            f"task {task.name}: eval_step: returned no 'count' (the examples in the batch), which each metric's sum is "
+            "divided by; return it, or give Task.eval_metrics"
+        )
+    return list(sums)
+
+
+def report(task, cfg, metrics: dict) -> tuple[str, dict]:
+    """The test table: the task's own report, or its name and every metric."""
+    return task.report(cfg, metrics) if task.report else (task.name, metrics)
+
+
+def means(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The default metrics: every scalar sum divided by the `count` sum (the examples seen), and the count itself."""
+    count = float(sums["count"])
+    return {
+        name: float(value) / count if name != "count" else count for name, value in sums.items() if value.numel() == 1
+    }
