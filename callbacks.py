@@ -146,7 +146,7 @@ def plot_curves(metrics_csv: Path, path: Path, val_names: list[str]) -> None:
             if name in series:
                 ax.plot(*series[name], label=name, marker="o" if title == "validation" else None, markersize=3)
         ax.set(title=title, xlabel="step")
-        if names and title != "lr":
+        if title != "lr" and any(name in series for name in names):  # nothing logged yet: no legend (and no warning)
             ax.legend(fontsize=8)
     save_figure(fig, path)
 
