@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import data
+
 Hooks = dict[str, list]
 
 
@@ -205,32 +207,35 @@ def device_peak(fabric, given_tflops: float | None, dtype: torch.dtype) -> tuple
     return (float(peak), f"{name}, Fabric's table") if peak else None
 
 
-def flops_per_sample(task, cfg, batch: list, train_size: int) -> float:
+def flops_per_sample(task, cfg, batch, train_size: int | None, samples: int) -> float:
     """FLOPs of one training sample: Fabric's measure_flops (torch's FlopCounterMode: matmuls, convolutions,
     attention) over the task's own training step, forward, loss and backward, on a copy of the model on the
     meta device, so nothing is computed or allocated. `batch` is a real micro-batch (only its shapes and
     dtypes are used)."""
+    from lightning_fabric.utilities.apply_func import apply_to_collection
     from lightning_fabric.utilities.throughput import measure_flops
 
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # draws nothing from the run's generator
         model = task.build_model(cfg)
-        inputs = [torch.empty_like(t, device="meta") for t in batch]
+        inputs = apply_to_collection(batch, torch.Tensor, lambda t: torch.empty_like(t, device="meta"))
         flops = measure_flops(model, lambda: loss_of(task.train_step(cfg, model, inputs, 0, train_size)), lambda x: x)
-    return flops / len(batch[0])
+    return flops / samples
 
 
 def mfu_setup(run) -> tuple[float, float] | None:
     """(FLOPs a sample, one device's peak) for perf/mfu, or None when either is unknown (rank 0 says which)."""
-    import numpy as np
-
     dtype = compute_dtype(run.fabric)
     peak = device_peak(run.fabric, run.cfg.monitor.peak_tflops, dtype)
     if peak is None:
         return None
     micro_batch = run.cfg.data.batch_size // (run.cfg.train.accumulate * run.fabric.world_size)
-    batch = list(run.datasets["train"][np.arange(micro_batch)])
+    train = run.datasets["train"]
     try:
-        flops = flops_per_sample(run.task, run.cfg, batch, len(run.datasets["train"]))
+        with torch.random.fork_rng(devices=[]):  # one real batch, for its shapes: the run's loader is not touched
+            loader = data.make_loader(train, micro_batch, False, 0, 0, 1, drop_last=True, collate=run.task.collate)
+            batch = next(iter(loader))
+        size = len(train) if hasattr(train, "__len__") else None
+        flops = flops_per_sample(run.task, run.cfg, batch, size, micro_batch)
     except Exception as exc:  # a step that reads values (.item(), data-dependent shapes) cannot run on meta
         run.fabric.print(f"warning: no MFU: the training step does not run on the meta device ({exc})")
         return None

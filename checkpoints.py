@@ -26,6 +26,7 @@ import torch
 import torch.distributed
 from lightning_fabric.wrappers import _unwrap_objects
 
+import data
 import distributed
 from config import ConfigError, is_plain_name
 from configfile import to_dict
@@ -73,6 +74,7 @@ def save(run, path: Path) -> None:
         "optimizer": run.optimizer,
         "progress": run.progress(),
         "rng": rng_states(fabric),
+        "data": loader_states(fabric, run.train_loader),
         "config": to_dict(run.cfg),
         "run": run_identity(run.run_dir),
         "task": {"name": run.task.name, "file": str(Path(inspect.getsourcefile(run.task.build_model)).resolve())},
@@ -250,6 +252,13 @@ def restore(run, path: Path | None) -> bool:
     """Load model, optimizer, counters and RNG states. With `--resume auto`, try the run's
     checkpoints newest first and skip any that fails to load, naming it. False: nothing to resume."""
     candidates = [path] if path else resume_candidates(run.run_dir)
+    train = run.datasets["train"]
+    if candidates and data.is_stream(train) and not hasattr(train, "state_dict"):
+        raise SystemExit(
+            f"error: resume: the training stream ({type(train).__name__}) has no state_dict/load_state_dict, so a "
+            "resumed run cannot continue where the checkpoint was taken (it would read the stream again from its "
+            "start); give the dataset those two methods, or start a new run"
+        )
     for candidate in candidates:
         try:
             verify(candidate)
@@ -262,6 +271,8 @@ def restore(run, path: Path | None) -> bool:
         for key, value in rest["progress"].items():
             setattr(run, key, value.to(run.fabric.device) if torch.is_tensor(value) else value)
         restore_rng(rest["rng"], run.fabric.global_rank)
+        if rest.get("data") is not None:  # a stream's position, this rank's
+            run.train_loader.load_state_dict(rest["data"][run.fabric.global_rank % len(rest["data"])])
         if rest.get("precision"):  # empty unless fp16 (a scaler refuses an empty state)
             run.fabric.strategy.precision.load_state_dict(rest["precision"])
         # from an artifact or a copied file, the run's other checkpoints may not be here: rank only those that are
@@ -514,6 +525,18 @@ def rng_states(fabric) -> list[dict]:
         return [state]
     gathered = [None] * fabric.world_size
     torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def loader_states(fabric, loader) -> list | None:
+    """Every rank's position in its stream (torchdata's state_dict: plain data), gathered so rank 0 can save them all;
+    None for epoch-ordered data, whose position the step counters give."""
+    if not hasattr(loader, "state_dict"):
+        return None
+    if fabric.world_size == 1:
+        return [loader.state_dict()]
+    gathered = [None] * fabric.world_size
+    torch.distributed.all_gather_object(gathered, loader.state_dict())
     return gathered
 
 

@@ -58,10 +58,11 @@ def check_datasets(task, datasets, on_device: bool = False) -> None:
         got = sorted(datasets) if isinstance(datasets, dict) else type(datasets).__name__
         raise ConfigError(f"{where(task, 'datasets')}: expected a dict with the splits train, val and test, got {got}")
     for split in SPLITS:
-        if not hasattr(datasets[split], "__len__") or not hasattr(datasets[split], "__getitem__"):
+        map_style = hasattr(datasets[split], "__len__") and hasattr(datasets[split], "__getitem__")
+        if not map_style and not data.is_stream(datasets[split]):
             raise ConfigError(
-                f"{where(task, 'datasets')}: the {split} split is not a map-style dataset (__len__ and __getitem__; "
-                f"got {type(datasets[split]).__name__})"
+                f"{where(task, 'datasets')}: the {split} split is neither a map-style dataset (__len__ and "
+                f"__getitem__) nor a stream (a torch IterableDataset); got {type(datasets[split]).__name__}"
             )
         if on_device and not isinstance(datasets[split], data.ArrayDataset):
             raise ConfigError(
@@ -156,7 +157,7 @@ def check_evaluation(run) -> None:
         collate=task.collate,
     )
     if not cfg.data.on_device:
-        loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+        loader = data.evaluated_on(fabric, loader)
     training = run.model.training
     function = "evaluate" if task.evaluate else "eval_metrics" if task.eval_metrics else "eval_step"
     with same_random_numbers():

@@ -4,12 +4,18 @@ A split is either
 - an `ArrayDataset`: aligned arrays, a batch one gather of an array of indices (the chess tasks' memory-mapped
   packed positions, examples/charlm.py's windows of a text file): the fast path;
 - any other `torch.utils.data.Dataset` with `__len__` and a per-example `__getitem__` (the torchvision habit):
-  its examples are read and collated a batch at a time (`ExampleBatches`), in worker processes if asked.
-Either way the order of an epoch is a pure function of (seed, epoch) (`EpochBatches`), so a resumed run sees
-the batches the interrupted one would have.
+  its examples are read and collated a batch at a time (`ExampleBatches`), in worker processes if asked;
+- a stream, a `torch.utils.data.IterableDataset` (records read from files or a socket, a dataset bigger than the
+  disk, a Hugging Face `datasets` stream): batched by torchdata's StatefulDataLoader (`Stream`), whose position
+  every checkpoint holds.
+For the first two the order of an epoch is a pure function of (seed, epoch) (`EpochBatches`), so a resumed run
+sees the batches the interrupted one would have; a stream resumes from its own state_dict.
 """
 
+import copy
 import random
+import sys
+import warnings
 
 import numpy as np
 import torch
@@ -137,6 +143,89 @@ class DeviceBatches:
             yield tuple(a[index] for a in self.arrays)
 
 
+class Stream:
+    """A stream's batches for one rank. It has no epochs: training reads it until train.max_steps or max_time, and a
+    stream that ends is read again from its start; an evaluation reads it from its start, at most `max_batches`.
+    `state_dict` is the position in it (the dataset's own state_dict, gathered from the worker processes)."""
+
+    def __init__(self, dataset, batch_size: int, collate, num_workers: int, pin_memory: bool, max_batches, endless):
+        try:
+            from torchdata.stateful_dataloader import StatefulDataLoader
+        except ImportError:
+            raise ValueError("a stream (an IterableDataset) is read by torchdata: pip install -e '.[stream]'") from None
+        with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch function as it starts
+            warnings.simplefilter("ignore", UserWarning)
+            self.loader = StatefulDataLoader(
+                dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
+                drop_last=endless,
+            )  # fmt: skip  # workers not persistent: each pass forks them with the dataset rewound here
+        self.dataset, self.max_batches, self.endless = dataset, max_batches, endless
+        self.start = copy.deepcopy(dataset.state_dict()) if hasattr(dataset, "state_dict") else None
+        self.sampler = self  # what the loop and tasks call start_epoch on
+        self.device = None  # where an evaluation's batches go (the loop moves training batches itself)
+
+    def start_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """No epochs: where to continue comes from load_state_dict."""
+
+    def __len__(self) -> int:
+        return sys.maxsize if self.endless else self.max_batches or sys.maxsize
+
+    def __iter__(self):
+        count, passes = 0, 0
+        while True:
+            if passes or not self.endless:  # an evaluation, or training's next pass: from the stream's start
+                self.rewind()
+            before, passes = count, passes + 1
+            for batch in self.loader:
+                yield batch if self.device is None else to_device(batch, self.device)
+                count += 1
+                if not self.endless and count == self.max_batches:
+                    return
+            if not self.endless:
+                return
+            if count == before:
+                raise ValueError("the training stream yielded no batch")
+
+    def rewind(self) -> None:
+        """Back to the stream's start (a capped evaluation, or a resumed position, would otherwise carry over)."""
+        if self.start is not None:
+            self.dataset.load_state_dict(copy.deepcopy(self.start))
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def evaluated_on(fabric, loader):
+    """An evaluation loader whose batches arrive on the device: Fabric's wrapper for a DataLoader, the stream's own
+    move for a stream (Fabric wraps DataLoaders only)."""
+    if isinstance(loader, Stream):
+        loader.device = fabric.device
+        return loader
+    return fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+
+
+def is_stream(dataset) -> bool:
+    return isinstance(dataset, torch.utils.data.IterableDataset)
+
+
+def size(dataset) -> int | None:
+    """The examples in a split (None for a stream: unknown until read)."""
+    return None if is_stream(dataset) else len(dataset)
+
+
+def reader_part() -> tuple[int, int]:
+    """(index, count) of this reader among all that read a stream: this rank's worker process among every rank's.
+    A stream's __iter__ keeps every count-th record starting at the index-th, so each record is read once."""
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if initialized else (0, 1)
+    info = torch.utils.data.get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info else (1, 0)
+    return rank * workers + worker, world * workers
+
+
 def to_device(batch, device: torch.device):
     """A training batch on the device, its structure kept: a tuple or list of tensors directly (the hot path: a
     step of a small model is a few hundred microseconds), dicts and nested structures through Fabric's mover."""
@@ -164,6 +253,8 @@ def make_loader(
     """Batches for one rank: from the memory map or the per-example dataset (a DataLoader; the loop or Fabric
     moves them to the device), or, given a device, from a copy of the split kept there (an ArrayDataset only).
     `max_batches`: only the first ones (every rank the same number)."""
+    if is_stream(dataset):
+        return Stream(dataset, batch_size, collate, num_workers, pin_memory, max_batches, endless=drop_last)
     gathers = isinstance(dataset, ArrayDataset)
     sampler = EpochBatches(
         len(dataset), batch_size, shuffle, seed, rank, world_size, drop_last, max_batches, numbered=not gathers

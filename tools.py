@@ -225,11 +225,9 @@ def evaluate(args: EvaluateArgs, task: Task) -> dict[str, float]:
     dataset = task.datasets(cfg)[args.split]
     fabric = Fabric(accelerator=args.accelerator, devices=1)
     model = fabric.setup_module(model)
-    loader = fabric.setup_dataloaders(
-        data.make_loader(
-            dataset, args.batch_size or cfg.data.eval_batch_size, False, 0, 0, 1, drop_last=False, collate=task.collate
-        ),
-        use_distributed_sampler=False,
+    batch_size = args.batch_size or cfg.data.eval_batch_size
+    loader = data.evaluated_on(
+        fabric, data.make_loader(dataset, batch_size, False, 0, 0, 1, drop_last=False, collate=task.collate)
     )
     metrics, _ = evaluation.evaluate(fabric, cfg, task, model, loader)  # the loop's own evaluation pass
     title, rows = evaluation.report(task, cfg, metrics)

@@ -196,9 +196,13 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, fresh_name: str | Non
         for split in ("val", "test")
     }
     for split in ("val", "test") if cfg.train.val_every is not None else ("test",):
+        if data.is_stream(datasets[split]):  # a stream's length is unknown until it is read
+            continue
         if len(datasets[split]) == 0:  # its metrics would read 0.0 and pick the best checkpoint on nothing
             hint = "; --train.val-every None trains without validation" if split == "val" else ""
             raise ConfigError(f"data: the {split} split holds no examples (nothing to evaluate on{hint})")
+    if data.is_stream(datasets["train"]) and cfg.train.max_epochs is not None:
+        raise ConfigError("train.max_epochs: a stream has no epochs; bound the run with train.max_steps or max_time")
     steps_per_epoch = len(train_loader.sampler) // cfg.train.accumulate
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -207,7 +211,7 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, fresh_name: str | Non
     if not cfg.data.on_device:  # Fabric moves each evaluation batch to the device
         # The training batches are moved by the loop itself (Fabric's loader wrapper costs about 35 us a
         # step in Python, which shows on small models); evaluation is not on the hot path.
-        eval_loaders = {k: fabric.setup_dataloaders(v, use_distributed_sampler=False) for k, v in eval_loaders.items()}
+        eval_loaders = {k: data.evaluated_on(fabric, v) for k, v in eval_loaders.items()}
 
     # Model, then compile, then Fabric's wrappers, then the optimizer over the wrapped parameters. Seeded here, after
     # the data: whatever preparing or loading it drew (a task's random split, say), whether or not this process
@@ -335,7 +339,7 @@ def standard_hooks(run: Run) -> callbacks.Hooks:
 def fit(run: Run, hooks: callbacks.Hooks) -> bool:
     """The loop: optimizer steps until a limit or a stop request. False if stopped by a signal."""
     cfg, fabric, model, optimizer = run.cfg, run.fabric, run.model, run.optimizer
-    accumulate, train_size = cfg.train.accumulate, len(run.datasets["train"])
+    accumulate, train_size = cfg.train.accumulate, data.size(run.datasets["train"])
     train_step, start_time = contract.checked_once(run), time.perf_counter()  # first return checked: no sync
     callbacks.call(hooks, "on_train_start", run)
     while not run.should_stop and run.step < run.total_steps:

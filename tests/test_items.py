@@ -18,9 +18,9 @@ TASK = str(ROOT / "tests" / "items_task.py")
 DDP = ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp"]
 
 
-def kill_at_a_random_step(out: Path, name: str, *flags: str) -> int:
+def kill_at_a_random_step(out: Path, name: str, *flags: str, task: str = TASK) -> int:
     process = subprocess.Popen(
-        [sys.executable, TASK, "--out-dir", str(out), "--run-name", name, *flags],
+        [sys.executable, task, "--out-dir", str(out), "--run-name", name, *flags],
         env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -31,6 +31,7 @@ def kill_at_a_random_step(out: Path, name: str, *flags: str) -> int:
         if (out / name / "metrics.csv").exists() and len(train_losses(out / name)) >= target:
             break
         time.sleep(0.02)
+    assert process.poll() is None, f"the run ended before step {target}"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     return target

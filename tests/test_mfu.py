@@ -25,7 +25,7 @@ def test_flops_per_sample_equal_measure_flops_of_the_real_step(prepared, name, t
     if tcvae:
         cfg.dvae.tcvae = True  # its terms compare every pair of the batch: not a per-sample cost
     batch, train_size = micro_batch(task, cfg)
-    counted = callbacks.flops_per_sample(task, cfg, batch, train_size)
+    counted = callbacks.flops_per_sample(task, cfg, batch, train_size, len(batch[0]))
     torch.manual_seed(0)
     model = task.build_model(cfg)
     real = measure_flops(model, lambda: loss_of(task.train_step(cfg, model, batch, 0, train_size)), lambda loss: loss)
@@ -41,7 +41,9 @@ def test_the_meta_count_draws_nothing_from_the_runs_generator(prepared):
     cfg.data.dir = prepared
     batch, train_size = micro_batch(tasks.DVAE, cfg)
     torch.manual_seed(5)
-    callbacks.flops_per_sample(tasks.DVAE, cfg, batch, train_size)  # builds the model, draws Gumbel noise
+    callbacks.flops_per_sample(
+        tasks.DVAE, cfg, batch, train_size, len(batch[0])
+    )  # builds the model, draws Gumbel noise
     after = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(after, torch.rand(3))

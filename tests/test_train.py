@@ -234,7 +234,7 @@ def test_fabric_run_launch_with_its_precision_and_mfu_per_device(prepared, tmp_p
     assert json.loads((tmp_path / "cli" / "config.json").read_text())["fabric"]["precision"] is None  # the launcher's
     cfg = train.parse_args(tiny_args(prepared, tmp_path))
     batch = list(tasks.CHESS.datasets(cfg)["train"][np.arange(8)])
-    flops = callbacks.flops_per_sample(tasks.CHESS, cfg, batch, 1000)
+    flops = callbacks.flops_per_sample(tasks.CHESS, cfg, batch, 1000, 8)
     assert mfu_per_sample_rate(tmp_path / "one") == pytest.approx(flops / 0.5e12)
     assert mfu_per_sample_rate(tmp_path / "cli") == pytest.approx(flops / 0.5e12 / 2)
 
