@@ -252,7 +252,7 @@ def restore(run, path: Path | None) -> bool:
     """Load model, optimizer, counters and RNG states. With `--resume auto`, try the run's
     checkpoints newest first and skip any that fails to load, naming it. False: nothing to resume."""
     candidates = [path] if path else resume_candidates(run.run_dir)
-    train = run.datasets["train"]
+    train = run.datasets.get("train")
     if candidates and data.is_stream(train) and not hasattr(train, "state_dict"):
         raise SystemExit(
             f"error: resume: the training stream ({type(train).__name__}) has no state_dict/load_state_dict, so a "

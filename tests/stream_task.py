@@ -78,7 +78,7 @@ class StreamData(DataConfig):
 class StreamConfig(RunConfig):
     data: StreamData = field(default_factory=lambda: StreamData(batch_size=32, eval_batch_size=64))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=60, val_every=20))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=40, val_every=20))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=0))
     log: LogConfig = field(default_factory=lambda: LogConfig(logger="csv", every=1, progress_bar=False))
     monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig(histogram_every=None))
