@@ -19,14 +19,29 @@ import torch
 from tqdm import tqdm
 
 import data
+from config import ConfigError
 
 Hooks = dict[str, list]
+POINTS = (
+    "on_train_start",
+    "after_backward",
+    "after_step",
+    "on_log",
+    "on_validation_end",
+    "on_train_end",
+    "on_test_end",
+)
 
 
 def merge(*groups: Hooks) -> Hooks:
+    """One dict of hooks from several; a point the loop never calls (a misspelt name) is an error, not a no-op."""
     merged: Hooks = {}
     for group in groups:
         for point, functions in group.items():
+            if point not in POINTS:
+                raise ConfigError(
+                    f"hooks: {point!r} is not a point the loop calls (expected one of {', '.join(POINTS)})"
+                )
             merged.setdefault(point, []).extend(functions)
     return merged
 

@@ -106,6 +106,10 @@ MISTAKES = {
         dict(evaluate=None, eval_step=lambda cfg, model, batch: {"mse": torch.zeros(())}),
         "task tiny: eval_step: returned no 'count' (the examples in the batch)",
     ),
+    "a misspelt hook name": (
+        dict(hooks=lambda cfg, datasets: {"on_validaton_end": [lambda run: None]}),
+        "error: hooks: 'on_validaton_end' is not a point the loop calls (expected one of on_train_start,",
+    ),
     "both evaluate and eval_step": (
         dict(eval_step=lambda cfg, model, batch: {}),
         "Task.eval_step: expected a function (the trainer runs the evaluation), or else Task.evaluate",
