@@ -12,6 +12,7 @@ TRAINER = (
     "config",
     "nonfinite",
     "contract",
+    "evaluation",
     "configfile",
     "data",
     "schedules",
