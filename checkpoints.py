@@ -8,14 +8,14 @@ A checkpoint is `<run>/checkpoints/step-N.ckpt` (and `last.ckpt`, the same conte
 Both are written under a temporary name, fsynced and renamed into place. A folder loads into any
 number of FSDP/FSDP2 processes (torch reshards it) and into one process without FSDP.
 
-A source for `--resume` / `--init-from` may also be a wandb model artifact (see `resolve_source`).
+What a checkpoint holds is data only (tensors, numbers, strings, lists, dicts): `Progress` is the loop's place.
 """
 
-import datetime
+import contextlib
+import dataclasses
 import inspect
 import json
 import math
-import os
 import random
 import shutil
 import warnings
@@ -28,7 +28,7 @@ from lightning_fabric.wrappers import _unwrap_objects
 
 import data
 import distributed
-from config import ConfigError, is_plain_name
+from config import ConfigError
 from configfile import to_dict
 from storage import (
     CHECKSUMS,
@@ -45,12 +45,27 @@ from storage import (
 )
 
 
+@dataclasses.dataclass
+class Progress:
+    """Where the loop is: what a checkpoint saves and a resume restores (with the log window's sums)."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps taken in the current epoch: the position inside it
+    best: list = dataclasses.field(default_factory=list)  # [(score, checkpoint file name)], best first
+    early_stop_best: float | None = None
+    bad_validations: int = 0  # validations in a row without an improvement
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: an FSDP2 DTensor's shard (FSDP's flat slices are plain tensors already)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def nonfinite_weights(run) -> torch.Tensor:
     """Per parameter (this rank's shard of it under FSDP): does it hold an inf or NaN? On the device. Not a norm:
     the norm of large finite weights overflows."""
-    weights = [p.detach() for p in run.params]
-    if run.sharded:
-        weights = [w.to_local() for w in weights]
+    weights = [local(p.detach()) for p in run.params]
     return torch.stack([~torch.isfinite(w).all() for w in weights])
 
 
@@ -61,18 +76,19 @@ def save(run, path: Path) -> None:
     fabric = run.fabric
     if run.cfg.monitor.on_nonfinite == "skip":
         bad = nonfinite_weights(run).float()
-        if fabric.world_size > 1:
+        if fabric.world_size > 1:  # a rank's shard, or a rank's own update: every rank must know
             bad = fabric.all_reduce(bad, reduce_op="max")
         if bad.any().item():
             name = run.param_names[int(bad.argmax())]
             raise SystemExit(
-                f"error: step {run.step}: {name} is not finite (is the learning rate too large?); not saved to "
-                f"{path.name}: the last checkpoint holds the last finite weights"
+                f"error: step {run.progress.step}: {name} is not finite (is the learning rate too large?); not saved "
+                f"to {path.name}: the last checkpoint holds the last finite weights"
             )
     state = {
         "model": run.model,
         "optimizer": run.optimizer,
-        "progress": run.progress(),
+        "progress": dataclasses.asdict(run.progress),
+        "window": {"sums": run.window.sums.clone(), "steps": run.window.steps},  # a log interval cut by the save
         "rng": rng_states(fabric),
         "data": loader_states(fabric, run.train_loader),
         "config": to_dict(run.cfg),
@@ -111,19 +127,20 @@ def save(run, path: Path) -> None:
 def save_ranked(run, score: float, mode: str) -> None:
     """At a validation: write step-N.ckpt, keep the best k by the monitored metric, point last.ckpt at it."""
     ckpt = run.cfg.checkpoint
-    path = run.run_dir / "checkpoints" / f"step-{run.step:08d}.ckpt"
-    run.best.append((score, path.name))
-    run.best.sort(key=lambda item: rank_key(item[0], mode))
-    dropped = run.best[ckpt.keep_best :] if ckpt.keep_best > 0 else []
-    del run.best[len(run.best) - len(dropped) :]
+    best = run.progress.best
+    path = run.run_dir / "checkpoints" / f"step-{run.progress.step:08d}.ckpt"
+    best.append((score, path.name))
+    best.sort(key=lambda item: rank_key(item[0], mode))
+    dropped = best[ckpt.keep_best :] if ckpt.keep_best > 0 else []
+    del best[len(best) - len(dropped) :]
     save(run, path)
     link_last(run, path)
     if run.fabric.is_global_zero:
         for _, name in dropped:
             remove(run.run_dir / "checkpoints" / name)
         if run.loggers is not None and run.cfg.log.checkpoint_artifacts:
-            best = run.best[0][1] == path.name and math.isfinite(score)
-            aliases = ["last", f"step-{run.step}"] + (["best"] if best else [])
+            is_best = best[0][1] == path.name and math.isfinite(score)
+            aliases = ["last", f"step-{run.progress.step}"] + (["best"] if is_best else [])
             # from last.ckpt (the same file): `path` itself is gone if it did not make the best k
             run.loggers.log_checkpoint(path.parent / "last.ckpt", path.name, aliases, [name for _, name in dropped])
 
@@ -145,6 +162,13 @@ def run_identity(run_dir: Path) -> dict:
     return {"name": run_dir.name, "wandb_id": id_file.read_text().strip() if id_file.exists() else None}
 
 
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, the one to try first first: last.ckpt, then step checkpoints newest first."""
+    folder = run_dir / "checkpoints"
+    lasts = [folder / name for name in ("last.ckpt", "last.ckpt.old") if (folder / name).exists()]
+    return lasts + sorted(folder.glob("step-*.ckpt"), reverse=True)
+
+
 def link_last(run, path: Path) -> None:
     """Make last.ckpt the same content as `path`: hard links (copies where links are not supported),
     swapped in atomically."""
@@ -157,95 +181,6 @@ def link_last(run, path: Path) -> None:
     else:
         link_or_copy(path, tmp)
     replace(tmp, last)
-
-
-def resume_candidates(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run, the one to try first first: last.ckpt, then step checkpoints newest first."""
-    folder = run_dir / "checkpoints"
-    lasts = [folder / name for name in ("last.ckpt", "last.ckpt.old") if (folder / name).exists()]
-    return lasts + sorted(folder.glob("step-*.ckpt"), reverse=True)
-
-
-def newest_run(out_dir: Path, task: str) -> Path | None:
-    """The run folder of `task` under `out_dir` whose newest checkpoint is the most recent (for `--resume auto`)."""
-    checkpoints = [p for p in out_dir.glob("*/checkpoints/*.ckpt") if run_task(p.parent.parent) == task]
-    return max(checkpoints, key=os.path.getmtime).parent.parent if checkpoints else None
-
-
-def run_task(run_dir: Path) -> str | None:
-    """The task a run folder's config.json names (None if it cannot be read)."""
-    try:
-        return json.loads((run_dir / "config.json").read_text()).get("task")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def new_run_dir(out_dir: Path, name: str) -> Path:
-    """A run folder of that name that did not exist, made now (name-2, name-3, ... if it did): two runs started in
-    the same second get two folders."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        folder = out_dir / (name if n == 1 else f"{name}-{n}")
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-    raise ConfigError(f"out_dir: {out_dir} already holds {name} and 999 more of that name")
-
-
-def choose_run_dir(fabric, cfg) -> tuple[Path, Path | None]:
-    """The run folder and the checkpoint to resume from (None for a fresh start). Rank 0 decides
-    (fetching an artifact if one is named) and broadcasts, so every rank agrees even if clocks
-    differ; an error on rank 0 is raised on every rank."""
-
-    def decide() -> tuple[str | None, str | None, str | None]:
-        resume_from = None
-        if cfg.resume and cfg.resume != "auto":
-            try:
-                resume_from, from_artifact = resolve_source(cfg.resume, cfg.out_dir)
-            except ConfigError as exc:
-                return None, None, f"resume: {exc}"
-        try:
-            recorded = read_metadata(resume_from).get("run", {}) if resume_from else {}
-        except Exception as exc:  # a truncated, foreign or unsafe file
-            return None, None, f"resume: {resume_from}: cannot load checkpoint ({reason(exc)})"
-        # names read from a file are data: one plain folder name under out_dir, never a path
-        for key in ("name", "wandb_id"):
-            if recorded.get(key) is not None and not is_plain_name(recorded[key]):
-                return (
-                    None,
-                    None,
-                    (
-                        f"resume: {resume_from} records the run {key} {recorded[key]!r}, which is not one plain folder "
-                        "name; give --run-name NAME"
-                    ),
-                )
-        new_name = f"{cfg.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-        if cfg.run_name:
-            run_dir = cfg.out_dir / cfg.run_name
-        elif resume_from and not from_artifact and resume_from.resolve().parent.name == "checkpoints":
-            run_dir = resume_from.resolve().parent.parent  # <run>/checkpoints/<checkpoint>
-        elif resume_from and recorded.get("name"):  # an artifact or a loose checkpoint: the run it records
-            run_dir = cfg.out_dir / recorded["name"]
-        elif cfg.resume == "auto" and (latest := newest_run(cfg.out_dir, cfg.task)):
-            run_dir = latest
-        else:
-            try:
-                run_dir = new_run_dir(cfg.out_dir, new_name)
-            except OSError as exc:
-                return None, None, f"out_dir: cannot make a run folder in {cfg.out_dir} ({exc})"
-        if cfg.resume and (found := run_task(run_dir)) not in (None, cfg.task):
-            return None, None, f"resume: {run_dir} is a run of the {found!r} task, not of {cfg.task!r}"
-        if recorded.get("wandb_id") and not (run_dir / "wandb_id.txt").exists():  # continue its wandb run
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "wandb_id.txt").write_text(recorded["wandb_id"])
-        return str(run_dir), resume_from and str(resume_from), None
-
-    run_dir, resume_from, error = fabric.broadcast(decide() if fabric.is_global_zero else None, 0)
-    if error:
-        raise ConfigError(error)
-    return Path(run_dir), resume_from and Path(resume_from)
 
 
 def restore(run, path: Path | None) -> bool:
@@ -268,16 +203,21 @@ def restore(run, path: Path | None) -> bool:
                 raise SystemExit(f"error: {candidate}: cannot load checkpoint ({reason(exc)})") from None
             run.fabric.print(f"warning: {candidate}: cannot load checkpoint ({reason(exc)}); trying an older one")
             continue
-        for key, value in rest["progress"].items():
-            setattr(run, key, value.to(run.fabric.device) if torch.is_tensor(value) else value)
+        saved = dict(rest["progress"])
+        # before 2026-12-06 the log window's sums were saved inside progress
+        window = rest.get("window") or {"sums": saved.pop("loss_sum"), "steps": saved.pop("steps_since_log")}
+        run.progress = Progress(**saved)
+        run.window.sums = window["sums"].to(run.fabric.device)
+        run.window.steps = window["steps"]
         restore_rng(rest["rng"], run.fabric.global_rank)
         if rest.get("data") is not None:  # a stream's position, this rank's
             run.train_loader.load_state_dict(rest["data"][run.fabric.global_rank % len(rest["data"])])
         if rest.get("precision"):  # empty unless fp16 (a scaler refuses an empty state)
             run.fabric.strategy.precision.load_state_dict(rest["precision"])
         # from an artifact or a copied file, the run's other checkpoints may not be here: rank only those that are
-        run.best = [(score, name) for score, name in run.best if (run.run_dir / "checkpoints" / name).exists()]
-        run.fabric.print(f"resumed from {candidate} at step {run.step} (epoch {run.epoch})")
+        kept = run.run_dir / "checkpoints"
+        run.progress.best = [(score, name) for score, name in run.progress.best if (kept / name).exists()]
+        run.fabric.print(f"resumed from {candidate} at step {run.progress.step} (epoch {run.progress.epoch})")
         return True
     if candidates:
         raise SystemExit(f"error: {run.run_dir}: no loadable checkpoint among {', '.join(map(str, candidates))}")
@@ -285,11 +225,10 @@ def restore(run, path: Path | None) -> bool:
     return False
 
 
-def init_weights(run, source: str) -> None:
+def init_weights(run, path: Path, source: str) -> None:
     """`--init-from`: the tensors of a checkpoint (kibitz's, a file or a folder, or a plain state_dict file) whose
     names and shapes the model shares, the rest of the model as initialised. A source that fits nothing is an
     error (another task's checkpoint, say), not a silent no-op."""
-    path = resolve_source(source, run.cfg.out_dir)[0]
     with torch.device("meta"):  # names and shapes as the model's own state_dict has them, whatever the strategy
         expected = {k: v.shape for k, v in run.task.build_model(run.cfg).state_dict().items()}
     try:
@@ -315,7 +254,7 @@ def init_weights(run, source: str) -> None:
             with ordinary_errors():
                 run.fabric.load(path, {"model": run.model}, strict=False, weights_only=True)
         else:
-            module = getattr(run.model, "_original_module", run.model)
+            module = distributed.unwrapped(run.model)
             getattr(module, "_orig_mod", module).load_state_dict(whole_state(path, fitting), strict=False)  # compiled
     except Exception as exc:  # a damaged shard: its names and shapes read, its tensors not
         raise ConfigError(f"init_from: {path}: cannot be loaded ({reason(exc)})") from None
@@ -348,13 +287,21 @@ def whole_state(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
 
         shapes = saved_shapes(path)
         wanted = {"model": {k: torch.empty(shapes[k]) for k in names}}
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        with ordinary_errors():
+        with ordinary_errors(), without_process_group_warning():
             dcp.load(wanted, checkpoint_id=path)
         return wanted["model"]
     checkpoint = torch_file(path)
     weights = checkpoint.get("model", checkpoint)
     return {k: weights[k] for k in names}
+
+
+@contextlib.contextmanager
+def without_process_group_warning():
+    """torch warns that it reads a folder of shards without a process group: that is the point here. Silenced for
+    this read only: the caller's warning filters stay as they were."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def reason(exc: Exception) -> str:
@@ -410,17 +357,15 @@ def load_folder(path: Path, state: dict, strict: bool = True) -> dict:
         for key, obj in state.items()
     }
     model = next(obj for obj in unwrap.values() if isinstance(obj, torch.nn.Module))
-    # torch warns that it reads without a process group: that is the point here
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     for key, obj in unwrap.items():
         if isinstance(obj, torch.nn.Module):
             wanted = {key: get_model_state_dict(obj)}
-            with ordinary_errors():
+            with ordinary_errors(), without_process_group_warning():
                 dcp.load(wanted, checkpoint_id=path)
             obj.load_state_dict(wanted[key], strict=strict)
         else:  # the optimizer's state is saved by parameter name
             wanted = {key: get_optimizer_state_dict(model, obj)}
-            with ordinary_errors():
+            with ordinary_errors(), without_process_group_warning():
                 dcp.load(wanted, checkpoint_id=path)
             set_optimizer_state_dict(model, obj, optim_state_dict=wanted[key])
     return read_metadata(path)
@@ -433,77 +378,6 @@ def read_metadata(path: Path) -> dict:
     if path.is_dir():
         return torch_file(path / "meta.pt")
     return torch_file(path)
-
-
-# ---------------------------------------------------------------- wandb model artifacts
-
-
-def resolve_source(source: str, out_dir: Path) -> tuple[Path, bool]:
-    """The checkpoint a `--resume` / `--init-from` value names, and whether it is an artifact.
-
-    - a path: a checkpoint file or folder, or an artifact folder (one holding `model.ckpt`, as
-      `wandb artifact get` or `Artifact.download()` leave it);
-    - `wandb:NAME[:ALIAS]` (ALIAS: latest, last, best, step-N, vK; default latest): the model
-      artifact a run logged with `log.checkpoint_artifacts`. Offline it is found in the run folders
-      under `out_dir` (wandb keeps the staged files until `wandb sync`); otherwise it is downloaded
-      with the wandb API. Either way it lands in `out_dir/artifacts/NAME-ALIAS/`.
-    """
-    if source.startswith("wandb:"):
-        name, _, alias = source[len("wandb:") :].partition(":")
-        folder = out_dir / "artifacts" / f"{name}-{alias or 'latest'}"
-        if not (folder / "model.ckpt").exists():
-            fetch_artifact(name, alias or "latest", out_dir, folder)
-        return folder / "model.ckpt", True
-    path = Path(source)
-    if path.is_dir() and (path / "model.ckpt").exists():
-        return path / "model.ckpt", True
-    if not path.exists():
-        raise ConfigError(f"{source}: no such checkpoint file or folder")
-    return path, False
-
-
-def fetch_artifact(name: str, alias: str, out_dir: Path, folder: Path) -> None:
-    entries = offline_artifact(name, alias, out_dir)
-    tmp = folder.with_name(folder.name + ".tmp")
-    remove(tmp)
-    if entries is not None:
-        for relative, local in entries.items():
-            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
-            link_or_copy(local, tmp / relative)
-    else:
-        try:
-            import wandb
-
-            wandb.Api().artifact(f"{name}:{alias}", type="model").download(root=str(tmp))
-        except Exception as exc:
-            raise ConfigError(
-                f"wandb:{name}:{alias}: not found offline in the runs under {out_dir}, "
-                f"and the wandb API could not fetch it ({type(exc).__name__}: {exc})"
-            ) from None
-    if not (tmp / "model.ckpt").exists():
-        raise ConfigError(f"wandb:{name}:{alias}: the artifact holds no model.ckpt")
-    remove(folder)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)
-
-
-def offline_artifact(name: str, alias: str, out_dir: Path) -> dict[str, str] | None:
-    """{path in the artifact: staged local file} of the newest version of artifact `name` that carries
-    `alias` (or is version vK), as logged by the offline wandb runs under `out_dir`; None if none is."""
-    from loggers import wandb_records, wandb_segments
-
-    versions = [
-        r["artifact"]
-        for log in wandb_segments(list(out_dir.glob("*/wandb")))
-        for r in wandb_records(log)
-        if r["type"] == "artifact" and r["artifact"]["name"] == name
-    ]  # in logging order: vK is the K-th
-    chosen = [a for k, a in enumerate(versions) if alias in a.get("aliases", []) or alias == f"v{k}"]
-    if not chosen:
-        return None
-    entries = {e["path"]: e["local_path"] for e in chosen[-1]["manifest"]["contents"]}
-    missing = [p for p in entries.values() if not Path(p).exists()]
-    return None if missing else entries  # synced (staging cleaned): the API has it
 
 
 # ---------------------------------------------------------------- RNG states

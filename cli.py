@@ -108,12 +108,12 @@ def flag_values(args: list[str], flag: str) -> list[str]:
     return values
 
 
-def checkpoint_task(ckpt: str, given: Task | None) -> Task:
+def checkpoint_task(ckpt: str, given: Task | None, out_dir: Path) -> Task:
     """The task of `evaluate --ckpt`: the one named on the command line, else the checkpoint's own
     (a registry name, else the task file it records)."""
     if given is not None:
         return given
-    name, file = tools.checkpoint_task(Path(ckpt))
+    name, file = tools.checkpoint_task(Path(ckpt), out_dir)
     if name is None:
         raise ConfigError(f"ckpt: {ckpt} cannot be loaded as a kibitz checkpoint")
     if name in registry():
@@ -165,8 +165,9 @@ def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, 
                 ),
                 prog,
             )
-        task = checkpoint_task(ckpt, task)
-        cfg, _ = tools.load_checkpoint(Path(ckpt), task)
+        out_dir = Path((flag_values(argv, "--out-dir") or ["runs"])[-1])
+        task = checkpoint_task(ckpt, task, out_dir)
+        cfg, _ = tools.load_checkpoint(Path(ckpt), task, out_dir)
         refuse_bad_choices(tools.EvaluateArgs, argv)
         refuse_bad_choices(type(cfg.data), argv, "data.")
         args = tyro.cli(

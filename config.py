@@ -122,7 +122,7 @@ class LogConfig:
 
 @dataclass
 class MonitorConfig:
-    """Watching the model train (callbacks.monitoring): statistics computed on the device, sent by a
+    """Watching the model train (monitor.py): statistics computed on the device, sent by a
     background thread; nothing runs on steps that log nothing."""
 
     histogram_every: int | None = 100
@@ -138,7 +138,7 @@ class MonitorConfig:
     step) or stop (save a checkpoint, exit non-zero)."""
     peak_tflops: float | None = None
     """One device's dense peak for MFU (perf/mfu, per device); unset = Fabric's table for the dtype its precision
-    plugin computes in (callbacks.DENSE_PEAKS where that table is wrong: H100 NVL, H200)."""
+    plugin computes in (monitor.DENSE_PEAKS where that table is wrong: H100 NVL, H200)."""
 
 
 @dataclass
@@ -148,11 +148,11 @@ class CheckpointConfig:
     every: int | None = None
     """Write a checkpoint every N optimizer steps; unset = at every validation."""
     keep_best: int = 2
-    """How many step checkpoints to keep, ranked by `monitor` (-1 keeps all)."""
-    monitor: str | None = None
+    """How many step checkpoints to keep, ranked by `rank_by` (-1 keeps all)."""
+    rank_by: str | None = None
     """The validation metric that ranks checkpoints and drives early stopping; unset = the task's first."""
     mode: Direction | None = None
-    """min or max: whether a lower or a higher `monitor` is better; unset = the task's direction for it."""
+    """min or max: whether a lower or a higher `rank_by` is better; unset = the task's direction for it."""
     sharded: bool = False
     """fsdp/fsdp2: every rank writes its own shard into a checkpoint folder (torch.distributed.checkpoint)
     instead of one file gathered on rank 0, for models larger than a host's memory. A folder loads into
@@ -185,9 +185,9 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model before Fabric wraps it."""
     early_stop_patience: int | None = None
-    """Stop after this many validations without improvement of checkpoint.monitor; unset = never."""
+    """Stop after this many validations without improvement of checkpoint.rank_by; unset = never."""
     early_stop_min_delta: float = 0.0
-    """The least change of checkpoint.monitor that counts as an improvement."""
+    """The least change of checkpoint.rank_by that counts as an improvement."""
 
 
 @dataclass
@@ -221,12 +221,12 @@ class ConfigError(ValueError):
     """A bad config value; the message is one line naming the field."""
 
 
-def numbers(section, where: str = ""):
+def float_fields(section, where: str = ""):
     """(dotted name, value) of every float in a config, sections and task sections included."""
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if dataclasses.is_dataclass(value):
-            yield from numbers(value, f"{where}{f.name}.")
+            yield from float_fields(value, f"{where}{f.name}.")
         elif isinstance(value, float):
             yield f"{where}{f.name}", value
         elif isinstance(value, (list, tuple)):
@@ -245,7 +245,7 @@ class Task:
     """Everything the trainer needs from a task, as plain functions and values (see examples/digits.py).
 
     The metric names in `metrics` are what the evaluation returns, prefixed with "val/"; the first one is what
-    checkpoints are ranked by unless checkpoint.monitor says otherwise. Evaluation: `eval_step` (the trainer runs the
+    checkpoints are ranked by unless checkpoint.rank_by says otherwise. Evaluation: `eval_step` (the trainer runs the
     pass), or a whole `evaluate`."""
 
     name: str
@@ -279,7 +279,7 @@ class Task:
     hooks: Callable | None = None
     """(cfg, datasets) -> hooks (callbacks.py) of the task's own, such as a table of predictions."""
     check: Callable | None = None
-    """cfg -> None: raise ConfigError (config.need) for a bad value of the task's own sections."""
+    """cfg -> None: raise ConfigError (config.require) for a bad value of the task's own sections."""
     blocks: tuple[type, ...] = ()
     """The model's repeated blocks: FSDP wraps (shards) each one separately."""
     collate: Callable | None = None
@@ -293,15 +293,15 @@ def for_task(cfg: RunConfig, task: Task) -> RunConfig:
     return cfg if cfg.task == task.name else dataclasses.replace(cfg, task=task.name)
 
 
-def need(ok: bool, name: str, allowed: str, value) -> None:
+def require(ok: bool, name: str, allowed: str, value) -> None:
     """Raise the one-line error of a bad config value: the field, what is allowed, what was given."""
     if not ok:
         raise ConfigError(f"{name}: expected {allowed}, got {value!r}")
 
 
-def monitored(cfg: RunConfig, task: Task) -> tuple[str, str]:
+def ranking_metric(cfg: RunConfig, task: Task) -> tuple[str, str]:
     """The metric that ranks checkpoints and drives early stopping, with its direction."""
-    name = cfg.checkpoint.monitor or next(iter(task.metrics))
+    name = cfg.checkpoint.rank_by or next(iter(task.metrics))
     return name, cfg.checkpoint.mode or task.metrics.get(name, "min")
 
 
@@ -313,90 +313,90 @@ def check(cfg: RunConfig, task: Task) -> None:
         for f in dataclasses.fields(section):
             choices = literal_choices(typing.get_type_hints(type(section))[f.name])
             value = getattr(section, f.name)
-            need(
+            require(
                 not choices or value in choices,
                 f"{name}.{f.name}",
                 "one of " + ", ".join(map(str, choices)),
                 value,
             )
-    for name, value in numbers(cfg):  # inf or NaN passes every comparison below (or fails it with no reason)
-        need(math.isfinite(value), name, "a finite number", value)
+    for name, value in float_fields(cfg):  # inf or NaN passes every comparison below (or fails it with no reason)
+        require(math.isfinite(value), name, "a finite number", value)
     f, o, s, d, t = cfg.fabric, cfg.optim, cfg.schedule, cfg.data, cfg.train
-    need(0 <= t.seed < 2**32, "train.seed", "a seed in [0, 2**32)", t.seed)
-    need(s.total_steps is None or s.total_steps >= 1, "schedule.total_steps", "a count >= 1", s.total_steps)
-    need(s.noam_d_model is None or s.noam_d_model >= 1, "schedule.noam_d_model", "a count >= 1", s.noam_d_model)
-    need(
+    require(0 <= t.seed < 2**32, "train.seed", "a seed in [0, 2**32)", t.seed)
+    require(s.total_steps is None or s.total_steps >= 1, "schedule.total_steps", "a count >= 1", s.total_steps)
+    require(s.noam_d_model is None or s.noam_d_model >= 1, "schedule.noam_d_model", "a count >= 1", s.noam_d_model)
+    require(
         f.devices == "auto" or all(p.strip().lstrip("-").isdigit() for p in f.devices.split(",")),
         "fabric.devices",
         "auto, a count, -1 or a list like 0,1",
         f.devices,
     )
-    need(f.num_nodes is None or f.num_nodes >= 1, "fabric.num_nodes", "a count >= 1", f.num_nodes)
+    require(f.num_nodes is None or f.num_nodes >= 1, "fabric.num_nodes", "a count >= 1", f.num_nodes)
     # the optimizers' float32 arithmetic divides the lr by (1 - beta1**t): far beyond any useful value it overflows
-    need(0 < o.lr <= 1e30, "optim.lr", "a positive number at most 1e30", o.lr)
-    need(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
-    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "values in [0, 1)", (o.beta1, o.beta2))
-    need(o.eps > 0, "optim.eps", "a positive number", o.eps)
-    need(s.warmup_steps >= 0, "schedule.warmup_steps", "a count >= 0", s.warmup_steps)
-    need(
+    require(0 < o.lr <= 1e30, "optim.lr", "a positive number at most 1e30", o.lr)
+    require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
+    require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "values in [0, 1)", (o.beta1, o.beta2))
+    require(o.eps > 0, "optim.eps", "a positive number", o.eps)
+    require(s.warmup_steps >= 0, "schedule.warmup_steps", "a count >= 0", s.warmup_steps)
+    require(
         t.max_steps is None or s.warmup_steps <= t.max_steps,
         "schedule.warmup_steps",
         f"at most train.max_steps ({t.max_steps})",
         s.warmup_steps,
     )
-    need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "a value in [0, 1]", s.min_lr_ratio)
-    need(s.noam_scale > 0, "schedule.noam_scale", "a positive number", s.noam_scale)
-    need(
+    require(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "a value in [0, 1]", s.min_lr_ratio)
+    require(s.noam_scale > 0, "schedule.noam_scale", "a positive number", s.noam_scale)
+    require(
         s.kind != "noam" or (s.noam_d_model or 0) >= 1,
         "schedule.noam_d_model",
         "the model width (a count >= 1) for the noam schedule",
         s.noam_d_model,
     )
-    need(d.batch_size > 0, "data.batch_size", "a positive count", d.batch_size)
-    need(d.eval_batch_size > 0, "data.eval_batch_size", "a positive count", d.eval_batch_size)
-    need(d.num_workers >= 0, "data.num_workers", "a count >= 0", d.num_workers)
-    need(cfg.log.every > 0, "log.every", "a positive count", cfg.log.every)
-    need(
+    require(d.batch_size > 0, "data.batch_size", "a positive count", d.batch_size)
+    require(d.eval_batch_size > 0, "data.eval_batch_size", "a positive count", d.eval_batch_size)
+    require(d.num_workers >= 0, "data.num_workers", "a count >= 0", d.num_workers)
+    require(cfg.log.every > 0, "log.every", "a positive count", cfg.log.every)
+    require(
         cfg.checkpoint.every is None or cfg.checkpoint.every > 0,
         "checkpoint.every",
         "a positive count",
         cfg.checkpoint.every,
     )
-    need(
+    require(
         cfg.checkpoint.keep_best == -1 or cfg.checkpoint.keep_best >= 1,
         "checkpoint.keep_best",
         "-1 (all) or a count >= 1",
         cfg.checkpoint.keep_best,
     )
-    need(
-        cfg.checkpoint.monitor is None or cfg.checkpoint.monitor in task.metrics,
-        "checkpoint.monitor",
+    require(
+        cfg.checkpoint.rank_by is None or cfg.checkpoint.rank_by in task.metrics,
+        "checkpoint.rank_by",
         "one of " + ", ".join(task.metrics),
-        cfg.checkpoint.monitor,
+        cfg.checkpoint.rank_by,
     )
     m = cfg.monitor
-    need(
+    require(
         m.histogram_every is None or m.histogram_every >= 1,
         "monitor.histogram_every",
         "a count >= 1",
         m.histogram_every,
     )
-    need(m.bins >= 1, "monitor.bins", "a count >= 1", m.bins)
-    need(m.max_elements is None or m.max_elements >= 1, "monitor.max_elements", "a count >= 1", m.max_elements)
-    need(m.peak_tflops is None or m.peak_tflops > 0, "monitor.peak_tflops", "a positive number", m.peak_tflops)
-    need(
+    require(m.bins >= 1, "monitor.bins", "a count >= 1", m.bins)
+    require(m.max_elements is None or m.max_elements >= 1, "monitor.max_elements", "a count >= 1", m.max_elements)
+    require(m.peak_tflops is None or m.peak_tflops > 0, "monitor.peak_tflops", "a positive number", m.peak_tflops)
+    require(
         cfg.init_from is None or cfg.init_from.startswith("wandb:") or Path(cfg.init_from).exists(),
         "init_from",
         "a checkpoint file or folder, an artifact folder, or wandb:ARTIFACT[:ALIAS]",
         cfg.init_from,
     )
-    need(
+    require(
         not cfg.checkpoint.sharded or strategy_of(f) in ("fsdp", "fsdp2"),
         "checkpoint.sharded",
         "strategy fsdp or fsdp2 (other strategies hold whole models)",
         strategy_of(f),
     )
-    need(
+    require(
         any(v is not None for v in (t.max_steps, t.max_epochs, t.max_time)),
         "train.max_steps",
         "a limit: set max_steps, max_epochs or max_time",
@@ -404,17 +404,17 @@ def check(cfg: RunConfig, task: Task) -> None:
     )
     for name in ("max_steps", "max_epochs", "val_every", "val_batches", "accumulate"):
         value = getattr(t, name)
-        need(value is None or value >= 1, f"train.{name}", "a count >= 1", value)
-    need(t.max_time is None or t.max_time > 0, "train.max_time", "a positive number of minutes", t.max_time)
-    need(t.clip is None or t.clip > 0, "train.clip", "a positive norm", t.clip)
-    need(
+        require(value is None or value >= 1, f"train.{name}", "a count >= 1", value)
+    require(t.max_time is None or t.max_time > 0, "train.max_time", "a positive number of minutes", t.max_time)
+    require(t.clip is None or t.clip > 0, "train.clip", "a positive norm", t.clip)
+    require(
         t.early_stop_patience is None or t.early_stop_patience >= 1,
         "train.early_stop_patience",
         "a count >= 1",
         t.early_stop_patience,
     )
-    need(t.early_stop_min_delta >= 0, "train.early_stop_min_delta", "a number >= 0", t.early_stop_min_delta)
-    need(
+    require(t.early_stop_min_delta >= 0, "train.early_stop_min_delta", "a number >= 0", t.early_stop_min_delta)
+    require(
         cfg.run_name is None or is_plain_name(cfg.run_name),
         "run_name",
         "one plain folder name (no /, \\ or ..: the run folder stays inside out_dir)",
@@ -432,18 +432,18 @@ def check(cfg: RunConfig, task: Task) -> None:
 
 def check_task(task: Task) -> None:
     """What a Task declares, checked before anything runs: a name, metrics with a direction each, callables."""
-    need(is_plain_name(task.name), "Task.name", "one plain name (it names the run folders)", task.name)
-    need(
+    require(is_plain_name(task.name), "Task.name", "one plain name (it names the run folders)", task.name)
+    require(
         isinstance(task.metrics, dict) and len(task.metrics) > 0,
         f"task {task.name}: Task.metrics",
         'at least one validation metric, {"name": "min" or "max"}',
         task.metrics,
     )
     for name, direction in task.metrics.items():
-        need(direction in ("min", "max"), f"task {task.name}: Task.metrics[{name!r}]", "'min' or 'max'", direction)
+        require(direction in ("min", "max"), f"task {task.name}: Task.metrics[{name!r}]", "'min' or 'max'", direction)
     for name in ("build_model", "datasets", "train_step"):
-        need(callable(getattr(task, name)), f"task {task.name}: Task.{name}", "a function", getattr(task, name))
-    need(
+        require(callable(getattr(task, name)), f"task {task.name}: Task.{name}", "a function", getattr(task, name))
+    require(
         callable(task.eval_step) != callable(task.evaluate),
         f"task {task.name}: Task.eval_step",
         "a function (the trainer runs the evaluation), or else Task.evaluate (a whole pass), not both",
@@ -451,8 +451,8 @@ def check_task(task: Task) -> None:
     )
     for name in ("eval_metrics", "report", "collate", "scheduled", "prepare_data", "hooks", "check"):
         value = getattr(task, name)
-        need(value is None or callable(value), f"task {task.name}: Task.{name}", "a function or None", value)
-    need(
+        require(value is None or callable(value), f"task {task.name}: Task.{name}", "a function or None", value)
+    require(
         isinstance(task.train_fields, (tuple, list)) and len(task.train_fields) > 0,
         f"task {task.name}: Task.train_fields",
         "the names of what train_step returns, the loss first",

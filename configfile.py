@@ -48,6 +48,9 @@ def fits(value, hint) -> bool:
     return True
 
 
+RENAMED = {"checkpoint.monitor": "rank_by"}  # renamed on 2026-12-06: "monitor" now names the monitoring only
+
+
 def from_dict(cls, values: dict, where: str = ""):
     """Rebuild a config dataclass from `to_dict` output, naming any unknown key or value of the wrong type."""
     if not isinstance(values, dict):
@@ -56,6 +59,7 @@ def from_dict(cls, values: dict, where: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        key = RENAMED.get(f"{where}{key}", key)  # a config saved before the field's new name
         if key not in names:
             raise ConfigError(f"{where}{key}: unknown config field (expected one of {', '.join(sorted(names))})")
         hint = hints[key]

@@ -117,9 +117,10 @@ def checked_once(run):
         if form is None:
             result = call(task, "train_step", *args)
             form, run.train_fields = check_train_step(task, result)
-            if run.loss_sum.numel() != len(run.train_fields):  # a fresh run (a resumed one restored its sums)
-                run.loss_sum = run.loss_sum.new_zeros(len(run.train_fields))
-                run.loss_before = run.loss_sum.clone()
+            window = run.window
+            if window.sums.numel() != len(run.train_fields):  # a fresh run (a resumed one restored its sums)
+                window.sums = window.sums.new_zeros(len(run.train_fields))
+                window.sums_before_step = window.sums.clone()
         else:
             result = task.train_step(*args)
         if form == "loss":

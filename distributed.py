@@ -1,7 +1,12 @@
 """Processes and devices: the Fabric object for a FabricConfig (with kibitz's per-block FSDP and
-FSDP2), the gradient clip that suits the strategy, and a clean teardown of the process group."""
+FSDP2), the gradient clip that suits the strategy, stopping every rank together (on an error or a signal),
+and a clean teardown of the process group."""
 
+import contextlib
 import os
+import signal
+import sys
+import threading
 import warnings
 
 import torch
@@ -76,8 +81,8 @@ def gradient_clipper(fabric: Fabric, model, optimizer, max_norm: float):
     """A function of this step's per-parameter gradient norms (or None) that clips the global gradient
     norm, with no host sync. Where gradients are whole and unscaled (one device or DDP, no fp16 scaler)
     it is torch's clip over the optimizer's parameters, exactly what Fabric does there without its 20 us
-    of Python a step, and it reuses the norms the monitoring hook already took (same order, so the same
-    total, bit for bit); FSDP and fp16 go through Fabric (sharded norms, unscaling)."""
+    of Python a step, and it reuses the norms the loop already took for the non-finite guard (same order, so
+    the same total, bit for bit); FSDP and fp16 go through Fabric (sharded norms, unscaling)."""
     from lightning_fabric.strategies import DDPStrategy, SingleDeviceStrategy
 
     if (
@@ -94,6 +99,13 @@ def gradient_clipper(fabric: Fabric, model, optimizer, max_norm: float):
 
         return clip
     return lambda norms: fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The task's own module inside Fabric's wrapper."""
+    from lightning_fabric.wrappers import is_wrapped
+
+    return model.module if is_wrapped(model) else model
 
 
 def reshard(model: torch.nn.Module) -> None:
@@ -130,3 +142,37 @@ def shutdown_distributed() -> None:
     gc.collect()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, a scheduler's stop, SLURM's warning
+
+
+def stop_on_signals(run) -> None:
+    """Ctrl-C (SIGINT), SIGTERM and SIGUSR1 (SLURM's warning before preemption) ask for a checkpoint and a clean
+    exit at the next log interval, taken by every rank together; a second signal exits at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        if run.stop_signal:
+            print(f"{signal.Signals(signum).name} again: exiting at once", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)  # the shell's code for a process ended by that signal
+        run.stop_signal = signum
+        print(f"{signal.Signals(signum).name} received: saving a checkpoint at the next log interval", flush=True)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def caller_state_kept():
+    """A run called from a notebook or another program leaves it as it found it: its SIGINT/SIGTERM/SIGUSR1 handlers
+    and its warning filters (a run silences a few warnings it knows to be noise) come back afterwards."""
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    with warnings.catch_warnings():
+        try:
+            yield
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                for signum, handler in handlers.items():
+                    signal.signal(signum, handler)

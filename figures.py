@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # not pyplot: a notebook's backend and figures are left alone
 
+import distributed
 from callbacks import save_figure
 
 EVAL_EDGES = (0, 0.5, 1, 2, 4, 8)  # pawns; then up to the clamp, then the clamped evals (mates among them)
@@ -43,7 +44,7 @@ def spread(count: int, size: int) -> np.ndarray:
 def predict(model, inputs: np.ndarray, device, batch_size: int, to_output) -> np.ndarray:
     """`to_output(model(batch))` over `inputs` in batches, in eval mode, on the host. Every rank calls it (under
     FSDP the forward gathers parameters from all of them)."""
-    module = getattr(model, "_original_module", model)
+    module = distributed.unwrapped(model)
     was_training = module.training
     module.eval()
     outputs = [

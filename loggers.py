@@ -1,332 +1,32 @@
-"""Metric sinks, used on rank 0 only. Each has `log(metrics, step)`, `summary(metrics)`, `finish()`.
-
-`metrics.csv` (long format: step,name,value) is the run's own record: written for every logger
-except `none`, flushed on every write so a crash loses nothing. wandb (offline by default: the run
-folder is one `wandb sync` uploads) or TensorBoard can be added beside it.
+"""A run's loggers, on rank 0 only: `Loggers` fans out to the sinks of trackers.py (metrics.csv, always: the run's
+own record; wandb or TensorBoard beside it), and owns the histogram thread (`Sender`), which writes through it.
+A sink that fails is reported once and switched off: logging never stops training.
 """
 
-import contextlib
-import csv
-import json
-import os
-import re
-import secrets
+import queue
 import threading
 from pathlib import Path
 
+import numpy as np
+import torch
 
-class CSVLog:
-    def __init__(self, path: Path, resume_step: int | None = None):
-        if resume_step is not None and path.exists():  # rows past the checkpoint will be logged again
-            rows = [row for row in metric_rows(path) if int(row[0]) <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows([["step", "name", "value"], *rows])
-            os.replace(tmp, path)
-        new = not path.exists()
-        self.file = open(path, "a", newline="")
-        self.writer = csv.writer(self.file)
-        if new:
-            self.writer.writerow(["step", "name", "value"])
-
-    def log(self, metrics: dict, step: int) -> None:
-        self.writer.writerows([step, name, value] for name, value in metrics.items())
-        self.file.flush()
-
-    def log_histograms(self, histograms: dict, step: int) -> None:
-        pass
-
-    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
-        pass
-
-    def log_image(self, name: str, path: Path, step: int) -> None:
-        pass  # the picture is in the run folder already
-
-    def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
-        pass
-
-    def summary(self, metrics: dict) -> None:
-        pass
-
-    def finish(self) -> None:
-        self.file.close()
-
-
-class WandbLog:
-    """An offline (or online) wandb run inside the run folder. The run id is kept in the run folder,
-    so a resumed run continues the same wandb run, every step in it once:
-
-    A killed process leaves its wandb segment cut at some step k (wandb writes in blocks; whatever was
-    not written is lost), while the checkpoint it resumes from is at step c. The resumed segment
-    first replays the scalars of steps k+1..c from metrics.csv (flushed on every write), then logs
-    only steps past k: steps c+1..k are already in the earlier segment, with the same values, since
-    the resume is exact. `wandb sync` uploads the segments in order into the one run."""
-
-    def __init__(
-        self,
-        run_dir: Path,
-        project: str,
-        mode: str,
-        config: dict,
-        resume_step: int | None = None,
-        summaries: dict[str, str] | None = None,
-    ):
-        import wandb  # slow to import: only when used
-
-        id_file = run_dir / "wandb_id.txt"
-        # secrets, not random: drawing from the training RNG here would change the run.
-        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
-        id_file.write_text(run_id)
-        self.recorded = last_recorded_step(run_dir / "wandb", run_id) if resume_step is not None else -1
-        self.run = wandb.init(
-            project=project,
-            name=run_dir.name,
-            id=run_id,
-            dir=run_dir,
-            mode=mode,
-            config=config,
-            resume="allow",
-            settings=wandb.Settings(
-                silent=os.environ.get("WANDB_SILENT", "true").lower() == "true"
-            ),  # quiet by default
-        )
-        summaries = summaries or {}
-        if self.run.resumed:  # online: the server knows the run's last step too
-            self.recorded = max(self.recorded, self.run.starting_step - 1)
-        if resume_step is not None:
-            for step, metrics in csv_rows(run_dir / "metrics.csv", self.recorded + 1, resume_step):
-                self.run.log(metrics, step=step)
-            if self.recorded > resume_step:  # say so: from an older checkpoint with changed flags they would differ
-                print(
-                    f"wandb: run {run_id} already holds steps {resume_step + 1}..{self.recorded}; they are not "
-                    "logged again (a resumed run repeats them exactly; use a new --run-name to branch)",
-                    flush=True,
-                )
-            self.recorded = max(self.recorded, resume_step)
-        for name, direction in summaries.items():  # the task's metrics: summarised by their best value
-            self.run.define_metric(name, summary=direction)
-        self.wandb = wandb
-        self.staging = run_dir / "wandb" / "data"
-
-    def log(self, metrics: dict, step: int) -> None:
-        if step > self.recorded:
-            self.run.log(metrics, step=step)
-
-    def log_histograms(self, histograms: dict, step: int) -> None:
-        if step <= self.recorded:
-            return
-        self.run.log(
-            {
-                name: self.wandb.Histogram(np_histogram=(counts, edges))
-                for name, (counts, edges, _, _) in histograms.items()
-            },
-            step=step,
-        )
-
-    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
-        if step <= self.recorded:
-            return
-        rows = [[self.wandb.Html(v) if isinstance(v, str) and v.startswith("<svg") else v for v in row] for row in rows]
-        with staging_in(self.staging):  # a logged table is an artifact too
-            self.run.log({name: self.wandb.Table(columns=columns, data=rows)}, step=step)
-
-    def log_image(self, name: str, path: Path, step: int) -> None:
-        if step <= self.recorded:
-            return
-        with staging_in(self.staging):
-            self.run.log({name: self.wandb.Image(str(path))}, step=step)
-
-    def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
-        """The checkpoint as a version of the run's model artifact. Versions of checkpoints that the
-        local keep-k deleted lose their aliases and, online, are deleted (offline there is nothing
-        to delete until `wandb sync`)."""
-        artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"file": name})
-        with staging_in(self.staging):  # wandb copies the checkpoint there until `wandb sync` uploads it
-            if path.is_dir():  # a sharded checkpoint: its folder
-                artifact.add_dir(str(path), name="model.ckpt")
-            else:
-                artifact.add_file(str(path), name="model.ckpt")
-            self.run.log_artifact(artifact, aliases=aliases)
-        if dropped and self.run.settings.mode == "online":
-            try:
-                api = self.wandb.Api()
-                for version in api.artifacts("model", f"{self.run.entity}/{self.run.project}/model-{self.run.id}"):
-                    if version.metadata.get("file") in dropped:
-                        version.delete(delete_aliases=True)
-            except Exception as exc:  # a tracker problem must not stop training
-                print(f"warning: wandb: could not delete dropped checkpoint artifacts ({exc})")
-
-    def summary(self, metrics: dict) -> None:
-        self.run.summary.update(metrics)
-
-    def finish(self) -> None:
-        self.run.finish()
-
-
-@contextlib.contextmanager
-def staging_in(folder: Path):
-    """wandb stages a logged artifact's files under its data folder (~/.local/share/wandb unless WANDB_DATA_DIR
-    says otherwise) until they are uploaded: in the run folder instead, they travel with the run when it is
-    copied, and a cluster's home quota does not fill with checkpoint copies. The caller's environment is
-    restored."""
-    before = os.environ.get("WANDB_DATA_DIR")
-    os.environ["WANDB_DATA_DIR"] = str(folder)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("WANDB_DATA_DIR", None)
-        else:
-            os.environ["WANDB_DATA_DIR"] = before
-
-
-def wandb_records(log: Path) -> list[dict]:
-    """The records of a run's .wandb file, read with wandb's own reader (it stops cleanly at the cut
-    end of a killed run's file)."""
-    import subprocess
-    import sys
-
-    lines = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    return [json.loads(line) for line in lines if line.startswith("{")]
-
-
-def wandb_segments(wandb_dirs: list[Path], run_id: str | None = None) -> list[Path]:
-    """The .wandb files of every start (segment) of wandb run `run_id` (default: of all runs), oldest
-    first. wandb names a segment's folder `[offline-]run-<start second>-<id>`, adding -1, -2, ... when
-    two start in the same second; a segment killed before it wrote anything has no file."""
-    segments = []
-    for log in (log for d in wandb_dirs for log in d.glob("*/run-*.wandb")):
-        match = re.fullmatch(r"(?:offline-)?run-(\d{8}_\d{6})-(\w+?)(?:-(\d+))?", log.parent.name)
-        if match and run_id in (None, match[2]):
-            segments.append((match[1], int(match[3] or 0), log))
-    return [log for *_, log in sorted(segments)]
-
-
-def last_recorded_step(wandb_dir: Path, run_id: str) -> int:
-    """The last step that the earlier segments of wandb run `run_id` hold (-1: none)."""
-    steps = [
-        r["history"].get("step", {}).get("num", 0)  # the step is left out of the JSON when it is 0
-        for log in wandb_segments([wandb_dir], run_id)
-        for r in wandb_records(log)
-        if r["type"] == "history"
-    ]
-    return max(steps, default=-1)
-
-
-def csv_rows(path: Path, first: int, last: int):
-    """(step, {name: value}) for the steps first..last of a metrics.csv, in step order."""
-    steps: dict[int, dict] = {}
-    if first <= last and path.exists():
-        for step, name, value in metric_rows(path):
-            if first <= int(step) <= last:
-                steps.setdefault(int(step), {})[name] = float(value)
-    return sorted(steps.items())
-
-
-def metric_rows(path: Path) -> list[list[str]]:
-    """The well-formed [step, name, value] rows of a metrics.csv, as written. A crash or a power loss can leave a
-    torn last line, a blank line or a tail of NUL bytes: those are not rows."""
-    rows = []
-    if not path.is_file():  # a device (/dev/full, say) would be read forever
-        return rows
-    with open(path, newline="", errors="replace") as f:
-        for row in csv.reader(line.replace("\0", "") for line in f):
-            try:
-                if len(row) == 3 and int(row[0]) >= 0 and float(row[2]) is not None:  # a NaN loss is a row too
-                    rows.append(row)
-            except ValueError:  # the header, or a torn line
-                continue
-    return rows
-
-
-def flat_hparams(config: dict, prefix: str = "") -> dict:
-    """{"optim": {"lr": 3e-4}} -> {"optim.lr": 3e-4}; values TensorBoard's HParams cannot hold (None, lists,
-    paths) as their text."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flat_hparams(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return flat
-
-
-class TensorBoardLog:
-    def __init__(self, run_dir: Path, config: dict):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
-        self.hparams = flat_hparams(config)
-        self.step = 0
-
-    def log(self, metrics: dict, step: int) -> None:
-        self.step = max(self.step, step)
-        for name, value in metrics.items():
-            self.writer.add_scalar(name, value, step)
-
-    def log_histograms(self, histograms: dict, step: int) -> None:
-        for name, (counts, edges, mean, std) in histograms.items():
-            n = float(counts.sum())  # the raw call: no re-binning of the data on the host
-            self.writer.add_histogram_raw(
-                name,
-                min=float(edges[0]),
-                max=float(edges[-1]),
-                num=n,
-                sum=mean * n,
-                sum_squares=(std**2 + mean**2) * n,
-                bucket_limits=edges[1:].tolist(),
-                bucket_counts=counts.tolist(),
-                global_step=step,
-            )
-
-    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
-        keep = [i for i, c in enumerate(columns) if c != "board"]  # markdown: no pictures
-        lines = ["| " + " | ".join(columns[i] for i in keep) + " |", "|" + " --- |" * len(keep)]
-        lines += [
-            "| " + " | ".join(f"{row[i]:.2f}" if isinstance(row[i], float) else str(row[i]) for i in keep) + " |"
-            for row in rows
-        ]
-        self.writer.add_text(name, "\n".join(lines), step)
-
-    def log_image(self, name: str, path: Path, step: int) -> None:
-        import matplotlib.image
-
-        pixels = matplotlib.image.imread(path)[..., :3]  # RGBA floats in [0, 1]
-        self.writer.add_image(name, (pixels * 255).round().astype("uint8"), step, dataformats="HWC")
-
-    def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
-        pass
-
-    def summary(self, metrics: dict) -> None:
-        """The test metrics as text, and in the HParams tab against the flattened config (one row a run)."""
-        from torch.utils.tensorboard.summary import hparams
-
-        self.writer.add_text("test", "\n".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
-        values = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        writer = self.writer._get_file_writer()  # add_hparams would open a second run folder for them
-        for part in hparams(self.hparams, values):
-            writer.add_summary(part)
-        for name, value in values.items():  # the HParams tab reads each metric from its scalar series
-            self.writer.add_scalar(name, value, self.step)
-
-    def finish(self) -> None:
-        self.writer.close()
+from trackers import CSVLog, TensorBoardLog, WandbLog
 
 
 class Loggers:
-    """Fans out to the CSV and the chosen tracker. The histogram thread (monitor.Sender) writes
-    through `write`; the loop's `log` first lets it finish, so steps reach wandb in order."""
+    """Fans out to the CSV and the chosen tracker. The histogram thread (`Sender`) writes through `write`; the loop's
+    `log` first lets it finish, so steps reach wandb in order."""
 
     def __init__(self, sinks: list):
         self.sinks = sinks
         self.lock = threading.Lock()
-        self.sender = None  # a monitor.Sender, when histograms are on
+        self.sender = None  # a monitor.Sender, started by the first histograms
+
+    def send_histograms(self, step: int, prefix: str, names: list[str], stats) -> None:
+        """Histogram rows still on the device (monitor.tensor_stats): copied without blocking, sent by a thread."""
+        if self.sender is None:
+            self.sender = Sender(self)
+        self.sender.send(step, prefix, names, stats)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.sender is not None:
@@ -374,6 +74,69 @@ class Loggers:
         if self.sender is not None:
             self.sender.close()
         self._each("finish")
+
+
+def to_host(stats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start one non-blocking copy into pinned host memory; the event says when it has landed."""
+    if stats.device.type != "cuda":
+        return stats.cpu(), None
+    host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+    host.copy_(stats, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+class Sender:
+    """A background thread that waits for copies to land and hands numpy payloads to the loggers,
+    so the training loop never waits for histograms."""
+
+    def __init__(self, loggers):
+        self.loggers = loggers
+        self.jobs: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="histogram-sender", daemon=True)
+        self.thread.start()
+
+    def send(self, step: int, prefix: str, names: list[str], stats: torch.Tensor) -> None:
+        host, event = to_host(stats)
+        self.jobs.put((step, prefix, names, host, event))
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            step, prefix, names, host, event = job
+            if event is not None:
+                event.synchronize()
+            values = host.numpy().astype(np.float64)
+            histograms = {}
+            for name, row in zip(names, values):
+                lo, hi, counts = row[0], row[1], row[5:]
+                edges = np.linspace(lo, hi if hi > lo else lo + 1, len(counts) + 1)
+                mean, std = row[2], row[3]
+                if np.isnan(mean):  # not computed: estimate from the bin centres (TensorBoard wants them)
+                    centres = (edges[:-1] + edges[1:]) / 2
+                    mean = float((counts * centres).sum() / max(counts.sum(), 1))
+                    std = float(np.sqrt(max((counts * (centres - mean) ** 2).sum() / max(counts.sum(), 1), 0)))
+                histograms[f"{prefix}/{name}"] = (counts, edges, mean, std)
+            self.loggers.log_histograms(histograms, step)
+            self.jobs.task_done()
+        self.jobs.task_done()
+
+    def flush(self) -> None:
+        """Wait until everything queued has been sent."""
+        self.jobs.join()
+
+    def close(self) -> None:
+        """Send whatever is queued, then stop."""
+        self.jobs.put(None)
+        self.jobs.join()
+
+
+def open_for(cfg, task, run_dir: Path, resume_step: int | None) -> Loggers:
+    """The loggers of a run (rank 0): the config as parameters, the task's metric directions as summaries."""
+    import configfile
+
+    config = configfile.to_dict(cfg)
+    return make_loggers(cfg.log.logger, run_dir, cfg.log.project, cfg.log.wandb_mode, config, resume_step, task.metrics)
 
 
 def make_loggers(

@@ -1,5 +1,6 @@
-"""Weight and gradient statistics that cost (almost) nothing: computed on the device, no host sync
-per tensor, one non-blocking copy of all results, payloads built and sent by a background thread.
+"""The monitoring (`--monitor.*`): what the model does while it trains, watched without slowing it. Weight and
+gradient statistics and histograms computed on the device with no host sync per tensor, one non-blocking copy
+of all results, payloads built and sent by a background thread; gradient norms, update ratios, MFU and memory.
 
 Why: a TensorBoard `add_histogram` of every weight and gradient in a Lightning hook took 96 % of each
 training step of a 4-layer MLP (float64 copies, numpy binning, a sync per tensor). Here, for every
@@ -7,11 +8,11 @@ tensor: min, max, mean, std, L2 norm and a `bins`-bin histogram over the tensor'
 with index_add_ (torch.histc would need its range as Python floats: a sync per tensor).
 """
 
-import queue
-import threading
-
-import numpy as np
 import torch
+
+import data
+from callbacks import loss_of
+from checkpoints import local
 
 STAT_FIELDS = ("min", "max", "mean", "std", "norm")
 
@@ -56,17 +57,6 @@ def tensor_stats(
             counts = torch.zeros(bins, device=flat.device).index_add_(0, index, torch.ones_like(flat))
         rows.append(torch.cat([torch.stack([lo, hi]), extra, counts]))
     return torch.stack(rows)
-
-
-def to_host(stats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """Start one non-blocking copy into pinned host memory; the event says when it has landed."""
-    if stats.device.type != "cuda":
-        return stats.cpu(), None
-    host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
-    host.copy_(stats, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
 
 
 def gather_shares(
@@ -123,45 +113,146 @@ def sharded_stats(fabric, shards: list[torch.Tensor], bins: int, scale=None) -> 
     return torch.cat([torch.stack([lo, hi, mean, std, squares.sqrt()], dim=1), summed[:, 3:]], dim=1)
 
 
-class Sender:
-    """A background thread that waits for copies to land and hands numpy payloads to the loggers,
-    so the training loop never waits for histograms."""
+# ---------------------------------------------------------------- the hooks
 
-    def __init__(self, loggers):
-        self.loggers = loggers
-        self.jobs: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="histogram-sender", daemon=True)
-        self.thread.start()
 
-    def send(self, step: int, prefix: str, names: list[str], stats: torch.Tensor) -> None:
-        host, event = to_host(stats)
-        self.jobs.put((step, prefix, names, host, event))
+def hooks(cfg, log_every: int) -> dict:
+    """Weight/gradient statistics and histograms, gradient norms and update ratios, MFU and memory, as hooks that
+    observe. The loop takes each step's per-layer gradient norms (run.grad_norms); this keeps those of a logging
+    step and the weights before its update, and reads them all in one transfer at the log. Under FSDP and FSDP2
+    each rank holds a part of every parameter: statistics are combined across ranks."""
+    state: dict = {}
 
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            step, prefix, names, host, event = job
-            if event is not None:
-                event.synchronize()
-            values = host.numpy().astype(np.float64)
-            histograms = {}
-            for name, row in zip(names, values):
-                lo, hi, counts = row[0], row[1], row[5:]
-                edges = np.linspace(lo, hi if hi > lo else lo + 1, len(counts) + 1)
-                mean, std = row[2], row[3]
-                if np.isnan(mean):  # not computed: estimate from the bin centres (TensorBoard wants them)
-                    centres = (edges[:-1] + edges[1:]) / 2
-                    mean = float((counts * centres).sum() / max(counts.sum(), 1))
-                    std = float(np.sqrt(max((counts * (centres - mean) ** 2).sum() / max(counts.sum(), 1), 0)))
-                histograms[f"{prefix}/{name}"] = (counts, edges, mean, std)
-            self.loggers.log_histograms(histograms, step)
-            self.jobs.task_done()
-        self.jobs.task_done()
+    def start(run) -> None:
+        state["mfu"] = mfu_setup(run)
 
-    def flush(self) -> None:
-        """Wait until everything queued has been sent."""
-        self.jobs.join()
+    def after_backward(run) -> None:
+        step = run.step + 1  # the step these gradients belong to
+        params, names = [local(p) for p in run.params], run.param_names
+        if cfg.norms and (step % log_every == 0 or step == run.total_steps):
+            state["grad_norms"] = run.grad_norms
+            state["before"] = [p.detach().clone() for p in params]
+        if cfg.histogram_every and step % cfg.histogram_every == 0:
+            grads = [local(p.grad) if p.grad is not None else torch.zeros_like(q) for p, q in zip(run.params, params)]
+            scaler = getattr(run.fabric.strategy.precision, "scaler", None)
+            scale = scaler._get_scale_async() if scaler is not None else None  # a tensor: no sync
+            for prefix, tensors, by in (("gradients", grads, scale), ("parameters", params, None)):
+                if run.sharded:  # every rank bins its part (max_elements does not apply)
+                    stats = sharded_stats(run.fabric, tensors, cfg.bins, by)
+                else:
+                    stats = gather_shares(run.fabric, names, tensors, cfg.bins, cfg.max_elements, by)
+                if stats is not None and run.loggers is not None:
+                    run.loggers.send_histograms(step, prefix, names, stats)
 
-    def close(self) -> None:
-        """Send whatever is queued, then stop."""
-        self.jobs.put(None)
-        self.jobs.join()
+    def on_log(run) -> dict:
+        row, names = {}, run.param_names
+        if "before" in state and state["grad_norms"] is not None:
+            before, norms = state.pop("before"), state.pop("grad_norms")
+            deltas = torch._foreach_sub([local(p.detach()) for p in run.params], before)
+            delta_norms = torch.stack(torch._foreach_norm(deltas))
+            weight_norms = torch.stack(torch._foreach_norm(before))
+            if run.sharded:  # the norm of a whole tensor from its parts' norms: one all-reduce
+                squares = torch.stack([norms, delta_norms, weight_norms]).square()
+                norms, delta_norms, weight_norms = run.fabric.all_reduce(squares, reduce_op="sum").sqrt()
+            ratios = delta_norms / weight_norms.clamp_min(1e-12)
+            values = torch.cat([norms.norm().reshape(1), norms, ratios]).tolist()  # one transfer for all of it
+            row["grad_norm/total"] = values[0]
+            row.update({f"grad_norm/{n}": v for n, v in zip(names, values[1 : 1 + len(names)])})
+            row.update({f"update_ratio/{n}": v for n, v in zip(names, values[1 + len(names) :])})
+        if "perf/samples_per_s" in run.log_row:
+            if state["mfu"]:  # per device: the global rate over the devices, against one device's peak
+                flops, peak = state["mfu"]
+                row["perf/mfu"] = run.log_row["perf/samples_per_s"] / run.fabric.world_size * flops / peak
+            if run.fabric.device.type == "cuda":
+                row["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(run.fabric.device) / 2**30
+        return row
+
+    return {"on_train_start": [start], "after_backward": [after_backward], "on_log": [on_log]}
+
+
+# ---------------------------------------------------------------- MFU
+
+# Dense peaks in FLOP/s (bf16/fp16, TF32, fp32) where Fabric 2.6.6's table is wrong: it gives the sparse
+# figures for H100 NVL and the H200 parts and does not match a plain "NVIDIA H200" (NVIDIA's datasheets).
+DENSE_PEAKS = {
+    "H200 NVL": (835e12, 417e12, 60e12),
+    "H200": (989e12, 494e12, 67e12),
+    "H100 NVL": (835e12, 417e12, 60e12),
+}
+
+
+def dense_peak(device_name: str, dtype: torch.dtype, matmul_precision: str) -> float | None:
+    """Our override for a device Fabric's table gets wrong; None = ask Fabric."""
+    for key, (half, tf32, fp32) in DENSE_PEAKS.items():
+        if key in device_name:
+            if dtype in (torch.bfloat16, torch.float16):
+                return half
+            return (fp32 if matmul_precision == "highest" else tf32) if dtype == torch.float32 else None
+    return None
+
+
+def compute_dtype(fabric) -> torch.dtype:
+    """The dtype the matmuls run in, from the precision plugin Fabric actually built (a launcher's
+    --precision included), not from our config."""
+    from lightning_fabric.utilities.throughput import _plugin_to_compute_dtype
+
+    return _plugin_to_compute_dtype(fabric.strategy.precision)
+
+
+def device_peak(fabric, given_tflops: float | None, dtype: torch.dtype) -> tuple[float, str] | None:
+    """One device's peak FLOP/s for `dtype` (fp32 matmuls count as TF32 unless the matmul precision is
+    "highest") and where it came from."""
+    if given_tflops:
+        return given_tflops * 1e12, "--monitor.peak-tflops"
+    if fabric.device.type != "cuda":
+        return None  # Fabric knows no CPU peaks
+    from lightning_fabric.utilities.throughput import get_available_flops
+
+    name = torch.cuda.get_device_name(fabric.device)
+    peak = dense_peak(name, dtype, torch.get_float32_matmul_precision())
+    if peak:
+        return peak, f"{name}, dense"
+    peak = get_available_flops(fabric.device, dtype)  # warns once for a device it does not know
+    return (float(peak), f"{name}, Fabric's table") if peak else None
+
+
+def flops_per_sample(task, cfg, batch, train_size: int | None, samples: int) -> float:
+    """FLOPs of one training sample: Fabric's measure_flops (torch's FlopCounterMode: matmuls, convolutions,
+    attention) over the task's own training step, forward, loss and backward, on a copy of the model on the
+    meta device, so nothing is computed or allocated. `batch` is a real micro-batch (only its shapes and
+    dtypes are used)."""
+    from lightning_fabric.utilities.apply_func import apply_to_collection
+    from lightning_fabric.utilities.throughput import measure_flops
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # draws nothing from the run's generator
+        model = task.build_model(cfg)
+        inputs = apply_to_collection(batch, torch.Tensor, lambda t: torch.empty_like(t, device="meta"))
+        flops = measure_flops(model, lambda: loss_of(task.train_step(cfg, model, inputs, 0, train_size)), lambda x: x)
+    return flops / samples
+
+
+def mfu_setup(run) -> tuple[float, float] | None:
+    """(FLOPs a sample, one device's peak) for perf/mfu, or None when either is unknown (rank 0 says which)."""
+    dtype = compute_dtype(run.fabric)
+    peak = device_peak(run.fabric, run.cfg.monitor.peak_tflops, dtype)
+    if peak is None:
+        return None
+    micro_batch = run.cfg.data.batch_size // (run.cfg.train.accumulate * run.fabric.world_size)
+    train = run.datasets["train"]
+    try:
+        with torch.random.fork_rng(devices=[]):  # one real batch, for its shapes: the run's loader is not touched
+            loader = data.make_loader(train, micro_batch, False, 0, 0, 1, drop_last=True, collate=run.task.collate)
+            batch = next(iter(loader))
+        size = len(train) if hasattr(train, "__len__") else None
+        flops = flops_per_sample(run.task, run.cfg, batch, size, micro_batch)
+    except Exception as exc:  # a step that reads values (.item(), data-dependent shapes) cannot run on meta
+        run.fabric.print(f"warning: no MFU: the training step does not run on the meta device ({exc})")
+        return None
+    if not flops:
+        return None
+    matmuls = "tf32" if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest" else dtype
+    run.fabric.print(
+        f"MFU per device: {flops / 1e6:.4g} MFLOP a training sample (measured), against {peak[0] / 1e12:g} TFLOP/s "
+        f"({peak[1]}; {str(matmuls).removeprefix('torch.')} matmuls)"
+    )
+    return flops, peak[0]

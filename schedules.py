@@ -77,3 +77,11 @@ def ramp(step: int, start: float, end: float, hold: int, steps: int, shape: str)
     if shape == "cosine":
         return start + (end - start) * (1 - math.cos(math.pi * progress)) / 2
     return start  # threshold: not yet
+
+
+def lr_function(s, base_lr: float, total_steps: int):
+    """step -> learning rate for a ScheduleConfig `s` (its total_steps, else the run's)."""
+    return lambda step: learning_rate(
+        step, s.kind, base_lr, s.warmup_steps, s.total_steps or total_steps, s.min_lr_ratio, s.noam_scale,
+        s.noam_d_model,
+    )  # fmt: skip

@@ -4,13 +4,11 @@ a zip archive) and a folder's checksums.json verified before a resume trusts it;
 anything read as data only (no pickled code runs); torch.distributed.checkpoint's failures as ordinary exceptions."""
 
 import contextlib
-import fcntl
 import io
 import json
 import os
 import pickle
 import shutil
-import socket
 import zipfile
 import zlib
 from pathlib import Path
@@ -247,36 +245,3 @@ def dcp_metadata(folder: Path):
         raise
     except Exception as exc:  # truncated, random bytes
         raise ValueError(f"damaged .metadata ({type(exc).__name__}: {exc})") from None
-
-
-class FolderBusy(ValueError):
-    """Another living process holds a run folder's lock."""
-
-
-def lock_folder(folder: Path):
-    """Hold `folder/.lock` for as long as the returned file stays open: one writer per run folder. The OS drops the
-    lock when its process ends, however it ends, so a folder left by a killed run is taken over (and said so)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    file = open(folder / ".lock", "a+")
-    try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.seek(0)
-        holder = file.read().strip() or "another process"
-        file.close()
-        raise FolderBusy(f"{folder} is in use by {holder}: one run writes a run folder at a time") from None
-    file.seek(0)
-    previous = file.read().strip()  # emptied by a run that ended; left by one that was killed
-    file.seek(0)
-    file.truncate()
-    file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-    file.flush()
-    if previous:
-        print(f"taking over {folder}: its previous run ({previous}) ended without releasing it", flush=True)
-    return file
-
-
-def unlock_folder(file) -> None:
-    if file is not None and not file.closed:
-        file.truncate(0)
-        file.close()

@@ -23,7 +23,7 @@ import losses
 from chessdata.encoding import board_tokens, random_flip, row_to_fen
 from chessdata.folder import SPLITS, eval_target, load_split
 from chessdata.prepare import ensure_prepared
-from config import CheckpointConfig, DataConfig, LogConfig, RunConfig, ScheduleConfig, Task, TrainConfig, need
+from config import CheckpointConfig, DataConfig, LogConfig, RunConfig, ScheduleConfig, Task, TrainConfig, require
 from data import ArrayDataset
 from model import MASK_TOKEN, ChessEvaluator, DiscreteVAE
 from schedules import ramp
@@ -266,14 +266,14 @@ def chess_hooks(cfg: ChessConfig, datasets: dict) -> dict:
 
 
 def check_chess(cfg: ChessConfig) -> None:
-    need(
+    require(
         cfg.model.width > 0 and cfg.model.depth >= 0,
         "model.width/depth",
         "width > 0 and depth >= 0",
         (cfg.model.width, cfg.model.depth),
     )
-    need(cfg.data.clamp > 0, "data.clamp", "a positive number of pawns", cfg.data.clamp)
-    need(cfg.log.predictions >= 0, "log.predictions", "a count >= 0", cfg.log.predictions)
+    require(cfg.data.clamp > 0, "data.clamp", "a positive number of pawns", cfg.data.clamp)
+    require(cfg.log.predictions >= 0, "log.predictions", "a count >= 0", cfg.log.predictions)
 
 
 CHESS = Task(
@@ -407,9 +407,9 @@ def dvae_test_pictures(cfg: DVAEConfig, datasets: dict) -> dict:
 def check_dvae(cfg: DVAEConfig) -> None:
     m, d = cfg.model, cfg.dvae
     for name in ("latents", "codebook", "width"):
-        need(getattr(m, name) >= 1, f"model.{name}", "a count >= 1", getattr(m, name))
-    need(m.depth >= 0, "model.depth", "a count >= 0", m.depth)
-    need(
+        require(getattr(m, name) >= 1, f"model.{name}", "a count >= 1", getattr(m, name))
+    require(m.depth >= 0, "model.depth", "a count >= 0", m.depth)
+    require(
         d.quantizer in ("gumbel", "reinmax", "softmax"),
         "dvae.quantizer",
         "one of gumbel, reinmax, softmax",
@@ -417,31 +417,31 @@ def check_dvae(cfg: DVAEConfig) -> None:
     )
     for name in ("tau", "hardness", "kl_weight", "mask"):
         r = getattr(d, name)
-        need(
+        require(
             r.shape in ("constant", "linear", "exponential", "cosine", "threshold"),
             f"dvae.{name}.shape",
             "one of constant, linear, exponential, cosine, threshold",
             r.shape,
         )
-        need(r.hold >= 0 and r.steps >= 0, f"dvae.{name}.hold/steps", "counts >= 0", (r.hold, r.steps))
-        need(
+        require(r.hold >= 0 and r.steps >= 0, f"dvae.{name}.hold/steps", "counts >= 0", (r.hold, r.steps))
+        require(
             r.shape != "exponential" or r.start * r.end > 0,
             f"dvae.{name}.start/end",
             "non-zero values of one sign for an exponential ramp",
             (r.start, r.end),
         )
-    need(min(d.tau.start, d.tau.end) > 0, "dvae.tau.start/end", "positive temperatures", (d.tau.start, d.tau.end))
+    require(min(d.tau.start, d.tau.end) > 0, "dvae.tau.start/end", "positive temperatures", (d.tau.start, d.tau.end))
     for name, allowed in (("hardness", "values in [0, 1]"), ("mask", "fractions in [0, 1]")):
         r = getattr(d, name)
-        need(0 <= r.start <= 1 and 0 <= r.end <= 1, f"dvae.{name}.start/end", allowed, (r.start, r.end))
-    need(
+        require(0 <= r.start <= 1 and 0 <= r.end <= 1, f"dvae.{name}.start/end", allowed, (r.start, r.end))
+    require(
         min(d.kl_weight.start, d.kl_weight.end) >= 0,
         "dvae.kl_weight.start/end",
         "weights >= 0",
         (d.kl_weight.start, d.kl_weight.end),
     )
-    need(d.focal_gamma >= 0, "dvae.focal_gamma", "a number >= 0", d.focal_gamma)
-    need(
+    require(d.focal_gamma >= 0, "dvae.focal_gamma", "a number >= 0", d.focal_gamma)
+    require(
         d.class_weights is None or (len(d.class_weights) == 13 and min(d.class_weights) >= 0),
         "dvae.class_weights",
         "13 weights >= 0 (empty, K Q R B N P k q r b n p)",

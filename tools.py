@@ -23,9 +23,11 @@ import tyro
 from lightning_fabric import Fabric
 
 import checkpoints
+import config
 import configfile
 import data
 import evaluation
+import runs
 import storage
 from config import Accelerator, ConfigError, DataConfig, RunConfig, Task
 
@@ -38,10 +40,10 @@ TOOLS = {
 }
 
 
-def checkpoint_task(path: Path) -> tuple[str | None, str | None]:
+def checkpoint_task(path: Path, out_dir: Path) -> tuple[str | None, str | None]:
     """The task name and task file a checkpoint records (Nones if it records none)."""
     try:
-        metadata = checkpoints.read_metadata(checkpoints.resolve_source(str(path), Path("runs"))[0])
+        metadata = checkpoints.read_metadata(runs.resolve_source(str(path), out_dir)[0])
     except ConfigError:
         raise
     except Exception as exc:  # truncated, unreadable, not data only: say which
@@ -51,13 +53,13 @@ def checkpoint_task(path: Path) -> tuple[str | None, str | None]:
     return metadata.get("config", {}).get("task"), metadata.get("task", {}).get("file")
 
 
-def load_checkpoint(path: Path, task: Task) -> tuple[RunConfig, torch.nn.Module]:
+def load_checkpoint(path: Path, task: Task, out_dir: Path = Path("runs")) -> tuple[RunConfig, torch.nn.Module]:
     """A checkpoint's config and its model with the saved weights (on the CPU). `path`: a checkpoint
-    file or (sharded) folder, an artifact folder, or wandb:ARTIFACT[:ALIAS]."""
+    file or (sharded) folder, an artifact folder, or wandb:ARTIFACT[:ALIAS] (looked for in `out_dir`'s runs)."""
     if not str(path).startswith("wandb:") and not Path(path).exists():
         raise ConfigError(f"ckpt: {path} is not a checkpoint file or folder")
     try:
-        source = checkpoints.resolve_source(str(path), Path("runs"))[0]
+        source = runs.resolve_source(str(path), out_dir)[0]
         storage.require_data_only(source)
         checkpoint = checkpoints.read_metadata(source)
     except Exception as exc:
@@ -98,6 +100,8 @@ class EvaluateArgs(typing.Generic[DataT]):
     """Examples per batch; unset = the training run's data.eval_batch_size."""
     accelerator: Accelerator = "auto"
     """cpu, cuda or auto."""
+    out_dir: Path = Path("runs")
+    """Where a wandb:NAME[:ALIAS] checkpoint is looked for offline and fetched to (the training runs' --out-dir)."""
 
 
 @dataclass
@@ -209,6 +213,31 @@ def fail(message: str) -> int:
     return 2
 
 
+def exit_code(exc: BaseException) -> int:
+    """How `train.py` ends on an error: one line and 2 for ours, whatever its kind (a bad value, a damaged file, a full
+    disk, a non-finite stop); quietly 2 where another rank failed and said so; 130 on an early Ctrl-C."""
+    if isinstance(exc, ConfigError):
+        return fail(f"error: {exc}")
+    if isinstance(exc, KeyboardInterrupt):  # before the run's own handler is in place (or in a tool): nothing to save
+        return fail("interrupted") + 128
+    if isinstance(exc.code, str):
+        return fail(exc.code)
+    if exc.code == 2:
+        return 2
+    raise exc
+
+
+def run_tool(tool: str, args, task: Task) -> None:
+    if tool == "evaluate":
+        evaluate(args, task)
+    elif tool == "export-checkpoint":
+        export_checkpoint(args)
+    elif tool == "convert-checkpoint":
+        convert_checkpoint(args)
+    else:
+        print(export_config(args))
+
+
 def print_table(title: str, metrics: dict[str, float]) -> None:
     print(f"\n{title}")
     print(f"  {'metric':<24}{'value':>12}")
@@ -219,7 +248,7 @@ def print_table(title: str, metrics: dict[str, float]) -> None:
 def evaluate(args: EvaluateArgs, task: Task) -> dict[str, float]:
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"batch_size: expected a positive count (unset: the run's), got {args.batch_size}")
-    cfg, model = load_checkpoint(args.ckpt, task)
+    cfg, model = load_checkpoint(args.ckpt, task, args.out_dir)
     if args.data is not None:
         cfg = dataclasses.replace(cfg, data=args.data)
     dataset = task.datasets(cfg)[args.split]
@@ -260,6 +289,31 @@ class LRFindArgs(typing.Generic[RunT]):
         return self.lr_min * (self.lr_max / self.lr_min) ** (step / max(1, self.steps - 1))
 
 
+def lr_find_config(args: LRFindArgs, task: Task) -> RunConfig:
+    """The run lr-find trains: the given config for `steps` steps at a constant LR (set by the test), logging every
+    step, without validation, checkpoints, tracker or histograms."""
+    if args.steps < 2:
+        raise ConfigError(f"steps: expected at least 2 steps for a range of learning rates, got {args.steps}")
+    if not 0 <= args.smoothing < 1:
+        raise ConfigError(f"smoothing: expected a value in [0, 1) (0 = none), got {args.smoothing}")
+    if not args.diverge > 1:
+        raise ConfigError(f"diverge: expected a multiple of the minimum loss above 1, got {args.diverge}")
+    if not 0 < args.lr_min < args.lr_max <= 1e30:
+        raise ConfigError(f"lr_min/lr_max: expected 0 < lr_min < lr_max <= 1e30, got {args.lr_min}, {args.lr_max}")
+    cfg = config.for_task(args.run, task)
+    return dataclasses.replace(
+        cfg,
+        resume=None,
+        init_from=None,
+        train=dataclasses.replace(
+            cfg.train, max_steps=args.steps, max_epochs=None, max_time=None, val_every=None, early_stop_patience=None
+        ),
+        schedule=dataclasses.replace(cfg.schedule, kind="constant", warmup_steps=0),
+        log=dataclasses.replace(cfg.log, every=1, logger="none", progress_bar=False),
+        monitor=dataclasses.replace(cfg.monitor, histogram_every=None, norms=False, on_nonfinite="warn"),
+    )
+
+
 def suggest_lr(lrs: list[float], smoothed: list[float]) -> float:
     """The LR of steepest descent of the smoothed loss against log(lr), between the first 10 % of
     the steps (where the average is still settling) and the loss minimum. Slopes are taken over a
@@ -288,7 +342,7 @@ def lr_range(args: LRFindArgs, run_dir: Path, result: dict) -> dict:
         rows.append((run.step - 1, run.lr, loss, smoothed))
         state["best"] = min(state["best"], smoothed)
         if not math.isfinite(loss) or smoothed > args.diverge * state["best"]:
-            run.should_stop = True
+            run.request_stop()
 
     def finish(run) -> None:
         lrs, smooth = [r[1] for r in rows], [r[3] for r in rows]

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 import loggers  # noqa: E402
 import monitor  # noqa: E402
+import trackers  # noqa: E402
 from model import ChessEvaluator  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def main() -> None:
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in arms.items()}
     names = {name: [n for n, _ in m.named_parameters()] for name, m in arms.items()}
 
-    ours = loggers.Loggers([loggers.TensorBoardLog(tmp / "kibitz", {})])
+    ours = loggers.Loggers([trackers.TensorBoardLog(tmp / "kibitz", {})])
     ours.sender = monitor.Sender(ours)
     naive = SummaryWriter(str(tmp / "naive"))
     run = wandb.init(project="bench", dir=tmp, mode="offline")

@@ -43,6 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
 import data  # noqa: E402
+import schedules  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 from chessdata.encoding import random_flip  # noqa: E402
@@ -115,7 +116,7 @@ def base_config(size: str, steps: int, out: Path) -> ChessConfig:
 
 
 def lr_function(cfg: ChessConfig):
-    return train.lr_schedule(cfg, cfg.train.max_steps)  # the trainer's own LR function: the same floats
+    return schedules.lr_function(cfg.schedule, cfg.optim.lr, cfg.train.max_steps)  # the trainer's own: the same floats
 
 
 def seed_all(seed: int) -> None:

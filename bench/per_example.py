@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import train  # noqa: E402
 
 
 class Digits(torch.utils.data.Dataset):
@@ -44,7 +45,7 @@ def samples_per_s(loader, count: int) -> float:
     started = time.perf_counter()
     seen = 0
     for batch in loader:
-        seen += len(data.to_device(batch, torch.device("cpu"))["label"])
+        seen += len(train.to_device(batch, torch.device("cpu"))["label"])
     assert seen >= count * 0.95, seen
     return seen / (time.perf_counter() - started)
 

@@ -15,7 +15,7 @@ from torch import nn
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the trainer, after this file's folder (its own)
 
 import train  # noqa: E402
-from config import DataConfig, RunConfig, ScheduleConfig, Task, TrainConfig, need  # noqa: E402
+from config import DataConfig, RunConfig, ScheduleConfig, Task, TrainConfig, require  # noqa: E402
 from data import ArrayDataset  # noqa: E402
 
 
@@ -127,11 +127,11 @@ def report(cfg: CharConfig, metrics: dict) -> tuple[str, dict]:
 
 
 def check(cfg: CharConfig) -> None:
-    need(cfg.data.file.is_file(), "data.file", "a text file", str(cfg.data.file))
-    need(cfg.data.context >= 1, "data.context", "a count >= 1", cfg.data.context)
+    require(cfg.data.file.is_file(), "data.file", "a text file", str(cfg.data.file))
+    require(cfg.data.context >= 1, "data.context", "a count >= 1", cfg.data.context)
     size, least = cfg.data.file.stat().st_size, 20 * (cfg.data.context + 1)  # val and test get 5 % each
-    need(size >= least, "data.file", f"a text of at least {least} bytes for a context of {cfg.data.context}", size)
-    need(cfg.model.width % cfg.model.heads == 0, "model.width", "a multiple of model.heads", cfg.model.width)
+    require(size >= least, "data.file", f"a text of at least {least} bytes for a context of {cfg.data.context}", size)
+    require(cfg.model.width % cfg.model.heads == 0, "model.width", "a multiple of model.heads", cfg.model.width)
 
 
 METRICS = {"val/bpc": "min", "val/loss": "min"}  # the first ranks checkpoints

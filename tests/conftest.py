@@ -72,3 +72,10 @@ def run_script(
         stdout, stderr = process.communicate()
         raise AssertionError(f"timed out after {timeout} s: {args}\n{stdout[-3000:]}\n{stderr[-12000:]}") from None
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def parse_config(argv: list[str]):
+    """The training config a command line gives (as train.py parses it)."""
+    import cli
+
+    return cli.parse(argv)[2]

@@ -98,7 +98,7 @@ def test_resuming_with_another_width_or_task_says_why(prepared, trained, capsys)
 
 
 def test_dvae_resume_auto_passes_over_other_tasks_runs(prepared, trained, capsys):
-    from checkpoints import newest_run
+    from runs import newest_run
 
     assert newest_run(trained.parent, "chess") == trained and newest_run(trained.parent, "dvae") is None
 

@@ -158,6 +158,6 @@ def test_a_config_built_in_code_is_checked_against_its_choices():
     with pytest.raises(config.ConfigError, match="^data.target: expected one of pawns, win_prob, got 'centipawns'$"):
         config.check(cfg, tasks.CHESS)
     cfg = tasks.DVAEConfig()
-    cfg.checkpoint.monitor = "val/l1"  # a chess metric: not one of this task's
-    with pytest.raises(config.ConfigError, match="^checkpoint.monitor: expected one of val/token_acc"):
+    cfg.checkpoint.rank_by = "val/l1"  # a chess metric: not one of this task's
+    with pytest.raises(config.ConfigError, match="^checkpoint.rank_by: expected one of val/token_acc"):
         config.check(cfg, tasks.DVAE)

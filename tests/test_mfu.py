@@ -5,7 +5,7 @@ import pytest
 import torch
 from lightning_fabric.utilities.throughput import measure_flops
 
-import callbacks
+import monitor
 import tasks
 from callbacks import loss_of
 
@@ -25,7 +25,7 @@ def test_flops_per_sample_equal_measure_flops_of_the_real_step(prepared, name, t
     if tcvae:
         cfg.dvae.tcvae = True  # its terms compare every pair of the batch: not a per-sample cost
     batch, train_size = micro_batch(task, cfg)
-    counted = callbacks.flops_per_sample(task, cfg, batch, train_size, len(batch[0]))
+    counted = monitor.flops_per_sample(task, cfg, batch, train_size, len(batch[0]))
     torch.manual_seed(0)
     model = task.build_model(cfg)
     real = measure_flops(model, lambda: loss_of(task.train_step(cfg, model, batch, 0, train_size)), lambda loss: loss)
@@ -41,7 +41,7 @@ def test_the_meta_count_draws_nothing_from_the_runs_generator(prepared):
     cfg.data.dir = prepared
     batch, train_size = micro_batch(tasks.DVAE, cfg)
     torch.manual_seed(5)
-    callbacks.flops_per_sample(
+    monitor.flops_per_sample(
         tasks.DVAE, cfg, batch, train_size, len(batch[0])
     )  # builds the model, draws Gumbel noise
     after = torch.rand(3)
@@ -50,10 +50,10 @@ def test_the_meta_count_draws_nothing_from_the_runs_generator(prepared):
 
 
 def test_dense_peaks_override_only_where_fabrics_table_is_wrong():
-    assert callbacks.dense_peak("NVIDIA H200", torch.bfloat16, "high") == 989e12
-    assert callbacks.dense_peak("NVIDIA H200", torch.float32, "high") == 494e12  # TF32 matmuls
-    assert callbacks.dense_peak("NVIDIA H200", torch.float32, "highest") == 67e12  # plain fp32
-    assert callbacks.dense_peak("NVIDIA H200 NVL", torch.float16, "high") == 835e12
-    assert callbacks.dense_peak("NVIDIA H100 NVL", torch.bfloat16, "medium") == 835e12
+    assert monitor.dense_peak("NVIDIA H200", torch.bfloat16, "high") == 989e12
+    assert monitor.dense_peak("NVIDIA H200", torch.float32, "high") == 494e12  # TF32 matmuls
+    assert monitor.dense_peak("NVIDIA H200", torch.float32, "highest") == 67e12  # plain fp32
+    assert monitor.dense_peak("NVIDIA H200 NVL", torch.float16, "high") == 835e12
+    assert monitor.dense_peak("NVIDIA H100 NVL", torch.bfloat16, "medium") == 835e12
     for name in ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA L4", "Tesla T4"):  # Fabric's table
-        assert callbacks.dense_peak(name, torch.bfloat16, "high") is None
+        assert monitor.dense_peak(name, torch.bfloat16, "high") is None

@@ -130,7 +130,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(prepared, tmp_path):
 def wandb_history(run_dir: Path) -> list[tuple[int, dict]]:
     """(step, row) of every history row in every segment of a run's offline wandb run, in order,
     read with wandb's own reader: what `wandb sync` would upload."""
-    from loggers import wandb_records, wandb_segments
+    from trackers import wandb_records, wandb_segments
 
     return [
         (r["history"].get("step", {}).get("num", 0), r["history"]["item"])
@@ -581,14 +581,13 @@ def test_the_fp16_grad_scaler_state_is_checkpointed(tmp_path):
             total_steps=10,
             steps_per_epoch=10,
             lr_at=None,
-            clip=None,
-            skip_sync=True,
             params=[],
             param_names=[],
             sharded=False,
-            monitor=("val/l1", "min"),
+            rank_by=("val/l1", "min"),
             resume_command="",
-            loss_sum=torch.zeros(1),
+            progress=checkpoints.Progress(),
+            window=train.LogWindow(torch.zeros(1), torch.zeros(1), torch.empty(1, 0)),
         )
 
     saved = fp16_run(2.0**10)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import parse_config
 from test_train import tiny_args, train_losses
 
 import losses
@@ -152,9 +153,9 @@ def test_export_config_round_trip_is_identity(tmp_path, capsys):
     saved.write_text(exported)
     assert train.main(["chess", "export-config", "--config", str(saved)]) == 0
     assert capsys.readouterr().out == exported
-    cfg = train.parse_args(["chess", "--config", str(saved)])
+    cfg = parse_config(["chess", "--config", str(saved)])
     assert cfg.optim.lr == 0.004 and cfg.data.batch_size == 1024
-    assert json.loads(exported) == json.loads(tools_export(train.parse_args(["chess", "--config", str(saved)])))
+    assert json.loads(exported) == json.loads(tools_export(parse_config(["chess", "--config", str(saved)])))
 
 
 def tools_export(cfg) -> str:

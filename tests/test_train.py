@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE, run_script
+from conftest import SAMPLE, parse_config, run_script
 
-import callbacks
+import monitor
 import tasks
 import train
 
@@ -159,13 +159,13 @@ def test_bad_config_is_one_line_naming_the_field(prepared, tmp_path, capsys, fla
 def test_config_file_gives_defaults_and_flags_override(prepared, tmp_path):
     assert train.main(tiny_args(prepared, tmp_path, "--run-name", "c", "--optim.lr", "0.003")) == 0
     saved = tmp_path / "c" / "config.json"
-    cfg = train.parse_args(["chess", "--config", str(saved), "--train.max-steps", "99"])
+    cfg = parse_config(["chess", "--config", str(saved), "--train.max-steps", "99"])
     assert cfg.optim.lr == 0.003 and cfg.model.width == 32 and cfg.train.max_steps == 99
     assert isinstance(cfg.data.dir, Path)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"optim": {"learning_rate": 1}}))
     with pytest.raises(train.ConfigError, match="optim.learning_rate: unknown config field"):
-        train.parse_args(["chess", "--config", str(bad)])
+        parse_config(["chess", "--config", str(bad)])
 
 
 def test_two_process_cpu_run_and_the_same_under_torchrun(prepared, tmp_path):
@@ -232,9 +232,9 @@ def test_fabric_run_launch_with_its_precision_and_mfu_per_device(prepared, tmp_p
     assert "0.5 TFLOP/s (--monitor.peak-tflops; bfloat16 matmuls)" in result.stdout
     assert train.main(tiny_args(prepared, tmp_path, "--run-name", "one", *peak)) == 0
     assert json.loads((tmp_path / "cli" / "config.json").read_text())["fabric"]["precision"] is None  # the launcher's
-    cfg = train.parse_args(tiny_args(prepared, tmp_path))
+    cfg = parse_config(tiny_args(prepared, tmp_path))
     batch = list(tasks.CHESS.datasets(cfg)["train"][np.arange(8)])
-    flops = callbacks.flops_per_sample(tasks.CHESS, cfg, batch, 1000, 8)
+    flops = monitor.flops_per_sample(tasks.CHESS, cfg, batch, 1000, 8)
     assert mfu_per_sample_rate(tmp_path / "one") == pytest.approx(flops / 0.5e12)
     assert mfu_per_sample_rate(tmp_path / "cli") == pytest.approx(flops / 0.5e12 / 2)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, child_env
+from conftest import ROOT, child_env, parse_config
 from test_train import tiny_args
 
 import chessdata.cli
@@ -268,7 +268,7 @@ def test_what_preparing_the_data_draws_does_not_change_the_run(prepared, tmp_pat
     weights = {}
     for name, prepare in (("draws", draw), ("ready", None)):
         task = dataclasses.replace(TASKS["chess"], prepare_data=prepare)
-        cfg = train.parse_args(tiny_args(prepared, tmp_path, "--run-name", name))
+        cfg = parse_config(tiny_args(prepared, tmp_path, "--run-name", name))
         train.train(cfg, task)
         weights[name] = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)["model"]
     assert all(torch.equal(weights["draws"][k], weights["ready"][k]) for k in weights["ready"])

@@ -1,0 +1,234 @@
+"""Run folders: naming a new one, finding the one to continue, the checkpoint a `--resume` / `--init-from` names
+(a wandb model artifact too), and one writer per folder at a time. Rank 0 decides; every rank agrees."""
+
+import dataclasses
+import datetime
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+import configfile
+import distributed
+from checkpoints import read_metadata, reason
+from config import ConfigError, is_plain_name
+from storage import link_or_copy, remove
+
+
+def open_run_folder(fabric, cfg, fresh_name: str | None = None) -> tuple[Path, Path | None, object]:
+    """The run folder (chosen, or new as `fresh_name`), the checkpoint to resume from, and rank 0's lock on the
+    folder (None elsewhere). Every rank stops together if the folder is in use."""
+    if fresh_name is None:
+        run_dir, resume_from = choose_run_dir(fabric, cfg)
+    else:  # a new folder, made by rank 0 (the ranks' clocks may disagree on a name with the time in it)
+        made = str(new_run_dir(cfg.out_dir, fresh_name)) if fabric.is_global_zero else None
+        run_dir, resume_from = Path(fabric.broadcast(made, 0)), None
+    lock, error = None, None
+    if fabric.is_global_zero:
+        try:
+            lock = lock_folder(run_dir)
+        except (FolderBusy, OSError) as exc:
+            error = f"error: run_name: {exc}; choose another --run-name"
+    distributed.stop_together(fabric, error)
+    return run_dir, resume_from, lock
+
+
+def write_run_folder(fabric, cfg, run_dir: Path) -> None:
+    """Rank 0: the checkpoints folder (without the leftovers of a killed save) and config.json."""
+    error = None
+    if fabric.is_global_zero:
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            for leftover in (run_dir / "checkpoints").glob("*.tmp"):  # of a save that was killed
+                remove(leftover)
+            configfile.save_json(dataclasses.replace(cfg, resume=None), run_dir / "config.json")
+        except OSError as exc:
+            error = f"error: cannot write the run folder {run_dir} ({exc})"
+    distributed.stop_together(fabric, error)
+
+
+def newest_run(out_dir: Path, task: str) -> Path | None:
+    """The run folder of `task` under `out_dir` whose newest checkpoint is the most recent (for `--resume auto`)."""
+    checkpoints = [p for p in out_dir.glob("*/checkpoints/*.ckpt") if run_task(p.parent.parent) == task]
+    return max(checkpoints, key=os.path.getmtime).parent.parent if checkpoints else None
+
+
+def run_task(run_dir: Path) -> str | None:
+    """The task a run folder's config.json names (None if it cannot be read)."""
+    try:
+        return json.loads((run_dir / "config.json").read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def new_run_dir(out_dir: Path, name: str) -> Path:
+    """A run folder of that name that did not exist, made now (name-2, name-3, ... if it did): two runs started in
+    the same second get two folders."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = out_dir / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise ConfigError(f"out_dir: {out_dir} already holds {name} and 999 more of that name")
+
+
+def choose_run_dir(fabric, cfg) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume from (None for a fresh start). Rank 0 decides
+    (fetching an artifact if one is named) and broadcasts, so every rank agrees even if clocks
+    differ; an error on rank 0 is raised on every rank."""
+
+    def decide() -> tuple[str | None, str | None, str | None]:
+        resume_from = None
+        if cfg.resume and cfg.resume != "auto":
+            try:
+                resume_from, from_artifact = resolve_source(cfg.resume, cfg.out_dir)
+            except ConfigError as exc:
+                return None, None, f"resume: {exc}"
+        try:
+            recorded = read_metadata(resume_from).get("run", {}) if resume_from else {}
+        except Exception as exc:  # a truncated, foreign or unsafe file
+            return None, None, f"resume: {resume_from}: cannot load checkpoint ({reason(exc)})"
+        # names read from a file are data: one plain folder name under out_dir, never a path
+        for key in ("name", "wandb_id"):
+            if recorded.get(key) is not None and not is_plain_name(recorded[key]):
+                return (
+                    None,
+                    None,
+                    (
+                        f"resume: {resume_from} records the run {key} {recorded[key]!r}, which is not one plain folder "
+                        "name; give --run-name NAME"
+                    ),
+                )
+        new_name = f"{cfg.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        if cfg.run_name:
+            run_dir = cfg.out_dir / cfg.run_name
+        elif resume_from and not from_artifact and resume_from.resolve().parent.name == "checkpoints":
+            run_dir = resume_from.resolve().parent.parent  # <run>/checkpoints/<checkpoint>
+        elif resume_from and recorded.get("name"):  # an artifact or a loose checkpoint: the run it records
+            run_dir = cfg.out_dir / recorded["name"]
+        elif cfg.resume == "auto" and (latest := newest_run(cfg.out_dir, cfg.task)):
+            run_dir = latest
+        else:
+            try:
+                run_dir = new_run_dir(cfg.out_dir, new_name)
+            except OSError as exc:
+                return None, None, f"out_dir: cannot make a run folder in {cfg.out_dir} ({exc})"
+        if cfg.resume and (found := run_task(run_dir)) not in (None, cfg.task):
+            return None, None, f"resume: {run_dir} is a run of the {found!r} task, not of {cfg.task!r}"
+        if recorded.get("wandb_id") and not (run_dir / "wandb_id.txt").exists():  # continue its wandb run
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "wandb_id.txt").write_text(recorded["wandb_id"])
+        return str(run_dir), resume_from and str(resume_from), None
+
+    run_dir, resume_from, error = fabric.broadcast(decide() if fabric.is_global_zero else None, 0)
+    if error:
+        raise ConfigError(error)
+    return Path(run_dir), resume_from and Path(resume_from)
+
+
+# ---------------------------------------------------------------- wandb model artifacts as sources
+
+
+def resolve_source(source: str, out_dir: Path) -> tuple[Path, bool]:
+    """The checkpoint a `--resume` / `--init-from` value names, and whether it is an artifact.
+
+    - a path: a checkpoint file or folder, or an artifact folder (one holding `model.ckpt`, as
+      `wandb artifact get` or `Artifact.download()` leave it);
+    - `wandb:NAME[:ALIAS]` (ALIAS: latest, last, best, step-N, vK; default latest): the model
+      artifact a run logged with `log.checkpoint_artifacts`. Offline it is found in the run folders
+      under `out_dir` (wandb keeps the staged files until `wandb sync`); otherwise it is downloaded
+      with the wandb API. Either way it lands in `out_dir/artifacts/NAME-ALIAS/`.
+    """
+    if source.startswith("wandb:"):
+        name, _, alias = source[len("wandb:") :].partition(":")
+        folder = out_dir / "artifacts" / f"{name}-{alias or 'latest'}"
+        if not (folder / "model.ckpt").exists():
+            fetch_artifact(name, alias or "latest", out_dir, folder)
+        return folder / "model.ckpt", True
+    path = Path(source)
+    if path.is_dir() and (path / "model.ckpt").exists():
+        return path / "model.ckpt", True
+    if not path.exists():
+        raise ConfigError(f"{source}: no such checkpoint file or folder")
+    return path, False
+
+
+def fetch_artifact(name: str, alias: str, out_dir: Path, folder: Path) -> None:
+    entries = offline_artifact(name, alias, out_dir)
+    tmp = folder.with_name(folder.name + ".tmp")
+    remove(tmp)
+    if entries is not None:
+        for relative, local in entries.items():
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(local, tmp / relative)
+    else:
+        try:
+            import wandb
+
+            wandb.Api().artifact(f"{name}:{alias}", type="model").download(root=str(tmp))
+        except Exception as exc:
+            raise ConfigError(
+                f"wandb:{name}:{alias}: not found offline in the runs under {out_dir}, "
+                f"and the wandb API could not fetch it ({type(exc).__name__}: {exc})"
+            ) from None
+    if not (tmp / "model.ckpt").exists():
+        raise ConfigError(f"wandb:{name}:{alias}: the artifact holds no model.ckpt")
+    remove(folder)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder)
+
+
+def offline_artifact(name: str, alias: str, out_dir: Path) -> dict[str, str] | None:
+    """{path in the artifact: staged local file} of the newest version of artifact `name` that carries
+    `alias` (or is version vK), as logged by the offline wandb runs under `out_dir`; None if none is."""
+    from trackers import wandb_records, wandb_segments
+
+    versions = [
+        r["artifact"]
+        for log in wandb_segments(list(out_dir.glob("*/wandb")))
+        for r in wandb_records(log)
+        if r["type"] == "artifact" and r["artifact"]["name"] == name
+    ]  # in logging order: vK is the K-th
+    chosen = [a for k, a in enumerate(versions) if alias in a.get("aliases", []) or alias == f"v{k}"]
+    if not chosen:
+        return None
+    entries = {e["path"]: e["local_path"] for e in chosen[-1]["manifest"]["contents"]}
+    missing = [p for p in entries.values() if not Path(p).exists()]
+    return None if missing else entries  # synced (staging cleaned): the API has it
+
+
+class FolderBusy(ValueError):
+    """Another living process holds a run folder's lock."""
+
+
+def lock_folder(folder: Path):
+    """Hold `folder/.lock` for as long as the returned file stays open: one writer per run folder. The OS drops the
+    lock when its process ends, however it ends, so a folder left by a killed run is taken over (and said so)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    file = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "another process"
+        file.close()
+        raise FolderBusy(f"{folder} is in use by {holder}: one run writes a run folder at a time") from None
+    file.seek(0)
+    previous = file.read().strip()  # emptied by a run that ended; left by one that was killed
+    file.seek(0)
+    file.truncate()
+    file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    file.flush()
+    if previous:
+        print(f"taking over {folder}: its previous run ({previous}) ended without releasing it", flush=True)
+    return file
+
+
+def unlock_folder(file) -> None:
+    if file is not None and not file.closed:
+        file.truncate(0)
+        file.close()
