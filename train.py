@@ -107,10 +107,10 @@ class Run:
     should_stop: bool = False  # a limit reached, early stopping, or a hook's request
     log_row: dict = field(default_factory=dict)
     val_metrics: dict = field(default_factory=dict)
-    view: callbacks.RunView = field(init=False, repr=False)
 
-    def __post_init__(self):
-        self.view = callbacks.RunView(self)
+    @property
+    def view(self) -> callbacks.RunView:  # what hooks get
+        return callbacks.RunView(self)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, fused: bool) -> torch.optim.Optimizer:
@@ -282,9 +282,8 @@ def to_device(batch, device: torch.device):
 
 def take_gradient_norms(run: Run) -> bool:
     """This step's per-layer gradient norms, kept on the device: the clip reuses them and the next log reads the
-    interval's rows for a non-finite gradient (two ops a step, no sync). True: drop this step, which only
-    `--monitor.on-nonfinite skip` asks for (it reads flags every step: nonfinite.py)."""
-    grads = [checkpoints.local(p.grad) if p.grad is not None else torch.zeros_like(p) for p in run.params]
+    interval's rows for a non-finite one (two ops, no sync). True: drop this step (only under on-nonfinite skip)."""
+    grads = [checkpoints.local(p.grad if p.grad is not None else torch.zeros_like(p)) for p in run.params]
     if run.cfg.monitor.on_nonfinite == "skip":
         run.grad_norms = torch.stack(torch._foreach_norm(grads))
         return nonfinite.skip_this_step(run)
