@@ -307,119 +307,19 @@ def ranking_metric(cfg: RunConfig, task: Task) -> tuple[str, str]:
 
 def check(cfg: RunConfig, task: Task) -> None:
     """Raise ConfigError for the first value outside what is allowed (the choices are Literals, which
-    the command line already refuses; a config built in code is checked here)."""
+    the command line already refuses; a config built in code is checked here), then the task's own check."""
     for name in ("fabric", "schedule", "data", "log", "monitor", "checkpoint"):  # a task's own sections: its check
         section = getattr(cfg, name)
         for f in dataclasses.fields(section):
             choices = literal_choices(typing.get_type_hints(type(section))[f.name])
             value = getattr(section, f.name)
             require(
-                not choices or value in choices,
-                f"{name}.{f.name}",
-                "one of " + ", ".join(map(str, choices)),
-                value,
+                not choices or value in choices, f"{name}.{f.name}", "one of " + ", ".join(map(str, choices)), value
             )
     for name, value in float_fields(cfg):  # inf or NaN passes every comparison below (or fails it with no reason)
         require(math.isfinite(value), name, "a finite number", value)
-    f, o, s, d, t = cfg.fabric, cfg.optim, cfg.schedule, cfg.data, cfg.train
-    require(0 <= t.seed < 2**32, "train.seed", "a seed in [0, 2**32)", t.seed)
-    require(s.total_steps is None or s.total_steps >= 1, "schedule.total_steps", "a count >= 1", s.total_steps)
-    require(s.noam_d_model is None or s.noam_d_model >= 1, "schedule.noam_d_model", "a count >= 1", s.noam_d_model)
-    require(
-        f.devices == "auto" or all(p.strip().lstrip("-").isdigit() for p in f.devices.split(",")),
-        "fabric.devices",
-        "auto, a count, -1 or a list like 0,1",
-        f.devices,
-    )
-    require(f.num_nodes is None or f.num_nodes >= 1, "fabric.num_nodes", "a count >= 1", f.num_nodes)
-    # the optimizers' float32 arithmetic divides the lr by (1 - beta1**t): far beyond any useful value it overflows
-    require(0 < o.lr <= 1e30, "optim.lr", "a positive number at most 1e30", o.lr)
-    require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
-    require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "values in [0, 1)", (o.beta1, o.beta2))
-    require(o.eps > 0, "optim.eps", "a positive number", o.eps)
-    require(s.warmup_steps >= 0, "schedule.warmup_steps", "a count >= 0", s.warmup_steps)
-    require(
-        t.max_steps is None or s.warmup_steps <= t.max_steps,
-        "schedule.warmup_steps",
-        f"at most train.max_steps ({t.max_steps})",
-        s.warmup_steps,
-    )
-    require(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "a value in [0, 1]", s.min_lr_ratio)
-    require(s.noam_scale > 0, "schedule.noam_scale", "a positive number", s.noam_scale)
-    require(
-        s.kind != "noam" or (s.noam_d_model or 0) >= 1,
-        "schedule.noam_d_model",
-        "the model width (a count >= 1) for the noam schedule",
-        s.noam_d_model,
-    )
-    require(d.batch_size > 0, "data.batch_size", "a positive count", d.batch_size)
-    require(d.eval_batch_size > 0, "data.eval_batch_size", "a positive count", d.eval_batch_size)
-    require(d.num_workers >= 0, "data.num_workers", "a count >= 0", d.num_workers)
-    require(cfg.log.every > 0, "log.every", "a positive count", cfg.log.every)
-    require(
-        cfg.checkpoint.every is None or cfg.checkpoint.every > 0,
-        "checkpoint.every",
-        "a positive count",
-        cfg.checkpoint.every,
-    )
-    require(
-        cfg.checkpoint.keep_best == -1 or cfg.checkpoint.keep_best >= 1,
-        "checkpoint.keep_best",
-        "-1 (all) or a count >= 1",
-        cfg.checkpoint.keep_best,
-    )
-    require(
-        cfg.checkpoint.rank_by is None or cfg.checkpoint.rank_by in task.metrics,
-        "checkpoint.rank_by",
-        "one of " + ", ".join(task.metrics),
-        cfg.checkpoint.rank_by,
-    )
-    m = cfg.monitor
-    require(
-        m.histogram_every is None or m.histogram_every >= 1,
-        "monitor.histogram_every",
-        "a count >= 1",
-        m.histogram_every,
-    )
-    require(m.bins >= 1, "monitor.bins", "a count >= 1", m.bins)
-    require(m.max_elements is None or m.max_elements >= 1, "monitor.max_elements", "a count >= 1", m.max_elements)
-    require(m.peak_tflops is None or m.peak_tflops > 0, "monitor.peak_tflops", "a positive number", m.peak_tflops)
-    require(
-        cfg.init_from is None or cfg.init_from.startswith("wandb:") or Path(cfg.init_from).exists(),
-        "init_from",
-        "a checkpoint file or folder, an artifact folder, or wandb:ARTIFACT[:ALIAS]",
-        cfg.init_from,
-    )
-    require(
-        not cfg.checkpoint.sharded or strategy_of(f) in ("fsdp", "fsdp2"),
-        "checkpoint.sharded",
-        "strategy fsdp or fsdp2 (other strategies hold whole models)",
-        strategy_of(f),
-    )
-    require(
-        any(v is not None for v in (t.max_steps, t.max_epochs, t.max_time)),
-        "train.max_steps",
-        "a limit: set max_steps, max_epochs or max_time",
-        None,
-    )
-    for name in ("max_steps", "max_epochs", "val_every", "val_batches", "accumulate"):
-        value = getattr(t, name)
-        require(value is None or value >= 1, f"train.{name}", "a count >= 1", value)
-    require(t.max_time is None or t.max_time > 0, "train.max_time", "a positive number of minutes", t.max_time)
-    require(t.clip is None or t.clip > 0, "train.clip", "a positive norm", t.clip)
-    require(
-        t.early_stop_patience is None or t.early_stop_patience >= 1,
-        "train.early_stop_patience",
-        "a count >= 1",
-        t.early_stop_patience,
-    )
-    require(t.early_stop_min_delta >= 0, "train.early_stop_min_delta", "a number >= 0", t.early_stop_min_delta)
-    require(
-        cfg.run_name is None or is_plain_name(cfg.run_name),
-        "run_name",
-        "one plain folder name (no /, \\ or ..: the run folder stays inside out_dir)",
-        cfg.run_name,
-    )
+    check_optimisation(cfg)
+    check_run(cfg, task)
     check_task(task)
     if task.check:
         try:
@@ -428,6 +328,66 @@ def check(cfg: RunConfig, task: Task) -> None:
             raise
         except Exception as exc:  # a task's own check raising a plain ValueError, say: still one line
             raise ConfigError(f"task {task.name}: check raised {type(exc).__name__}: {exc}") from None
+
+
+def check_optimisation(cfg: RunConfig) -> None:
+    """The devices, the optimizer, the schedule and the batches."""
+    f, o, s, d, t = cfg.fabric, cfg.optim, cfg.schedule, cfg.data, cfg.train
+    devices_ok = f.devices == "auto" or all(p.strip().lstrip("-").isdigit() for p in f.devices.split(","))
+    require(devices_ok, "fabric.devices", "auto, a count, -1 or a list like 0,1", f.devices)
+    require(f.num_nodes is None or f.num_nodes >= 1, "fabric.num_nodes", "a count >= 1", f.num_nodes)
+    # the optimizers' float32 arithmetic divides the lr by (1 - beta1**t): far beyond any useful value it overflows
+    require(0 < o.lr <= 1e30, "optim.lr", "a positive number at most 1e30", o.lr)
+    require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
+    require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "values in [0, 1)", (o.beta1, o.beta2))
+    require(o.eps > 0, "optim.eps", "a positive number", o.eps)
+    require(s.total_steps is None or s.total_steps >= 1, "schedule.total_steps", "a count >= 1", s.total_steps)
+    require(s.noam_d_model is None or s.noam_d_model >= 1, "schedule.noam_d_model", "a count >= 1", s.noam_d_model)
+    require(s.warmup_steps >= 0, "schedule.warmup_steps", "a count >= 0", s.warmup_steps)
+    warmup_ok = t.max_steps is None or s.warmup_steps <= t.max_steps
+    require(warmup_ok, "schedule.warmup_steps", f"at most train.max_steps ({t.max_steps})", s.warmup_steps)
+    require(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "a value in [0, 1]", s.min_lr_ratio)
+    require(s.noam_scale > 0, "schedule.noam_scale", "a positive number", s.noam_scale)
+    noam_ok = s.kind != "noam" or (s.noam_d_model or 0) >= 1
+    require(noam_ok, "schedule.noam_d_model", "the model width (a count >= 1) for the noam schedule", s.noam_d_model)
+    require(d.batch_size > 0, "data.batch_size", "a positive count", d.batch_size)
+    require(d.eval_batch_size > 0, "data.eval_batch_size", "a positive count", d.eval_batch_size)
+    require(d.num_workers >= 0, "data.num_workers", "a count >= 0", d.num_workers)
+
+
+def check_run(cfg: RunConfig, task: Task) -> None:
+    """The limits, logging, checkpoints, monitoring and names of the run."""
+    c, m, t = cfg.checkpoint, cfg.monitor, cfg.train
+    require(0 <= t.seed < 2**32, "train.seed", "a seed in [0, 2**32)", t.seed)
+    require(cfg.log.every > 0, "log.every", "a positive count", cfg.log.every)
+    require(c.every is None or c.every > 0, "checkpoint.every", "a positive count", c.every)
+    require(c.keep_best == -1 or c.keep_best >= 1, "checkpoint.keep_best", "-1 (all) or a count >= 1", c.keep_best)
+    require(c.rank_by is None or c.rank_by in task.metrics, "checkpoint.rank_by", "one of " + ", ".join(task.metrics),
+            c.rank_by)  # fmt: skip
+    strategy = strategy_of(cfg.fabric)
+    sharded_ok = not c.sharded or strategy in ("fsdp", "fsdp2")
+    require(sharded_ok, "checkpoint.sharded", "strategy fsdp or fsdp2 (other strategies hold whole models)", strategy)
+    require(m.histogram_every is None or m.histogram_every >= 1, "monitor.histogram_every", "a count >= 1",
+            m.histogram_every)  # fmt: skip
+    require(m.bins >= 1, "monitor.bins", "a count >= 1", m.bins)
+    require(m.max_elements is None or m.max_elements >= 1, "monitor.max_elements", "a count >= 1", m.max_elements)
+    require(m.peak_tflops is None or m.peak_tflops > 0, "monitor.peak_tflops", "a positive number", m.peak_tflops)
+    init_ok = cfg.init_from is None or cfg.init_from.startswith("wandb:") or Path(cfg.init_from).exists()
+    require(init_ok, "init_from", "a checkpoint file or folder, an artifact folder, or wandb:ARTIFACT[:ALIAS]",
+            cfg.init_from)  # fmt: skip
+    limited = any(v is not None for v in (t.max_steps, t.max_epochs, t.max_time))
+    require(limited, "train.max_steps", "a limit: set max_steps, max_epochs or max_time", None)
+    for name in ("max_steps", "max_epochs", "val_every", "val_batches", "accumulate"):
+        value = getattr(t, name)
+        require(value is None or value >= 1, f"train.{name}", "a count >= 1", value)
+    require(t.max_time is None or t.max_time > 0, "train.max_time", "a positive number of minutes", t.max_time)
+    require(t.clip is None or t.clip > 0, "train.clip", "a positive norm", t.clip)
+    patience = t.early_stop_patience
+    require(patience is None or patience >= 1, "train.early_stop_patience", "a count >= 1", patience)
+    require(t.early_stop_min_delta >= 0, "train.early_stop_min_delta", "a number >= 0", t.early_stop_min_delta)
+    plain = cfg.run_name is None or is_plain_name(cfg.run_name)
+    require(plain, "run_name", "one plain folder name (no /, \\ or ..: the run folder stays inside out_dir)",
+            cfg.run_name)  # fmt: skip
 
 
 def check_task(task: Task) -> None:

@@ -26,7 +26,7 @@ from chessdata.prepare import ensure_prepared
 from config import CheckpointConfig, DataConfig, LogConfig, RunConfig, ScheduleConfig, Task, TrainConfig, require
 from data import ArrayDataset
 from model import MASK_TOKEN, ChessEvaluator, DiscreteVAE
-from schedules import ramp
+from schedules import RAMP_SHAPES, ramp
 
 # ---------------------------------------------------------------- configs
 
@@ -201,15 +201,9 @@ def chess_eval_metrics(cfg: ChessConfig, sums: dict) -> dict:
 
 
 def chess_report(cfg: ChessConfig, metrics: dict) -> tuple[str, dict]:
-    return (
-        f"{int(metrics['positions'])} positions; pawns, clamped to +-{cfg.data.clamp:g}",
-        {
-            "l1": metrics["l1"],
-            "rmse": metrics["rmse"],
-            "sign_acc (|eval|>1)": metrics["sign_acc"],
-            "material baseline l1": metrics["material_l1"],
-        },
-    )
+    title = f"{int(metrics['positions'])} positions; pawns, clamped to +-{cfg.data.clamp:g}"
+    names = {"l1": "l1", "rmse": "rmse", "sign_acc": "sign_acc (|eval|>1)", "material_l1": "material baseline l1"}
+    return title, {shown: metrics[name] for name, shown in names.items()}
 
 
 def predicted_pawns(cfg: ChessConfig, run, positions: np.ndarray, batch_size: int) -> np.ndarray:
@@ -266,12 +260,8 @@ def chess_hooks(cfg: ChessConfig, datasets: dict) -> dict:
 
 
 def check_chess(cfg: ChessConfig) -> None:
-    require(
-        cfg.model.width > 0 and cfg.model.depth >= 0,
-        "model.width/depth",
-        "width > 0 and depth >= 0",
-        (cfg.model.width, cfg.model.depth),
-    )
+    m = cfg.model
+    require(m.width > 0 and m.depth >= 0, "model.width/depth", "width > 0 and depth >= 0", (m.width, m.depth))
     require(cfg.data.clamp > 0, "data.clamp", "a positive number of pawns", cfg.data.clamp)
     require(cfg.log.predictions >= 0, "log.predictions", "a count >= 0", cfg.log.predictions)
 
@@ -409,44 +399,24 @@ def check_dvae(cfg: DVAEConfig) -> None:
     for name in ("latents", "codebook", "width"):
         require(getattr(m, name) >= 1, f"model.{name}", "a count >= 1", getattr(m, name))
     require(m.depth >= 0, "model.depth", "a count >= 0", m.depth)
-    require(
-        d.quantizer in ("gumbel", "reinmax", "softmax"),
-        "dvae.quantizer",
-        "one of gumbel, reinmax, softmax",
-        d.quantizer,
-    )
+    quantizers = ("gumbel", "reinmax", "softmax")
+    require(d.quantizer in quantizers, "dvae.quantizer", "one of " + ", ".join(quantizers), d.quantizer)
     for name in ("tau", "hardness", "kl_weight", "mask"):
         r = getattr(d, name)
-        require(
-            r.shape in ("constant", "linear", "exponential", "cosine", "threshold"),
-            f"dvae.{name}.shape",
-            "one of constant, linear, exponential, cosine, threshold",
-            r.shape,
-        )
+        require(r.shape in RAMP_SHAPES, f"dvae.{name}.shape", "one of " + ", ".join(RAMP_SHAPES), r.shape)
         require(r.hold >= 0 and r.steps >= 0, f"dvae.{name}.hold/steps", "counts >= 0", (r.hold, r.steps))
-        require(
-            r.shape != "exponential" or r.start * r.end > 0,
-            f"dvae.{name}.start/end",
-            "non-zero values of one sign for an exponential ramp",
-            (r.start, r.end),
-        )
+        one_sign = r.shape != "exponential" or r.start * r.end > 0
+        require(one_sign, f"dvae.{name}.start/end", "non-zero values of one sign for an exponential ramp",
+                (r.start, r.end))  # fmt: skip
     require(min(d.tau.start, d.tau.end) > 0, "dvae.tau.start/end", "positive temperatures", (d.tau.start, d.tau.end))
     for name, allowed in (("hardness", "values in [0, 1]"), ("mask", "fractions in [0, 1]")):
         r = getattr(d, name)
         require(0 <= r.start <= 1 and 0 <= r.end <= 1, f"dvae.{name}.start/end", allowed, (r.start, r.end))
-    require(
-        min(d.kl_weight.start, d.kl_weight.end) >= 0,
-        "dvae.kl_weight.start/end",
-        "weights >= 0",
-        (d.kl_weight.start, d.kl_weight.end),
-    )
+    kl = d.kl_weight
+    require(min(kl.start, kl.end) >= 0, "dvae.kl_weight.start/end", "weights >= 0", (kl.start, kl.end))
     require(d.focal_gamma >= 0, "dvae.focal_gamma", "a number >= 0", d.focal_gamma)
-    require(
-        d.class_weights is None or (len(d.class_weights) == 13 and min(d.class_weights) >= 0),
-        "dvae.class_weights",
-        "13 weights >= 0 (empty, K Q R B N P k q r b n p)",
-        d.class_weights,
-    )
+    weights_ok = d.class_weights is None or (len(d.class_weights) == 13 and min(d.class_weights) >= 0)
+    require(weights_ok, "dvae.class_weights", "13 weights >= 0 (empty, K Q R B N P k q r b n p)", d.class_weights)
 
 
 DVAE = Task(

@@ -31,14 +31,18 @@ import trackers  # noqa: E402
 from model import ChessEvaluator  # noqa: E402
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="steps per arm per round")
     parser.add_argument("--width", type=int, default=808)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1024)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments()
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
     from torch.utils.tensorboard import SummaryWriter
@@ -53,7 +57,6 @@ def main() -> None:
     names = {name: [n for n, _ in m.named_parameters()] for name, m in arms.items()}
 
     ours = loggers.Loggers([trackers.TensorBoardLog(tmp / "kibitz", {})])
-    ours.sender = monitor.Sender(ours)
     naive = SummaryWriter(str(tmp / "naive"))
     run = wandb.init(project="bench", dir=tmp, mode="offline")
     run.watch(arms["wandb.watch"], log="all", log_freq=1)
@@ -70,7 +73,7 @@ def main() -> None:
             params = [p for p in model.parameters()]
             if name == "kibitz":
                 for prefix, tensors in (("gradients", [p.grad for p in params]), ("parameters", params)):
-                    ours.sender.send(step, prefix, names[name], monitor.tensor_stats(tensors, 64))
+                    ours.send_histograms(step, prefix, names[name], monitor.tensor_stats(tensors, 64))
             elif name == "tensorboard add_histogram":
                 for n, p in zip(names[name], params):
                     naive.add_histogram(f"parameters/{n}", p, step)

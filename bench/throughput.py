@@ -7,7 +7,7 @@ For the chess evaluator: batch sizes 1k-64k x precision (32-true, bf16-mixed, bf
 off/on x the dataset memory-mapped (a DataLoader gathers each batch on the host) or on the device
 (`--data.on-device`: one gather there). For the dVAE: tokens/s at the default size, per precision and
 compile. Each cell is a real `train.train` run whose log rows give samples/s, MFU (per device, against the
-peak callbacks.device_peak finds for the compute dtype) and the share of step time spent waiting for data;
+peak monitor.device_peak finds for the compute dtype) and the share of step time spent waiting for data;
 the first log interval (compilation, warm-up) is dropped and the median of the rest is reported.
 
 The data: the bundled sample's training split tiled `--tile` times into a scratch directory (the same
@@ -74,7 +74,7 @@ def measure(cfg, steps: int, log_every: int) -> dict:
     return result
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU sizes: a few steps of small batches")
     parser.add_argument("--batches", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
@@ -84,7 +84,11 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=50, help="training split repeats (50 x 210k = 10.5M rows)")
     parser.add_argument("--eval-rows", type=int, default=16384, help="positions kept in val and test")
     parser.add_argument("--out", type=Path, default=Path("throughput.json"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments()
     if args.smoke:
         args.batches, args.precisions, args.steps, args.log_every, args.tile = [256], ["32-true"], 12, 4, 1
         args.eval_rows = 1024

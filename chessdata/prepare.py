@@ -313,6 +313,11 @@ def _prepare(sources, out, filters, max_games, workers, games_per_chunk, dedup_m
                 for process in list((pool._processes or {}).values()):  # no public way
                     process.terminate()
             pool.shutdown(wait=True, cancel_futures=True)
+    return _join(sources, out, shards, infos, filters, recipe, dedup_memory, resumed, workers, start)
+
+
+def _join(sources, out, shards, infos, filters, recipe, dedup_memory, resumed: int, workers: int, start) -> dict:
+    """The shards joined into the splits, deduplicated, described in meta.json (written last), then removed."""
     join_shards(shards, out, infos)
     duplicates = dedup.deduplicate(out, dedup_memory) if filters.dedup else None  # before meta.json: a crash resumes
     games = [info for info in infos if info.get("kind", "pgn") == "pgn"]

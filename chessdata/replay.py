@@ -197,9 +197,7 @@ class FastBoard:
         self.in_check = self.attacked(enemy_king, us, occ[0] | occ[1])
         return True
 
-    def _push_fast(
-        self, san: str, kind: int, origin_mask: int, to: int, promotion, capture_sign: bool, pawn_file
-    ) -> bool:
+    def _push_fast(self, san: str, kind: int, origin_mask: int, to: int, promotion, capture_sign, pawn_file) -> bool:
         p, occ = self.planes, self.occupied
         us = self.turn
         them = 1 - us
@@ -214,24 +212,10 @@ class FastBoard:
             forward = 8 if us == 0 else -8
             if (promotion is not None) != (to >> 3 == (7 if us == 0 else 0)):
                 return False
-            if pawn_file is not None:  # a capture: exd5
-                if abs(pawn_file - (to & 7)) != 1:
-                    return False
-                en_passant = to == self.ep and not to_bit & occupied
-                if not (to_bit & theirs or en_passant):
-                    return False
-                origin = to - forward + pawn_file - (to & 7)
-                candidates = (1 << origin) & p[o + PAWN] if 0 <= origin < 64 else 0
-            else:  # a push: one square, or two from the home rank
-                if to_bit & occupied or capture_sign:
-                    return False
-                one = to - forward
-                if 0 <= one < 64 and p[o + PAWN] >> one & 1:
-                    candidates = 1 << one
-                elif to >> 3 == (3 if us == 0 else 4) and not occupied >> one & 1:
-                    candidates = (1 << (one - forward)) & p[o + PAWN]
-                else:
-                    candidates = 0
+            found = self._pawn_origin(to, forward, occupied, theirs, p[o + PAWN], capture_sign, pawn_file)
+            if found is None:
+                return False
+            candidates, en_passant = found
         else:
             if capture_sign and not to_bit & theirs:
                 return False  # a capture sign with nothing to capture: python-chess decides
@@ -242,9 +226,8 @@ class FastBoard:
             elif kind == ROOK:
                 candidates = slider_attacks(to, occupied, ROOK_RAYS) & p[o + ROOK]
             elif kind == QUEEN:
-                candidates = p[o + QUEEN] & (
-                    slider_attacks(to, occupied, ROOK_RAYS) | slider_attacks(to, occupied, BISHOP_RAYS)
-                )
+                lines = slider_attacks(to, occupied, ROOK_RAYS) | slider_attacks(to, occupied, BISHOP_RAYS)
+                candidates = p[o + QUEEN] & lines
             else:
                 candidates = KING_ATTACKS[to] & p[o + KING]
             candidates &= origin_mask
@@ -294,6 +277,25 @@ class FastBoard:
             and self.attacked(enemy_king, us, after)
         )
         return True
+
+    def _pawn_origin(self, to: int, forward: int, occupied: int, theirs: int, pawns: int, capture_sign, pawn_file):
+        """(the one-bit mask of the pawn that moves to `to`, 0 if none; whether it takes en passant), or None where
+        the move cannot be a pawn's."""
+        to_bit = 1 << to
+        if pawn_file is not None:  # a capture: exd5
+            en_passant = to == self.ep and not to_bit & occupied
+            if abs(pawn_file - (to & 7)) != 1 or not (to_bit & theirs or en_passant):
+                return None
+            origin = to - forward + pawn_file - (to & 7)
+            return ((1 << origin) & pawns if 0 <= origin < 64 else 0), en_passant
+        if to_bit & occupied or capture_sign:  # a push: one square, or two from the home rank
+            return None
+        one = to - forward
+        if 0 <= one < 64 and pawns >> one & 1:
+            return 1 << one, False
+        if to >> 3 == (3 if forward == 8 else 4) and not occupied >> one & 1:
+            return (1 << (one - forward)) & pawns, False
+        return 0, False
 
     @classmethod
     def from_board(cls, board: chess.Board) -> "FastBoard":
