@@ -2,7 +2,7 @@
 read-only view of the loop's run (`RunView`), and the one thing a hook may do to it is `run.request_stop()`.
 
 Points: `on_train_start`, `after_backward` (the gradients are there, `run.grad_norms` holds their
-per-layer norms), `after_step`, `on_log` (every log.every steps, the training values in `run.log_row`),
+per-layer norms), `after_step` (before this step's log and validation), `on_log` (every log.every steps, the training values in `run.log_row`),
 `on_validation_end` (metrics in `run.val_metrics`), `on_train_end`, `on_test_end` (after the test of the best
 checkpoint, before the loggers close). A hook may return a dict of values: the loop logs them at the current
 step (at `on_log` they join the row, for the hooks after it too). A factory below returns {point: [functions]}

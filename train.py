@@ -244,7 +244,7 @@ def fit(run: Run, hooks: callbacks.Hooks) -> bool:
             end_of_epoch = progress.step_in_epoch == run.steps_per_epoch
             if end_of_epoch:
                 progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
-
+            callbacks.call(hooks, "after_step", run)  # a stop it asks for makes this step the last: validated, saved
             if progress.step % cfg.log.every == 0 or progress.step == run.total_steps:
                 log_training(run, hooks)
                 if fabric.all_reduce(torch.tensor(float(run.stop_signal), device=device), reduce_op="max").item():
@@ -260,7 +260,6 @@ def fit(run: Run, hooks: callbacks.Hooks) -> bool:
                 validate(run, hooks)
             elif cfg.checkpoint.every and progress.step % cfg.checkpoint.every == 0:
                 checkpoints.save(run, run.run_dir / "checkpoints" / "last.ckpt")
-            callbacks.call(hooks, "after_step", run)
             if end_of_epoch:
                 break
         if cfg.train.max_epochs is not None and progress.epoch >= cfg.train.max_epochs:

@@ -1,16 +1,22 @@
 """Shared fixtures: a small prepared dataset cut from the bundled sample, and random legal games."""
 
+import csv
+import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import chess
+import numpy as np
 import pytest
 import torch
 
 from chessdata.cli import prepare
+from chessdata.folder import SPLITS
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample.pgn.zst"
@@ -79,3 +85,248 @@ def parse_config(argv: list[str]):
     import cli
 
     return cli.parse(argv)[2]
+
+
+# ---------------------------------------------------------------- shared by the trainer's tests
+
+
+def tiny_args(prepared: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "chess",
+        "--data.dir",
+        str(prepared),
+        "--data.sources",
+        str(SAMPLE),
+        "--model.width",
+        "32",
+        "--model.depth",
+        "1",
+        "--data.batch-size",
+        "256",
+        "--train.max-steps",
+        "12",
+        "--train.val-every",
+        "4",
+        "--schedule.warmup-steps",
+        "2",
+        "--log.every",
+        "4",
+        "--log.logger",
+        "csv",
+        "--log.no-progress-bar",
+        "--out-dir",
+        str(out),
+        *extra,
+    ]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_dir():  # a folder of shards: torch's converter writes it out whole
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(last, run_dir / "whole.pt")
+        last = run_dir / "whole.pt"
+    return torch.load(last, weights_only=True)["model"]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "metrics.csv") as f:
+        return {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == "train/loss"}
+
+
+STEPS = 120  # long enough to be killed at a random step well inside the run
+
+
+LONG = [
+    "--model.width",
+    "256",
+    "--model.depth",
+    "2",
+    "--train.max-steps",
+    str(STEPS),
+    "--train.val-every",
+    str(STEPS // 2),
+    "--log.every",
+    "1",
+    "--checkpoint.every",
+    "7",
+    "--checkpoint.keep-best",
+    "-1",
+    "--data.batch-size",
+    "512",
+]  # 42 steps an epoch: kills cross epochs
+
+
+def start(prepared: Path, out: Path, name: str, *extra: str) -> subprocess.Popen:
+    """A training run in its own process group (its launched ranks too), so a test can signal them all."""
+    env = child_env()
+    return subprocess.Popen(
+        [sys.executable, "train.py", *tiny_args(prepared, out, *LONG, *extra, "--run-name", name)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def two_processes(strategy: str) -> list[str]:
+    return ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", strategy]
+
+
+@pytest.fixture(scope="session")
+def reference(prepared, tmp_path_factory):
+    """The uninterrupted run of LONG with the given launch flags, run once per session in fresh processes:
+    every test that interrupts and resumes a run with those flags compares against the same one. Under
+    pytest-xdist the workers share it through their common temporary folder, one computing it while
+    the others wait on its lock."""
+    import fcntl
+    import os
+
+    from conftest import run_script
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # popen-gwN/: the folder above is this session's, shared
+        shared = shared.parent
+
+    def uninterrupted(*flags: str) -> Path:
+        out = shared / ("reference" + "".join(flags).replace("--", "-").replace(".", "_"))
+        with open(out.with_name(out.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (out / "done").exists():
+                result = run_script(["train.py", *tiny_args(prepared, out, *LONG, *flags, "--run-name", "reference")])
+                assert result.returncode == 0, result.stderr[-3000:]
+                (out / "done").touch()
+        return out / "reference"
+
+    return uninterrupted
+
+
+def resume_and_compare(prepared: Path, out: Path, name: str, reference_dir: Path, *extra: str) -> None:
+    """Resume `name` with `--resume auto` in fresh processes and require the reference's per-step losses
+    (every step once) and bitwise its final weights."""
+    from conftest import run_script
+
+    result = run_script(["train.py", *tiny_args(prepared, out, *LONG, *extra, "--run-name", name, "--resume", "auto")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_matches_reference(out / name, reference_dir)
+
+
+def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if (run_dir / "metrics.csv").exists() and len(train_losses(run_dir)) >= steps:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach {steps} steps: {process.poll()}")
+
+
+def assert_matches_reference(run_dir: Path, reference_dir: Path) -> None:
+    reference, resumed = train_losses(reference_dir), train_losses(run_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1))  # every step once: nothing missing, nothing twice
+    assert resumed == reference  # the same losses, bitwise
+    final, expected = weights(run_dir), weights(reference_dir)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def assert_same_as_uninterrupted(prepared: Path, out: Path, name: str) -> None:
+    import train
+
+    assert train.main(tiny_args(prepared, out, *LONG, "--run-name", "reference")) == 0
+    assert_matches_reference(out / name, out / "reference")
+
+
+ITEMS_TASK = str(ROOT / "tests" / "items_task.py")
+
+
+DDP = ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp"]
+
+
+def kill_at_a_random_step(out: Path, name: str, *flags: str, task: str = ITEMS_TASK) -> int:
+    process = subprocess.Popen(
+        [sys.executable, task, "--out-dir", str(out), "--run-name", name, *flags],
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    target, deadline = random.randint(8, 32), time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if (out / name / "metrics.csv").exists() and len(train_losses(out / name)) >= target:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, f"the run ended before step {target}"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return target
+
+
+def dvae_args(prepared, out, *extra):
+    from conftest import SAMPLE
+
+    return [
+        "dvae",
+        "--data.dir",
+        str(prepared),
+        "--data.sources",
+        str(SAMPLE),
+        "--model.latents",
+        "8",
+        "--model.codebook",
+        "16",
+        "--model.width",
+        "16",
+        "--model.depth",
+        "1",
+        "--data.batch-size",
+        "64",
+        "--train.max-steps",
+        "40",
+        "--train.val-every",
+        "20",
+        "--schedule.warmup-steps",
+        "5",
+        "--log.every",
+        "10",
+        "--schedule.noam-d-model",
+        "16",
+        "--log.logger",
+        "csv",
+        "--log.no-progress-bar",
+        "--out-dir",
+        str(out),
+        "--dvae.kl-weight.end",
+        "0.5",
+        "--dvae.kl-weight.steps",
+        "30",
+        "--dvae.tau.steps",
+        "30",
+        "--dvae.mask.start",
+        "0.3",
+        *extra,
+    ]
+
+
+def arrays(directory: Path) -> dict:
+    return {
+        (split, name): np.load(directory / split / f"{name}.npy")
+        for split in SPLITS
+        for name in ("positions", "cp", "mate")
+    }
+
+
+def assert_same_output(a: Path, b: Path) -> None:
+    left, right = arrays(a), arrays(b)
+    assert all(np.array_equal(left[key], right[key]) for key in left)
+    meta_a, meta_b = (json.loads((d / "meta.json").read_text()) for d in (a, b))
+    assert meta_a["splits"] == meta_b["splits"] and meta_a["skipped"] == meta_b["skipped"]
+
+
+def sample_games(count: int = 400) -> list[str]:
+    """The first games of the bundled sample, as PGN text."""
+    from chessdata import pgn
+    from chessdata.folder import SAMPLE_PGN
+
+    return list(pgn.iter_games(SAMPLE_PGN))[:count]

@@ -3,8 +3,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import run_script
-from test_train import tiny_args
+from conftest import run_script, tiny_args
 
 import predict
 import train

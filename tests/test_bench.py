@@ -1,8 +1,10 @@
 """The benchmarks run (small sizes) and print their ratio tables; their numbers are not asserted."""
 
+import pytest
 from conftest import run_script
 
 
+@pytest.mark.slow
 def test_data_benchmark_smoke():
     result = run_script(
         [
@@ -44,6 +46,7 @@ def test_histogram_benchmark_smoke():
         assert arm in result.stdout
 
 
+@pytest.mark.slow
 def test_overhead_benchmark_smoke_and_identical_weights():
     result = run_script(["bench/overhead.py", "--sizes", "tiny", "--rounds", "1", "--tiny-steps", "150"], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -58,6 +61,7 @@ def test_overhead_benchmark_smoke_and_identical_weights():
     assert "tiny raw: host reads between optimizer steps n and n+1 for n in none" in result.stdout
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_smoke(tmp_path):
     out = tmp_path / "throughput.json"
     result = run_script(["bench/throughput.py", "--smoke", "--out", str(out)], timeout=300)
@@ -69,6 +73,7 @@ def test_throughput_benchmark_smoke(tmp_path):
     assert all(r["samples_per_s"] > 0 for r in rows) and all(r["tokens_per_s"] > 0 for r in rows if r["task"] == "dvae")
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke(tmp_path):
     """The one-command GPU check at CPU sizes: the bf16-mixed FSDP2 run resumed from its sharded checkpoint is
     the uninterrupted run bitwise, and every throughput cell has its numbers, in the JSON and the markdown."""

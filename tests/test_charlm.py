@@ -9,8 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, child_env, run_script
-from test_train import train_losses, weights
+from conftest import ROOT, child_env, run_script, train_losses, weights
 
 SMALL = [
     "--model.width",
@@ -71,6 +70,7 @@ def test_smoke_run_learns_checkpoints_and_evaluates(tmp_path):
     assert "val metrics of" in result.stdout and "bits per char" in result.stdout
 
 
+@pytest.mark.slow
 def test_two_process_ddp_and_lr_find(tmp_path):
     result = run_script(
         charlm(
@@ -114,6 +114,7 @@ def test_two_process_ddp_and_lr_find(tmp_path):
     assert (next(tmp_path.glob("lr-find-*")) / "lr_find.png").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_auto_is_bitwise_the_uninterrupted_run(tmp_path):
     long = [
         "--train.max-steps",

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_train import tiny_args
+from conftest import tiny_args
 
 import train
 

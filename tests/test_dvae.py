@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import dvae_args
 
 import losses
 import tasks
@@ -126,52 +127,6 @@ def test_masking_only_in_training(prepared):
     assert evaluation.evaluate(fabric, cfg, tasks.DVAE, model, loader)[0] == metrics
     assert 0 <= metrics["token_acc"] <= 1 and metrics["codes_used"] >= 1
     assert len(histograms) == 4 and sum(h[0].sum() for h in histograms.values()) == 4 * metrics["boards"]
-
-
-def dvae_args(prepared, out, *extra):
-    from conftest import SAMPLE
-
-    return [
-        "dvae",
-        "--data.dir",
-        str(prepared),
-        "--data.sources",
-        str(SAMPLE),
-        "--model.latents",
-        "8",
-        "--model.codebook",
-        "16",
-        "--model.width",
-        "16",
-        "--model.depth",
-        "1",
-        "--data.batch-size",
-        "64",
-        "--train.max-steps",
-        "40",
-        "--train.val-every",
-        "20",
-        "--schedule.warmup-steps",
-        "5",
-        "--log.every",
-        "10",
-        "--schedule.noam-d-model",
-        "16",
-        "--log.logger",
-        "csv",
-        "--log.no-progress-bar",
-        "--out-dir",
-        str(out),
-        "--dvae.kl-weight.end",
-        "0.5",
-        "--dvae.kl-weight.steps",
-        "30",
-        "--dvae.tau.steps",
-        "30",
-        "--dvae.mask.start",
-        "0.3",
-        *extra,
-    ]
 
 
 def read_metrics(run_dir):

@@ -1,47 +1,18 @@
 """A per-example Dataset (dict examples, random augmentation in 2 worker processes) trains, and resumes bitwise after
 kill -9 at a random step, in one process and under 2-process DDP, and with another number of workers."""
 
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, child_env, run_script
-from test_train import train_losses, weights
-
-TASK = str(ROOT / "tests" / "items_task.py")
-DDP = ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp"]
-
-
-def kill_at_a_random_step(out: Path, name: str, *flags: str, task: str = TASK) -> int:
-    process = subprocess.Popen(
-        [sys.executable, task, "--out-dir", str(out), "--run-name", name, *flags],
-        env=child_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    target, deadline = random.randint(8, 32), time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if (out / name / "metrics.csv").exists() and len(train_losses(out / name)) >= target:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, f"the run ended before step {target}"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    return target
+from conftest import DDP, ITEMS_TASK, kill_at_a_random_step, run_script, train_losses, weights
 
 
 @pytest.fixture(scope="module")
 def one_process_reference(tmp_path_factory) -> Path:
     """The uninterrupted run, 2 worker processes (the task's default), one training process."""
     out = tmp_path_factory.mktemp("items")
-    reference = run_script([TASK, "--out-dir", str(out), "--run-name", "reference"])
+    reference = run_script([ITEMS_TASK, "--out-dir", str(out), "--run-name", "reference"])
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert "test metrics (items)" in reference.stdout
     return out / "reference"
@@ -53,34 +24,36 @@ def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [[], DDP], ids=["one process", "ddp"])
 def test_per_example_data_with_workers_resumes_exactly_after_kill_9(tmp_path, flags, request):
     if flags:
-        reference = run_script([TASK, "--out-dir", str(tmp_path), "--run-name", "reference", *flags])
+        reference = run_script([ITEMS_TASK, "--out-dir", str(tmp_path), "--run-name", "reference", *flags])
         assert reference.returncode == 0, reference.stderr[-3000:]
     reference_dir = tmp_path / "reference" if flags else request.getfixturevalue("one_process_reference")
     kill_at_a_random_step(tmp_path, "killed", *flags)
     assert len(train_losses(tmp_path / "killed")) < 40  # it was interrupted
-    resumed = run_script([TASK, "--out-dir", str(tmp_path), "--run-name", "killed", "--resume", "auto", *flags])
+    resumed = run_script([ITEMS_TASK, "--out-dir", str(tmp_path), "--run-name", "killed", "--resume", "auto", *flags])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(tmp_path / "killed", reference_dir)
 
 
 def test_the_augmentation_does_not_depend_on_the_number_of_workers(tmp_path, one_process_reference):
-    result = run_script([TASK, "--out-dir", str(tmp_path), "--run-name", "none", "--data.num-workers", "0"])
+    result = run_script([ITEMS_TASK, "--out-dir", str(tmp_path), "--run-name", "none", "--data.num-workers", "0"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(tmp_path / "none", one_process_reference)  # 0 workers against 2
     losses = list(train_losses(tmp_path / "none").values())
     assert losses[-1] < losses[0] / 2  # it learns
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_a_task_without_blocks_saves_resumes_and_exports(tmp_path):
     fsdp2 = [*DDP[:-1], "fsdp2", "--checkpoint.sharded", "--data.num-workers", "0"]
-    reference = run_script([TASK, "--out-dir", str(tmp_path), "--run-name", "reference", *fsdp2])
+    reference = run_script([ITEMS_TASK, "--out-dir", str(tmp_path), "--run-name", "reference", *fsdp2])
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert "fsdp2: the task names no blocks, so the whole model is one unit" in reference.stdout
     kill_at_a_random_step(tmp_path, "killed", *fsdp2)
-    resumed = run_script([TASK, "--out-dir", str(tmp_path), "--run-name", "killed", "--resume", "auto", *fsdp2])
+    resumed = run_script([ITEMS_TASK, "--out-dir", str(tmp_path), "--run-name", "killed", "--resume", "auto", *fsdp2])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "reference")
     final, expected = weights(tmp_path / "killed"), weights(tmp_path / "reference")
@@ -89,5 +62,5 @@ def test_fsdp2_shards_a_task_without_blocks_saves_resumes_and_exports(tmp_path):
     assert folder.is_dir()
     exported = run_script(["train.py", "export-checkpoint", "--ckpt", str(folder), "--out", str(whole)])
     assert exported.returncode == 0, exported.stderr[-3000:]
-    evaluated = run_script([TASK, "evaluate", "--ckpt", str(whole), "--split", "val"])
+    evaluated = run_script([ITEMS_TASK, "evaluate", "--ckpt", str(whole), "--split", "val"])
     assert evaluated.returncode == 0 and "val metrics of" in evaluated.stdout, evaluated.stderr[-3000:]

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import ROOT, child_env
-from test_train import tiny_args
+from conftest import ROOT, child_env, dvae_args, tiny_args
 
 import train
 
@@ -98,7 +97,6 @@ def test_every_run_folder_gets_its_curves_and_the_tasks_pictures(prepared, tmp_p
 def test_dvae_reconstructions_and_hparams_reach_tensorboard(prepared, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
-    from test_dvae import dvae_args
 
     assert train.main(dvae_args(prepared, tmp_path, "--run-name", "tb", "--log.logger", "tensorboard")) == 0
     opens_as_a_picture(tmp_path / "tb" / "test_reconstructions.png")

@@ -41,9 +41,7 @@ def test_the_meta_count_draws_nothing_from_the_runs_generator(prepared):
     cfg.data.dir = prepared
     batch, train_size = micro_batch(tasks.DVAE, cfg)
     torch.manual_seed(5)
-    monitor.flops_per_sample(
-        tasks.DVAE, cfg, batch, train_size, len(batch[0])
-    )  # builds the model, draws Gumbel noise
+    monitor.flops_per_sample(tasks.DVAE, cfg, batch, train_size, len(batch[0]))  # builds the model, draws Gumbel noise
     after = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(after, torch.rand(3))

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
-from test_train import tiny_args, train_losses
+from conftest import run_script, tiny_args, train_losses
 
 import monitor
 import tasks
@@ -121,6 +120,7 @@ def test_nonfinite_stop_saves_and_exits(prepared, tmp_path, monkeypatch, capsys)
     assert (tmp_path / "stop" / "checkpoints" / "nonfinite-step-00000004.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_log_each_tensor_once(prepared, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -170,6 +170,7 @@ def test_wandb_prediction_tables_and_checkpoint_artifacts(prepared, tmp_path):
         assert ("best" in model["aliases"]) == (val[step] == min(v for s, v in val.items() if s <= step))
 
 
+@pytest.mark.slow
 def test_fsdp2_histograms_from_shards_match_ddp(prepared, tmp_path):
     """Under FSDP2 every rank holds a shard: ranges and counts are combined over ranks. The histograms
     equal those of a DDP run of the same model and data (up to float rounding at bin edges)."""

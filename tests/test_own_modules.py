@@ -74,6 +74,7 @@ def task_folder(tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_task_folder_with_its_own_model_and_losses_runs_every_way(task_folder, tmp_path):
     elsewhere, out = tmp_path / "elsewhere", tmp_path / "out"
     elsewhere.mkdir()

@@ -1,6 +1,5 @@
 """prepare at scale: worker-independent output, restart after a crash, filters, and fuzzed input."""
 
-import json
 import random
 import re
 from pathlib import Path
@@ -9,6 +8,7 @@ import chess
 import numpy as np
 import pytest
 import zstandard
+from conftest import assert_same_output
 
 from chessdata import folder as data
 from chessdata import pgn, prepare
@@ -20,21 +20,6 @@ GAMES = list(pgn.iter_games(data.SAMPLE_PGN))[:400]
 def write_zst(path: Path, games: list[str]) -> Path:
     path.write_bytes(zstandard.ZstdCompressor().compress("".join(games).encode()))
     return path
-
-
-def arrays(directory: Path) -> dict:
-    return {
-        (split, name): np.load(directory / split / f"{name}.npy")
-        for split in data.SPLITS
-        for name in ("positions", "cp", "mate")
-    }
-
-
-def assert_same_output(a: Path, b: Path) -> None:
-    left, right = arrays(a), arrays(b)
-    assert all(np.array_equal(left[key], right[key]) for key in left)
-    meta_a, meta_b = (json.loads((d / "meta.json").read_text()) for d in (a, b))
-    assert meta_a["splits"] == meta_b["splits"] and meta_a["skipped"] == meta_b["skipped"]
 
 
 def test_output_does_not_depend_on_workers(tmp_path):

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import ROOT, child_env, run_script
-from test_prepare import GAMES, assert_same_output
+from conftest import ROOT, assert_same_output, child_env, run_script, sample_games
 
 from chessdata import folder, prepare
 
@@ -44,11 +43,11 @@ def folder_bytes(directory: Path) -> dict[str, str]:
 @pytest.mark.parametrize("change", ["source", "chunking", "filter"])
 def test_a_restart_with_other_input_or_settings_equals_a_fresh_run(tmp_path, change):
     source = tmp_path / "g.pgn.zst"
-    interrupted(source, GAMES[:300], tmp_path / "out", games_per_chunk=50)
+    interrupted(source, sample_games()[:300], tmp_path / "out", games_per_chunk=50)
     settings: dict = {"games_per_chunk": 50}
-    games = GAMES[:300]
+    games = sample_games()[:300]
     if change == "source":
-        games = GAMES[100:400]  # another file under the same name
+        games = sample_games()[100:400]  # another file under the same name
     elif change == "chunking":
         settings["games_per_chunk"] = 70
     else:
@@ -62,7 +61,7 @@ def test_a_restart_with_other_input_or_settings_equals_a_fresh_run(tmp_path, cha
 
 
 def test_a_kill_during_the_final_cleanup_leaves_a_usable_folder_and_reruns_cleanly(tmp_path):
-    source = write(tmp_path / "g.pgn.zst", GAMES[:200])
+    source = write(tmp_path / "g.pgn.zst", sample_games()[:200])
     out = tmp_path / "out"
     # kill the process while it deletes the shards: after a few files are gone
     script = (
@@ -87,8 +86,9 @@ def test_a_kill_during_the_final_cleanup_leaves_a_usable_folder_and_reruns_clean
     assert meta["shards"] == 10
 
 
+@pytest.mark.slow
 def test_a_dead_worker_stops_prepare_with_one_line(tmp_path):
-    source = write(tmp_path / "g.pgn.zst", GAMES * 6)
+    source = write(tmp_path / "g.pgn.zst", sample_games() * 6)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "chessdata", "prepare", str(source), "--out", str(out), "--workers", "2"]
     process = subprocess.Popen(
@@ -111,7 +111,7 @@ def test_a_dead_worker_stops_prepare_with_one_line(tmp_path):
 
 
 def test_two_prepares_of_one_folder_take_turns(tmp_path):
-    source = write(tmp_path / "g.pgn.zst", GAMES[:300])
+    source = write(tmp_path / "g.pgn.zst", sample_games()[:300])
     out = tmp_path / "shared"
     command = [sys.executable, "-m", "chessdata", "prepare", str(source), "--out", str(out), "--workers", "1"]
     jobs = [subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
@@ -124,7 +124,7 @@ def test_two_prepares_of_one_folder_take_turns(tmp_path):
 
 def test_the_trainer_never_overwrites_a_folder_of_other_data(tmp_path):
     """`--data.dir DIR` without the sources DIR was made from: refused in one line, DIR byte-identical."""
-    source = write(tmp_path / "mine.pgn.zst", GAMES[:120])
+    source = write(tmp_path / "mine.pgn.zst", sample_games()[:120])
     mine = tmp_path / "mine"
     prepare.prepare([source], mine, workers=1)
     before = folder_bytes(mine)
@@ -144,7 +144,7 @@ def test_the_same_files_by_another_path_are_the_same_sources(tmp_path, monkeypat
     """A folder prepared from `data/x.pgn.zst` in one working directory is used, untouched, when another job
     names the same file by its absolute path (or through a link); a file with other bytes is still refused."""
     (tmp_path / "data").mkdir()
-    write(tmp_path / "data" / "x.pgn.zst", GAMES[:60])
+    write(tmp_path / "data" / "x.pgn.zst", sample_games()[:60])
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "prepared"
     prepare.ensure_prepared([Path("data/x.pgn.zst")], out)
@@ -154,7 +154,7 @@ def test_the_same_files_by_another_path_are_the_same_sources(tmp_path, monkeypat
     for name in (tmp_path / "data" / "x.pgn.zst", tmp_path / "link.pgn.zst"):
         assert prepare.ensure_prepared([name], out)["sources"] == ["data/x.pgn.zst"]
     assert folder_bytes(out) == before
-    other = write(tmp_path / "other.pgn.zst", GAMES[60:120])
+    other = write(tmp_path / "other.pgn.zst", sample_games()[60:120])
     with pytest.raises(SystemExit, match="holds positions prepared from data/x.pgn.zst"):
         prepare.ensure_prepared([other], out)
     assert folder_bytes(out) == before
@@ -171,7 +171,7 @@ def test_missing_sources_are_one_line_and_a_prepared_folder_outlives_them(tmp_pa
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]
     assert "data/sample.pgn.zst: no such file" in line and f"working directory {tmp_path}" in line
-    source = write(tmp_path / "gone.pgn.zst", GAMES[:60])
+    source = write(tmp_path / "gone.pgn.zst", sample_games()[:60])
     out = tmp_path / "prepared"
     prepare.ensure_prepared([source], out)
     before = folder_bytes(out)

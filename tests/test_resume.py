@@ -10,110 +10,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, child_env
-from test_train import tiny_args, train_losses, weights
+from conftest import (
+    LONG,
+    ROOT,
+    STEPS,
+    assert_matches_reference,
+    assert_same_as_uninterrupted,
+    child_env,
+    resume_and_compare,
+    start,
+    tiny_args,
+    train_losses,
+    two_processes,
+    wait_for_steps,
+    weights,
+)
 
 import train
 
-STEPS = 120  # long enough to be killed at a random step well inside the run
-LONG = [
-    "--model.width",
-    "256",
-    "--model.depth",
-    "2",
-    "--train.max-steps",
-    str(STEPS),
-    "--train.val-every",
-    str(STEPS // 2),
-    "--log.every",
-    "1",
-    "--checkpoint.every",
-    "7",
-    "--checkpoint.keep-best",
-    "-1",
-    "--data.batch-size",
-    "512",
-]  # 42 steps an epoch: kills cross epochs
 
-
-def start(prepared: Path, out: Path, name: str, *extra: str) -> subprocess.Popen:
-    """A training run in its own process group (its launched ranks too), so a test can signal them all."""
-    env = child_env()
-    return subprocess.Popen(
-        [sys.executable, "train.py", *tiny_args(prepared, out, *LONG, *extra, "--run-name", name)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def two_processes(strategy: str) -> list[str]:
-    return ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", strategy]
-
-
-@pytest.fixture(scope="session")
-def reference(prepared, tmp_path_factory):
-    """The uninterrupted run of LONG with the given launch flags, run once per session in fresh processes:
-    every test that interrupts and resumes a run with those flags compares against the same one. Under
-    pytest-xdist the workers share it through their common temporary folder, one computing it while
-    the others wait on its lock."""
-    import fcntl
-    import os
-
-    from conftest import run_script
-
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # popen-gwN/: the folder above is this session's, shared
-        shared = shared.parent
-
-    def uninterrupted(*flags: str) -> Path:
-        out = shared / ("reference" + "".join(flags).replace("--", "-").replace(".", "_"))
-        with open(out.with_name(out.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (out / "done").exists():
-                result = run_script(["train.py", *tiny_args(prepared, out, *LONG, *flags, "--run-name", "reference")])
-                assert result.returncode == 0, result.stderr[-3000:]
-                (out / "done").touch()
-        return out / "reference"
-
-    return uninterrupted
-
-
-def resume_and_compare(prepared: Path, out: Path, name: str, reference_dir: Path, *extra: str) -> None:
-    """Resume `name` with `--resume auto` in fresh processes and require the reference's per-step losses
-    (every step once) and bitwise its final weights."""
-    from conftest import run_script
-
-    result = run_script(["train.py", *tiny_args(prepared, out, *LONG, *extra, "--run-name", name, "--resume", "auto")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_matches_reference(out / name, reference_dir)
-
-
-def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        if (run_dir / "metrics.csv").exists() and len(train_losses(run_dir)) >= steps:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the run did not reach {steps} steps: {process.poll()}")
-
-
-def assert_matches_reference(run_dir: Path, reference_dir: Path) -> None:
-    reference, resumed = train_losses(reference_dir), train_losses(run_dir)
-    assert sorted(resumed) == list(range(1, STEPS + 1))  # every step once: nothing missing, nothing twice
-    assert resumed == reference  # the same losses, bitwise
-    final, expected = weights(run_dir), weights(reference_dir)
-    assert all(torch.equal(final[k], expected[k]) for k in expected)
-
-
-def assert_same_as_uninterrupted(prepared: Path, out: Path, name: str) -> None:
-    assert train.main(tiny_args(prepared, out, *LONG, "--run-name", "reference")) == 0
-    assert_matches_reference(out / name, out / "reference")
-
-
+@pytest.mark.slow
 def test_sigterm_saves_exits_cleanly_and_resumes_exactly(prepared, tmp_path):
     process = start(prepared, tmp_path, "term")
     wait_for_steps(tmp_path / "term", 20, process)
@@ -140,6 +56,7 @@ def wandb_history(run_dir: Path) -> list[tuple[int, dict]]:
     ]
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_exits_at_once(prepared, tmp_path):
     # log.every 1000: the first signal's checkpoint would wait for step 1000; the second does not wait
     process = start(
@@ -156,6 +73,7 @@ def test_a_second_sigterm_exits_at_once(prepared, tmp_path):
     assert "SIGTERM received" in output and "SIGTERM again: exiting at once" in output
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_auto_is_exact(prepared, tmp_path):
     process = start(prepared, tmp_path, "kill", "--log.logger", "wandb")
     wait_for_steps(tmp_path / "kill", 30, process)
@@ -210,6 +128,7 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(prepared, tmp_
     assert "resumed from" in out and "step-00000012.ckpt at step 12" in out
 
 
+@pytest.mark.slow
 def test_a_checkpoint_folder_missing_a_shard_falls_back_to_the_previous_one(prepared, tmp_path, capsys):
     args = [
         "--run-name",
@@ -252,6 +171,7 @@ def test_init_from_takes_the_weights_only(prepared, tmp_path, capsys):
     assert all(s["step"].item() == 12 for s in state["state"].values())  # a fresh optimizer, 12 steps old
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy,sharded", [("ddp", False), ("fsdp2", False), ("fsdp2", True)])
 def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_change(
     prepared, tmp_path, reference, strategy, sharded
@@ -320,6 +240,7 @@ def val_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
     return rows
 
 
+@pytest.mark.slow
 def test_two_nodes_on_one_machine_train_checkpoint_and_resume(prepared, tmp_path):
     import socket
 
@@ -415,6 +336,7 @@ def test_logger_failures_are_reported_once_and_training_continues(prepared, tmp_
     assert "test metrics" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_process_sigterm_saves_together_and_resumes_exactly(prepared, tmp_path, reference, strategy):
     process = start(prepared, tmp_path, "t2", *two_processes(strategy))
@@ -485,6 +407,7 @@ def assert_matches_reference_weights(run_dir: Path, expected) -> None:
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_srun_launch_sigusr1_saves_and_resumes_exactly(prepared, tmp_path, reference):
     """Two tasks started the way `srun --ntasks-per-node=2` starts them: each process gets SLURM's
     variables and Fabric's SLURM environment takes its rank from them (SLURM itself is not installed
@@ -536,6 +459,7 @@ def test_srun_launch_sigusr1_saves_and_resumes_exactly(prepared, tmp_path, refer
     assert_matches_reference(tmp_path / "s", reference(*two_processes("ddp")))  # the same run as --fabric.devices 2
 
 
+@pytest.mark.slow
 def test_fsdp2_accumulation_with_and_without_skipping_the_gradient_sync_agree(prepared, tmp_path):
     """Under FSDP2 the sync is not skipped by default (skipping keeps whole gradients until the last
     micro-batch); both ways give the same training, up to float summation order."""

@@ -14,9 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import ROOT, child_env, run_script
-from test_resume import LONG, STEPS, assert_same_as_uninterrupted, start, wait_for_steps
-from test_train import tiny_args
+from conftest import (
+    LONG,
+    ROOT,
+    STEPS,
+    assert_same_as_uninterrupted,
+    child_env,
+    run_script,
+    start,
+    tiny_args,
+    wait_for_steps,
+)
 
 import predict
 import storage
@@ -229,6 +237,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
     assert first.name == "lr-find-x" and second.name == "lr-find-x-2"
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_the_printed_command_resumes_the_run_as_configured(prepared, tmp_path):
     out = tmp_path / "my runs"  # a space: the printed command must be quoted
     process = start(prepared, out, "ctrlc")
@@ -247,6 +256,7 @@ def test_ctrl_c_saves_and_the_printed_command_resumes_the_run_as_configured(prep
     assert_same_as_uninterrupted(prepared, out, "ctrlc")
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_exits_at_once(prepared, tmp_path):
     process = start(prepared, tmp_path, "twice", "--log.every", "1000", "--train.max-steps", "100000")
     for line in process.stdout:

@@ -7,9 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script
-from test_items import DDP, kill_at_a_random_step
-from test_train import train_losses, weights
+from conftest import DDP, ROOT, kill_at_a_random_step, run_script, train_losses, weights
 
 TASK = str(ROOT / "tests" / "stream_task.py")
 
@@ -24,6 +22,7 @@ def jsonl_files(folder):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "source, flags",
     [("records", []), ("hf", []), ("hf", DDP)],

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import parse_config
-from test_train import tiny_args, train_losses
+from conftest import parse_config, tiny_args, train_losses
 
 import losses
 import predict

@@ -8,56 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE, parse_config, run_script
+from conftest import parse_config, run_script, tiny_args, train_losses, weights
 
 import monitor
 import tasks
 import train
-
-
-def tiny_args(prepared: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "chess",
-        "--data.dir",
-        str(prepared),
-        "--data.sources",
-        str(SAMPLE),
-        "--model.width",
-        "32",
-        "--model.depth",
-        "1",
-        "--data.batch-size",
-        "256",
-        "--train.max-steps",
-        "12",
-        "--train.val-every",
-        "4",
-        "--schedule.warmup-steps",
-        "2",
-        "--log.every",
-        "4",
-        "--log.logger",
-        "csv",
-        "--log.no-progress-bar",
-        "--out-dir",
-        str(out),
-        *extra,
-    ]
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_dir():  # a folder of shards: torch's converter writes it out whole
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        dcp_to_torch_save(last, run_dir / "whole.pt")
-        last = run_dir / "whole.pt"
-    return torch.load(last, weights_only=True)["model"]
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    with open(run_dir / "metrics.csv") as f:
-        return {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == "train/loss"}
 
 
 def test_accumulation_matches_one_full_batch(prepared, tmp_path):
@@ -168,6 +123,7 @@ def test_config_file_gives_defaults_and_flags_override(prepared, tmp_path):
         parse_config(["chess", "--config", str(bad)])
 
 
+@pytest.mark.slow
 def test_two_process_cpu_run_and_the_same_under_torchrun(prepared, tmp_path):
     result = run_script(
         [
@@ -205,6 +161,7 @@ def mfu_per_sample_rate(run_dir: Path) -> float:
     return last["perf/mfu"] / last["perf/samples_per_s"]
 
 
+@pytest.mark.slow
 def test_fabric_run_launch_with_its_precision_and_mfu_per_device(prepared, tmp_path):
     """Under `fabric run --precision bf16-mixed` (our config left at its default) the peak is looked up for the
     dtype Fabric's plugin computes in, and MFU is per device: 2 processes at a global rate R log what one

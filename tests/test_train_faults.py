@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, child_env, parse_config
-from test_train import tiny_args
+from conftest import ROOT, child_env, parse_config, tiny_args
 
 import chessdata.cli
 import chessdata.folder
@@ -35,6 +34,7 @@ def small_disk():  # a real write failure: files may not grow past 50 kB (EFBIG)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharded", [False, True])
 def test_a_failed_checkpoint_write_stops_every_rank_of_a_two_process_run(prepared, tmp_path, sharded):
     strategy = ["--fabric.strategy", "fsdp2", "--checkpoint.sharded"] if sharded else []
@@ -225,6 +225,7 @@ def test_other_bad_arguments_and_a_full_disk_are_one_line(prepared, tmp_path, ca
     assert "cannot write the run folder" in (line := one_error(capsys)) and "No space left on device" in line
 
 
+@pytest.mark.slow
 def test_a_run_that_prepares_its_data_equals_one_that_finds_it_prepared(tmp_path):
     """Same seed, same data: bitwise the same weights, whether the process prepared the data itself (its memory
     and threads used by prepare first), waited on the lock while another run prepared it (the case once seen to
