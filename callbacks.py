@@ -1,13 +1,14 @@
 """Hooks: plain functions `hook(run)` that the loop in train.py calls at named points. They observe: `run` is a
 read-only view of the loop's run (`RunView`), and the one thing a hook may do to it is `run.request_stop()`.
 
-Points: `on_train_start`, `after_backward` (the gradients are there, `run.grad_norms` holds their
-per-layer norms), `after_step` (before this step's log and validation), `on_log` (every log.every steps, the training values in `run.log_row`),
-`on_validation_end` (metrics in `run.val_metrics`), `on_train_end`, `on_test_end` (after the test of the best
-checkpoint, before the loggers close). A hook may return a dict of values: the loop logs them at the current
-step (at `on_log` they join the row, for the hooks after it too). A factory below returns {point: [functions]}
-for one concern; `merge` joins them. Nothing here syncs with the device except where it says so. The monitoring's
-hooks are in monitor.py; a task adds its own (chess's table of predictions, its test pictures) through Task.hooks.
+Points: `on_train_start`, `after_backward` (the gradients are there, `run.grad_norms` holds their per-layer
+norms), `after_step` (before this step's log and validation), `on_log` (every log.every steps, the training values
+in `run.log_row`), `on_validation_end` (metrics in `run.val_metrics`), `on_train_end`, `on_test_end` (after the
+test of the best checkpoint, before the loggers close). A hook may return a dict of values: the loop logs them at
+the current step (at `on_log` they join the row, for the hooks after it too). A factory below returns
+{point: [functions]} for one concern; `merge` joins them. Nothing here syncs with the device except where it says
+so. The monitoring's hooks are in monitor.py; a task adds its own (chess's prediction table, its test pictures)
+through Task.hooks.
 """
 
 import copy
@@ -49,9 +50,12 @@ def merge(*groups: Hooks) -> Hooks:
 
 def call(hooks: Hooks, point: str, run) -> None:
     """The loop calls the hooks of `point` with the run's read-only view, and logs what they return."""
-    logged = {}
-    for hook in hooks.get(point, ()):
-        values = hook(run.view)
+    functions = hooks.get(point)
+    if not functions:
+        return
+    logged, view = {}, run.view
+    for hook in functions:
+        values = hook(view)
         if values:  # the loop writes them, not the hook
             (run.log_row if point == "on_log" else logged).update(values)
     if logged and run.loggers is not None:

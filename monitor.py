@@ -128,11 +128,11 @@ def hooks(cfg, log_every: int) -> dict:
 
     def after_backward(run) -> None:
         step = run.step + 1  # the step these gradients belong to
-        params, names = [local(p) for p in run.params], run.param_names
         if cfg.norms and (step % log_every == 0 or step == run.total_steps):
             state["grad_norms"] = run.grad_norms
-            state["before"] = [p.detach().clone() for p in params]
+            state["before"] = [local(p).detach().clone() for p in run.params]
         if cfg.histogram_every and step % cfg.histogram_every == 0:
+            params, names = [local(p) for p in run.params], run.param_names
             grads = [local(p.grad) if p.grad is not None else torch.zeros_like(q) for p, q in zip(run.params, params)]
             scaler = getattr(run.fabric.strategy.precision, "scaler", None)
             scale = scaler._get_scale_async() if scaler is not None else None  # a tensor: no sync

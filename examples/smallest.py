@@ -15,8 +15,11 @@ from data import ArrayDataset  # noqa: E402
 def datasets(cfg):
     x = np.random.default_rng(0).uniform(-1, 1, (3000, 1)).astype(np.float32)
     y = 3 * x - 1 + np.random.default_rng(1).normal(0, 0.1, x.shape).astype(np.float32)
-    return {"train": ArrayDataset(x[:2000], y[:2000]), "val": ArrayDataset(x[2000:2500], y[2000:2500]),
-            "test": ArrayDataset(x[2500:], y[2500:])}  # fmt: skip
+    return {
+        "train": ArrayDataset(x[:2000], y[:2000]),
+        "val": ArrayDataset(x[2000:2500], y[2000:2500]),
+        "test": ArrayDataset(x[2500:], y[2500:]),
+    }
 
 
 def train_step(cfg, model, batch, step, train_size):
@@ -27,8 +30,9 @@ def eval_step(cfg, model, batch):
     return {"mse": torch.nn.functional.mse_loss(model(batch[0]), batch[1], reduction="sum"), "count": len(batch[1])}
 
 
-TASK = Task("line", RunConfig, lambda cfg: torch.nn.Linear(1, 1), datasets, train_step, {"val/mse": "min"},
-            eval_step=eval_step)  # fmt: skip
+TASK = Task(
+    "line", RunConfig, lambda cfg: torch.nn.Linear(1, 1), datasets, train_step, {"val/mse": "min"}, eval_step=eval_step
+)
 
 if __name__ == "__main__":
     sys.exit(train.main(sys.argv[1:], task=TASK))

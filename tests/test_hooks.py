@@ -99,3 +99,10 @@ def test_evaluate_looks_for_a_wandb_checkpoint_under_the_out_dir_given(tmp_path,
     assert train.main(["evaluate", "--ckpt", "wandb:model-none:best", "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"not found offline in the runs under {tmp_path}" in err, err
+
+
+def test_a_config_saved_before_the_rename_of_checkpoint_monitor_still_reads():
+    import configfile
+
+    cfg = configfile.from_dict(TinyConfig, {"checkpoint": {"monitor": "val/mse", "keep_best": 3}})
+    assert cfg.checkpoint.rank_by == "val/mse" and cfg.checkpoint.keep_best == 3
