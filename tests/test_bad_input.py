@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import run_script, tiny_args
+from conftest import tiny_args
 
 import predict
 import train
@@ -102,11 +102,13 @@ def test_dvae_resume_auto_passes_over_other_tasks_runs(prepared, trained, capsys
     assert newest_run(trained.parent, "chess") == trained and newest_run(trained.parent, "dvae") is None
 
 
-def test_charlm_on_a_text_too_short_is_one_line(tmp_path):
+def test_charlm_on_a_text_too_short_is_one_line(tmp_path, capsys):
+    import train
+
     for text in ("", "abc" * 20):
         (tmp_path / "short.txt").write_text(text)
-        result = run_script(
-            ["examples/charlm.py", "--data.file", str(tmp_path / "short.txt"), "--out-dir", str(tmp_path)]
-        )
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-        assert "data.file: expected a text of at least 1300 bytes for a context of 64" in result.stderr
+        args = ["examples/charlm.py", "--data.file", str(tmp_path / "short.txt"), "--out-dir", str(tmp_path)]
+        assert train.main(args) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("\n") == 1, err[-2000:]
+        assert "data.file: expected a text of at least 1300 bytes for a context of 64" in err

@@ -19,13 +19,3 @@ def test_the_digits_example_learns_and_evaluates(tmp_path):
         [str(ROOT / "train.py"), example, "evaluate", "--ckpt", ckpt, "--split", "val"], cwd=tmp_path
     )
     assert evaluated.returncode == 0 and "val metrics of" in evaluated.stdout, evaluated.stderr[-3000:]
-
-
-def test_the_smallest_task_fits_its_line(tmp_path):
-    result = run_script(
-        [str(ROOT / "examples" / "smallest.py"), "--out-dir", str(tmp_path), "--run-name", "s", "--optim.lr", "0.05",
-         "--log.logger", "csv", "--train.max-steps", "400"],
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "s" / "test_metrics.json").read_text())["test/mse"] < 0.02  # the noise is 0.01

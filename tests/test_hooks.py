@@ -73,14 +73,15 @@ def test_a_misspelt_hook_point_is_refused():
 def test_the_final_test_refuses_a_best_checkpoint_that_does_not_fit_the_model(tmp_path):
     cfg = config(tmp_path)
     train.config.check(cfg, TASK)
-    run = train.setup(cfg, TASK, "python train.py")
-    try:
-        train.fit(run, {})
-        run.model = run.fabric.setup_module(torch.nn.Linear(4, 3))  # not the model the checkpoints hold
-        with pytest.raises(SystemExit, match=r"^error: .*step-\d+\.ckpt: cannot test it \(RuntimeError: "):
-            train.test(run)
-    finally:
-        train.runs.unlock_folder(run.folder_lock)
+    with train.distributed.caller_state_kept():  # setup installs the run's signal handlers
+        run = train.setup(cfg, TASK, "python train.py")
+        try:
+            train.fit(run, {})
+            run.model = run.fabric.setup_module(torch.nn.Linear(4, 3))  # not the model the checkpoints hold
+            with pytest.raises(SystemExit, match=r"^error: .*step-\d+\.ckpt: cannot test it \(RuntimeError: "):
+                train.test(run)
+        finally:
+            train.runs.unlock_folder(run.folder_lock)
 
 
 def test_reading_a_folder_of_shards_leaves_the_warning_filters_as_they_were(tmp_path):

@@ -45,15 +45,18 @@ def test_a_stream_resumes_exactly_after_kill_9(tmp_path, source, flags):
     assert tested["test/count"] == 128  # every rank's part of the test stream, once
 
 
-def test_a_stream_that_cannot_say_where_it_is_is_refused_on_resume_in_one_line(tmp_path):
+def test_a_stream_that_cannot_say_where_it_is_is_refused_on_resume_in_one_line(tmp_path, capsys):
+    import train
+
     args = [TASK, "--out-dir", str(tmp_path), "--run-name", "f", "--data.source", "forgetful"]
-    assert run_script([*args, "--train.max-steps", "10"]).returncode == 0  # trains; saving needs no state
-    resumed = run_script([*args, "--train.max-steps", "20", "--resume", "auto"])
-    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr
-    assert [line for line in resumed.stderr.splitlines() if "error" in line] == [
+    assert train.main([*args, "--train.max-steps", "10"]) == 0  # trains; saving needs no state
+    capsys.readouterr()
+    assert train.main([*args, "--train.max-steps", "20", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and [line for line in err.splitlines() if "error" in line] == [
         "error: resume: the training stream (Forgetful) has no state_dict/load_state_dict, so a resumed run cannot "
         "continue where the checkpoint was taken (it would read the stream again from its start); give the dataset "
         "those two methods, or start a new run"
     ]
-    epochs = run_script([TASK, "--out-dir", str(tmp_path), "--train.max-epochs", "2"])
-    assert epochs.returncode == 2 and "train.max_epochs: a stream has no epochs" in epochs.stderr
+    assert train.main([TASK, "--out-dir", str(tmp_path), "--train.max-epochs", "2"]) == 2
+    assert "train.max_epochs: a stream has no epochs" in capsys.readouterr().err
