@@ -12,9 +12,11 @@ through Task.hooks.
 """
 
 import copy
+import inspect
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 from types import MappingProxyType
 
@@ -55,11 +57,22 @@ def call(hooks: Hooks, point: str, run) -> None:
         return
     logged, view = {}, run.view
     for hook in functions:
-        values = hook(view)
+        try:
+            values = hook(view)
+        except Exception as exc:  # a hook's mistake (setting a field, say) is one line, never a traceback
+            raise SystemExit(f"error: {failed(hook, point, exc)}") from None
         if values:  # the loop writes them, not the hook
             (run.log_row if point == "on_log" else logged).update(values)
     if logged and run.loggers is not None:
         run.loggers.log(logged, run.progress.step)
+
+
+def failed(hook, point: str, exc: Exception) -> str:
+    """What a hook raised, as one clause naming the hook and the line of its file it came from."""
+    code = getattr(inspect.unwrap(hook), "__code__", None)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if code and f.filename == code.co_filename]
+    at = f" ({Path(code.co_filename).name} line {frames[-1].lineno})" if frames else ""
+    return f"hook {getattr(hook, '__qualname__', hook)} at {point} raised {type(exc).__name__}{at}: {exc}"
 
 
 class RunView:

@@ -65,6 +65,18 @@ def test_values_a_hook_returns_are_logged_at_any_point(tmp_path):
     assert sorted(plus_one) == sorted(loss) and all(plus_one[s] == pytest.approx(loss[s] + 1) for s in loss)
 
 
+def test_a_hook_that_sets_a_field_is_one_line_naming_it(tmp_path, capsys):
+    def sets_the_learning_rate(run) -> None:
+        run.lr = 0.0
+
+    task = mistaken(hooks=lambda cfg, datasets: {"after_backward": [sets_the_learning_rate]})
+    assert train.main(["--out-dir", str(tmp_path), "--run-name", "r"], task=task) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: hook test_a_hook_that_sets_a_field_is_one_line_naming_it.<locals>.sets_the_")
+    assert "at after_backward raised AttributeError (test_hooks.py line " in err and "cannot set run.lr" in err
+
+
 def test_a_misspelt_hook_point_is_refused():
     with pytest.raises(train.ConfigError, match="'after_stpe' is not a point the loop calls"):
         callbacks.merge({"after_stpe": [print]})
