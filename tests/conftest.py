@@ -178,14 +178,12 @@ def two_processes(strategy: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def reference(prepared, tmp_path_factory):
-    """The uninterrupted run of LONG with the given launch flags, run once per session in fresh processes:
-    every test that interrupts and resumes a run with those flags compares against the same one. Under
-    pytest-xdist the workers share it through their common temporary folder, one computing it while
-    the others wait on its lock."""
+    """The uninterrupted run of LONG with the given launch flags, run once per session (in this process where it is
+    one process: a fresh one would spend seconds on imports): every test that interrupts and resumes a run with those
+    flags compares against the same one. Under pytest-xdist the workers share it through their common temporary
+    folder, one computing it while the others wait on its lock."""
     import fcntl
     import os
-
-    from conftest import run_script
 
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):  # popen-gwN/: the folder above is this session's, shared
@@ -196,8 +194,7 @@ def reference(prepared, tmp_path_factory):
         with open(out.with_name(out.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (out / "done").exists():
-                result = run_script(["train.py", *tiny_args(prepared, out, *LONG, *flags, "--run-name", "reference")])
-                assert result.returncode == 0, result.stderr[-3000:]
+                run_train(tiny_args(prepared, out, *LONG, *flags, "--run-name", "reference"))
                 (out / "done").touch()
         return out / "reference"
 
@@ -207,11 +204,19 @@ def reference(prepared, tmp_path_factory):
 def resume_and_compare(prepared: Path, out: Path, name: str, reference_dir: Path, *extra: str) -> None:
     """Resume `name` with `--resume auto` in fresh processes and require the reference's per-step losses
     (every step once) and bitwise its final weights."""
-    from conftest import run_script
-
-    result = run_script(["train.py", *tiny_args(prepared, out, *LONG, *extra, "--run-name", name, "--resume", "auto")])
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_train(tiny_args(prepared, out, *LONG, *extra, "--run-name", name, "--resume", "auto"))
     assert_matches_reference(out / name, reference_dir)
+
+
+def run_train(args: list[str]) -> None:
+    """`python train.py ARGS` to exit 0: in this process when it is one process, else in fresh ones."""
+    if "--fabric.devices" in args and args[args.index("--fabric.devices") + 1] != "1":
+        result = run_script(["train.py", *args])
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        import train
+
+        assert train.main(args) == 0
 
 
 def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -174,7 +174,7 @@ def test_init_from_takes_the_weights_only(prepared, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,sharded", [("ddp", False), ("fsdp2", False), ("fsdp2", True)])
 def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_change(
-    prepared, tmp_path, reference, strategy, sharded
+    prepared, tmp_path, reference, strategy, sharded, capsys
 ):
     """DDP, and FSDP2 (fully_shard per layer through ModelParallelStrategy, on CPU with gloo), with whole
     checkpoint files or with folders of shards (the reference writes files: the checkpoint form does not
@@ -196,11 +196,9 @@ def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_chan
     # one FSDP2 process (resharded). The same global batch (each holds the same positions), so the run goes
     # on where it stopped, its losses close to the 2-process ones.
     one_process = ["--fabric.strategy", "fsdp2", "--checkpoint.sharded"] if sharded else []
-    result = run_script(
-        ["train.py", *tiny_args(prepared, tmp_path, *LONG, *one_process, "--run-name", "k1", "--resume", "auto")]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "micro-batch 512 x 1 accumulation x 1 = 512" in result.stdout
+    capsys.readouterr()
+    assert train.main(tiny_args(prepared, tmp_path, *LONG, *one_process, "--run-name", "k1", "--resume", "auto")) == 0
+    assert "micro-batch 512 x 1 accumulation x 1 = 512" in capsys.readouterr().out
     one, two = train_losses(tmp_path / "k1"), train_losses(reference_dir)
     assert sorted(one) == list(range(1, STEPS + 1))
     for step in (
