@@ -164,11 +164,16 @@ def stop_on_signals(run) -> None:
         signal.signal(signum, handler)
 
 
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")  # what Fabric sets in os.environ
+
+
 @contextlib.contextmanager
 def caller_state_kept():
-    """A run called from a notebook or another program leaves it as it found it: its SIGINT/SIGTERM/SIGUSR1 handlers
-    and its warning filters (a run silences a few warnings it knows to be noise) come back afterwards."""
+    """A run called from a notebook or another program leaves it as it found it: its SIGINT/SIGTERM/SIGUSR1 handlers,
+    its warning filters (a run silences a few warnings it knows to be noise) and the environment variables Fabric
+    sets (a later process started from the caller would otherwise meet this run's rendezvous port)."""
     handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    environment = {name: os.environ.get(name) for name in RENDEZVOUS}
     with warnings.catch_warnings():
         try:
             yield
@@ -176,3 +181,8 @@ def caller_state_kept():
             if threading.current_thread() is threading.main_thread():
                 for signum, handler in handlers.items():
                     signal.signal(signum, handler)
+            for name, value in environment.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value

@@ -16,10 +16,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from conftest import ROOT, child_env, dvae_args, tiny_args
 
+import distributed
 import train
 
 
-def test_an_in_process_run_leaves_signal_handlers_and_warning_filters_as_it_found_them(prepared, tmp_path):
+def test_an_in_process_run_leaves_signal_handlers_and_warning_filters_as_it_found_them(prepared, tmp_path, monkeypatch):
     assert train.main(tiny_args(prepared, tmp_path, "--run-name", "base", "--train.max-steps", "4")) == 0
     folder = tmp_path / "weights.ckpt"  # weights as a folder of shards: reading it silences a torch warning
     state = torch.load(tmp_path / "base" / "checkpoints" / "last.ckpt", weights_only=True)["model"]
@@ -33,10 +34,14 @@ def test_an_in_process_run_leaves_signal_handlers_and_warning_filters_as_it_foun
     signal.signal(signal.SIGTERM, mine)
     try:
         filters = list(warnings.filters)
+        monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # the caller's own: the run's seeding sets 1337 there
+        monkeypatch.delenv("MASTER_PORT", raising=False)
+        environment = {name: os.environ.get(name) for name in distributed.RENDEZVOUS}
         assert train.main(tiny_args(prepared, tmp_path, "--train.max-steps", "4", "--init-from", str(folder))) == 0
         assert signal.getsignal(signal.SIGTERM) is mine
         assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
         assert warnings.filters == filters
+        assert {name: os.environ.get(name) for name in distributed.RENDEZVOUS} == environment  # the seed Fabric sets
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
