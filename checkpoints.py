@@ -29,7 +29,7 @@ from lightning_fabric.wrappers import _unwrap_objects
 import data
 import distributed
 from config import ConfigError
-from configfile import to_dict
+from configfile import code_version, to_dict
 from storage import (
     CHECKSUMS,
     dcp_metadata,
@@ -92,6 +92,7 @@ def save(run, path: Path) -> None:
         "rng": rng_states(fabric),
         "data": loader_states(fabric, run.train_loader),
         "config": to_dict(run.cfg),
+        "code": code_version(),  # the git commit and whether the tree had changed
         "run": run_identity(run.run_dir),
         "task": {"name": run.task.name, "file": str(Path(inspect.getsourcefile(run.task.build_model)).resolve())},
         "precision": fabric.strategy.precision.state_dict(),

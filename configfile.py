@@ -2,7 +2,9 @@
 `--config FILE` and by the tools. Reading checks every value against its field's type and names the field."""
 
 import dataclasses
+import functools
 import json
+import subprocess
 import types
 import typing
 from pathlib import Path
@@ -109,12 +111,31 @@ def load_json(path: Path, cls, task: str):
         raise ConfigError(f"--config {path}: expected a JSON object of config sections, got {type(values).__name__}")
     if values.get("task", task) != task:  # before the fields: another task's sections would be "unknown fields"
         raise ConfigError(f"--config {path}: a config of the {values['task']!r} task, expected {task!r}")
+    values.pop("code", None)  # the commit of the code that ran it: a record, not a setting
     values.pop("resume", None)  # a saved config describes a run, not how it was started
     values.pop("init_from", None)
     return from_dict(cls, values)
 
 
-def save_json(cfg, path: Path) -> None:
+def save_json(cfg, path: Path, code: dict | None = None) -> None:
+    """The config as JSON; `code`: the commit of the code that ran it, kept beside the sections (--config skips it)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    tmp.write_text(json.dumps({**to_dict(cfg), **({"code": code} if code else {})}, indent=2) + "\n")
     tmp.replace(path)
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict:
+    """The git commit of the trainer's code and whether its tracked files differed from it (Nones outside a git
+    checkout): recorded in config.json and every checkpoint, so a result names the code that made it."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit, status = (
+            subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10)
+            for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])
+        )
+    except (OSError, subprocess.SubprocessError):  # no git, or a hung one
+        return {"commit": None, "dirty": None}
+    if commit.returncode or status.returncode:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}

@@ -42,7 +42,9 @@ def write_run_folder(fabric, cfg, run_dir: Path) -> None:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             for leftover in (run_dir / "checkpoints").glob("*.tmp"):  # of a save that was killed
                 remove(leftover)
-            configfile.save_json(dataclasses.replace(cfg, resume=None), run_dir / "config.json")
+            configfile.save_json(
+                dataclasses.replace(cfg, resume=None), run_dir / "config.json", configfile.code_version()
+            )
         except OSError as exc:
             error = f"error: cannot write the run folder {run_dir} ({exc})"
     distributed.stop_together(fabric, error)

@@ -119,3 +119,21 @@ def test_a_config_saved_before_the_rename_of_checkpoint_monitor_still_reads():
 
     cfg = configfile.from_dict(TinyConfig, {"checkpoint": {"monitor": "val/mse", "keep_best": 3}})
     assert cfg.checkpoint.rank_by == "val/mse" and cfg.checkpoint.keep_best == 3
+
+
+def test_the_commit_of_the_code_is_in_config_json_and_every_checkpoint(tmp_path):
+    import json
+    import subprocess
+
+    from conftest import ROOT
+
+    import configfile
+
+    train.train(config(tmp_path), TASK)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    code = json.loads((tmp_path / "r" / "config.json").read_text())["code"]
+    assert code["commit"] == head.strip() and isinstance(code["dirty"], bool)
+    checkpoints_written = list((tmp_path / "r" / "checkpoints").glob("*.ckpt"))
+    assert checkpoints_written and all(torch.load(p, weights_only=True)["code"] == code for p in checkpoints_written)
+    again = configfile.load_json(tmp_path / "r" / "config.json", TinyConfig, "tiny")  # --config reads past it
+    assert again.train == config(tmp_path).train
