@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import itertools
 import os
 import shlex
 import sys
@@ -84,24 +85,28 @@ def choice_fields(cls, prefix: str = "") -> dict[str, tuple[str, tuple]]:
         if dataclasses.is_dataclass(hint):
             found.update(choice_fields(hint, f"{prefix}{f.name}."))
         elif choices := config.literal_choices(hint):
-            found[f"--{prefix}{f.name}".replace("_", "-")] = (f"{prefix}{f.name}", choices)
+            found[f"--{prefix}{f.name}".replace("_", "-")] = (f"{prefix}{f.name}", choices, False)
+        elif typing.get_origin(hint) is tuple and (choices := config.literal_choices(typing.get_args(hint)[0])):
+            found[f"--{prefix}{f.name}".replace("_", "-")] = (f"{prefix}{f.name}", choices, True)  # one or several
     return found
 
 
 def refuse_bad_choices(cls, args: list[str], prefix: str = "") -> None:
     """A value outside a Literal's choices, as a one-line error naming the field (tyro's is a box)."""
-    for flag, (name, choices) in choice_fields(cls, prefix).items():
+    for flag, (name, choices, several) in choice_fields(cls, prefix).items():
         for spelling in {flag, "--" + flag[2:].replace("-", "_")}:
-            for value in flag_values(args, spelling):
+            for value in flag_values(args, spelling, several):
                 if value not in [str(c) for c in choices]:
                     raise ConfigError(f"{name}: expected one of {', '.join(map(str, choices))}, got {value!r}")
 
 
-def flag_values(args: list[str], flag: str) -> list[str]:
-    """Every value given to `flag`, as `--flag value` or `--flag=value`."""
+def flag_values(args: list[str], flag: str, several: bool = False) -> list[str]:
+    """Every value given to `flag`, as `--flag value` (`several`: `--flag value value ...`) or `--flag=value`."""
     values = []
     for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
+        if arg == flag and several:
+            values.extend(itertools.takewhile(lambda value: not value.startswith("--"), args[i + 1 :]))
+        elif arg == flag and i + 1 < len(args):
             values.append(args[i + 1])
         elif arg.startswith(flag + "="):
             values.append(arg[len(flag) + 1 :])

@@ -30,7 +30,7 @@ Precision = Literal[
 ]
 Accelerator = Literal["auto", "cpu", "cuda", "gpu", "mps", "tpu"]
 Strategy = Literal["auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "fsdp2", "deepspeed", "dp"]
-Logger = Literal["wandb", "tensorboard", "csv", "none"]
+Logger = Literal["wandb", "tensorboard", "mlflow", "csv", "none"]
 Direction = Literal["min", "max"]
 
 
@@ -104,20 +104,24 @@ class DataConfig:
 
 @dataclass
 class LogConfig:
-    """Tracking. `metrics.csv` in the run folder is always written; `logger` picks a tracker beside it."""
+    """Tracking. `metrics.csv` in the run folder is always written; `logger` picks the trackers beside it."""
 
-    logger: Logger = "wandb"
-    """wandb, tensorboard, csv (the CSV alone) or none (not even the CSV)."""
+    logger: tuple[Logger, ...] = ("wandb",)
+    """Trackers, one or several (`--log.logger tensorboard mlflow`): wandb, tensorboard, mlflow; csv (the CSV alone) or
+    none (not even the CSV)."""
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     """offline (no account needed; `wandb sync` uploads later), online or disabled."""
     project: str = "kibitz"
-    """wandb project name."""
+    """wandb project, MLflow experiment."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (a server's http://HOST:PORT, or a database); unset: $MLFLOW_TRACKING_URI, else
+    OUT_DIR/mlflow.db beside the runs, which needs no server (`mlflow ui --backend-store-uri sqlite:///OUT_DIR/mlflow.db`)."""
     every: int = 50
     """Log training metrics every N optimizer steps (the only host syncs of the loop)."""
     progress_bar: bool = True
     """A tqdm progress bar on rank 0."""
     checkpoint_artifacts: bool = False
-    """wandb: log each checkpoint as a model artifact (aliases best, last, step-N); copies every file."""
+    """wandb and MLflow: log each checkpoint as an artifact (wandb: aliases best, last, step-N); copies every file."""
 
 
 @dataclass
@@ -360,6 +364,9 @@ def check_run(cfg: RunConfig, task: Task) -> None:
     c, m, t = cfg.checkpoint, cfg.monitor, cfg.train
     require(0 <= t.seed < 2**32, "train.seed", "a seed in [0, 2**32)", t.seed)
     require(cfg.log.every > 0, "log.every", "a positive count", cfg.log.every)
+    trackers = cfg.log.logger
+    require(len(trackers) > 0 and ("none" not in trackers or len(trackers) == 1), "log.logger",
+            "one or more of wandb, tensorboard, mlflow, csv; or none alone", " ".join(trackers))  # fmt: skip
     require(c.every is None or c.every > 0, "checkpoint.every", "a positive count", c.every)
     require(c.keep_best == -1 or c.keep_best >= 1, "checkpoint.keep_best", "-1 (all) or a count >= 1", c.keep_best)
     require(c.rank_by is None or c.rank_by in task.metrics, "checkpoint.rank_by", "one of " + ", ".join(task.metrics),

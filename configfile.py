@@ -65,6 +65,8 @@ def from_dict(cls, values: dict, where: str = ""):
         if key not in names:
             raise ConfigError(f"{where}{key}: unknown config field (expected one of {', '.join(sorted(names))})")
         hint = hints[key]
+        if typing.get_origin(hint) is tuple and isinstance(value, str):
+            value = [value]  # a config saved when the field held one value (log.logger, until 2026-12-06)
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value, f"{where}{key}.")
             continue
@@ -72,6 +74,8 @@ def from_dict(cls, values: dict, where: str = ""):
             raise ConfigError(f"{where}{key}: expected {describe(hint)}, got {value!r}")
         if value is not None and _mentions_path(hint):
             kwargs[key] = [Path(v) for v in value] if isinstance(value, list) else Path(value)
+        elif typing.get_origin(hint) is tuple:
+            kwargs[key] = tuple(value)
         else:
             kwargs[key] = value
     return cls(**kwargs)

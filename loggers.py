@@ -1,8 +1,9 @@
-"""A run's loggers, on rank 0 only: `Loggers` fans out to the sinks of trackers.py (metrics.csv, always: the run's
-own record; wandb or TensorBoard beside it), and owns the histogram thread (`Sender`), which writes through it.
-A sink that fails is reported once and switched off: logging never stops training.
+"""A run's loggers, on rank 0 only: `Loggers` fans out to the sinks of trackers.py and mlflowlog.py (metrics.csv,
+always: the run's own record; wandb, TensorBoard and MLflow beside it, any of them), and owns the histogram thread
+(`Sender`), which writes through it. A sink that fails is reported once and switched off: logging never stops training.
 """
 
+import os
 import queue
 import threading
 from pathlib import Path
@@ -14,7 +15,7 @@ from trackers import CSVLog, TensorBoardLog, WandbLog
 
 
 class Loggers:
-    """Fans out to the CSV and the chosen tracker. The histogram thread (`Sender`) writes through `write`; the loop's
+    """Fans out to the CSV and the chosen trackers. The histogram thread (`Sender`) writes through `write`; the loop's
     `log` first lets it finish, so steps reach wandb in order."""
 
     def __init__(self, sinks: list):
@@ -131,37 +132,78 @@ class Sender:
         self.jobs.join()
 
 
-def open_for(cfg, task, run_dir: Path, resume_step: int | None) -> Loggers:
+def open_for(fabric, cfg, task, run_dir: Path, resume_step: int | None) -> Loggers:
     """The loggers of a run (rank 0): the config as parameters, the task's metric directions as summaries."""
     import configfile
 
     config = configfile.to_dict(cfg)
-    return make_loggers(cfg.log.logger, run_dir, cfg.log.project, cfg.log.wandb_mode, config, resume_step, task.metrics)
+    mlflow = None
+    if "mlflow" in cfg.log.logger:
+        uri = cfg.log.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_mlflow_uri(cfg.out_dir)
+        code = configfile.code_version()
+        tags = {
+            "task": task.name,
+            "mlflow.source.git.commit": code["commit"] or "unknown",  # MLflow's own tag: its UI shows it
+            "git.dirty": str(code["dirty"]).lower(),
+            "kibitz.version": kibitz_version(),
+            "world_size": str(fabric.world_size),
+            "device": device_name(fabric.device),
+        }
+        mlflow = {"uri": uri, "experiment": cfg.log.project, "tags": tags}
+    return make_loggers(
+        cfg.log.logger, run_dir, cfg.log.project, cfg.log.wandb_mode, config, resume_step, task.metrics, mlflow
+    )
+
+
+def local_mlflow_uri(out_dir: Path) -> str:
+    """MLflow's own default is ./mlflow.db wherever the run starts: beside the runs instead, with no server."""
+    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+
+
+def kibitz_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kibitz")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def make_loggers(
-    kind: str,
+    kinds: tuple[str, ...],
     run_dir: Path,
     project: str,
     wandb_mode: str,
     config: dict,
     resume_step: int | None = None,
     summaries: dict[str, str] | None = None,
+    mlflow: dict | None = None,
 ) -> Loggers:
-    """`resume_step`: the step a resumed run continues from (CSV rows after it are dropped);
-    `summaries`: {metric: "min" or "max"}, what wandb's run summary keeps of each (its best)."""
-    if kind == "none":
+    """`kinds`: the trackers beside metrics.csv; `resume_step`: the step a resumed run continues from (CSV rows after it
+    are dropped); `summaries`: {metric: "min" or "max"}, what wandb's run summary keeps of each (its best); `mlflow`:
+    the tracking URI, experiment and tags."""
+    if "none" in kinds:
         return Loggers([])
     sinks = [CSVLog(run_dir / "metrics.csv", resume_step)]
-    try:
-        if kind == "wandb" and wandb_mode != "disabled":
-            sinks.append(WandbLog(run_dir, project, wandb_mode, config, resume_step, summaries))
-        elif kind == "tensorboard":
-            sinks.append(TensorBoardLog(run_dir, config))
-    except Exception as exc:  # a tracker that cannot start must not cost the run
-        print(
-            f"warning: the {kind} logger could not start ({type(exc).__name__}: {exc}); "
-            f"training continues with {run_dir / 'metrics.csv'} only",
-            flush=True,
-        )
+    for kind in dict.fromkeys(kinds):
+        try:
+            if kind == "wandb" and wandb_mode != "disabled":
+                sinks.append(WandbLog(run_dir, project, wandb_mode, config, resume_step, summaries))
+            elif kind == "tensorboard":
+                sinks.append(TensorBoardLog(run_dir, config))
+            elif kind == "mlflow":
+                from mlflowlog import MlflowLog
+
+                sinks.append(MlflowLog(run_dir, mlflow["uri"], mlflow["experiment"], config, mlflow["tags"],
+                                       resume_step))  # fmt: skip
+        except Exception as exc:  # a tracker that cannot start must not cost the run
+            print(
+                f"warning: the {kind} logger could not start ({type(exc).__name__}: {exc}); "
+                f"training continues without it ({run_dir / 'metrics.csv'} has every metric)",
+                flush=True,
+            )
     return Loggers(sinks)

@@ -220,7 +220,7 @@ def prediction_table(cfg: ChessConfig, datasets: dict) -> dict:
     import chess.svg
 
     count = cfg.log.predictions
-    if not count or cfg.log.logger == "none":
+    if not count or "none" in cfg.log.logger:
         return {}
     positions, targets = (np.array(a[:count]) for a in datasets["val"].arrays)
     fens = [row_to_fen(row) for row in positions]

@@ -291,7 +291,7 @@ class LRFindArgs(typing.Generic[RunT]):
 
 def lr_find_config(args: LRFindArgs, task: Task) -> RunConfig:
     """The run lr-find trains: the given config for `steps` steps at a constant LR (set by the test), logging every
-    step, without validation, checkpoints, tracker or histograms."""
+    step, without validation, checkpoints or histograms; MLflow is the one tracker kept (an lr-find is a run too)."""
     if args.steps < 2:
         raise ConfigError(f"steps: expected at least 2 steps for a range of learning rates, got {args.steps}")
     if not 0 <= args.smoothing < 1:
@@ -309,7 +309,9 @@ def lr_find_config(args: LRFindArgs, task: Task) -> RunConfig:
             cfg.train, max_steps=args.steps, max_epochs=None, max_time=None, val_every=None, early_stop_patience=None
         ),
         schedule=dataclasses.replace(cfg.schedule, kind="constant", warmup_steps=0),
-        log=dataclasses.replace(cfg.log, every=1, logger="none", progress_bar=False),
+        log=dataclasses.replace(
+            cfg.log, every=1, logger=("mlflow",) if "mlflow" in cfg.log.logger else ("none",), progress_bar=False
+        ),
         monitor=dataclasses.replace(cfg.monitor, histogram_every=None, norms=False, on_nonfinite="warn"),
     )
 

@@ -182,7 +182,7 @@ def setup(cfg: RunConfig, task: Task, resume_command: str, fresh_name: str | Non
         distributed.stop_on_signals(run)
         runs.write_run_folder(fabric, cfg, run_dir)
         if fabric.is_global_zero:
-            run.loggers = loggers.open_for(cfg, task, run_dir, run.progress.step if cfg.resume else None)
+            run.loggers = loggers.open_for(fabric, cfg, task, run_dir, run.progress.step if cfg.resume else None)
             world = fabric.world_size
             print(
                 f"run folder: {run_dir}  ({world} process{'es' if world > 1 else ''}, {fabric.device}, "
@@ -411,14 +411,15 @@ def lr_find(args: tools.LRFindArgs, task: Task, resume_command: str) -> float:
     checkpoints or tracker), the LR set by the test; the lr_range hook records the curve and stops on divergence."""
     cfg = tools.lr_find_config(args, task)
     config.check(cfg, task)
-    name = f"lr-find-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     with distributed.caller_state_kept():
         # never an existing run's folder, nor another lr-find's of the same second (rank 0's choice is broadcast)
-        run = setup(cfg, task, resume_command, fresh_name=name)
+        run = setup(cfg, task, resume_command, fresh_name=f"lr-find-{datetime.datetime.now():%Y%m%d-%H%M%S}")
         try:
             run.lr_at = args.lr_at
             result = {}
             fit(run, tools.lr_range(args, run.run_dir, result))
+            if run.loggers:  # MLflow: the curve's steps and lr_find.png
+                run.loggers.finish()
         finally:
             runs.unlock_folder(run.folder_lock)
     return result["suggestion"]

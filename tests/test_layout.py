@@ -22,6 +22,7 @@ TRAINER = (
     "monitor",
     "loggers",
     "trackers",
+    "mlflowlog",
     "runs",
     "tools",
     "distributed",

@@ -28,7 +28,7 @@ class ShapesConfig(RunConfig):
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=32, eval_batch_size=64))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=6, val_every=3))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=0))
-    log: LogConfig = field(default_factory=lambda: LogConfig(logger="csv", progress_bar=False))
+    log: LogConfig = field(default_factory=lambda: LogConfig(logger=("csv",), progress_bar=False))
     monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig(histogram_every=None))
 
 

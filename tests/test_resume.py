@@ -105,10 +105,10 @@ def test_a_resumed_wandb_run_neither_repeats_nor_loses_steps(tmp_path):
             sinks.log({"train/loss": 1 / step}, step)
         sinks.finish()
 
-    segment("wandb", None, range(1, 51))  # wandb holds 1..50
-    segment("wandb", 30, range(31, 61))  # resumed from a checkpoint at 30: 31..50 are in the first segment
-    segment("csv", 60, range(61, 81))  # 61..80 reached the CSV only (as when wandb lost its last block)
-    segment("wandb", 70, range(71, 91))  # resumed at 70: 61..70 are replayed, 71..90 logged
+    segment(("wandb",), None, range(1, 51))  # wandb holds 1..50
+    segment(("wandb",), 30, range(31, 61))  # resumed from a checkpoint at 30: 31..50 are in the first segment
+    segment(("csv",), 60, range(61, 81))  # 61..80 reached the CSV only (as when wandb lost its last block)
+    segment(("wandb",), 70, range(71, 91))  # resumed at 70: 61..70 are replayed, 71..90 logged
     rows = wandb_history(tmp_path)
     assert [step for step, _ in rows] == list(range(1, 91))
     assert all(row["train/loss"] == 1 / step for step, row in rows)

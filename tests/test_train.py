@@ -99,7 +99,7 @@ def test_early_stopping(prepared, tmp_path, capsys):
         (["--optim.lr", "-1"], "optim.lr"),
         (["--schedule.warmup-steps", "500", "--train.max-steps", "100"], "schedule.warmup_steps"),
         (["--fabric.precision", "fp13"], "fabric.precision"),
-        (["--log.logger", "mlflow"], "log.logger"),
+        (["--log.logger", "neptune"], "log.logger"),
         (["--data.batch-size", "100", "--train.accumulate", "3"], "data.batch_size"),
         (["--fabric.strategy", "fsdp", "--fabric.accelerator", "cpu"], "fabric: You selected the FSDP strategy"),
         (["--checkpoint.sharded"], "checkpoint.sharded"),

@@ -1,0 +1,139 @@
+"""The MLflow sink (loggers.py fans out to it beside metrics.csv): one MLflow run per kibitz run, on rank 0, so runs
+can be compared, searched and filtered by parameter in MLflow's UI or as a DataFrame (`mlflow.search_runs`)."""
+
+import os
+import queue
+import re
+import threading
+import time
+from pathlib import Path
+
+from trackers import csv_rows, flat_hparams
+
+MLFLOW_PATIENCE = {  # a tracking server that is down costs seconds, not MLflow's minutes of retries; the user's own win
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+class MlflowLog:
+    """An MLflow run: the flattened config as params, every metric at its step, tags that say what ran (task, git
+    commit, version, world size, device), and at the end the run folder's config.json, test_metrics.json and
+    pictures as artifacts. Calls go out from a thread of their own, so a server's round trip never holds up a
+    step; the first that fails warns once and the rest are dropped (metrics.csv has every metric). The run id is
+    kept in the run folder: a resumed run continues the same MLflow run, logging no step it already holds
+    (MLflow would keep both), after replaying from metrics.csv the steps a killed process had not sent."""
+
+    def __init__(self, run_dir: Path, uri: str, experiment: str, config: dict, tags: dict, resume_step=None):
+        import mlflow  # slow to import: only when used
+
+        self.set_env = [name for name in MLFLOW_PATIENCE if name not in os.environ]
+        os.environ.update({name: MLFLOW_PATIENCE[name] for name in self.set_env})
+        self.mlflow, self.run_dir, self.failed = mlflow, run_dir, False
+        self.client = mlflow.MlflowClient(uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:  # the local default keeps its artifacts beside its database, in the out dir
+            local = uri.startswith("sqlite:///") and (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+            experiment_id = self.client.create_experiment(experiment, artifact_location=local or None)
+        else:
+            experiment_id = found.experiment_id
+        id_file = run_dir / "mlflow_id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else ""
+        run = self._existing(run_id) if re.fullmatch(r"[0-9a-f]{32}", run_id) else None
+        if run is None:
+            run = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags)
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run.info.run_id
+        id_file.write_text(self.run_id)
+        self.recorded = self._last_step() if resume_step is not None else -1
+        self.last_step = max(self.recorded, 0)
+        self._log_params(flat_hparams(config), run.data.params)
+        self.jobs: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._send, name="mlflow", daemon=True)
+        self.thread.start()
+        if resume_step is not None:
+            for step, metrics in csv_rows(run_dir / "metrics.csv", self.recorded + 1, resume_step):
+                self._metrics(metrics, step)
+            self.recorded = max(self.recorded, resume_step)
+
+    def _existing(self, run_id: str):
+        try:
+            return self.client.get_run(run_id)
+        except self.mlflow.exceptions.MlflowException:  # not in this tracking store: a new run
+            return None
+
+    def _last_step(self) -> int:
+        run = self.client.get_run(self.run_id)
+        histories = (self.client.get_metric_history(self.run_id, key) for key in run.data.metrics)
+        return max((m.step for history in histories for m in history), default=-1)
+
+    def _log_params(self, params: dict, logged: dict) -> None:
+        """Params are write-once in MLflow: a resumed run adds the new ones, and says which it could not change."""
+        params = {key: str(value)[:6000] for key, value in params.items()}
+        changed = sorted(k for k in params.keys() & logged.keys() if params[k] != logged[k])
+        if changed:
+            print(f"mlflow: run {self.run_id} keeps its first values of {', '.join(changed)}", flush=True)
+        new = [self.mlflow.entities.Param(k, v) for k, v in params.items() if k not in logged]
+        for i in range(0, len(new), 100):  # MLflow takes at most 100 params a call
+            self.client.log_batch(self.run_id, params=new[i : i + 100])
+
+    def _call(self, function, *args) -> None:
+        self.jobs.put((function, args))
+
+    def _send(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if not self.failed:
+                try:
+                    job[0](*job[1])
+                except Exception as exc:
+                    self.failed = True
+                    reason = (str(exc).splitlines() or [""])[0][:200]
+                    print(
+                        f"warning: the MLflow tracker failed ({type(exc).__name__}: {reason}); it is switched off, "
+                        f"training continues; {self.run_dir / 'metrics.csv'} has every metric",
+                        flush=True,
+                    )
+
+    def _metrics(self, metrics: dict, step: int) -> None:
+        now = int(time.time() * 1000)
+        Metric = self.mlflow.entities.Metric
+        rows = [Metric(re.sub(r"[^\w./\- ]", "_", k), float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(rows), 1000):  # MLflow takes at most 1000 metrics a call
+            self._call(self.client.log_batch, self.run_id, rows[i : i + 1000])
+        self.last_step = max(self.last_step, step)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if step > self.recorded:
+            self._metrics(metrics, step)
+
+    def log_histograms(self, histograms: dict, step: int) -> None:
+        pass  # MLflow has no histograms: wandb or TensorBoard beside it show them
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        if step > self.recorded:
+            table = {"columns": columns, "data": rows}
+            self._call(self.client.log_dict, self.run_id, table, f"tables/{name.replace('/', '-')}-{step:08d}.json")
+
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        pass  # every picture in the run folder goes up at the end, as drawn last
+
+    def log_checkpoint(self, path: Path, name: str, aliases: list[str], dropped: list[str]) -> None:
+        """At once, not from the thread: keep-k may delete the file before its turn came."""
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), f"checkpoints/{name}")
+        else:
+            self.client.log_artifact(self.run_id, str(path), f"checkpoints/{name}")
+
+    def summary(self, metrics: dict) -> None:
+        self._metrics(metrics, self.last_step)
+
+    def finish(self) -> None:
+        for path in sorted([*self.run_dir.glob("*.json"), *self.run_dir.glob("*.png")]):
+            self._call(self.client.log_artifact, self.run_id, str(path))
+        self._call(self.client.set_terminated, self.run_id, "FINISHED")
+        self.jobs.put(None)
+        self.thread.join()
+        for name in self.set_env:
+            os.environ.pop(name, None)
