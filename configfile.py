@@ -18,7 +18,7 @@ def to_dict(cfg) -> dict:
     def plain(value):
         if isinstance(value, Path):
             return str(value)
-        if isinstance(value, list):
+        if isinstance(value, (list, tuple)):  # JSON has lists only: the same text in config.json and a tracker
             return [plain(v) for v in value]
         return value
 

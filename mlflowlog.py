@@ -47,16 +47,15 @@ class MlflowLog:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run.info.run_id
         id_file.write_text(self.run_id)
-        self.recorded = self._last_step() if resume_step is not None else -1
-        self.last_step = max(self.recorded, 0)
+        self.recorded = self._recorded_steps() if resume_step is not None else {}  # {metric: its last step held}
+        self.last_step = max(self.recorded.values(), default=0)
         self._log_params(flat_hparams(config), run.data.params)
         self.jobs: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._send, name="mlflow", daemon=True)
         self.thread.start()
         if resume_step is not None:
-            for step, metrics in csv_rows(run_dir / "metrics.csv", self.recorded + 1, resume_step):
-                self._metrics(metrics, step)
-            self.recorded = max(self.recorded, resume_step)
+            for step, metrics in csv_rows(run_dir / "metrics.csv", 0, resume_step):
+                self.log(metrics, step)
 
     def _existing(self, run_id: str):
         try:
@@ -64,10 +63,10 @@ class MlflowLog:
         except self.mlflow.exceptions.MlflowException:  # not in this tracking store: a new run
             return None
 
-    def _last_step(self) -> int:
-        run = self.client.get_run(self.run_id)
-        histories = (self.client.get_metric_history(self.run_id, key) for key in run.data.metrics)
-        return max((m.step for history in histories for m in history), default=-1)
+    def _recorded_steps(self) -> dict[str, int]:
+        """Each metric's last step in the run, as the earlier processes left it."""
+        keys = self.client.get_run(self.run_id).data.metrics
+        return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key)) for key in keys}
 
     def _log_params(self, params: dict, logged: dict) -> None:
         """Params are write-once in MLflow: a resumed run adds the new ones, and says which it could not change."""
@@ -96,23 +95,20 @@ class MlflowLog:
                         flush=True,
                     )
 
-    def _metrics(self, metrics: dict, step: int) -> None:
-        now = int(time.time() * 1000)
-        Metric = self.mlflow.entities.Metric
-        rows = [Metric(re.sub(r"[^\w./\- ]", "_", k), float(v), now, step) for k, v in metrics.items()]
+    def log(self, metrics: dict, step: int) -> None:
+        """Each metric at its step, but for the steps of it that the run already holds."""
+        now, Metric = int(time.time() * 1000), self.mlflow.entities.Metric
+        named = ((re.sub(r"[^\w./\- ]", "_", key), float(value)) for key, value in metrics.items())
+        rows = [Metric(key, value, now, step) for key, value in named if step > self.recorded.get(key, -1)]
         for i in range(0, len(rows), 1000):  # MLflow takes at most 1000 metrics a call
             self._call(self.client.log_batch, self.run_id, rows[i : i + 1000])
         self.last_step = max(self.last_step, step)
-
-    def log(self, metrics: dict, step: int) -> None:
-        if step > self.recorded:
-            self._metrics(metrics, step)
 
     def log_histograms(self, histograms: dict, step: int) -> None:
         pass  # MLflow has no histograms: wandb or TensorBoard beside it show them
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
-        if step > self.recorded:
+        if step > max(self.recorded.values(), default=-1):
             table = {"columns": columns, "data": rows}
             self._call(self.client.log_dict, self.run_id, table, f"tables/{name.replace('/', '-')}-{step:08d}.json")
 
@@ -127,7 +123,7 @@ class MlflowLog:
             self.client.log_artifact(self.run_id, str(path), f"checkpoints/{name}")
 
     def summary(self, metrics: dict) -> None:
-        self._metrics(metrics, self.last_step)
+        self.log(metrics, self.last_step)
 
     def finish(self) -> None:
         for path in sorted([*self.run_dir.glob("*.json"), *self.run_dir.glob("*.png")]):

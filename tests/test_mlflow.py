@@ -1,0 +1,158 @@
+"""MLflow as a tracker, against a real `mlflow server` (SQLite store, local artifact root) on 127.0.0.1: what a run
+logs reads back through `mlflow.search_runs` and `MlflowClient` as the run folder has it; a run killed with kill -9
+and resumed continues its MLflow run with every step once; a server that stops mid-run costs one warning."""
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+from conftest import LONG, STEPS, child_env, run_train, start, tiny_args, train_losses, wait_for_steps
+
+mlflow = pytest.importorskip("mlflow")  # the .[mlflow] extra (the test extra installs it)
+
+
+def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+         "--default-artifact-root", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"), env=child_env(), start_new_session=True,
+    )  # fmt: skip
+    uri, deadline = f"http://127.0.0.1:{port}", time.time() + 90
+    while time.time() < deadline and process.poll() is None:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            return process, uri
+        except OSError:
+            time.sleep(0.2)
+    stop_server(process)
+    raise AssertionError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGKILL)  # the server and its workers
+    process.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    folder = tmp_path / "mlflow-server"
+    folder.mkdir()
+    process, uri = start_server(folder)
+    yield process, uri
+    if process.poll() is None:
+        stop_server(process)
+
+
+def flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+def csv_history(run_dir: Path) -> dict[str, dict[int, float]]:
+    import trackers
+
+    history: dict[str, dict[int, float]] = {}
+    for step, name, value in trackers.metric_rows(run_dir / "metrics.csv"):
+        history.setdefault(name, {})[int(step)] = float(value)
+    return history
+
+
+def the_run(uri: str, experiment: str, run_dir: Path):
+    """The one MLflow run of a run folder, found by searching, as a user would."""
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.mlflow.runName = '{run_dir.name}'")
+    assert len(runs) == 1, runs
+    run_id = runs.run_id[0]
+    assert (run_dir / "mlflow_id.txt").read_text() == run_id
+    return runs.iloc[0], mlflow.MlflowClient(uri).get_run(run_id)
+
+
+def assert_run_is_the_folder(uri: str, experiment: str, run_dir: Path, task: str, pictures: list[str]) -> None:
+    mlflow.set_tracking_uri(uri)
+    row, run = the_run(uri, experiment, run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    code = saved.pop("code")
+    assert run.data.params == flat(saved)  # the whole config, as the compare view and the filters see it
+    assert row["params.optim.lr"] == str(saved["optim"]["lr"])
+    client = mlflow.MlflowClient(uri)
+    for name, steps in csv_history(run_dir).items():  # every metric at every step it was logged, once
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == sorted(steps), name
+        assert all(m.value == pytest.approx(steps[m.step], rel=1e-6, nan_ok=True) for m in history), name
+    tested = json.loads((run_dir / "test_metrics.json").read_text())
+    assert tested and all(run.data.metrics[k] == pytest.approx(v) for k, v in tested.items())
+    tags = run.data.tags
+    assert tags["task"] == task and tags["world_size"] == "1" and tags["device"] == "cpu"
+    assert tags["mlflow.source.git.commit"] == (code["commit"] or "unknown")
+    assert tags["git.dirty"] == str(code["dirty"]).lower() and tags["kibitz.version"] == version("kibitz")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "test_metrics.json", "curves.png", *pictures} <= artifacts, artifacts
+    assert run.info.status == "FINISHED"
+
+
+def test_chess_and_charlm_runs_read_back_then_a_server_that_stops_costs_one_warning(server, prepared, tmp_path, capsys):
+    from tiny_task import TASK
+
+    import train
+
+    process, uri = server
+    to_server = ["--log.logger", "csv", "mlflow", "--log.mlflow-uri", uri, "--log.project", "kibitz-test"]
+    run_train(tiny_args(prepared, tmp_path, "--run-name", "chess", *to_server))
+    assert_run_is_the_folder(uri, "kibitz-test", tmp_path / "chess", "chess", ["test_predictions.png"])
+
+    charlm = ["--model.width", "32", "--model.depth", "1", "--model.heads", "2", "--data.context", "32",
+              "--data.batch-size", "32", "--schedule.warmup-steps", "5", "--train.max-steps", "20",
+              "--train.val-every", "10", "--log.every", "5", "--log.no-progress-bar"]  # fmt: skip
+    assert train.main(["examples/charlm.py", *charlm, "--out-dir", str(tmp_path), "--run-name", "lm", *to_server]) == 0
+    assert_run_is_the_folder(uri, "kibitz-test", tmp_path / "lm", "charlm", [])
+    capsys.readouterr()
+
+    def stop_the_server(run) -> None:  # mid-run, between two logs
+        if run.step == 10:
+            stop_server(process)
+
+    task = dataclasses.replace(TASK, hooks=lambda cfg, datasets: {"on_log": [stop_the_server]})
+    tiny = ["--out-dir", str(tmp_path), "--run-name", "stopped", "--train.max-steps", "40", "--log.every", "1"]
+    assert train.main([*tiny, *to_server], task=task) == 0
+    out = capsys.readouterr()
+    warnings = [line for line in (out.out + out.err).splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and "MLflow tracker failed" in warnings[0], warnings
+    assert sorted(train_losses(tmp_path / "stopped")) == list(range(1, 41))  # metrics.csv has every step
+    assert (tmp_path / "stopped" / "test_metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_run_killed_and_resumed_continues_its_mlflow_run_with_every_step_once(server, prepared, tmp_path):
+    _, uri = server
+    to_server = ["--log.logger", "csv", "mlflow", "--log.mlflow-uri", uri, "--log.project", "kibitz-test"]
+    process = start(prepared, tmp_path, "killed", *to_server)
+    wait_for_steps(tmp_path / "killed", 30, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    run_id = (tmp_path / "killed" / "mlflow_id.txt").read_text()
+    run_train(tiny_args(prepared, tmp_path, *LONG, *to_server, "--run-name", "killed", "--resume", "auto"))
+    mlflow.set_tracking_uri(uri)
+    _, run = the_run(uri, "kibitz-test", tmp_path / "killed")
+    assert run.info.run_id == run_id
+    losses = mlflow.MlflowClient(uri).get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in losses) == list(range(1, STEPS + 1))  # every step, none twice
+    expected = train_losses(tmp_path / "killed")
+    assert all(m.value == pytest.approx(expected[m.step], rel=1e-6) for m in losses)
+    assert run.info.status == "FINISHED"
