@@ -10,6 +10,17 @@ from pathlib import Path
 
 from trackers import csv_rows, flat_hparams
 
+
+def experiment_of(client, name: str, uri: str) -> str:
+    """The id of experiment `name`, made if new. A local SQLite store keeps its artifacts beside its database (MLflow's
+    own default would be ./mlruns, wherever the run started)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    local = uri.startswith("sqlite:///") and (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=local or None)
+
+
 MLFLOW_PATIENCE = {  # a tracking server that is down costs seconds, not MLflow's minutes of retries; the user's own win
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -32,12 +43,7 @@ class MlflowLog:
         os.environ.update({name: MLFLOW_PATIENCE[name] for name in self.set_env})
         self.mlflow, self.run_dir, self.failed = mlflow, run_dir, False
         self.client = mlflow.MlflowClient(uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:  # the local default keeps its artifacts beside its database, in the out dir
-            local = uri.startswith("sqlite:///") and (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
-            experiment_id = self.client.create_experiment(experiment, artifact_location=local or None)
-        else:
-            experiment_id = found.experiment_id
+        experiment_id = experiment_of(self.client, experiment, uri)
         id_file = run_dir / "mlflow_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else ""
         run = self._existing(run_id) if re.fullmatch(r"[0-9a-f]{32}", run_id) else None

@@ -1,0 +1,152 @@
+"""Search a task's config with Ray Tune. Each trial is an ordinary kibitz run: its own run folder and checkpoints, its
+own MLflow run in the sweep's experiment, and the task's ranking validation metric reported at every validation, so
+an ASHA scheduler stops bad trials early. Flags after `--` go to every trial.
+
+    python examples/sweep.py --trials 8                               # the chess evaluator, on this machine
+    python examples/sweep.py examples/charlm.py --trials 8 -- --train.max-steps 2000
+    python examples/sweep.py --restore                                # finish an interrupted sweep
+    ray start --head; ray start --address=HEAD:6379                   # a cluster (on the head, then each worker)
+    RAY_ADDRESS=HEAD:6379 python examples/sweep.py --trials 64 --gpus-per-trial 1
+
+On a cluster every node needs this checkout at the same path, and the trials a shared --out-dir and a tracking
+server (-- --log.mlflow-uri http://HOST:5000) to write to. The best trial's config and checkpoint come last."""
+
+import dataclasses
+import os
+import shlex
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(1, str(ROOT))  # the trainer, after this file's folder
+
+
+@dataclass
+class SweepArgs:
+    task: tyro.conf.Positional[str] = "chess"
+    """A built-in task or a task file."""
+    trials: int = 8
+    """Trials sampled from the space (with --lr values: trials for each of them)."""
+    lr: tuple[float, ...] = ()
+    """Learning rates to try, each one (a grid); unset: log-uniform in lr_range."""
+    lr_range: tuple[float, float] = (1e-4, 3e-2)
+    width: tuple[int, ...] = (128, 256, 512)
+    """model.width, one of these a trial (none given: the task's own)."""
+    batch_size: tuple[int, ...] = (256, 512, 1024)
+    """data.batch_size, one of these a trial (none given: the task's own)."""
+    max_concurrent: int = 2
+    cpus_per_trial: float = 1
+    gpus_per_trial: float = 0
+    """A trial trains on one device: one GPU is its whole share."""
+    name: str = "sweep"
+    """The sweep: Ray Tune's experiment folder, the MLflow experiment, the folder of the trials' runs."""
+    out_dir: Path = Path("runs")
+    restore: bool = False
+    """Finish the interrupted sweep of this name (trials cut short resume from their last checkpoint)."""
+
+
+def space(args: SweepArgs, cfg) -> dict:
+    """What the trials vary: the fields of the task's config among these (a task may have no model.width)."""
+    from ray import tune
+
+    lr = tune.grid_search(list(args.lr)) if args.lr else tune.loguniform(*args.lr_range)
+    wanted = {"optim.lr": lr, "model.width": args.width and tune.choice(args.width),
+              "data.batch_size": args.batch_size and tune.choice(args.batch_size)}  # fmt: skip
+    return {key: domain for key, domain in wanted.items() if domain and has_field(cfg, key)}
+
+
+def has_field(cfg, dotted: str) -> bool:
+    section, _, name = dotted.partition(".")
+    return dataclasses.is_dataclass(part := getattr(cfg, section, None)) and hasattr(part, name)
+
+
+def trial(params: dict, task: str, flags: list[str], runs: str, where: str) -> None:
+    """One trial: a kibitz run named after the trial (so a restored sweep resumes it), reporting to Tune."""
+    sys.path.insert(1, str(ROOT))
+    os.chdir(where)  # the sweep's working directory: relative paths in the flags mean what they meant there
+    from ray import tune
+
+    import callbacks
+    import cli
+    import config
+    import train
+
+    chosen = [item for key, value in params.items() for item in (f"--{key}".replace("_", "-"), str(value))]
+    name = tune.get_context().get_trial_name()
+    task, _, cfg, _ = cli.parse([task, *flags, *chosen, "--out-dir", runs, "--run-name", name, "--resume", "auto"])
+    metric = config.ranking_metric(config.for_task(cfg, task), task)[0]
+
+    def report(run) -> None:
+        best = run.run_dir / "checkpoints" / run.progress.best[0][1]
+        tune.report({metric: run.val_metrics[metric], "step": run.step, "checkpoint": str(best)})
+
+    own = task.hooks
+    hooks = lambda cfg, data: callbacks.merge(own(cfg, data) if own else {}, {"on_validation_end": [report]})  # noqa: E731
+    train.train(cfg, dataclasses.replace(task, hooks=hooks))
+
+
+def main(args: SweepArgs, flags: list[str]) -> None:
+    import mlflow
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    import cli
+    import config
+    import loggers
+    import mlflowlog
+
+    task, _, cfg, _ = cli.parse([args.task, *flags])
+    metric, mode = config.ranking_metric(config.for_task(cfg, task), task)
+    uri = cfg.log.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or loggers.local_mlflow_uri(args.out_dir)
+    runs = (args.out_dir / args.name).resolve()
+    flags = [*flags, "--log.logger", "csv", "mlflow", "--log.mlflow-uri", uri, "--log.project", args.name,
+             "--log.no-progress-bar"]  # fmt: skip
+    mlflowlog.experiment_of(mlflow.MlflowClient(uri), args.name, uri)  # now: two trials would race to make it
+    ray.init(include_dashboard=False, **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}))
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, task=args.task, flags=flags, runs=str(runs), where=os.getcwd()),
+        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
+    )
+    folder = str(runs / "ray")
+    if args.restore:
+        tuner = tune.Tuner.restore(folder + "/" + args.name, trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space(args, cfg),
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                num_samples=args.trials,
+                max_concurrent_trials=args.max_concurrent,
+                scheduler=ASHAScheduler(grace_period=1, reduction_factor=2),
+                reuse_actors=True,
+            ),  # fmt: skip
+            run_config=tune.RunConfig(name=args.name, storage_path=folder, verbose=1),
+        )
+    interrupted = []  # Ctrl+C: noted here, then passed to Tune as the SIGUSR1 it stops on, saving the sweep's state
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    signal.signal(signal.SIGINT, lambda *_: interrupted.append(os.kill(os.getpid(), signal.SIGUSR1)))
+    grid = tuner.fit()
+    if interrupted or grid.num_errors:
+        again = shlex.join(["python", *sys.argv[:1], "--restore", *(a for a in sys.argv[1:] if a != "--restore")])
+        why = "was interrupted" if interrupted else f"had {grid.num_errors} failed trials (their errors are above)"
+        sys.exit(f"the sweep {why}; its state is in {folder}; finish it with: {again}")
+    best = grid.get_best_result(metric, mode, scope="all")  # the trial of the best validation
+    reports = best.metrics_dataframe
+    top = reports.loc[reports[metric].idxmin() if mode == "min" else reports[metric].idxmax()]
+    print(f"best trial: {Path(best.metrics['checkpoint']).parent.parent.name}: {metric} {top[metric]:.4f} "
+          f"at step {top['step']}")  # fmt: skip
+    print(f"  config: {' '.join(f'--{k} {v}'.replace('_', '-') for k, v in best.config.items())}")
+    print(f"  checkpoint: {best.metrics['checkpoint']}")
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    main(tyro.cli(SweepArgs, args=argv[:cut]), argv[cut + 1 :])

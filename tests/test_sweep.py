@@ -1,0 +1,57 @@
+"""examples/sweep.py: a Ray Tune search over a task's config, each trial an ordinary kibitz run with its run folder
+and its MLflow run; ASHA stops bad trials early; an interrupted sweep restores and finishes."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, child_env, run_script
+
+pytest.importorskip("ray.tune")  # the .[sweep] extra (the test extra installs it)
+mlflow = pytest.importorskip("mlflow")
+
+TRIAL = ["--model.depth", "1", "--model.heads", "2", "--data.context", "32", "--schedule.warmup-steps", "2",
+         "--train.max-steps", "60", "--train.val-every", "5", "--log.every", "5"]  # fmt: skip
+STEPS = 60
+
+
+@pytest.mark.slow
+def test_a_sweep_stops_bad_trials_early_logs_each_trial_and_restores_after_an_interruption(tmp_path):
+    # two good learning rates first, then two that barely move: ASHA compares them with the first two at each rung
+    sweep = ["examples/sweep.py", "examples/charlm.py", "--trials", "1", "--lr", "0.01", "0.005", "1e-5", "1e-6",
+             "--width", "32", "--batch-size", "32", "--max-concurrent", "2", "--out-dir", str(tmp_path),
+             "--name", "s", "--", *TRIAL]  # fmt: skip
+    first = subprocess.Popen([sys.executable, *sweep], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 180
+    while time.time() < deadline and first.poll() is None:  # until a trial has validated once
+        if any("val/" in p.read_text() for p in (tmp_path / "s").glob("trial_*/metrics.csv")):
+            break
+        time.sleep(0.1)
+    os.kill(first.pid, signal.SIGINT)  # Ctrl+C: Tune saves the sweep's state and stops
+    out = first.communicate(timeout=120)[0]
+    assert first.returncode == 1 and "finish it with: " in out, out[-3000:]
+    assert len(list((tmp_path / "s").glob("trial_*/test_metrics.json"))) < 4  # it was cut short
+
+    result = run_script([*sweep[:1], "--restore", *sweep[1:]], timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    from ray.tune import ExperimentAnalysis
+
+    reports = ExperimentAnalysis(str(tmp_path / "s" / "ray" / "s")).trial_dataframes.values()
+    assert len(reports) == 4
+    assert any(df["step"].max() < STEPS for df in reports)  # stopped early by ASHA
+    best = re.search(r"best trial: (\w+): val/bpc ([\d.]+) at step (\d+)", result.stdout)
+    assert best and float(best[2]) == pytest.approx(min(df["val/bpc"].min() for df in reports), abs=1e-4)
+    assert f"checkpoint: {tmp_path / 's' / best[1] / 'checkpoints'}" in result.stdout
+
+    trials = {p.name for p in (tmp_path / "s").glob("trial_*") if (p / "metrics.csv").exists()}
+    assert len(trials) == 4  # every trial has its run folder ...
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the local default: no server
+    runs = mlflow.search_runs(experiment_names=["s"])
+    assert set(runs["tags.mlflow.runName"]) == trials and len(runs) == 4  # ... and its MLflow run, resumed ones once
+    assert runs["metrics.val/bpc"].notna().all()
