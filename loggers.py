@@ -71,10 +71,13 @@ class Loggers:
     def summary(self, metrics: dict) -> None:
         self._each("summary", metrics)
 
-    def finish(self) -> None:
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close every sink once; `status` (FINISHED, KILLED or FAILED) says how the run ended."""
         if self.sender is not None:
             self.sender.close()
-        self._each("finish")
+            self.sender = None
+        self._each("finish", status)
+        self.sinks = []
 
 
 def to_host(stats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

@@ -42,6 +42,14 @@ class MlflowLog:
         self.set_env = [name for name in MLFLOW_PATIENCE if name not in os.environ]
         os.environ.update({name: MLFLOW_PATIENCE[name] for name in self.set_env})
         self.mlflow, self.run_dir, self.failed = mlflow, run_dir, False
+        try:
+            self._start(uri, experiment, config, tags, resume_step)
+        except BaseException:
+            self._restore_env()
+            raise
+
+    def _start(self, uri: str, experiment: str, config: dict, tags: dict, resume_step) -> None:
+        run_dir, mlflow = self.run_dir, self.mlflow
         self.client = mlflow.MlflowClient(uri)
         experiment_id = experiment_of(self.client, experiment, uri)
         id_file = run_dir / "mlflow_id.txt"
@@ -131,11 +139,14 @@ class MlflowLog:
     def summary(self, metrics: dict) -> None:
         self.log(metrics, self.last_step)
 
-    def finish(self) -> None:
+    def finish(self, status: str = "FINISHED") -> None:
         for path in sorted([*self.run_dir.glob("*.json"), *self.run_dir.glob("*.png")]):
             self._call(self.client.log_artifact, self.run_id, str(path))
-        self._call(self.client.set_terminated, self.run_id, "FINISHED")
+        self._call(self.client.set_terminated, self.run_id, status)
         self.jobs.put(None)
         self.thread.join()
+        self._restore_env()
+
+    def _restore_env(self) -> None:
         for name in self.set_env:
             os.environ.pop(name, None)

@@ -1,6 +1,7 @@
 """Run folders: naming a new one, finding the one to continue, the checkpoint a `--resume` / `--init-from` names
 (a wandb model artifact too), and one writer per folder at a time. Rank 0 decides; every rank agrees."""
 
+import contextlib
 import dataclasses
 import datetime
 import fcntl
@@ -234,3 +235,18 @@ def unlock_folder(file) -> None:
     if file is not None and not file.closed:
         file.truncate(0)
         file.close()
+
+
+@contextlib.contextmanager
+def held(run):
+    """The run's time in its folder: however it ends, the folder is released, and trackers that a failure or a stop
+    from outside left open are closed as such (MLflow: FAILED, or KILLED for Ctrl+C and a sweep's early stop)."""
+    try:
+        yield
+    except BaseException as exc:
+        stopped = isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and exc.code in (0, None))
+        if run.loggers:  # an error, a one-line one (SystemExit("error: ...")) too, is a failure
+            run.loggers.finish("KILLED" if stopped else "FAILED")
+        raise
+    finally:
+        unlock_folder(run.folder_lock)

@@ -45,7 +45,7 @@ class CSVLog:
     def summary(self, metrics: dict) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, status: str = "FINISHED") -> None:
         self.file.close()
 
 
@@ -182,8 +182,8 @@ class WandbLog:
     def summary(self, metrics: dict) -> None:
         self.run.summary.update(metrics)
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, status: str = "FINISHED") -> None:
+        self.run.finish(exit_code=1 if status == "FAILED" else None)  # a stopped run resumes: not a crash
 
 
 @contextlib.contextmanager
@@ -312,5 +312,5 @@ class TensorBoardLog:
         for name, value in values.items():  # the HParams tab reads each metric from its scalar series
             self.writer.add_scalar(name, value, self.step)
 
-    def finish(self) -> None:
+    def finish(self, status: str = "FINISHED") -> None:
         self.writer.close()

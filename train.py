@@ -351,7 +351,7 @@ def preempt(run: Run, hooks: callbacks.Hooks) -> None:
     last = run.run_dir / "checkpoints" / "last.ckpt"
     checkpoints.save(run, last)
     if run.loggers:
-        run.loggers.finish()
+        run.loggers.finish("KILLED")  # until the run resumes
     again = shlex.join(
         ["--config", str(run.run_dir / "config.json"), "--run-name", run.run_dir.name, "--resume", "auto"]
     )
@@ -396,14 +396,12 @@ def train(cfg: RunConfig, task: Task, resume_command: str = "python train.py") -
     config.check(cfg, task)
     with distributed.caller_state_kept():
         run = setup(cfg, task, resume_command)
-        try:
+        with runs.held(run):
             contract.check_evaluation(run)
             hooks = standard_hooks(run)
             if not fit(run, hooks):
                 return None  # stopped by a signal, last.ckpt written
             return test(run, hooks)
-        finally:
-            runs.unlock_folder(run.folder_lock)
 
 
 def lr_find(args: tools.LRFindArgs, task: Task, resume_command: str) -> float:
@@ -414,14 +412,12 @@ def lr_find(args: tools.LRFindArgs, task: Task, resume_command: str) -> float:
     with distributed.caller_state_kept():
         # never an existing run's folder, nor another lr-find's of the same second (rank 0's choice is broadcast)
         run = setup(cfg, task, resume_command, fresh_name=f"lr-find-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        try:
+        with runs.held(run):
             run.lr_at = args.lr_at
             result = {}
             fit(run, tools.lr_range(args, run.run_dir, result))
             if run.loggers:  # MLflow: the curve's steps and lr_find.png
                 run.loggers.finish()
-        finally:
-            runs.unlock_folder(run.folder_lock)
     return result["suggestion"]
 
 

@@ -122,6 +122,14 @@ def test_chess_and_charlm_runs_read_back_then_a_server_that_stops_costs_one_warn
               "--train.val-every", "10", "--log.every", "5", "--log.no-progress-bar"]  # fmt: skip
     assert train.main(["examples/charlm.py", *charlm, "--out-dir", str(tmp_path), "--run-name", "lm", *to_server]) == 0
     assert_run_is_the_folder(uri, "kibitz-test", tmp_path / "lm", "charlm", [])
+
+    def mistake(run) -> None:
+        raise ValueError("a bug in a hook")
+
+    failing = dataclasses.replace(TASK, hooks=lambda cfg, datasets: {"on_validation_end": [mistake]})
+    assert train.main(["--out-dir", str(tmp_path), "--run-name", "failed", *to_server], task=failing) == 2
+    _, run = the_run(uri, "kibitz-test", tmp_path / "failed")
+    assert run.info.status == "FAILED" and run.info.end_time  # closed, not left RUNNING
     capsys.readouterr()
 
     def stop_the_server(run) -> None:  # mid-run, between two logs
@@ -156,3 +164,20 @@ def test_a_run_killed_and_resumed_continues_its_mlflow_run_with_every_step_once(
     expected = train_losses(tmp_path / "killed")
     assert all(m.value == pytest.approx(expected[m.step], rel=1e-6) for m in losses)
     assert run.info.status == "FINISHED"
+
+
+def test_a_server_that_cannot_be_reached_at_the_start_costs_one_warning(tmp_path, capsys):
+    from tiny_task import TASK
+
+    import train
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--out-dir", str(tmp_path), "--run-name", "unreached", "--log.logger", "mlflow"]
+    assert train.main([*args, "--log.mlflow-uri", f"http://127.0.0.1:{port}"], task=TASK) == 0
+    out = capsys.readouterr()
+    warnings = [line for line in (out.out + out.err).splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and "mlflow logger could not start" in warnings[0], warnings
+    assert (tmp_path / "unreached" / "test_metrics.json").exists() and train_losses(tmp_path / "unreached")
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # kibitz's shorter retries were for its run only

@@ -38,6 +38,8 @@ def test_the_readme_installs_extras_that_exist():
 
 def launched(command: list[str]) -> list[str]:
     """What a launcher line runs (`python train.py ...`), its own flags checked against the launcher's --help."""
+    while "=" in command[0]:  # RAY_ADDRESS=HEAD:6379 python ...: the environment of the command
+        command = command[1:]
     if command[0] not in ("torchrun", "fabric"):
         return command
     script = command.index("train.py")
@@ -52,7 +54,37 @@ def launched(command: list[str]) -> list[str]:
     return ["python", *command[script:]]
 
 
-@pytest.mark.parametrize("command", [c for c in commands() if c[0] != "pip" and c[:3] != ["python", "-m", "pytest"]],
+TOOLS = ("mlflow", "ray")  # another program's command: its flags are looked up in its --help
+
+
+@pytest.mark.parametrize("command", [c for c in commands() if c[0] in TOOLS], ids=shlex.join)
+def test_a_tool_command_in_the_readme_has_flags_the_tool_knows(command):
+    usage = subprocess.run([*command[:2], "--help"], capture_output=True, text=True, timeout=120)
+    flags = [arg for arg in command[2:] if arg.startswith("--")]
+    assert usage.returncode == 0 and flags and all(flag in usage.stdout for flag in flags), (flags, usage.stdout)
+
+
+def test_the_readme_sweep_commands_parse(capsys):
+    """The sweep's own options as its parser reads them, and the flags after `--` as every trial's, in full."""
+    import importlib.util
+
+    import tyro
+
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "examples" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    import train
+
+    found = [launched(c)[1:] for c in commands() if "examples/sweep.py" in c]
+    for args in found:
+        own, trials = (args[1 : args.index("--")], args[args.index("--") + 1 :]) if "--" in args else (args[1:], [])
+        parsed = tyro.cli(sweep.SweepArgs, args=own)
+        assert train.main([parsed.task, "export-config", *trials]) == 0, capsys.readouterr().err[-2000:]
+    assert len(found) >= 2
+
+
+@pytest.mark.parametrize("command", [c for c in commands() if c[0] not in ("pip", *TOOLS)
+                                     and c[:3] != ["python", "-m", "pytest"] and "examples/sweep.py" not in c],
                          ids=shlex.join)  # fmt: skip
 def test_a_readme_command_runs_as_written(command, tmp_path, capsys):
     """The example file is run as written, in a process of its own; the other commands in this process (a process

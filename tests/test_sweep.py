@@ -55,3 +55,6 @@ def test_a_sweep_stops_bad_trials_early_logs_each_trial_and_restores_after_an_in
     runs = mlflow.search_runs(experiment_names=["s"])
     assert set(runs["tags.mlflow.runName"]) == trials and len(runs) == 4  # ... and its MLflow run, resumed ones once
     assert runs["metrics.val/bpc"].notna().all()
+    stopped = {trial for trial in trials if not (tmp_path / "s" / trial / "test_metrics.json").exists()}
+    assert stopped and set(runs[runs.status == "KILLED"]["tags.mlflow.runName"]) == stopped  # closed when ASHA stopped
+    assert set(runs.status) == {"FINISHED", "KILLED"} and runs.end_time.notna().all()
