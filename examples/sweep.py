@@ -101,12 +101,19 @@ def main(args: SweepArgs, flags: list[str]) -> None:
     import mlflowlog
 
     task, _, cfg, _ = cli.parse([args.task, *flags])
-    metric, mode = config.ranking_metric(config.for_task(cfg, task), task)
+    cfg = config.for_task(cfg, task)
+    config.check(cfg, task)  # the flags every trial gets: a mistake is one line now, not one per trial
+    metric, mode = config.ranking_metric(cfg, task)
     uri = cfg.log.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or loggers.local_mlflow_uri(args.out_dir)
     runs = (args.out_dir / args.name).resolve()
     flags = [*flags, "--log.logger", "csv", "mlflow", "--log.mlflow-uri", uri, "--log.project", args.name,
              "--log.no-progress-bar"]  # fmt: skip
-    mlflowlog.experiment_of(mlflow.MlflowClient(uri), args.name, uri)  # now: two trials would race to make it
+    for name, value in mlflowlog.MLFLOW_PATIENCE.items():  # a server that is down: seconds, not minutes of retries
+        os.environ.setdefault(name, value)
+    try:  # the experiment made now: two trials would race to make it
+        mlflowlog.experiment_of(mlflow.MlflowClient(uri), args.name, uri)
+    except Exception as exc:
+        sys.exit(f"error: MLflow at {uri}: cannot use it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
     ray.init(include_dashboard=False, **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}))
     trainable = tune.with_resources(
         tune.with_parameters(trial, task=args.task, flags=flags, runs=str(runs), where=os.getcwd()),
@@ -147,6 +154,12 @@ def main(args: SweepArgs, flags: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    import config
+    import tools
+
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
-    main(tyro.cli(SweepArgs, args=argv[:cut]), argv[cut + 1 :])
+    try:
+        main(tyro.cli(SweepArgs, args=argv[:cut]), argv[cut + 1 :])
+    except config.ConfigError as exc:  # a bad task or flag for the trials: one line, before anything starts
+        sys.exit(tools.exit_code(exc))

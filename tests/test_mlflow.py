@@ -28,7 +28,8 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
          "--default-artifact-root", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"), env=child_env(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"), start_new_session=True,
+        env=child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # no job workers: tracking only, a faster start
     )  # fmt: skip
     uri, deadline = f"http://127.0.0.1:{port}", time.time() + 90
     while time.time() < deadline and process.poll() is None:
@@ -44,6 +45,15 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
 def stop_server(process: subprocess.Popen) -> None:
     os.killpg(process.pid, signal.SIGKILL)  # the server and its workers
     process.wait()
+
+
+@pytest.fixture(autouse=True)
+def tracking_uri_restored():
+    """mlflow.set_tracking_uri (reading runs back, as a user would) also sets MLFLOW_TRACKING_URI in os.environ: a
+    later test's run in this process, or a process it starts, would log to this test's server."""
+    yield
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture
@@ -77,6 +87,7 @@ def csv_history(run_dir: Path) -> dict[str, dict[int, float]]:
 
 def the_run(uri: str, experiment: str, run_dir: Path):
     """The one MLflow run of a run folder, found by searching, as a user would."""
+    mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.mlflow.runName = '{run_dir.name}'")
     assert len(runs) == 1, runs
     run_id = runs.run_id[0]
@@ -107,7 +118,11 @@ def assert_run_is_the_folder(uri: str, experiment: str, run_dir: Path, task: str
     assert run.info.status == "FINISHED"
 
 
-def test_chess_and_charlm_runs_read_back_then_a_server_that_stops_costs_one_warning(server, prepared, tmp_path, capsys):
+@pytest.mark.slow
+def test_runs_read_back_a_killed_run_resumes_into_its_mlflow_run_and_a_server_that_stops_costs_one_warning(
+    server, prepared, tmp_path, capsys
+):
+    """One server for all of it: starting one costs seconds."""
     from tiny_task import TASK
 
     import train
@@ -130,6 +145,8 @@ def test_chess_and_charlm_runs_read_back_then_a_server_that_stops_costs_one_warn
     assert train.main(["--out-dir", str(tmp_path), "--run-name", "failed", *to_server], task=failing) == 2
     _, run = the_run(uri, "kibitz-test", tmp_path / "failed")
     assert run.info.status == "FAILED" and run.info.end_time  # closed, not left RUNNING
+
+    killed_and_resumed(uri, prepared, tmp_path)  # kill -9, then --resume auto: the same MLflow run, every step once
     capsys.readouterr()
 
     def stop_the_server(run) -> None:  # mid-run, between two logs
@@ -146,9 +163,7 @@ def test_chess_and_charlm_runs_read_back_then_a_server_that_stops_costs_one_warn
     assert (tmp_path / "stopped" / "test_metrics.json").exists()
 
 
-@pytest.mark.slow
-def test_a_run_killed_and_resumed_continues_its_mlflow_run_with_every_step_once(server, prepared, tmp_path):
-    _, uri = server
+def killed_and_resumed(uri: str, prepared, tmp_path) -> None:
     to_server = ["--log.logger", "csv", "mlflow", "--log.mlflow-uri", uri, "--log.project", "kibitz-test"]
     process = start(prepared, tmp_path, "killed", *to_server)
     wait_for_steps(tmp_path / "killed", 30, process)
@@ -156,7 +171,6 @@ def test_a_run_killed_and_resumed_continues_its_mlflow_run_with_every_step_once(
     process.wait()
     run_id = (tmp_path / "killed" / "mlflow_id.txt").read_text()
     run_train(tiny_args(prepared, tmp_path, *LONG, *to_server, "--run-name", "killed", "--resume", "auto"))
-    mlflow.set_tracking_uri(uri)
     _, run = the_run(uri, "kibitz-test", tmp_path / "killed")
     assert run.info.run_id == run_id
     losses = mlflow.MlflowClient(uri).get_metric_history(run_id, "train/loss")

@@ -15,8 +15,8 @@ pytest.importorskip("ray.tune")  # the .[sweep] extra (the test extra installs i
 mlflow = pytest.importorskip("mlflow")
 
 TRIAL = ["--model.depth", "1", "--model.heads", "2", "--data.context", "32", "--schedule.warmup-steps", "2",
-         "--train.max-steps", "60", "--train.val-every", "5", "--log.every", "5"]  # fmt: skip
-STEPS = 60
+         "--train.max-steps", "40", "--train.val-every", "5", "--log.every", "5"]  # fmt: skip
+STEPS = 40
 
 
 @pytest.mark.slow
@@ -58,3 +58,14 @@ def test_a_sweep_stops_bad_trials_early_logs_each_trial_and_restores_after_an_in
     stopped = {trial for trial in trials if not (tmp_path / "s" / trial / "test_metrics.json").exists()}
     assert stopped and set(runs[runs.status == "KILLED"]["tags.mlflow.runName"]) == stopped  # closed when ASHA stopped
     assert set(runs.status) == {"FINISHED", "KILLED"} and runs.end_time.notna().all()
+    mlflow.set_tracking_uri(None)  # it sets MLFLOW_TRACKING_URI too: a later test's runs would go to this store
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def test_a_mistake_in_the_trials_flags_is_one_line_before_anything_starts(tmp_path):
+    result = run_script(
+        ["examples/sweep.py", "examples/charlm.py", "--out-dir", str(tmp_path), "--", "--optim.lr", "-1"]
+    )
+    assert result.returncode == 2 and result.stderr.strip() == "error: optim.lr: expected a positive number at most " \
+        "1e30, got -1.0", result.stderr[-2000:]  # fmt: skip
+    assert not list(tmp_path.iterdir())  # no Ray, no trial, no run folder
