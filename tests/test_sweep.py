@@ -63,9 +63,8 @@ def test_a_sweep_stops_bad_trials_early_logs_each_trial_and_restores_after_an_in
 
 
 def test_a_mistake_in_the_trials_flags_is_one_line_before_anything_starts(tmp_path):
-    result = run_script(
-        ["examples/sweep.py", "examples/charlm.py", "--out-dir", str(tmp_path), "--", "--optim.lr", "-1"]
-    )
-    assert result.returncode == 2 and result.stderr.strip() == "error: optim.lr: expected a positive number at most " \
-        "1e30, got -1.0", result.stderr[-2000:]  # fmt: skip
+    sweep = ["examples/sweep.py", "examples/charlm.py", "--out-dir", str(tmp_path)]
+    result = run_script([*sweep, "--", "--optim.lr", "-1"])
+    expected = "error: optim.lr: expected a positive number at most 1e30, got -1.0"
+    assert result.returncode == 2 and result.stderr.strip() == expected, result.stderr[-2000:]
     assert not list(tmp_path.iterdir())  # no Ray, no trial, no run folder
