@@ -135,8 +135,14 @@ def test_runs_read_back_a_killed_run_resumes_into_its_mlflow_run_and_a_server_th
     charlm = ["--model.width", "32", "--model.depth", "1", "--model.heads", "2", "--data.context", "32",
               "--data.batch-size", "32", "--schedule.warmup-steps", "5", "--train.max-steps", "20",
               "--train.val-every", "10", "--log.every", "5", "--log.no-progress-bar"]  # fmt: skip
-    assert train.main(["examples/charlm.py", *charlm, "--out-dir", str(tmp_path), "--run-name", "lm", *to_server]) == 0
-    assert_run_is_the_folder(uri, "kibitz-test", tmp_path / "lm", "charlm", [])
+    lm = ["--out-dir", str(tmp_path), "--run-name", "lm", "--log.checkpoint-artifacts"]  # checkpoints when asked
+    assert train.main(["examples/charlm.py", *charlm, *lm, *to_server]) == 0
+    assert_run_is_the_folder(uri, "kibitz-test", tmp_path / "lm", "charlm", ["checkpoints"])
+    client, (_, chess_run) = mlflow.MlflowClient(uri), the_run(uri, "kibitz-test", tmp_path / "chess")
+    assert "checkpoints" not in {a.path for a in client.list_artifacts(chess_run.info.run_id)}  # only when asked
+    _, lm_run = the_run(uri, "kibitz-test", tmp_path / "lm")
+    saved = {a.path for a in client.list_artifacts(lm_run.info.run_id, "checkpoints")}
+    assert {f"checkpoints/{p.name}" for p in (tmp_path / "lm" / "checkpoints").glob("step-*.ckpt")} <= saved
 
     def mistake(run) -> None:
         raise ValueError("a bug in a hook")
