@@ -144,6 +144,10 @@ def main(args: SweepArgs, flags: list[str]) -> None:
         again = shlex.join(["python", *sys.argv[:1], "--restore", *(a for a in sys.argv[1:] if a != "--restore")])
         why = "was interrupted" if interrupted else f"had {grid.num_errors} failed trials (their errors are above)"
         sys.exit(f"the sweep {why}; its state is in {folder}; finish it with: {again}")
+    client = mlflow.MlflowClient(uri)
+    for id_file in runs.glob("trial_*/mlflow_id.txt"):  # a stopped trial whose process Ray ended before it closed
+        if client.get_run(run_id := id_file.read_text().strip()).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
     best = grid.get_best_result(metric, mode, scope="all")  # the trial of the best validation
     reports = best.metrics_dataframe
     top = reports.loc[reports[metric].idxmin() if mode == "min" else reports[metric].idxmax()]
