@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, child_env, run_script, train_losses, weights
+from conftest import ROOT, child_env, run_script, steps_so_far, train_losses, weights
 
 SMALL = [
     "--model.width",
@@ -145,7 +145,7 @@ def test_sigkill_then_resume_auto_is_bitwise_the_uninterrupted_run(tmp_path, cap
     run_dir = tmp_path / "killed"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        if (run_dir / "metrics.csv").exists() and len(train_losses(run_dir)) >= 25:
+        if steps_so_far(run_dir) >= 25:
             break
         time.sleep(0.05)
     assert process.poll() is None, process.stdout.read()[-3000:]
