@@ -21,6 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from tqdm import tqdm
+from tqdm.auto import tqdm as tqdm_auto
 
 import distributed
 from config import ConfigError
@@ -141,14 +142,15 @@ def throughput() -> Hooks:
 
 
 def progress_bar(total_steps: int | None) -> Hooks:
-    """tqdm on rank 0: advances every step (no sync), shows the last logged values. Off a terminal (a SLURM .out
-    file, a pipe) it is drawn once per log interval, not ten times a second."""
+    """tqdm on rank 0 (in a notebook, its widget): advances every step (no sync), shows the last logged values. Off a
+    terminal (a SLURM .out file, a pipe) it is drawn once per log interval, not ten times a second."""
     bar = {}
 
     def start(run) -> None:
         if run.fabric.is_global_zero:
-            terminal = sys.stderr.isatty()
-            bar["tqdm"] = tqdm(
+            notebook = distributed.in_notebook()  # a widget there (tqdm's auto mode); a forked rank writes lines
+            terminal = notebook or sys.stderr.isatty()
+            bar["tqdm"] = (tqdm_auto if notebook else tqdm)(
                 total=total_steps,
                 initial=run.step,
                 desc=run.cfg.task,

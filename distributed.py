@@ -1,8 +1,10 @@
 """Processes and devices: the Fabric object for a FabricConfig (with kibitz's per-block FSDP and
 FSDP2), the gradient clip that suits the strategy, stopping every rank together (on an error or a signal),
-and a clean teardown of the process group."""
+the processes of a run started from a notebook (`launched`), and a clean teardown of the process group."""
 
 import contextlib
+import functools
+import multiprocessing
 import os
 import signal
 import sys
@@ -45,6 +47,66 @@ def make_fabric(cfg: FabricConfig, blocks: tuple[type, ...] = (), sharded_checkp
         return Fabric(**kwargs)
     except ValueError as exc:  # settings that do not go together (fsdp on a CPU, a precision a strategy lacks)
         raise ConfigError(f"fabric: {' '.join(str(exc).split())}") from None
+    except RuntimeError as exc:
+        if "interactive environment" not in str(exc):
+            raise
+        raise ConfigError(
+            f"fabric.strategy: {strategy} starts its processes by running the script again, and a notebook has no "
+            "script; use ddp_notebook, which forks this process once per device"
+        ) from None
+
+
+def in_notebook() -> bool:
+    """In a Jupyter kernel's own process (not one it forked): a notebook, where a widget can render."""
+    return "ipykernel" in sys.modules and multiprocessing.parent_process() is None
+
+
+def launched(cfg, blocks: tuple[type, ...], function):
+    """`function(fabric)` on every process of a run with config `cfg`, rank 0's result returned; the caller's state
+    kept. Under a launcher (`fabric run`, torchrun, SLURM) the processes exist already. Otherwise Fabric starts them:
+    by running the script again (ddp), or by forking this process (ddp_notebook: a notebook has no script to run),
+    this process waiting for rank 0's result. A forked process that failed has said why; here it is one line more."""
+    with caller_state_kept():
+        fabric = make_fabric(cfg.fabric, blocks, cfg.checkpoint.sharded)
+        if os.environ.get("LT_CLI_USED") == "1":  # `fabric run`: Fabric refuses a second launch
+            return function(fabric)
+        return launch(fabric, function)
+
+
+def launch(fabric: Fabric, function):
+    reasons = multiprocessing.get_context("fork").SimpleQueue()  # a forked process's one-line error, for the caller
+    try:
+        return fabric.launch(functools.partial(reporting, function, reasons))
+    except (torch.multiprocessing.ProcessExitedException, torch.multiprocessing.ProcessRaisedException) as exc:
+        if not reasons.empty():  # ours, said by the process that met it (the others fail after it, on its absence)
+            kind, reason = reasons.get()
+            raise (ConfigError(reason) if kind == "config" else SystemExit(reason)) from None
+        if isinstance(exc, torch.multiprocessing.ProcessExitedException):
+            raise SystemExit(
+                f"error: process {exc.error_index} of the run stopped (exit code {exc.exit_code})"
+            ) from None
+        raise
+    except RuntimeError as exc:
+        if "CUDA is already initialized" in str(exc):
+            raise ConfigError(
+                "fabric.strategy: ddp_notebook forks this process, and it has used CUDA already (a forked process "
+                "cannot use its parent's CUDA context): restart the kernel and start the run before anything else "
+                "touches the GPU"
+            ) from None
+        raise
+
+
+def reporting(function, reasons, fabric: Fabric):
+    """`function(fabric)`, its one-line errors also put in `reasons` (rank 0's result goes back by Fabric's queue)."""
+    try:
+        return function(fabric)
+    except ConfigError as exc:
+        reasons.put(("config", str(exc)))
+        raise
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            reasons.put(("exit", exc.code))
+        raise
 
 
 def fsdp2_strategy(kwargs: dict, blocks: tuple[type, ...], sharded_checkpoints: bool):

@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 import configfile
@@ -250,3 +251,22 @@ def held(run):
         raise
     finally:
         unlock_folder(run.folder_lock)
+
+
+@dataclasses.dataclass
+class Trained:
+    """What `train.train` returns: the test metrics of the best checkpoint, and the run's folder."""
+
+    metrics: dict[str, float]
+    run_dir: Path
+
+    def show(self) -> None:
+        """The pictures the run drew (curves.png, the task's test pictures): inline in a notebook, else their paths."""
+        pictures = sorted(self.run_dir.glob("*.png"))
+        if "ipykernel" not in sys.modules:
+            print("\n".join(map(str, pictures)))
+            return
+        from IPython.display import Image, display
+
+        for picture in pictures:
+            display(Image(filename=str(picture)))

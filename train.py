@@ -10,9 +10,9 @@ may ask the loop to stop. The same script runs under `fabric run`, torchrun and 
 """
 
 import datetime
+import functools
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -123,12 +123,9 @@ def make_optimizer(model: torch.nn.Module, cfg: config.OptimConfig, fused: bool)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
-def setup(cfg: RunConfig, task: Task, resume_command: str, fresh_name: str | None = None) -> Run:
-    """Processes, data, model and optimizer (in Fabric's order), the run folder, a resumed state."""
-    fabric = distributed.make_fabric(cfg.fabric, task.blocks, cfg.checkpoint.sharded)
+def setup(fabric: Fabric, cfg: RunConfig, task: Task, resume_command: str, fresh_name: str | None = None) -> Run:
+    """On each process: data, model and optimizer (in Fabric's order), the run folder, a resumed state."""
     storage.write_directly(fabric)
-    if os.environ.get("LT_CLI_USED") != "1":  # under `fabric run` the processes already exist
-        fabric.launch()
     if fabric.device.type == "cuda":
         torch.set_float32_matmul_precision(cfg.fabric.matmul_precision)
     micro_batch, remainder = divmod(cfg.data.batch_size, cfg.train.accumulate * fabric.world_size)
@@ -391,17 +388,21 @@ def test(run: Run, hooks: callbacks.Hooks | None = None) -> dict[str, float]:
     return metrics
 
 
-def train(cfg: RunConfig, task: Task, resume_command: str = "python train.py") -> dict[str, float] | None:
+def train(cfg: RunConfig, task: Task, resume_command: str = "python train.py") -> runs.Trained | None:
+    """Train, test the best checkpoint: its metrics and the run folder (None: stopped by a signal, resumable)."""
     cfg = config.for_task(cfg, task)
     config.check(cfg, task)
-    with distributed.caller_state_kept():
-        run = setup(cfg, task, resume_command)
-        with runs.held(run):
-            contract.check_evaluation(run)
-            hooks = standard_hooks(run)
-            if not fit(run, hooks):
-                return None  # stopped by a signal, last.ckpt written
-            return test(run, hooks)
+    return distributed.launched(cfg, task.blocks, functools.partial(train_on, cfg, task, resume_command))
+
+
+def train_on(cfg: RunConfig, task: Task, command: str, fabric: Fabric) -> runs.Trained | None:
+    run = setup(fabric, cfg, task, command)
+    with runs.held(run):
+        contract.check_evaluation(run)
+        hooks = standard_hooks(run)
+        if not fit(run, hooks):
+            return None  # stopped by a signal, last.ckpt written
+        return runs.Trained(test(run, hooks), run.run_dir)
 
 
 def lr_find(args: tools.LRFindArgs, task: Task, resume_command: str) -> float:
@@ -409,15 +410,18 @@ def lr_find(args: tools.LRFindArgs, task: Task, resume_command: str) -> float:
     checkpoints or tracker), the LR set by the test; the lr_range hook records the curve and stops on divergence."""
     cfg = tools.lr_find_config(args, task)
     config.check(cfg, task)
-    with distributed.caller_state_kept():
-        # never an existing run's folder, nor another lr-find's of the same second (rank 0's choice is broadcast)
-        run = setup(cfg, task, resume_command, fresh_name=f"lr-find-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        with runs.held(run):
-            run.lr_at = args.lr_at
-            result = {}
-            fit(run, tools.lr_range(args, run.run_dir, result))
-            if run.loggers:  # MLflow: the curve's steps and lr_find.png
-                run.loggers.finish()
+    return distributed.launched(cfg, task.blocks, functools.partial(lr_find_on, cfg, task, args, resume_command))
+
+
+def lr_find_on(cfg: RunConfig, task: Task, args: tools.LRFindArgs, command: str, fabric: Fabric) -> float:
+    # never an existing run's folder, nor another lr-find's of the same second (rank 0's choice is broadcast)
+    run = setup(fabric, cfg, task, command, fresh_name=f"lr-find-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    with runs.held(run):
+        run.lr_at = args.lr_at
+        result = {}
+        fit(run, tools.lr_range(args, run.run_dir, result))
+        if run.loggers:  # MLflow: the curve's steps and lr_find.png
+            run.loggers.finish()
     return result["suggestion"]
 
 

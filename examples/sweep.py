@@ -103,6 +103,8 @@ def main(args: SweepArgs, flags: list[str]) -> None:
     task, _, cfg, _ = cli.parse([args.task, *flags])
     cfg = config.for_task(cfg, task)
     config.check(cfg, task)  # the flags every trial gets: a mistake is one line now, not one per trial
+    config.require(cfg.fabric.devices in ("auto", "1"), "fabric.devices", "one device a trial (docs/tracking.md)",
+                   cfg.fabric.devices)  # fmt: skip
     metric, mode = config.ranking_metric(cfg, task)
     uri = cfg.log.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or loggers.local_mlflow_uri(args.out_dir)
     runs = (args.out_dir / args.name).resolve()

@@ -86,7 +86,9 @@ def test_the_final_test_refuses_a_best_checkpoint_that_does_not_fit_the_model(tm
     cfg = config(tmp_path)
     train.config.check(cfg, TASK)
     with train.distributed.caller_state_kept():  # setup installs the run's signal handlers
-        run = train.setup(cfg, TASK, "python train.py")
+        fabric = train.distributed.make_fabric(cfg.fabric)
+        fabric.launch()
+        run = train.setup(fabric, cfg, TASK, "python train.py")
         try:
             train.fit(run, {})
             run.model = run.fabric.setup_module(torch.nn.Linear(4, 3))  # not the model the checkpoints hold
