@@ -25,7 +25,7 @@ def logged(run_dir, name: str) -> dict[int, float]:
         return {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == name}
 
 
-def test_a_hook_sees_the_run_read_only_and_may_only_ask_to_stop(tmp_path):
+def test_a_hook_sees_the_run_read_only_and_may_only_ask_to_stop(tmp_path, capsys):
     seen = {}
 
     def after_step(run) -> None:
@@ -41,7 +41,10 @@ def test_a_hook_sees_the_run_read_only_and_may_only_ask_to_stop(tmp_path):
             run.request_stop()
 
     task = mistaken(hooks=lambda cfg, datasets: {"after_step": [after_step]})
-    assert train.train(config(tmp_path, max_steps=8), task) is not None
+    trained = train.train(config(tmp_path, max_steps=8), task)
+    assert trained.run_dir == tmp_path / "r" and set(trained.metrics) == {"mse"}  # what the caller gets back
+    trained.show()  # outside a notebook: the pictures' paths
+    assert capsys.readouterr().out.splitlines()[-1] == str(tmp_path / "r" / "curves.png")
     assert seen["steps"] == [1, 2, 3]  # stopped after the step that asked
     saved = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["progress"]["step"] == 3 and set(saved["progress"]) == {
