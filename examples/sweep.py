@@ -7,6 +7,7 @@ an ASHA scheduler stops bad trials early. Flags after `--` go to every trial.
     python examples/sweep.py --restore                                # finish an interrupted sweep
     ray start --head; ray start --address=HEAD:6379                   # a cluster (on the head, then each worker)
     RAY_ADDRESS=HEAD:6379 python examples/sweep.py --trials 64 --gpus-per-trial 1
+    python examples/sweep.py --gpus-per-trial 2 -- --fabric.devices 2    # each trial on two GPUs
 
 On a cluster every node needs this checkout at the same path, and the trials a shared --out-dir and a tracking
 server (-- --log.mlflow-uri http://HOST:5000) to write to. The best trial's config and checkpoint come last."""
@@ -16,6 +17,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,7 @@ class SweepArgs:
     max_concurrent: int = 2
     cpus_per_trial: float = 1
     gpus_per_trial: float = 0
-    """A trial trains on one device: one GPU is its whole share."""
+    """GPUs Ray gives each trial (its run uses them with -- --fabric.devices N)."""
     name: str = "sweep"
     """The sweep: Ray Tune's experiment folder, the MLflow experiment, the folder of the trials' runs."""
     out_dir: Path = Path("runs")
@@ -64,29 +66,53 @@ def has_field(cfg, dotted: str) -> bool:
     return dataclasses.is_dataclass(part := getattr(cfg, section, None)) and hasattr(part, name)
 
 
-def trial(params: dict, task: str, flags: list[str], runs: str, where: str) -> None:
-    """One trial: a kibitz run named after the trial (so a restored sweep resumes it), reporting to Tune."""
-    sys.path.insert(1, str(ROOT))
-    os.chdir(where)  # the sweep's working directory: relative paths in the flags mean what they meant there
+# The trial's run in a process of its own, which the kernel sends SIGTERM if the trial's thread is gone (Ray ending
+# the trial's actor): the run saves, closes its trackers and exits, not left training (prctl PR_SET_PDEATHSIG).
+ORPHAN_GUARD = ("import ctypes, os, signal, sys; libc = ctypes.CDLL(None); "
+                "hasattr(libc, 'prctl') and libc.prctl(1, signal.SIGTERM); "  # Linux only
+                "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")  # fmt: skip
+
+
+def trial(params: dict, task: str, flags: list[str], runs: str, where: str, metric: str, mode: str) -> None:
+    """One trial: `python train.py` in a process of its own (Fabric starts one more a device), named after the trial
+    so a restored sweep resumes it. Each validation's metric, read back from the run's metrics.csv, is reported to
+    Tune; stopped by Tune, the run gets SIGTERM: it saves, closes its MLflow run as KILLED and exits."""
+    import subprocess
+
     from ray import tune
 
-    import callbacks
-    import cli
-    import config
-    import train
-
-    chosen = [item for key, value in params.items() for item in (f"--{key}".replace("_", "-"), str(value))]
     name = tune.get_context().get_trial_name()
-    task, _, cfg, _ = cli.parse([task, *flags, *chosen, "--out-dir", runs, "--run-name", name, "--resume", "auto"])
-    metric = config.ranking_metric(config.for_task(cfg, task), task)[0]
+    chosen = [item for key, value in params.items() for item in (f"--{key}".replace("_", "-"), str(value))]
+    run = [*flags, *chosen, "--out-dir", runs, "--run-name", name, "--resume", "auto"]
+    process = subprocess.Popen([sys.executable, "-c", ORPHAN_GUARD, str(ROOT / "train.py"), task, *run], cwd=where,
+                               start_new_session=True)  # fmt: skip
+    folder, sent, best = Path(runs) / name, 0, None
+    try:
+        while True:
+            ended = process.poll() is not None
+            found = validations(folder / "metrics.csv", metric)
+            for step, value in found[sent:]:
+                if best is None or (value < best[0] if mode == "min" else value > best[0]):
+                    best = (value, step)
+                checkpoint = folder / "checkpoints" / f"step-{best[1]:08d}.ckpt"  # the best so far: kept (keep-best)
+                tune.report({metric: value, "step": step, "checkpoint": str(checkpoint)})
+            sent = len(found)
+            if ended:
+                break
+            time.sleep(0.5)
+    finally:
+        if process.poll() is None:  # stopped by Tune (report raised), or the sweep interrupted
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+    if process.returncode:
+        raise RuntimeError(f"{name}: train.py exited with code {process.returncode} (its output is above)")
 
-    def report(run) -> None:
-        best = run.run_dir / "checkpoints" / run.progress.best[0][1]
-        tune.report({metric: run.val_metrics[metric], "step": run.step, "checkpoint": str(best)})
 
-    own = task.hooks
-    hooks = lambda cfg, data: callbacks.merge(own(cfg, data) if own else {}, {"on_validation_end": [report]})  # noqa: E731
-    train.train(cfg, dataclasses.replace(task, hooks=hooks))
+def validations(metrics_csv: Path, metric: str) -> list[tuple[int, float]]:
+    sys.path.insert(1, str(ROOT))
+    from trackers import metric_rows
+
+    return [(int(step), float(value)) for step, name, value in metric_rows(metrics_csv) if name == metric]
 
 
 def main(args: SweepArgs, flags: list[str]) -> None:
@@ -103,8 +129,6 @@ def main(args: SweepArgs, flags: list[str]) -> None:
     task, _, cfg, _ = cli.parse([args.task, *flags])
     cfg = config.for_task(cfg, task)
     config.check(cfg, task)  # the flags every trial gets: a mistake is one line now, not one per trial
-    config.require(cfg.fabric.devices in ("auto", "1"), "fabric.devices", "one device a trial (docs/tracking.md)",
-                   cfg.fabric.devices)  # fmt: skip
     metric, mode = config.ranking_metric(cfg, task)
     uri = cfg.log.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or loggers.local_mlflow_uri(args.out_dir)
     runs = (args.out_dir / args.name).resolve()
@@ -118,7 +142,9 @@ def main(args: SweepArgs, flags: list[str]) -> None:
         sys.exit(f"error: MLflow at {uri}: cannot use it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
     ray.init(include_dashboard=False, **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}))
     trainable = tune.with_resources(
-        tune.with_parameters(trial, task=args.task, flags=flags, runs=str(runs), where=os.getcwd()),
+        tune.with_parameters(
+            trial, task=args.task, flags=flags, runs=str(runs), where=os.getcwd(), metric=metric, mode=mode
+        ),
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
     )
     folder = str(runs / "ray")
@@ -134,7 +160,6 @@ def main(args: SweepArgs, flags: list[str]) -> None:
                 num_samples=args.trials,
                 max_concurrent_trials=args.max_concurrent,
                 scheduler=ASHAScheduler(grace_period=1, reduction_factor=2),
-                reuse_actors=True,
             ),  # fmt: skip
             run_config=tune.RunConfig(name=args.name, storage_path=folder, verbose=1),
         )

@@ -68,3 +68,23 @@ def test_a_mistake_in_the_trials_flags_is_one_line_before_anything_starts(tmp_pa
     expected = "error: optim.lr: expected a positive number at most 1e30, got -1.0"
     assert result.returncode == 2 and result.stderr.strip() == expected, result.stderr[-2000:]
     assert not list(tmp_path.iterdir())  # no Ray, no trial, no run folder
+
+
+@pytest.mark.slow
+def test_a_trial_trains_on_two_processes_and_logs_as_one_run(tmp_path):
+    """A trial with several devices: its run starts one process a device, as Fabric launches them (here 2 CPU
+    processes; on GPUs, --gpus-per-trial 2 -- --fabric.devices 2)."""
+    sweep = ["examples/sweep.py", "examples/charlm.py", "--trials", "1", "--lr", "0.01", "--width", "32",
+             "--batch-size", "32", "--cpus-per-trial", "2", "--max-concurrent", "1", "--out-dir", str(tmp_path),
+             "--name", "two", "--", *TRIAL[:-6], "--train.max-steps", "20", "--train.val-every", "10",
+             "--log.every", "5", "--fabric.accelerator", "cpu", "--fabric.devices", "2"]  # fmt: skip
+    result = run_script(sweep, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (trial,) = (tmp_path / "two").glob("trial_*")
+    assert "2 processes" in result.stdout and (trial / "test_metrics.json").exists()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["two"])
+    assert list(runs["tags.world_size"]) == ["2"] and list(runs.status) == ["FINISHED"]
+    assert sorted(runs.filter(like="metrics.val/bpc").columns) == ["metrics.val/bpc"]
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
