@@ -66,11 +66,22 @@ def has_field(cfg, dotted: str) -> bool:
     return dataclasses.is_dataclass(part := getattr(cfg, section, None)) and hasattr(part, name)
 
 
-# The trial's run in a process of its own, which the kernel sends SIGTERM if the trial's thread is gone (Ray ending
-# the trial's actor): the run saves, closes its trackers and exits, not left training (prctl PR_SET_PDEATHSIG).
-ORPHAN_GUARD = ("import ctypes, os, signal, sys; libc = ctypes.CDLL(None); "
-                "hasattr(libc, 'prctl') and libc.prctl(1, signal.SIGTERM); "  # Linux only
-                "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")  # fmt: skip
+# The trial's run, under a small guard process that passes on one SIGTERM, however many it gets: from the trial when
+# Tune stops it, and from the kernel when the trial's thread is gone (Ray ending the trial's actor: prctl
+# PR_SET_PDEATHSIG, Linux). The run saves, closes its trackers and exits; a second signal would stop it at once.
+GUARD = """
+import ctypes, os, signal, subprocess, sys
+libc = ctypes.CDLL(None)
+hasattr(libc, "prctl") and libc.prctl(1, signal.SIGTERM)
+run = subprocess.Popen([sys.executable, *sys.argv[1:]], start_new_session=True)
+stopped = []
+def stop(signum, frame):
+    if not stopped:
+        stopped.append(signum)
+        os.killpg(run.pid, signal.SIGTERM)
+signal.signal(signal.SIGTERM, stop)
+sys.exit(run.wait())
+"""
 
 
 def trial(params: dict, task: str, flags: list[str], runs: str, where: str, metric: str, mode: str) -> None:
@@ -84,8 +95,7 @@ def trial(params: dict, task: str, flags: list[str], runs: str, where: str, metr
     name = tune.get_context().get_trial_name()
     chosen = [item for key, value in params.items() for item in (f"--{key}".replace("_", "-"), str(value))]
     run = [*flags, *chosen, "--out-dir", runs, "--run-name", name, "--resume", "auto"]
-    process = subprocess.Popen([sys.executable, "-c", ORPHAN_GUARD, str(ROOT / "train.py"), task, *run], cwd=where,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", GUARD, str(ROOT / "train.py"), task, *run], cwd=where)
     folder, sent, best = Path(runs) / name, 0, None
     try:
         while True:
@@ -102,7 +112,7 @@ def trial(params: dict, task: str, flags: list[str], runs: str, where: str, metr
             time.sleep(0.5)
     finally:
         if process.poll() is None:  # stopped by Tune (report raised), or the sweep interrupted
-            os.killpg(process.pid, signal.SIGTERM)
+            process.send_signal(signal.SIGTERM)
             process.wait()
     if process.returncode:
         raise RuntimeError(f"{name}: train.py exited with code {process.returncode} (its output is above)")

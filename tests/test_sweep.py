@@ -54,7 +54,8 @@ def test_a_sweep_stops_bad_trials_early_logs_each_trial_and_restores_after_an_in
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the local default: no server
     runs = mlflow.search_runs(experiment_names=["s"])
     assert set(runs["tags.mlflow.runName"]) == trials and len(runs) == 4  # ... and its MLflow run, resumed ones once
-    assert runs["metrics.val/bpc"].notna().all()
+    shown = runs[["tags.mlflow.runName", "status", "metrics.val/bpc"]].to_string()
+    assert runs["metrics.val/bpc"].notna().all(), shown + "\n" + result.stdout[-6000:]
     stopped = {trial for trial in trials if not (tmp_path / "s" / trial / "test_metrics.json").exists()}
     assert stopped and set(runs[runs.status == "KILLED"]["tags.mlflow.runName"]) == stopped  # closed when ASHA stopped
     assert set(runs.status) == {"FINISHED", "KILLED"} and runs.end_time.notna().all()
