@@ -31,6 +31,8 @@ if rank == 0:
     assert torch.allclose(combined[:, columns], whole[:, columns], atol=1e-5), (combined, whole)
     assert combined[0, 5:].sum() == 7 and combined[1, 5:].sum() == 3
 print(f"combined on rank {{rank}}\\n", end="", flush=True)  # one write per rank: the two may interleave
+fabric.barrier()
+torch.distributed.destroy_process_group()  # left to the exit, gloo may abort when the other rank is already gone
 """
 
 
