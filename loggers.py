@@ -142,7 +142,7 @@ def open_for(fabric, cfg, task, run_dir: Path, resume_step: int | None) -> Logge
     config = configfile.to_dict(cfg)
     mlflow = None
     if "mlflow" in cfg.log.logger:
-        uri = cfg.log.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_mlflow_uri(cfg.out_dir)
+        uri = mlflow_uri(cfg)
         code = configfile.code_version()
         tags = {
             "task": task.name,
@@ -156,6 +156,11 @@ def open_for(fabric, cfg, task, run_dir: Path, resume_step: int | None) -> Logge
     return make_loggers(
         cfg.log.logger, run_dir, cfg.log.project, cfg.log.wandb_mode, config, resume_step, task.metrics, mlflow
     )
+
+
+def mlflow_uri(cfg, out_dir: Path | None = None) -> str:
+    """--log.mlflow-uri, else $MLFLOW_TRACKING_URI, else the local store in `out_dir` (default: the run's out dir)."""
+    return cfg.log.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_mlflow_uri(out_dir or cfg.out_dir)
 
 
 def local_mlflow_uri(out_dir: Path) -> str:

@@ -140,7 +140,7 @@ def main(args: SweepArgs, flags: list[str]) -> None:
     cfg = config.for_task(cfg, task)
     config.check(cfg, task)  # the flags every trial gets: a mistake is one line now, not one per trial
     metric, mode = config.ranking_metric(cfg, task)
-    uri = cfg.log.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or loggers.local_mlflow_uri(args.out_dir)
+    uri = loggers.mlflow_uri(cfg, args.out_dir)  # the trials get it as a flag: one store for the sweep
     runs = (args.out_dir / args.name).resolve()
     flags = [*flags, "--log.logger", "csv", "mlflow", "--log.mlflow-uri", uri, "--log.project", args.name,
              "--log.no-progress-bar"]  # fmt: skip
