@@ -231,10 +231,14 @@ def plot_curves(metrics_csv: Path, path: Path, val_names: list[str]) -> None:
 
 def save_figure(fig, path: Path, dpi: int = 90) -> None:
     """Write a matplotlib Figure as a PNG in one rename: a reader (a browser refreshing it) never sees half."""
+    import io
+
+    from storage import write_atomic
+
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    tmp.replace(path)
+    picture = io.BytesIO()
+    fig.savefig(picture, format="png", dpi=dpi)
+    write_atomic(path, picture.getvalue())
 
 
 def loss_of(result):

@@ -11,14 +11,13 @@ number of FSDP/FSDP2 processes (torch reshards it) and into one process without 
 What a checkpoint holds is data only (tensors, numbers, strings, lists, dicts): `Progress` is the loop's place.
 """
 
-import contextlib
 import dataclasses
 import inspect
 import json
 import math
 import random
+import re
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +31,18 @@ from config import ConfigError
 from configfile import code_version, to_dict
 from storage import (
     CHECKSUMS,
-    dcp_metadata,
     folder_checksums,
     fsync_tree,
     link_or_copy,
+    load_shards,
     ordinary_errors,
     remove,
     replace,
-    require_data_only,
     torch_file,
     verify,
 )
+
+STEP_CHECKPOINT = re.compile(r"step-\d+\.ckpt")  # the one form of a ranked checkpoint's name
 
 
 @dataclasses.dataclass
@@ -113,7 +113,7 @@ def save(run, path: Path) -> None:
             if tmp.is_dir():  # a file carries CRC-32s already (a zip archive); a folder's go beside its shards
                 (tmp / CHECKSUMS).write_text(json.dumps(folder_checksums(tmp), indent=1))
             fsync_tree(tmp)  # a folder's shards are complete here: torch's save ends in a collective
-            require_data_only(tmp)  # what the safe loader would refuse is a bug here, not a file to find later
+            verify(tmp, crc=False)  # what the safe loader would refuse is a bug here, not a file to find later
     except (OSError, RuntimeError, ValueError) as exc:  # disk full, permissions (RuntimeError: torch's sharded save)
         error = (
             f"error: cannot write checkpoint {path} ({exc}); the run stops here, the checkpoints already in "
@@ -197,33 +197,100 @@ def restore(run, path: Path | None) -> bool:
         )
     for candidate in candidates:
         try:
-            verify(candidate)
             rest = load(run.fabric, candidate, {"model": run.model, "optimizer": run.optimizer})
+            restore_loop(run, rest)
         except Exception as exc:  # a truncated, foreign or unsafe file: fall back to the previous one
             if path:
                 raise SystemExit(f"error: {candidate}: cannot load checkpoint ({reason(exc)})") from None
             run.fabric.print(f"warning: {candidate}: cannot load checkpoint ({reason(exc)}); trying an older one")
             continue
-        saved = dict(rest["progress"])
-        # before 2026-12-06 the log window's sums were saved inside progress
-        window = rest.get("window") or {"sums": saved.pop("loss_sum"), "steps": saved.pop("steps_since_log")}
-        run.progress = Progress(**saved)
-        run.window.sums = window["sums"].to(run.fabric.device)
-        run.window.steps = window["steps"]
-        restore_rng(rest["rng"], run.fabric.global_rank)
-        if rest.get("data") is not None:  # a stream's position, this rank's
-            run.train_loader.load_state_dict(rest["data"][run.fabric.global_rank % len(rest["data"])])
-        if rest.get("precision"):  # empty unless fp16 (a scaler refuses an empty state)
-            run.fabric.strategy.precision.load_state_dict(rest["precision"])
-        # from an artifact or a copied file, the run's other checkpoints may not be here: rank only those that are
-        kept = run.run_dir / "checkpoints"
-        run.progress.best = [(score, name) for score, name in run.progress.best if (kept / name).exists()]
         run.fabric.print(f"resumed from {candidate} at step {run.progress.step} (epoch {run.progress.epoch})")
         return True
     if candidates:
         raise SystemExit(f"error: {run.run_dir}: no loadable checkpoint among {', '.join(map(str, candidates))}")
     run.fabric.print(f"resume auto: no checkpoint in {run.run_dir}; starting a new run")
     return False
+
+
+def restore_loop(run, rest: dict) -> None:
+    """The loop's place from a loaded checkpoint's rest, every field checked before any is used."""
+    saved = dict(rest.get("progress") or {})
+    # before 2026-12-06 the log window's sums were saved inside progress
+    window = rest.get("window") or {"sums": saved.pop("loss_sum", None), "steps": saved.pop("steps_since_log", None)}
+    check_loop_state(saved, window, rest, run)
+    run.progress = Progress(**saved)
+    run.progress.best = [(float(score), name) for score, name in run.progress.best]
+    run.window.sums = window["sums"].to(run.fabric.device)
+    run.window.steps = window["steps"]
+    restore_rng(rest["rng"], run.fabric.global_rank)
+    if rest.get("data") is not None:  # a stream's position, this rank's
+        run.train_loader.load_state_dict(rest["data"][run.fabric.global_rank % len(rest["data"])])
+    if rest.get("precision"):  # empty unless fp16 (a scaler refuses an empty state)
+        run.fabric.strategy.precision.load_state_dict(rest["precision"])
+    # from an artifact or a copied file, the run's other checkpoints may not be here: rank only those that are
+    kept = run.run_dir / "checkpoints"
+    run.progress.best = [(score, name) for score, name in run.progress.best if (kept / name).is_file()]
+
+
+def check_loop_state(progress: dict, window: dict, rest: dict, run) -> None:
+    """A checkpoint's counters, log window, RNG states and stream position, by type and range: a crafted or damaged
+    field is one line naming it, and a ranked checkpoint's name is `step-N.ckpt` (a name, never a path)."""
+    fields = {field.name for field in dataclasses.fields(Progress)}
+    require(set(progress) <= fields, f"progress.{min(set(progress) - fields or {''})}", "not a field of the loop")
+    for name in ("step", "epoch", "step_in_epoch", "bad_validations"):
+        value = progress.get(name, 0)
+        require(type(value) is int and value >= 0, f"progress.{name}", f"a count, got {value!r}")
+    best = progress.get("best", [])
+    require(isinstance(best, list) and all(map(is_ranked, best)), "progress.best", "[score, 'step-N.ckpt'] pairs")
+    early = progress.get("early_stop_best")
+    require(early is None or isinstance(early, (int, float)), "progress.early_stop_best", "a number or None")
+    sums = window.get("sums") if isinstance(window, dict) else None
+    shape = tuple(run.window.sums.shape)
+    require(torch.is_tensor(sums) and tuple(sums.shape) == shape, "window.sums", f"a tensor of shape {shape}")
+    require(type(window.get("steps")) is int and window["steps"] >= 0, "window.steps", "a count")
+    check_rng(rest.get("rng"))
+    streams = rest.get("data")
+    if streams is not None:
+        require(hasattr(run.train_loader, "load_state_dict"), "data", "none: this task's training data is no stream")
+        require(isinstance(streams, list) and streams and all(isinstance(s, dict) for s in streams), "data", "states")
+
+
+def is_ranked(entry) -> bool:
+    """[score, name] with the name of a step checkpoint, as `save_ranked` records it."""
+    return (
+        isinstance(entry, (list, tuple))
+        and len(entry) == 2
+        and isinstance(entry[0], (int, float))
+        and isinstance(entry[1], str)
+        and STEP_CHECKPOINT.fullmatch(entry[1]) is not None
+    )
+
+
+def check_rng(states) -> None:
+    """Every rank's RNG states as `rng_states` writes them."""
+    require(isinstance(states, list) and states, "rng", "a list of every rank's RNG states")
+    for state in states:
+        state = state if isinstance(state, dict) else {}
+        python, numpy, tensor = state.get("python"), state.get("numpy"), state.get("torch")
+        require(is_words(python, 3, 625), "rng.python", "random's state as [version, 625 words, gauss]")
+        require(is_words(numpy, 5, 624), "rng.numpy", "numpy's state as [kind, 624 keys, position, gauss, cached]")
+        require(torch.is_tensor(tensor) and tensor.dtype == torch.uint8, "rng.torch", "torch's state (a byte tensor)")
+
+
+def is_words(state, length: int, words: int) -> bool:
+    """An RNG state saved as a list whose second item is its list of integer words."""
+    return (
+        isinstance(state, list)
+        and len(state) == length
+        and isinstance(state[1], list)
+        and len(state[1]) == words
+        and all(type(word) is int for word in state[1])
+    )
+
+
+def require(ok, field: str, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}: expected {expected}")
 
 
 def init_weights(run, path: Path, source: str) -> None:
@@ -233,7 +300,8 @@ def init_weights(run, path: Path, source: str) -> None:
     with torch.device("meta"):  # names and shapes as the model's own state_dict has them, whatever the strategy
         expected = {k: v.shape for k, v in run.task.build_model(run.cfg).state_dict().items()}
     try:
-        found = saved_shapes(path)
+        shards = verify(path)
+        found = saved_shapes(path, shards)
     except Exception as exc:  # random bytes, a foreign pickle
         raise ConfigError(f"init_from: {path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from None
     if found is None:
@@ -251,12 +319,15 @@ def init_weights(run, path: Path, source: str) -> None:
             f"tensor the model shares with the checkpoint must have the same shape)"
         )
     try:
-        if is_sharding(run.fabric):
+        if shards is not None and is_sharding(run.fabric):
+            load_folder(path, {"model": run.model}, shards, strict=False)
+        elif is_sharding(run.fabric):
             with ordinary_errors():
                 run.fabric.load(path, {"model": run.model}, strict=False, weights_only=True)
         else:
             module = distributed.unwrapped(run.model)
-            getattr(module, "_orig_mod", module).load_state_dict(whole_state(path, fitting), strict=False)  # compiled
+            weights = whole_state(path, fitting, shards)
+            getattr(module, "_orig_mod", module).load_state_dict(weights, strict=False)  # a compiled model's own
     except Exception as exc:  # a damaged shard: its names and shapes read, its tensors not
         raise ConfigError(f"init_from: {path}: cannot be loaded ({reason(exc)})") from None
     skipped = f"; {len(other_shape)} of another shape kept as initialised: {', '.join(other_shape[:3])}"
@@ -266,43 +337,29 @@ def init_weights(run, path: Path, source: str) -> None:
     )
 
 
-def saved_shapes(path: Path) -> dict[str, torch.Size] | None:
-    """{name: shape} of the model tensors a checkpoint holds (None: it holds none), without reading them."""
-    if path.is_dir():
-        require_data_only(path)
-        metadata = dcp_metadata(path).state_dict_metadata
-        return {
-            k[len("model.") :]: v.size for k, v in metadata.items() if k.startswith("model.") and hasattr(v, "size")
-        }
-    checkpoint = torch_file(path)
+def saved_shapes(path: Path, shards=None) -> dict[str, torch.Size] | None:
+    """{name: shape} of the model tensors a checked checkpoint holds (None: it holds none), without reading them.
+    `shards`: a folder's checked index."""
+    if shards is not None:
+        items = shards.state_dict_metadata.items()
+        return {k[len("model.") :]: v.size for k, v in items if k.startswith("model.") and hasattr(v, "size")}
+    checkpoint = torch_file(path, checked=True)
     weights = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(weights, dict) or not weights or not all(torch.is_tensor(v) for v in weights.values()):
         return None
     return {k: v.shape for k, v in weights.items()}
 
 
-def whole_state(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """The named model tensors of a checkpoint file or folder, whole, on the CPU."""
-    if path.is_dir():
-        import torch.distributed.checkpoint as dcp
-
-        shapes = saved_shapes(path)
+def whole_state(path: Path, names: list[str], shards=None) -> dict[str, torch.Tensor]:
+    """The named model tensors of a checked checkpoint file or folder, whole, on the CPU."""
+    if shards is not None:
+        shapes = saved_shapes(path, shards)
         wanted = {"model": {k: torch.empty(shapes[k]) for k in names}}
-        with ordinary_errors(), without_process_group_warning():
-            dcp.load(wanted, checkpoint_id=path)
+        load_shards(path, wanted, shards)
         return wanted["model"]
-    checkpoint = torch_file(path)
-    weights = checkpoint.get("model", checkpoint)
+    weights = torch_file(path, checked=True)
+    weights = weights.get("model", weights)
     return {k: weights[k] for k in names}
-
-
-@contextlib.contextmanager
-def without_process_group_warning():
-    """torch warns that it reads a folder of shards without a process group: that is the point here. Silenced for
-    this read only: the caller's warning filters stay as they were."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
 
 
 def reason(exc: Exception) -> str:
@@ -318,19 +375,19 @@ def is_sharding(fabric) -> bool:
 
 
 def load(fabric, path: Path, state: dict, strict: bool = True) -> dict:
-    """Load `state` ({name: module or optimizer}) from a checkpoint file or folder; return the rest.
+    """Load `state` ({name: module or optimizer}) from a checkpoint file or folder, checked whole first; return the
+    rest.
 
-    Under FSDP/FSDP2 Fabric loads (a whole file into the shards, a folder resharded to any number of
-    processes), from the CPU. Otherwise the file is memory-mapped onto the CPU and each tensor copied to
-    its parameter, read only as it is copied: Fabric's own load reads every rank's whole copy into memory
-    first. A folder is read whole from its shards."""
-    require_data_only(path)  # Fabric's loads below unpickle without restriction: only data reaches them
+    A folder is read through kibitz's own reader into any strategy (resharded to any number of processes). A file
+    under FSDP/FSDP2 is Fabric's load (weights only); otherwise it is memory-mapped onto the CPU and each tensor
+    copied to its parameter, read only as it is copied: Fabric's own load reads every rank's whole copy first."""
+    shards = verify(path)
+    if shards is not None:
+        return load_folder(Path(path), state, shards, strict)
     if is_sharding(fabric):
         with ordinary_errors():
             return fabric.load(path, state, strict=strict, weights_only=True)
-    if Path(path).is_dir():
-        return load_folder(Path(path), state, strict)
-    checkpoint = torch_file(path)
+    checkpoint = torch_file(path, checked=True)
     missing = [key for key in [*state, "progress"] if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise ValueError(f"not a kibitz checkpoint: no {', '.join(missing)} entry")
@@ -342,41 +399,39 @@ def load(fabric, path: Path, state: dict, strict: bool = True) -> dict:
     return checkpoint
 
 
-def load_folder(path: Path, state: dict, strict: bool = True) -> dict:
-    """A folder of shards into whole modules and optimizers (Fabric's wrappers or plain ones): torch's
-    distributed checkpoint reads every tensor from whichever shards hold its pieces."""
-    require_data_only(path)
-    import torch.distributed.checkpoint as dcp
+def load_folder(path: Path, state: dict, shards, strict: bool = True) -> dict:
+    """A checked folder of shards into modules and optimizers (Fabric's wrappers or plain ones, sharded by FSDP2 or
+    whole): each rank reads its part of every tensor from whichever shards hold it. Returns meta.pt's contents."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
         set_optimizer_state_dict,
     )
 
-    unwrap = {
-        key: getattr(obj, "module", None) if hasattr(obj, "_forward_module") else getattr(obj, "optimizer", obj)
+    unwrapped = {
+        key: distributed.unwrapped(obj) if isinstance(obj, torch.nn.Module) else getattr(obj, "optimizer", obj)
         for key, obj in state.items()
     }
-    model = next(obj for obj in unwrap.values() if isinstance(obj, torch.nn.Module))
-    for key, obj in unwrap.items():
+    model = next(obj for obj in unwrapped.values() if isinstance(obj, torch.nn.Module))
+    for key, obj in unwrapped.items():
         if isinstance(obj, torch.nn.Module):
             wanted = {key: get_model_state_dict(obj)}
-            with ordinary_errors(), without_process_group_warning():
-                dcp.load(wanted, checkpoint_id=path)
+            load_shards(path, wanted, shards, partial=not strict)
             obj.load_state_dict(wanted[key], strict=strict)
         else:  # the optimizer's state is saved by parameter name
             wanted = {key: get_optimizer_state_dict(model, obj)}
-            with ordinary_errors(), without_process_group_warning():
-                dcp.load(wanted, checkpoint_id=path)
+            load_shards(path, wanted, shards)
             set_optimizer_state_dict(model, obj, optim_state_dict=wanted[key])
-    return read_metadata(path)
+    return torch_file(path / "meta.pt", checked=True)
 
 
 def read_metadata(path: Path) -> dict:
-    """A checkpoint without its model and optimizer: config, progress, RNG states, run identity
-    (a file is memory-mapped, so its tensors are not read)."""
+    """A checkpoint without its model and optimizer: config, progress, RNG states, run identity (a file is
+    memory-mapped, so its tensors are not read), as data."""
     path = Path(path)
     if path.is_dir():
+        if (path / "meta.pt").is_symlink():
+            raise ValueError("meta.pt is a link (a checkpoint folder holds files only)")
         return torch_file(path / "meta.pt")
     return torch_file(path)
 

@@ -393,8 +393,7 @@ def check_run(cfg: RunConfig, task: Task) -> None:
     require(patience is None or patience >= 1, "train.early_stop_patience", "a count >= 1", patience)
     require(t.early_stop_min_delta >= 0, "train.early_stop_min_delta", "a number >= 0", t.early_stop_min_delta)
     plain = cfg.run_name is None or is_plain_name(cfg.run_name)
-    require(plain, "run_name", "one plain folder name (no /, \\ or ..: the run folder stays inside out_dir)",
-            cfg.run_name)  # fmt: skip
+    require(plain, "run_name", f"one plain folder name ({PLAIN})", cfg.run_name)
 
 
 def check_task(task: Task) -> None:
@@ -427,12 +426,18 @@ def check_task(task: Task) -> None:
     )
 
 
+PLAIN = "no /, \\ or ..: the run folder stays inside out_dir; no control character; not starting with -"
+
+
 def is_plain_name(name) -> bool:
-    """One path component that stays where it is put: not empty, no separator, not . or .."""
+    """One path component that stays where it is put and prints as itself: not empty, no separator, not . or ..,
+    no control character (a newline or a terminal escape), no leading - (read as an option by shell commands)."""
     return (
         isinstance(name, str)
         and name not in ("", ".", "..")
-        and not any(c in name for c in "/\\\0")
+        and not any(c in name for c in "/\\")
+        and name.isprintable()
+        and not name.startswith("-")
         and Path(name).name == name
     )
 

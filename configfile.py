@@ -123,9 +123,9 @@ def load_json(path: Path, cls, task: str):
 
 def save_json(cfg, path: Path, code: dict | None = None) -> None:
     """The config as JSON; `code`: the commit of the code that ran it, kept beside the sections (--config skips it)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**to_dict(cfg), **({"code": code} if code else {})}, indent=2) + "\n")
-    tmp.replace(path)
+    from storage import write_atomic
+
+    write_atomic(path, json.dumps({**to_dict(cfg), **({"code": code} if code else {})}, indent=2) + "\n")
 
 
 @functools.lru_cache(maxsize=1)

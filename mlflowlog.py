@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+from storage import write_atomic
 from trackers import csv_rows, flat_hparams
 
 
@@ -60,7 +61,7 @@ class MlflowLog:
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run.info.run_id
-        id_file.write_text(self.run_id)
+        write_atomic(id_file, self.run_id)
         self.recorded = self._recorded_steps() if resume_step is not None else {}  # {metric: its last step held}
         self.last_step = max(self.recorded.values(), default=0)
         self._log_params(flat_hparams(config), run.data.params)

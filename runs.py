@@ -7,6 +7,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import configfile
 import distributed
 from checkpoints import read_metadata, reason
 from config import ConfigError, is_plain_name
-from storage import link_or_copy, remove
+from storage import link_or_copy, open_in_place, remove, write_atomic
 
 
 def open_run_folder(fabric, cfg, fresh_name: str | None = None) -> tuple[Path, Path | None, object]:
@@ -29,9 +30,14 @@ def open_run_folder(fabric, cfg, fresh_name: str | None = None) -> tuple[Path, P
     lock, error = None, None
     if fabric.is_global_zero:
         try:
+            check_run_folder(run_dir)
             lock = lock_folder(run_dir)
-        except (FolderBusy, OSError) as exc:
+        except ConfigError as exc:
+            error = f"error: {exc}"
+        except FolderBusy as exc:
             error = f"error: run_name: {exc}; choose another --run-name"
+        except OSError as exc:
+            error = f"error: out_dir: cannot use the run folder {run_dir} ({exc.strerror or exc})"
     distributed.stop_together(fabric, error)
     return run_dir, resume_from, lock
 
@@ -97,8 +103,9 @@ def choose_run_dir(fabric, cfg) -> tuple[Path, Path | None]:
         except Exception as exc:  # a truncated, foreign or unsafe file
             return None, None, f"resume: {resume_from}: cannot load checkpoint ({reason(exc)})"
         # names read from a file are data: one plain folder name under out_dir, never a path
-        for key in ("name", "wandb_id"):
-            if recorded.get(key) is not None and not is_plain_name(recorded[key]):
+        recorded = recorded if isinstance(recorded, dict) else {}
+        for key, form in (("name", is_plain_name), ("wandb_id", lambda value: WANDB_ID.fullmatch(str(value)))):
+            if recorded.get(key) is not None and not (isinstance(recorded[key], str) and form(recorded[key])):
                 return (
                     None,
                     None,
@@ -123,9 +130,15 @@ def choose_run_dir(fabric, cfg) -> tuple[Path, Path | None]:
                 return None, None, f"out_dir: cannot make a run folder in {cfg.out_dir} ({exc})"
         if cfg.resume and (found := run_task(run_dir)) not in (None, cfg.task):
             return None, None, f"resume: {run_dir} is a run of the {found!r} task, not of {cfg.task!r}"
+        if not cfg.resume and cfg.run_name and (used := used_run(run_dir)):
+            return (
+                None,
+                None,
+                (f"run_name: {run_dir} holds {used}; add --resume auto to continue it, or choose another --run-name"),
+            )
         if recorded.get("wandb_id") and not (run_dir / "wandb_id.txt").exists():  # continue its wandb run
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "wandb_id.txt").write_text(recorded["wandb_id"])
+            write_atomic(run_dir / "wandb_id.txt", recorded["wandb_id"])
         return str(run_dir), resume_from and str(resume_from), None
 
     run_dir, resume_from, error = fabric.broadcast(decide() if fabric.is_global_zero else None, 0)
@@ -149,6 +162,8 @@ def resolve_source(source: str, out_dir: Path) -> tuple[Path, bool]:
     """
     if source.startswith("wandb:"):
         name, _, alias = source[len("wandb:") :].partition(":")
+        if not is_plain_name(name) or not is_plain_name(alias or "latest"):
+            raise ConfigError(f"{source!r}: expected wandb:NAME[:ALIAS], each one plain name")
         folder = out_dir / "artifacts" / f"{name}-{alias or 'latest'}"
         if not (folder / "model.ckpt").exists():
             fetch_artifact(name, alias or "latest", out_dir, folder)
@@ -166,7 +181,7 @@ def fetch_artifact(name: str, alias: str, out_dir: Path, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     remove(tmp)
     if entries is not None:
-        for relative, local in entries.items():
+        for relative, local in entries.items():  # checked: `model.ckpt` or a file in it
             (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(local, tmp / relative)
     else:
@@ -200,9 +215,20 @@ def offline_artifact(name: str, alias: str, out_dir: Path) -> dict[str, str] | N
     chosen = [a for k, a in enumerate(versions) if alias in a.get("aliases", []) or alias == f"v{k}"]
     if not chosen:
         return None
-    entries = {e["path"]: e["local_path"] for e in chosen[-1]["manifest"]["contents"]}
-    missing = [p for p in entries.values() if not Path(p).exists()]
+    entries = {e.get("path"): e.get("local_path") for e in chosen[-1]["manifest"]["contents"]}
+    for path, local in entries.items():
+        if not isinstance(path, str) or not ARTIFACT_ENTRY.fullmatch(path) or not is_plain_name(path.split("/")[-1]):
+            raise ConfigError(
+                f"wandb:{name}:{alias}: the artifact names the entry {path!r}, not model.ckpt or a file in it"
+            )
+        staged = isinstance(local, str) and Path(local).resolve().is_relative_to(out_dir.resolve())
+        if not staged or Path(local).is_symlink():  # wandb stages under <run>/wandb/data
+            raise ConfigError(f"wandb:{name}:{alias}: the artifact's entry {path} is not staged in {out_dir}'s runs")
+    missing = [p for p in entries.values() if not Path(p).is_file()]
     return None if missing else entries  # synced (staging cleaned): the API has it
+
+
+ARTIFACT_ENTRY = re.compile(r"model\.ckpt(/[^/]+)?")  # what `log_checkpoint` logs: a file, or a folder's files
 
 
 class FolderBusy(ValueError):
@@ -210,24 +236,26 @@ class FolderBusy(ValueError):
 
 
 def lock_folder(folder: Path):
-    """Hold `folder/.lock` for as long as the returned file stays open: one writer per run folder. The OS drops the
-    lock when its process ends, however it ends, so a folder left by a killed run is taken over (and said so)."""
+    """Hold `folder/.lock` for as long as the returned file stays open: one writer per run folder. A POSIX record lock
+    (lockf): it belongs to this process alone, so DataLoader workers forked later do not hold it, and the OS drops it
+    when the process ends, however it ends: the folder of a killed run is taken over at once (and said so)."""
     folder.mkdir(parents=True, exist_ok=True)
-    file = open(folder / ".lock", "a+")
+    file = open_in_place(folder / ".lock", "a+")
     try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # EACCES or EAGAIN: a living process holds it
         file.seek(0)
-        holder = file.read().strip() or "another process"
+        holder = file.read().strip()
         file.close()
+        holder = holder if holder.isprintable() and holder.startswith("process ") else "another process"
         raise FolderBusy(f"{folder} is in use by {holder}: one run writes a run folder at a time") from None
     file.seek(0)
     previous = file.read().strip()  # emptied by a run that ended; left by one that was killed
-    file.seek(0)
-    file.truncate()
+    file.truncate(0)
     file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
     file.flush()
     if previous:
+        previous = previous if previous.isprintable() else "a process"
         print(f"taking over {folder}: its previous run ({previous}) ended without releasing it", flush=True)
     return file
 
@@ -236,6 +264,38 @@ def unlock_folder(file) -> None:
     if file is not None and not file.closed:
         file.truncate(0)
         file.close()
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """A run folder is written in place, so nothing in it may lead elsewhere: a link in it (a folder copied from
+    someone else, say) is refused, never followed; the ids it records must have their one form."""
+    if run_dir.is_symlink():
+        raise ConfigError(f"run folder {run_dir} is a link; kibitz never follows links in a run folder")
+    inside = [run_dir, run_dir / "checkpoints"]
+    for entry in (entry for folder in inside if folder.is_dir() for entry in folder.iterdir()):
+        if entry.is_symlink():
+            raise ConfigError(
+                f"{entry} is a link; kibitz never follows links in a run folder (remove it, or choose another "
+                "--run-name)"
+            )
+    for name, form in (("wandb_id.txt", WANDB_ID), ("mlflow_id.txt", MLFLOW_ID)):
+        recorded = (run_dir / name).read_text(errors="replace").strip() if (run_dir / name).is_file() else ""
+        if recorded and not form.fullmatch(recorded):
+            raise ConfigError(f"{run_dir / name}: expected a run id ({form.pattern}), got {recorded[:40]!r}")
+
+
+WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MLFLOW_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def used_run(run_dir: Path) -> str | None:
+    """What a folder holds of an earlier run ("a run at step N"), None if nothing: a run name is not used twice."""
+    steps = [int(p.name[5:-5]) for p in (run_dir / "checkpoints").glob("step-*.ckpt") if p.name[5:-5].isdigit()]
+    if steps:
+        return f"a run at step {max(steps)}"
+    if any((run_dir / name).exists() for name in ("config.json", "metrics.csv")):
+        return "a run (without a checkpoint yet)"
+    return None
 
 
 @contextlib.contextmanager

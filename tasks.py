@@ -27,6 +27,7 @@ from config import CheckpointConfig, DataConfig, LogConfig, RunConfig, ScheduleC
 from data import ArrayDataset
 from model import MASK_TOKEN, ChessEvaluator, DiscreteVAE
 from schedules import RAMP_SHAPES, ramp
+from storage import write_atomic
 
 # ---------------------------------------------------------------- configs
 
@@ -247,7 +248,7 @@ def chess_test_pictures(cfg: ChessConfig, datasets: dict) -> dict:
 
         def picture(path: Path) -> None:
             buckets = figures.error_by_eval(targets, predictions, cfg.data.clamp)
-            (path.parent / "test_error_by_eval.json").write_text(json.dumps(buckets, indent=2))
+            write_atomic(path.parent / "test_error_by_eval.json", json.dumps(buckets, indent=2))
             figures.draw_predictions(path, targets, predictions, cfg.data.clamp, buckets)
 
         figures.publish(run, run.run_dir / "test_predictions.png", "test/predictions", picture)

@@ -10,8 +10,10 @@ so it honours devices, strategy and precision. Predicting chess positions is pre
 
 import csv
 import dataclasses
+import io
 import json
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass
@@ -41,39 +43,47 @@ TOOLS = {
 
 
 def checkpoint_task(path: Path, out_dir: Path) -> tuple[str | None, str | None]:
-    """The task name and task file a checkpoint records (Nones if it records none)."""
+    """The task name and task file a checkpoint records (Nones if it records none; the file also when it is not a
+    printable path, which is only ever shown in a message)."""
     try:
         metadata = checkpoints.read_metadata(runs.resolve_source(str(path), out_dir)[0])
     except ConfigError:
         raise
     except Exception as exc:  # truncated, unreadable, not data only: say which
         raise ConfigError(f"ckpt: {path} cannot be loaded ({checkpoints.reason(exc)})") from None
-    if not isinstance(metadata, dict):
-        return None, None
-    return metadata.get("config", {}).get("task"), metadata.get("task", {}).get("file")
+    saved = metadata.get("config") if isinstance(metadata, dict) else None
+    name = saved.get("task") if isinstance(saved, dict) else None
+    if name is not None and not config.is_plain_name(name):
+        raise ConfigError(f"ckpt: {path} records the task name {name!r}, which is not one plain name")
+    recorded = metadata.get("task") if isinstance(metadata, dict) else None
+    file = recorded.get("file") if isinstance(recorded, dict) else None
+    return name, file if isinstance(file, str) and file.isprintable() else None
 
 
 def load_checkpoint(path: Path, task: Task, out_dir: Path = Path("runs")) -> tuple[RunConfig, torch.nn.Module]:
-    """A checkpoint's config and its model with the saved weights (on the CPU). `path`: a checkpoint
-    file or (sharded) folder, an artifact folder, or wandb:ARTIFACT[:ALIAS] (looked for in `out_dir`'s runs)."""
+    """A checkpoint's config and its model with the saved weights (on the CPU), the whole checkpoint verified first.
+    `path`: a checkpoint file or (sharded) folder, an artifact folder, or wandb:ARTIFACT[:ALIAS] (looked for in
+    `out_dir`'s runs)."""
     if not str(path).startswith("wandb:") and not Path(path).exists():
         raise ConfigError(f"ckpt: {path} is not a checkpoint file or folder")
     try:
         source = runs.resolve_source(str(path), out_dir)[0]
-        storage.require_data_only(source)
+        shards = storage.verify(source)
         checkpoint = checkpoints.read_metadata(source)
+    except ConfigError:
+        raise
     except Exception as exc:
         raise ConfigError(f"ckpt: {path} cannot be loaded ({checkpoints.reason(exc)})") from None
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint or not (source.is_dir() or "model" in checkpoint):
+    saved = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if not isinstance(saved, dict) or not (shards or isinstance(checkpoint.get("model"), dict)):
         raise ConfigError(f"ckpt: {path} is not a kibitz checkpoint (no saved config and model)")
-    saved_task = checkpoint["config"].get("task")
-    if saved_task != task.name:
-        raise ConfigError(f"ckpt: {path} is a checkpoint of the {saved_task!r} task, expected {task.name!r}")
-    cfg = configfile.from_dict(task.config, checkpoint["config"])
-    model = task.build_model(cfg)
+    if saved.get("task") != task.name:
+        raise ConfigError(f"ckpt: {path} is a checkpoint of the {saved.get('task')!r} task, expected {task.name!r}")
+    cfg = configfile.from_dict(task.config, saved)
+    model = model_for(path, task, cfg, checkpoints.saved_shapes(source, shards))
     try:
-        if source.is_dir():
-            checkpoints.load_folder(source, {"model": model})
+        if shards is not None:
+            checkpoints.load_folder(source, {"model": model}, shards)
         else:
             model.load_state_dict(checkpoint["model"])
     except Exception as exc:
@@ -81,6 +91,29 @@ def load_checkpoint(path: Path, task: Task, out_dir: Path = Path("runs")) -> tup
             f"ckpt: {path} cannot be loaded into the model of its config ({checkpoints.reason(exc)})"
         ) from None
     return cfg, model.eval()
+
+
+def model_for(path: Path, task: Task, cfg: RunConfig, saved: dict | None) -> torch.nn.Module:
+    """The model a checkpoint's config describes, built only once its tensors are known to match what the checkpoint
+    holds and to fit in this machine's memory: a config is data, and a hostile one could ask for any size."""
+    try:
+        with torch.device("meta"):  # names and shapes, no memory
+            outline = task.build_model(cfg)
+        shapes = {name: tuple(t.shape) for name, t in outline.state_dict().items()}
+        size = sum(t.numel() * t.element_size() for t in outline.state_dict().values())
+    except Exception as exc:
+        raise ConfigError(f"ckpt: {path}: its config builds no model ({checkpoints.reason(exc)})") from None
+    saved = {name: tuple(shape) for name, shape in (saved or {}).items()}
+    if shapes != saved:
+        differ = sorted(name for name in {*shapes, *saved} if shapes.get(name) != saved.get(name))
+        raise ConfigError(
+            f"ckpt: {path}: its config builds a model whose {differ[0]} is {shapes.get(differ[0])}, but the "
+            f"checkpoint holds {saved.get(differ[0])} (a config that does not match its weights)"
+        )
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if size > memory:
+        raise ConfigError(f"ckpt: {path}: its model needs {size / 2**30:.1f} GiB, more than this machine's memory")
+    return task.build_model(cfg)
 
 
 DataT = typing.TypeVar("DataT", bound=DataConfig)
@@ -116,11 +149,9 @@ class ExportArgs:
 
 
 def export_checkpoint(args: ExportArgs) -> Path:
-    """torch's converter (python -m torch.distributed.checkpoint.format_utils dcp_to_torch) gathers the shards'
-    tensors into one file, but leaves out what Fabric keeps beside them in meta.pt (the config, progress, RNG
-    states, the task): those are added back, so the file is a whole kibitz checkpoint."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
+    """Every item of the shards, read whole through kibitz's checked reader (torch's own converter, dcp_to_torch_save,
+    unpickles the folder's index and values without restriction), with what Fabric keeps beside them in meta.pt (the
+    config, progress, RNG states, the task): a whole kibitz checkpoint in one file."""
     folder, out = args.ckpt, args.out
     if not (folder / "meta.pt").is_file() or not list(folder.glob("*.distcp")):
         raise ConfigError(f"ckpt: expected a folder of shards (meta.pt and *.distcp files), got {folder}")
@@ -128,11 +159,8 @@ def export_checkpoint(args: ExportArgs) -> Path:
         raise ConfigError(f"out: expected a file name in an existing folder, got {out}")
     tmp = out.with_name(out.name + ".tmp")
     try:
-        storage.verify(folder)
-        with storage.ordinary_errors():
-            dcp_to_torch_save(folder, tmp)
-        state = torch.load(tmp, map_location="cpu", weights_only=True)
-        state.update(storage.torch_file(folder / "meta.pt"))
+        state = storage.read_shards(folder, storage.verify(folder))
+        state.update(storage.torch_file(folder / "meta.pt", checked=True))
         torch.save(state, tmp)
         storage.fsync(tmp)
         storage.replace(tmp, out)
@@ -170,18 +198,19 @@ def convert_checkpoint(args: ConvertArgs) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     storage.remove(tmp)
     try:
-        if old.is_dir():
-            import shutil
+        if old.is_dir():  # a new folder written from the values read, never the old files copied
+            import torch.distributed.checkpoint as dcp
 
-            shutil.copytree(old, tmp, copy_function=storage.link_or_copy)
-            (tmp / "meta.pt").unlink()  # a hard link to the old file: write a new one, not through the link
+            shards = trusted_shards(old)
             meta = torch.load(old / "meta.pt", map_location="cpu", weights_only=False)  # --trust: the user's word
+            with storage.without_process_group_warning():
+                dcp.save(shards, checkpoint_id=tmp, no_dist=True)
             torch.save(as_data(meta), tmp / "meta.pt")
             (tmp / storage.CHECKSUMS).write_text(json.dumps(storage.folder_checksums(tmp), indent=1))
         else:
             state = torch.load(old, map_location="cpu", weights_only=False)  # --trust: the user's word
             torch.save(as_data(state), tmp)
-        storage.require_data_only(tmp)  # what it wrote is data: anything else in the old file was not a kibitz state
+        storage.verify(tmp)  # what it wrote is data: anything else in the old file was not a kibitz state
         storage.fsync_tree(tmp)
         storage.replace(tmp, out)
     except Exception as exc:
@@ -189,6 +218,21 @@ def convert_checkpoint(args: ConvertArgs) -> Path:
         raise SystemExit(f"error: cannot convert {old} ({checkpoints.reason(exc)})") from None
     print(f"wrote {out}: the same checkpoint as data only (loads with weights_only=True)")
     return out
+
+
+def trusted_shards(folder: Path) -> dict:
+    """Every item of a folder of shards with torch's own reader and planner, which unpickle without restriction:
+    only for `--trust`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state = {}
+    with storage.ordinary_errors():
+        _load_state_dict(
+            state, storage_reader=FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True
+        )
+    return state
 
 
 def as_data(state):
@@ -350,10 +394,9 @@ def lr_range(args: LRFindArgs, run_dir: Path, result: dict) -> dict:
         lrs, smooth = [r[1] for r in rows], [r[3] for r in rows]
         result["suggestion"] = suggestion = suggest_lr(lrs, smooth)
         if run.fabric.is_global_zero:
-            with open(run_dir / "lr_find.csv", "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["step", "lr", "loss", "smoothed_loss"])
-                writer.writerows(rows)
+            table = io.StringIO()
+            csv.writer(table).writerows([["step", "lr", "loss", "smoothed_loss"], *rows])
+            storage.write_atomic(run_dir / "lr_find.csv", table.getvalue())
             plot_lr_curve(lrs, [r[2] for r in rows], smooth, suggestion, run_dir / "lr_find.png")
             print(f"suggested lr: {suggestion:.3g}  (curve: {run_dir / 'lr_find.png'}, {run_dir / 'lr_find.csv'})")
 

@@ -5,23 +5,25 @@ resumed run continues the same wandb run) or TensorBoard (scalars, histograms, i
 
 import contextlib
 import csv
+import io
 import json
 import os
 import re
 import secrets
 from pathlib import Path
 
+from storage import open_in_place, write_atomic
+
 
 class CSVLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         if resume_step is not None and path.exists():  # rows past the checkpoint will be logged again
             rows = [row for row in metric_rows(path) if int(row[0]) <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows([["step", "name", "value"], *rows])
-            os.replace(tmp, path)
+            text = io.StringIO()
+            csv.writer(text).writerows([["step", "name", "value"], *rows])
+            write_atomic(path, text.getvalue())
         new = not path.exists()
-        self.file = open(path, "a", newline="")
+        self.file = open_in_place(path, "a")
         self.writer = csv.writer(self.file)
         if new:
             self.writer.writerow(["step", "name", "value"])
@@ -99,7 +101,7 @@ class WandbLog:
         id_file = run_dir / "wandb_id.txt"
         # secrets, not random: drawing from the training RNG here would change the run.
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
-        id_file.write_text(run_id)
+        write_atomic(id_file, run_id)
         self.recorded = last_recorded_step(run_dir / "wandb", run_id) if resume_step is not None else -1
         self.run = wandb.init(
             project=project,

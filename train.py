@@ -378,7 +378,7 @@ def test(run: Run, hooks: callbacks.Hooks | None = None) -> dict[str, float]:
         tools.print_table(f"test metrics ({title})", rows)
         tested = {f"test/{k}": v for k, v in metrics.items()}
         try:
-            (run.run_dir / "test_metrics.json").write_text(json.dumps(tested, indent=2))
+            storage.write_atomic(run.run_dir / "test_metrics.json", json.dumps(tested, indent=2))
         except OSError as exc:
             error = f"error: cannot write {run.run_dir / 'test_metrics.json'} ({exc}); the metrics are above"
         if run.loggers:
