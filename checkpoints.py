@@ -422,7 +422,7 @@ def load_folder(path: Path, state: dict, shards, strict: bool = True) -> dict:
             wanted = {key: get_optimizer_state_dict(model, obj)}
             load_shards(path, wanted, shards)
             set_optimizer_state_dict(model, obj, optim_state_dict=wanted[key])
-    return torch_file(path / "meta.pt", checked=True)
+    return read_metadata(path)
 
 
 def read_metadata(path: Path) -> dict:
@@ -430,9 +430,10 @@ def read_metadata(path: Path) -> dict:
     memory-mapped, so its tensors are not read), as data."""
     path = Path(path)
     if path.is_dir():
-        if (path / "meta.pt").is_symlink():
-            raise ValueError("meta.pt is a link (a checkpoint folder holds files only)")
-        return torch_file(path / "meta.pt")
+        meta = path / "meta.pt"
+        if meta.is_symlink() or not meta.is_file():
+            raise ValueError("no meta.pt (the run's config and progress) in the folder, or a link in its place")
+        return torch_file(meta)
     return torch_file(path)
 
 

@@ -158,10 +158,16 @@ class Stream:
             raise ValueError("a stream (an IterableDataset) is read by torchdata: pip install -e '.[stream]'") from None
         with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch function as it starts
             warnings.simplefilter("ignore", UserWarning)
+            # workers not persistent: each pass forks them with the dataset rewound here
             self.loader = StatefulDataLoader(
-                dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
+                dataset,
+                batch_size=batch_size,
+                collate_fn=collate,
+                num_workers=num_workers,
+                pin_memory=pin_memory,
                 drop_last=endless,
-            )  # fmt: skip  # workers not persistent: each pass forks them with the dataset rewound here
+                worker_init_fn=end_with_parent,
+            )
         self.dataset, self.max_batches, self.endless = dataset, max_batches, endless
         self.start = copy.deepcopy(dataset.state_dict()) if hasattr(dataset, "state_dict") else None
         self.sampler = self  # what the loop and tasks call start_epoch on
@@ -265,7 +271,18 @@ def make_loader(
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed + rank),
+        worker_init_fn=end_with_parent,
     )
+
+
+def end_with_parent(worker_id: int) -> None:
+    """A DataLoader worker ends the moment its run does (Linux's parent-death signal): a run killed with SIGKILL
+    leaves no worker behind to print its lost connection as a traceback."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def make_loaders(fabric, cfg, task, datasets: dict, micro_batch: int) -> tuple[object, dict, int]:

@@ -215,8 +215,8 @@ def torch_file(path: Path, checked: bool = False):
 
 
 def check_folder(folder: Path, crc: bool = True):
-    """A folder of shards: regular files only (no link is followed), no rank-local index, `.metadata` and `meta.pt`
-    present, the checksums matching, `.metadata` read by the allow-list unpickler, every item it indexes inside a
+    """A folder of shards: regular files only (no link is followed), no rank-local index, `.metadata` present, the
+    checksums matching, `.metadata` read by the allow-list unpickler, every item it indexes inside a
     shard of this folder, every non-tensor item and `meta.pt` plain data. Returns the checked index."""
     sizes = {}
     for entry in os.scandir(folder):
@@ -228,15 +228,15 @@ def check_folder(folder: Path, crc: bool = True):
                 "restriction; refused, nothing of it was run"
             )
         sizes[entry.name] = entry.stat(follow_symlinks=False).st_size
-    for name, what in ((".metadata", "the index of the shards"), ("meta.pt", "the run's config and progress")):
-        if name not in sizes:
-            raise ValueError(f"no {name} ({what}) in the folder")
+    if ".metadata" not in sizes:
+        raise ValueError("no .metadata (the index of the shards) in the folder")
     if CHECKSUMS in sizes and crc:
         compare_checksums(folder, [name for name in sizes if name != CHECKSUMS])
     metadata = dcp_metadata(folder)
     check_index(metadata, sizes)
     check_bytes_items(folder, metadata)
-    check_file(folder / "meta.pt", crc)
+    if "meta.pt" in sizes:  # the run's config and progress (a folder of weights alone has none)
+        check_file(folder / "meta.pt", crc)
     return metadata
 
 

@@ -347,3 +347,46 @@ def sample_games(count: int = 400) -> list[str]:
     from chessdata.folder import SAMPLE_PGN
 
     return list(pgn.iter_games(SAMPLE_PGN))[:count]
+
+
+# ---------------------------------------------------------------- crafted files (test_safety, test_crafted_files)
+
+FEN = "rnbqkbnr/pppppppp/8/8/4P3/8/PPPP1PPP/RNBQKBNR b KQkq e3 0 1"
+
+
+class Plant:
+    """Unpickling this creates `path`: what an attacker's checkpoint would do (and worse)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory) -> Path:
+    """A short chess run (a module's own) whose checkpoints the crafted files are made from."""
+    import train
+
+    out = tmp_path_factory.mktemp("runs")
+    assert (
+        train.main(tiny_args(prepared, out, "--run-name", "t", "--train.max-steps", "8", "--train.val-every", "4")) == 0
+    )
+    return out / "t"
+
+
+def as_folder(state: dict, folder: Path) -> Path:
+    """A checkpoint file's state as a folder of shards, laid out as Fabric's sharded save lays it out."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": dict(state["model"])}, checkpoint_id=folder)
+    torch.save({k: v for k, v in state.items() if k not in ("model", "optimizer")}, folder / "meta.pt")
+    return folder
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]

@@ -12,6 +12,7 @@ from tiny_task import TASK, TinyConfig, mistaken
 
 import callbacks
 import checkpoints
+import storage
 import train
 
 
@@ -107,8 +108,10 @@ def test_reading_a_folder_of_shards_leaves_the_warning_filters_as_they_were(tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's own save warns the same way
         dcp.save({"model": {"weight": torch.arange(4.0)}}, checkpoint_id=tmp_path / "shards")
+    torch.save({"progress": {}}, tmp_path / "shards" / "meta.pt")
     before = list(warnings.filters)
-    state = checkpoints.whole_state(tmp_path / "shards", ["weight"])
+    folder = tmp_path / "shards"
+    state = checkpoints.whole_state(folder, ["weight"], storage.verify(folder))
     assert torch.equal(state["weight"], torch.arange(4.0))
     assert warnings.filters == before
 

@@ -26,6 +26,7 @@ from conftest import (
     weights,
 )
 
+import trackers
 import train
 
 
@@ -319,12 +320,13 @@ def test_a_checkpoint_write_failure_stops_the_run_and_keeps_the_previous_one(pre
     assert not (tmp_path / "cw" / "checkpoints" / "step-00000008.ckpt").exists()
 
 
-def test_logger_failures_are_reported_once_and_training_continues(prepared, tmp_path, capsys):
+def test_logger_failures_are_reported_once_and_training_continues(prepared, tmp_path, capsys, monkeypatch):
     # metrics.csv on a full disk (/dev/full: every write fails with ENOSPC), and wandb unable to start
     # (its folder's path is taken by a file)
     run_dir = tmp_path / "lf"
     run_dir.mkdir()
-    (run_dir / "metrics.csv").symlink_to("/dev/full")
+    full = open("/dev/full", "a")  # the file metrics.csv is opened as (a link in the run folder is refused)
+    monkeypatch.setattr(trackers, "open_in_place", lambda path, mode: full)
     (run_dir / "wandb").write_text("not a folder")
     assert train.main(tiny_args(prepared, tmp_path, "--run-name", "lf", "--log.logger", "wandb")) == 0
     out = capsys.readouterr().out

@@ -9,17 +9,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from conftest import (
+    FEN,
     LONG,
     ROOT,
     STEPS,
+    Plant,
+    as_folder,
     assert_same_as_uninterrupted,
     child_env,
+    one_line,
     run_script,
     start,
     tiny_args,
@@ -29,34 +31,6 @@ from conftest import (
 import predict
 import storage
 import train
-
-FEN = "rnbqkbnr/pppppppp/8/8/4P3/8/PPPP1PPP/RNBQKBNR b KQkq e3 0 1"
-
-
-class Plant:
-    """Unpickling this creates `path`: what an attacker's checkpoint would do (and worse)."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
-@pytest.fixture(scope="module")
-def trained(prepared, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    assert (
-        train.main(tiny_args(prepared, out, "--run-name", "t", "--train.max-steps", "8", "--train.val-every", "4")) == 0
-    )
-    return out / "t"
-
-
-def as_folder(state: dict, folder: Path) -> Path:
-    """A checkpoint file's state as a folder of shards, laid out as Fabric's sharded save lays it out."""
-    dcp.save({"model": dict(state["model"])}, checkpoint_id=folder)
-    torch.save({k: v for k, v in state.items() if k not in ("model", "optimizer")}, folder / "meta.pt")
-    return folder
 
 
 @pytest.fixture
@@ -77,13 +51,6 @@ def crafted(trained, tmp_path):
     assert marker.exists()
     marker.unlink()
     return marker, {"file": file, "metadata": metadata, "meta.pt": meta}
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.strip()]
-    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
-    return errors[0]
 
 
 @pytest.mark.parametrize("kind", ["file", "metadata", "meta.pt"])

@@ -214,13 +214,17 @@ def test_a_torn_metrics_csv_does_not_block_resume(prepared, tmp_path, capsys, ta
     assert sorted({int(row[0]) for row in rows[1:] if row[1] == "train/loss"}) == [4, 8, 12]
 
 
-def test_other_bad_arguments_and_a_full_disk_are_one_line(prepared, tmp_path, capsys):
+def written_to_a_full_disk(path: Path, text) -> None:
+    """A run folder's file written where every write fails as on a full disk: /dev/full answers ENOSPC."""
+    with open("/dev/full", "wb") as full:
+        full.write(text.encode() if isinstance(text, str) else text)
+
+
+def test_other_bad_arguments_and_a_full_disk_are_one_line(prepared, tmp_path, capsys, monkeypatch):
     args = tiny_args(prepared, tmp_path)
     assert train.main([args[0], "lr-find", *args[1:], "--steps", "0"]) == 2
     assert "steps: expected at least 2 steps" in one_error(capsys)
-    run_dir = tmp_path / "full"
-    run_dir.mkdir()
-    (run_dir / "config.json.tmp").symlink_to("/dev/full")  # every write fails with ENOSPC
+    monkeypatch.setattr(storage, "write_atomic", written_to_a_full_disk)  # config.json: ENOSPC
     assert train.main(tiny_args(prepared, tmp_path, "--run-name", "full")) == 2
     assert "cannot write the run folder" in (line := one_error(capsys)) and "No space left on device" in line
 
