@@ -229,7 +229,7 @@ def restore_loop(run, rest: dict) -> None:
         run.fabric.strategy.precision.load_state_dict(rest["precision"])
     # from an artifact or a copied file, the run's other checkpoints may not be here: rank only those that are
     kept = run.run_dir / "checkpoints"
-    run.progress.best = [(score, name) for score, name in run.progress.best if (kept / name).is_file()]
+    run.progress.best = [(score, name) for score, name in run.progress.best if (kept / name).exists()]
 
 
 def check_loop_state(progress: dict, window: dict, rest: dict, run) -> None:

@@ -92,59 +92,68 @@ def choose_run_dir(fabric, cfg) -> tuple[Path, Path | None]:
     differ; an error on rank 0 is raised on every rank."""
 
     def decide() -> tuple[str | None, str | None, str | None]:
-        resume_from = None
-        if cfg.resume and cfg.resume != "auto":
-            try:
-                resume_from, from_artifact = resolve_source(cfg.resume, cfg.out_dir)
-            except ConfigError as exc:
-                return None, None, f"resume: {exc}"
         try:
-            recorded = read_metadata(resume_from).get("run", {}) if resume_from else {}
-        except Exception as exc:  # a truncated, foreign or unsafe file
-            return None, None, f"resume: {resume_from}: cannot load checkpoint ({reason(exc)})"
-        # names read from a file are data: one plain folder name under out_dir, never a path
-        recorded = recorded if isinstance(recorded, dict) else {}
-        for key, form in (("name", is_plain_name), ("wandb_id", lambda value: WANDB_ID.fullmatch(str(value)))):
-            if recorded.get(key) is not None and not (isinstance(recorded[key], str) and form(recorded[key])):
-                return (
-                    None,
-                    None,
-                    (
-                        f"resume: {resume_from} records the run {key} {recorded[key]!r}, which is not one plain folder "
-                        "name; give --run-name NAME"
-                    ),
-                )
-        new_name = f"{cfg.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-        if cfg.run_name:
-            run_dir = cfg.out_dir / cfg.run_name
-        elif resume_from and not from_artifact and resume_from.resolve().parent.name == "checkpoints":
-            run_dir = resume_from.resolve().parent.parent  # <run>/checkpoints/<checkpoint>
-        elif resume_from and recorded.get("name"):  # an artifact or a loose checkpoint: the run it records
-            run_dir = cfg.out_dir / recorded["name"]
-        elif cfg.resume == "auto" and (latest := newest_run(cfg.out_dir, cfg.task)):
-            run_dir = latest
-        else:
-            try:
-                run_dir = new_run_dir(cfg.out_dir, new_name)
-            except OSError as exc:
-                return None, None, f"out_dir: cannot make a run folder in {cfg.out_dir} ({exc})"
-        if cfg.resume and (found := run_task(run_dir)) not in (None, cfg.task):
-            return None, None, f"resume: {run_dir} is a run of the {found!r} task, not of {cfg.task!r}"
-        if not cfg.resume and cfg.run_name and (used := used_run(run_dir)):
-            return (
-                None,
-                None,
-                (f"run_name: {run_dir} holds {used}; add --resume auto to continue it, or choose another --run-name"),
-            )
-        if recorded.get("wandb_id") and not (run_dir / "wandb_id.txt").exists():  # continue its wandb run
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(run_dir / "wandb_id.txt", recorded["wandb_id"])
+            run_dir, resume_from = decide_run_dir(cfg)
+        except ConfigError as exc:
+            return None, None, str(exc)
         return str(run_dir), resume_from and str(resume_from), None
 
     run_dir, resume_from, error = fabric.broadcast(decide() if fabric.is_global_zero else None, 0)
     if error:
         raise ConfigError(error)
     return Path(run_dir), resume_from and Path(resume_from)
+
+
+def decide_run_dir(cfg) -> tuple[Path, Path | None]:
+    """Rank 0's choice: the folder `--run-name` names, else the run the resumed checkpoint belongs to (or records),
+    else the newest run of the task for `--resume auto`, else a new folder."""
+    resume_from, from_artifact, recorded = None, False, {}
+    if cfg.resume and cfg.resume != "auto":
+        try:
+            resume_from, from_artifact = resolve_source(cfg.resume, cfg.out_dir)
+        except ConfigError as exc:
+            raise ConfigError(f"resume: {exc}") from None
+        recorded = recorded_run(resume_from)
+    if cfg.run_name:
+        run_dir = cfg.out_dir / cfg.run_name
+    elif resume_from and not from_artifact and resume_from.resolve().parent.name == "checkpoints":
+        run_dir = resume_from.resolve().parent.parent  # <run>/checkpoints/<checkpoint>
+    elif resume_from and recorded.get("name"):  # an artifact or a loose checkpoint: the run it records
+        run_dir = cfg.out_dir / recorded["name"]
+    elif cfg.resume == "auto" and (latest := newest_run(cfg.out_dir, cfg.task)):
+        run_dir = latest
+    else:
+        try:
+            run_dir = new_run_dir(cfg.out_dir, f"{cfg.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        except OSError as exc:
+            raise ConfigError(f"out_dir: cannot make a run folder in {cfg.out_dir} ({exc})") from None
+    if cfg.resume and (found := run_task(run_dir)) not in (None, cfg.task):
+        raise ConfigError(f"resume: {run_dir} is a run of the {found!r} task, not of {cfg.task!r}")
+    if not cfg.resume and cfg.run_name and (used := used_run(run_dir)):
+        raise ConfigError(
+            f"run_name: {run_dir} holds {used}; add --resume auto to continue it, or choose another --run-name"
+        )
+    check_run_folder(run_dir)  # before anything is written in it
+    if recorded.get("wandb_id") and not (run_dir / "wandb_id.txt").exists():  # continue its wandb run
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "wandb_id.txt", recorded["wandb_id"])
+    return run_dir, resume_from
+
+
+def recorded_run(checkpoint: Path) -> dict:
+    """The run a checkpoint records ({name, wandb_id}), each name checked: data, one plain name, never a path."""
+    try:
+        recorded = read_metadata(checkpoint).get("run", {})
+    except Exception as exc:  # a truncated, foreign or unsafe file
+        raise ConfigError(f"resume: {checkpoint}: cannot load checkpoint ({reason(exc)})") from None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    for key, form in (("name", is_plain_name), ("wandb_id", lambda value: WANDB_ID.fullmatch(value))):
+        if recorded.get(key) is not None and not (isinstance(recorded[key], str) and form(recorded[key])):
+            raise ConfigError(
+                f"resume: {checkpoint} records the run {key} {recorded[key]!r}, which is not one plain folder name; "
+                "give --run-name NAME"
+            )
+    return recorded
 
 
 # ---------------------------------------------------------------- wandb model artifacts as sources

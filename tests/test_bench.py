@@ -99,3 +99,10 @@ def test_per_example_benchmark_smoke():
     for workers in ("0", "2"):
         assert f"{workers} workers  ratio kibitz / plain:" in result.stdout
         assert f"{workers} workers  kibitz" in result.stdout and f"{workers} workers  plain DataLoader" in result.stdout
+
+
+def test_checkpoint_benchmark_smoke():
+    result = run_script(["bench/checkpoints.py", "--rounds", "1", "--width", "32", "--depth", "2"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for arm in ("save: torch's dcp.save", "save: kibitz", "load: torch's dcp.load", "load: kibitz"):
+        assert arm in result.stdout

@@ -22,6 +22,7 @@ from conftest import (
     as_folder,
     child_env,
     one_line,
+    parse_config,
     start,
     tiny_args,
     wait_for_steps,
@@ -30,6 +31,8 @@ from conftest import (
 import predict
 import storage
 import train
+from config import ConfigError
+from tasks import CHESS
 
 
 def readers(prepared: Path, out: Path, ckpt: str) -> list[list[str]]:
@@ -269,6 +272,9 @@ def test_a_run_name_used_again_without_resume_is_refused(prepared, tmp_path, cap
     assert train.main(args) == 2
     line = one_line(capsys)
     assert f"run_name: {tmp_path / 'once'} holds a run at step 8; add --resume auto" in line, line
+    assert (tmp_path / "once" / "metrics.csv").read_text() == before
+    with pytest.raises(ConfigError, match="holds a run at step 8; add --resume auto"):  # from Python, the same
+        train.train(parse_config(args), CHESS)
     assert (tmp_path / "once" / "metrics.csv").read_text() == before
     assert train.main([*args[:-2], "--train.max-steps", "12", "--resume", "auto"]) == 0
 
