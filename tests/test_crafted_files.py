@@ -6,6 +6,7 @@ would touch a marker file; every case must end in one line (or be harmless) with
 import contextlib
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,20 @@ def refused_everywhere(prepared, tmp_path, capsys, ckpt: Path, marker: Path, exp
     assert predict.main(["--ckpt", str(ckpt), FEN]) == 2
     assert expected in one_line(capsys) and not marker.exists()
     assert not (tmp_path / "out" / "exported.ckpt").exists()
+    name = f"planted-{ckpt.stem}"  # a run whose last.ckpt someone replaced: --resume auto passes over it
+    args = tiny_args(prepared, tmp_path / "out", "--run-name", name, "--train.max-steps", "8")
+    assert train.main(args) == 0
+    last = tmp_path / "out" / name / "checkpoints" / "last.ckpt"
+    storage.remove(last)
+    if ckpt.is_dir():
+        shutil.copytree(ckpt, last, symlinks=True)  # a link stays a link (one to /dev/urandom is never read)
+    else:
+        shutil.copyfile(ckpt, last)
+    capsys.readouterr()
+    assert train.main([*args[:-2], "--train.max-steps", "12", "--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {last}: cannot load checkpoint" in out and expected in out and not marker.exists()
+    assert "step-00000008.ckpt at step 8" in out
 
 
 def shards_of(trained: Path, folder: Path, values: dict | None = None) -> Path:
