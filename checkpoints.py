@@ -15,12 +15,10 @@ import dataclasses
 import inspect
 import json
 import math
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed
 from lightning_fabric.wrappers import _unwrap_objects
@@ -89,8 +87,8 @@ def save(run, path: Path) -> None:
         "optimizer": run.optimizer,
         "progress": dataclasses.asdict(run.progress),
         "window": {"sums": run.window.sums.clone(), "steps": run.window.steps},  # a log interval cut by the save
-        "rng": rng_states(fabric),
-        "data": loader_states(fabric, run.train_loader),
+        "rng": distributed.rng_states(fabric),
+        "data": distributed.loader_states(fabric, run.train_loader),
         "config": to_dict(run.cfg),
         "code": code_version(),  # the git commit and whether the tree had changed
         "run": run_identity(run.run_dir),
@@ -126,7 +124,7 @@ def save(run, path: Path) -> None:
 
 
 def save_ranked(run, score: float, mode: str) -> None:
-    """At a validation: write step-N.ckpt, keep the best k by the monitored metric, point last.ckpt at it."""
+    """At a validation: write step-N.ckpt, keep the best k by the ranking metric, point last.ckpt at it."""
     ckpt = run.cfg.checkpoint
     best = run.progress.best
     path = run.run_dir / "checkpoints" / f"step-{run.progress.step:08d}.ckpt"
@@ -222,7 +220,7 @@ def restore_loop(run, rest: dict) -> None:
     run.progress.best = [(float(score), name) for score, name in run.progress.best]
     run.window.sums = window["sums"].to(run.fabric.device)
     run.window.steps = window["steps"]
-    restore_rng(rest["rng"], run.fabric.global_rank)
+    distributed.restore_rng(rest["rng"], run.fabric.global_rank)
     if rest.get("data") is not None:  # a stream's position, this rank's
         run.train_loader.load_state_dict(rest["data"][run.fabric.global_rank % len(rest["data"])])
     if rest.get("precision"):  # empty unless fp16 (a scaler refuses an empty state)
@@ -435,48 +433,3 @@ def read_metadata(path: Path) -> dict:
             raise ValueError("no meta.pt (the run's config and progress) in the folder, or a link in its place")
         return torch_file(meta)
     return torch_file(path)
-
-
-# ---------------------------------------------------------------- RNG states
-
-
-def rng_states(fabric) -> list[dict]:
-    """Every rank's RNG states (python, numpy, torch, cuda) as tensors, numbers and lists (what the safe loader
-    reads), gathered so rank 0 can save them all."""
-    version, words, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(words), gauss],
-        "numpy": [kind, keys.tolist(), position, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if fabric.world_size == 1:
-        return [state]
-    gathered = [None] * fabric.world_size
-    torch.distributed.all_gather_object(gathered, state)
-    return gathered
-
-
-def loader_states(fabric, loader) -> list | None:
-    """Every rank's position in its stream (torchdata's state_dict: plain data), gathered so rank 0 can save them all;
-    None for epoch-ordered data, whose position the step counters give."""
-    if not hasattr(loader, "state_dict"):
-        return None
-    if fabric.world_size == 1:
-        return [loader.state_dict()]
-    gathered = [None] * fabric.world_size
-    torch.distributed.all_gather_object(gathered, loader.state_dict())
-    return gathered
-
-
-def restore_rng(states: list[dict], rank: int) -> None:
-    state = states[rank % len(states)]  # a changed world size reuses states; resume then is not bitwise
-    version, words, gauss = state["python"]
-    random.setstate((version, tuple(words), gauss))
-    kind, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

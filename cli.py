@@ -10,6 +10,7 @@ import itertools
 import os
 import shlex
 import sys
+import traceback
 import typing
 from pathlib import Path
 
@@ -40,10 +41,17 @@ def task_from_file(path: str | Path) -> Task:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
         raise ConfigError(f"task: {path}: line {exc.lineno}: SyntaxError: {exc.msg}") from None
+    except TypeError as exc:  # Task(...) in an older order of its fields, say
+        where = [frame.lineno for frame in traceback.extract_tb(exc.__traceback__) if Path(frame.filename) == path]
+        line = f" line {where[-1]}" if where else ""
+        if "Task.__init__()" in str(exc):
+            raise ConfigError(f"task: {path}:{line} expected {config.POSITIONAL} ({exc})") from None
+        raise ConfigError(f"task: {path}:{line} cannot be imported (TypeError: {exc})") from None
     except Exception as exc:  # a missing import, a NameError at module level: the file's own bug, in one line
         raise ConfigError(f"task: {path}: cannot be imported ({type(exc).__name__}: {exc})") from None
     if not isinstance(getattr(module, "TASK", None), Task):
         raise ConfigError(f"task: {path}: expected a module-level TASK = config.Task(...)")
+    config.check_task(module.TASK)
     return module.TASK
 
 
@@ -77,8 +85,9 @@ def overview(prog: str, tasks: dict[str, Task] | None) -> str:
     return "\n".join(lines)
 
 
-def choice_fields(cls, prefix: str = "") -> dict[str, tuple[str, tuple]]:
-    """{flag: (field, choices)} for every Literal field of a config class and its sections."""
+def choice_fields(cls, prefix: str = "") -> dict[str, tuple[str, tuple, bool]]:
+    """{flag: (field, choices, whether it takes several)} for every Literal field of a config class and its
+    sections."""
     found = {}
     for f in dataclasses.fields(cls):
         hint = typing.get_type_hints(cls)[f.name]
@@ -138,6 +147,7 @@ def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, 
         prog = shlex.join(["train.py", argv[0]])
         task = task_from_file(argv.pop(0))
     elif task is not None:
+        config.check_task(task)
         own_modules_first(Path(inspect.getsourcefile(task.build_model)))
     tasks = registry() if task is None else None
     prog = prog or ("train.py" if task is None else shlex.quote(task_file_of(task)))

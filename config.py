@@ -2,9 +2,8 @@
 `Task`, the one bundle a task hands the trainer.
 
 Saved as `config.json` in every run folder and inside every checkpoint (configfile.py); `--config FILE` loads one
-back as the defaults, and flags given after it override it. A task's config class subclasses
-RunConfig, adds its own sections (model, loss, ...) and may replace the defaults of the shared ones.
-"""
+back as the defaults, and flags given after it override it. A task's config class subclasses RunConfig, adds its
+own sections (model, loss, ...) and may replace the defaults of the shared ones."""
 
 import dataclasses
 import math
@@ -141,8 +140,8 @@ class MonitorConfig:
     """A NaN/Inf gradient: warn (at the next log), skip (drop that optimizer step; reads a flag every
     step) or stop (save a checkpoint, exit non-zero)."""
     peak_tflops: float | None = None
-    """One device's dense peak for MFU (perf/mfu, per device); unset = Fabric's table for the dtype its precision
-    plugin computes in (monitor.DENSE_PEAKS where that table is wrong: H100 NVL, H200)."""
+    """One device's dense peak for MFU (perf/mfu, per device); unset = Fabric's table for the dtype the precision
+    computes in, corrected for H100 NVL and H200 (whose entries there are wrong)."""
 
 
 @dataclass
@@ -265,6 +264,7 @@ class Task:
     values are averaged over each log interval (or, as before: (loss, a detached tensor of train_fields))."""
     metrics: dict[str, Direction]
     """The validation metrics that may rank checkpoints, each with whether lower or higher is better."""
+    _: dataclasses.KW_ONLY  # the six fields above by position, the rest by keyword: Task(..., eval_step=...)
     eval_step: Callable | None = None
     """(cfg, model, batch) -> {name: tensor}: this batch's sums (a `count` of examples among them); the trainer adds
     them up over the split and its ranks, and each metric is its sum / count (or what `eval_metrics` makes of them)."""
@@ -312,6 +312,7 @@ def ranking_metric(cfg: RunConfig, task: Task) -> tuple[str, str]:
 def check(cfg: RunConfig, task: Task) -> None:
     """Raise ConfigError for the first value outside what is allowed (the choices are Literals, which
     the command line already refuses; a config built in code is checked here), then the task's own check."""
+    check_task(task)
     for name in ("fabric", "schedule", "data", "log", "monitor", "checkpoint"):  # a task's own sections: its check
         section = getattr(cfg, name)
         for f in dataclasses.fields(section):
@@ -324,7 +325,6 @@ def check(cfg: RunConfig, task: Task) -> None:
         require(math.isfinite(value), name, "a finite number", value)
     check_optimisation(cfg)
     check_run(cfg, task)
-    check_task(task)
     if task.check:
         try:
             task.check(cfg)
@@ -396,34 +396,34 @@ def check_run(cfg: RunConfig, task: Task) -> None:
     require(plain, "run_name", f"one plain folder name ({PLAIN})", cfg.run_name)
 
 
+POSITIONAL = "Task(name, config, build_model, datasets, train_step, metrics, eval_step=..., ...)"
+
+
 def check_task(task: Task) -> None:
-    """What a Task declares, checked before anything runs: a name, metrics with a direction each, callables."""
+    """What a Task declares, before anything runs: a name, its config class, metrics with a direction each, functions
+    where functions go. A value in another field's place (a task written for an older order) names the form."""
     require(is_plain_name(task.name), "Task.name", "one plain name (it names the run folders)", task.name)
-    require(
-        isinstance(task.metrics, dict) and len(task.metrics) > 0,
-        f"task {task.name}: Task.metrics",
-        'at least one validation metric, {"name": "min" or "max"}',
-        task.metrics,
-    )
-    for name, direction in task.metrics.items():
-        require(direction in ("min", "max"), f"task {task.name}: Task.metrics[{name!r}]", "'min' or 'max'", direction)
+    field = f"task {task.name}: Task."
+    given = task.config if isinstance(task.config, type) else f"an instance of {type(task.config).__name__}"
+    is_config = isinstance(task.config, type) and issubclass(task.config, RunConfig)
+    require(is_config, field + "config", "the task's RunConfig subclass (the class itself)", given)
+    metrics = task.metrics if isinstance(task.metrics, dict) else {}
+    named = len(metrics) > 0 and all(isinstance(name, str) for name in metrics)
+    expected = f'at least one validation metric, {{"val/name": "min" or "max"}}, the sixth field of {POSITIONAL}'
+    require(named, field + "metrics", expected, task.metrics)
+    for name, direction in metrics.items():
+        require(direction in ("min", "max"), f"{field}metrics[{name!r}]", "'min' or 'max'", direction)
     for name in ("build_model", "datasets", "train_step"):
-        require(callable(getattr(task, name)), f"task {task.name}: Task.{name}", "a function", getattr(task, name))
-    require(
-        callable(task.eval_step) != callable(task.evaluate),
-        f"task {task.name}: Task.eval_step",
-        "a function (the trainer runs the evaluation), or else Task.evaluate (a whole pass), not both",
-        task.eval_step,
-    )
+        require(callable(getattr(task, name)), field + name, "a function", getattr(task, name))
+    one_evaluation = callable(task.eval_step) != callable(task.evaluate)
+    either = "a function (the trainer runs the evaluation), or else Task.evaluate (a whole pass), not both"
+    require(one_evaluation, field + "eval_step", either, task.eval_step)
     for name in ("eval_metrics", "report", "collate", "scheduled", "prepare_data", "hooks", "check"):
         value = getattr(task, name)
-        require(value is None or callable(value), f"task {task.name}: Task.{name}", "a function or None", value)
-    require(
-        isinstance(task.train_fields, (tuple, list)) and len(task.train_fields) > 0,
-        f"task {task.name}: Task.train_fields",
-        "the names of what train_step returns, the loss first",
-        task.train_fields,
-    )
+        require(value is None or callable(value), field + name, "a function or None", value)
+    fields = task.train_fields
+    returned = "the names of what train_step returns, the loss first"
+    require(isinstance(fields, (tuple, list)) and len(fields) > 0, field + "train_fields", returned, fields)
 
 
 PLAIN = "no /, \\ or ..: the run folder stays inside out_dir; no control character; not starting with -"

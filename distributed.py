@@ -1,17 +1,21 @@
 """Processes and devices: the Fabric object for a FabricConfig (with kibitz's per-block FSDP and
 FSDP2), the gradient clip that suits the strategy, stopping every rank together (on an error or a signal),
-the processes of a run started from a notebook (`launched`), and a clean teardown of the process group."""
+the processes of a run started from a notebook (`launched`), a clean teardown of the process group, and every
+rank's RNG states and stream position gathered for a checkpoint and given back to each rank on resume."""
 
 import contextlib
 import functools
 import multiprocessing
 import os
+import random
 import signal
 import sys
 import threading
 import warnings
 
+import numpy as np
 import torch
+import torch.distributed
 from lightning_fabric import Fabric
 
 from config import ConfigError, FabricConfig, strategy_of
@@ -248,3 +252,48 @@ def caller_state_kept():
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+
+
+# ---------------------------------------------------------------- every rank's RNG states and stream position
+
+
+def rng_states(fabric) -> list[dict]:
+    """Every rank's RNG states (python, numpy, torch, cuda) as tensors, numbers and lists (what the safe loader
+    reads), gathered so rank 0 can save them all."""
+    version, words, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(words), gauss],
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if fabric.world_size == 1:
+        return [state]
+    gathered = [None] * fabric.world_size
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def loader_states(fabric, loader) -> list | None:
+    """Every rank's position in its stream (torchdata's state_dict: plain data), gathered so rank 0 can save them all;
+    None for epoch-ordered data, whose position the step counters give."""
+    if not hasattr(loader, "state_dict"):
+        return None
+    if fabric.world_size == 1:
+        return [loader.state_dict()]
+    gathered = [None] * fabric.world_size
+    torch.distributed.all_gather_object(gathered, loader.state_dict())
+    return gathered
+
+
+def restore_rng(states: list[dict], rank: int) -> None:
+    state = states[rank % len(states)]  # a changed world size reuses states; resume then is not bitwise
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -21,7 +21,7 @@ class Loggers:
     def __init__(self, sinks: list):
         self.sinks = sinks
         self.lock = threading.Lock()
-        self.sender = None  # a monitor.Sender, started by the first histograms
+        self.sender = None  # a Sender (below), started by the first histograms
 
     def send_histograms(self, step: int, prefix: str, names: list[str], stats) -> None:
         """Histogram rows still on the device (monitor.tensor_stats): copied without blocking, sent by a thread."""

@@ -236,7 +236,7 @@ def trusted_shards(folder: Path) -> dict:
 
 
 def as_data(state):
-    """The previous format's RNG states as lists (what checkpoints.rng_states writes today)."""
+    """The previous format's RNG states as lists (what distributed.rng_states writes today)."""
     import numpy as np
 
     for rank_state in state.get("rng", []) if isinstance(state, dict) else []:

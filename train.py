@@ -6,8 +6,7 @@
 
 Read top to bottom: `setup` builds the Run, `fit` is the loop, `train` is setup, fit, then a test of the best
 checkpoint. The task (config.Task) supplies the model, data, step and evaluation; hooks (callbacks.py) observe, and
-may ask the loop to stop. The same script runs under `fabric run`, torchrun and SLURM.
-"""
+may ask the loop to stop. The same script runs under `fabric run`, torchrun and SLURM."""
 
 import datetime
 import functools
@@ -77,7 +76,8 @@ class LogWindow:
 @dataclass
 class Run:
     """What the loop works with: the Fabric objects and the data, where the loop is (`progress`, what a checkpoint
-    saves) and what the next log reads (`window`). The loop alone writes it; hooks see it through `view`."""
+    saves) and what the next log reads (`window`). The trainer's modules write it (the loop, checkpoints,
+    monitoring); hooks see it only through `view`, read-only."""
 
     fabric: Fabric
     cfg: RunConfig

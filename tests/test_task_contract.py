@@ -163,6 +163,41 @@ def test_a_syntax_error_in_a_task_file_is_one_line(tmp_path, capsys):
     assert line.startswith(f"error: task: {task_file}: line") and "SyntaxError" in line
 
 
+LAST_WEEK = """
+from tiny_task import TinyConfig, build_model, datasets, evaluate, report, train_step
+
+from config import Task
+
+TASK = {task}
+"""
+
+
+@pytest.mark.parametrize(
+    "task, expected",
+    [  # last week's README form: evaluate and report between train_step and metrics, all by position
+        (
+            'Task("old", TinyConfig, build_model, datasets, train_step, evaluate, report, {"val/mse": "min"})',
+            "line 6 expected Task(name, config, build_model, datasets, train_step, metrics, eval_step=..., ...)",
+        ),
+        (  # a function where the metrics go
+            'Task("old", TinyConfig, build_model, datasets, train_step, evaluate)',
+            'Task.metrics: expected at least one validation metric, {"val/name": "min" or "max"}, the sixth field',
+        ),
+        (  # an instance where the class goes
+            'Task("old", TinyConfig(), build_model, datasets, train_step, {"val/mse": "min"}, evaluate=evaluate)',
+            "Task.config: expected the task's RunConfig subclass (the class itself), got 'an instance of TinyConfig'",
+        ),
+    ],
+)
+def test_a_task_in_an_older_form_or_with_a_wrongly_typed_field_is_one_line(tmp_path, capsys, task, expected):
+    task_file = tmp_path / "old_task.py"
+    task_file.write_text(LAST_WEEK.format(task=task))
+    assert train.main([str(task_file), "--out-dir", str(tmp_path)]) == 2
+    line = one_line(capsys)
+    assert expected in line, line
+    assert not list(tmp_path.glob("*/checkpoints"))
+
+
 def nan_at(calls: set[int]):
     """evaluate, NaN at the given calls (1: the dry run at the start, 2: the first validation, ...)."""
     count = 0
