@@ -12,7 +12,6 @@ What a checkpoint holds is data only (tensors, numbers, strings, lists, dicts): 
 """
 
 import dataclasses
-import inspect
 import json
 import math
 import re
@@ -27,6 +26,7 @@ import data
 import distributed
 from config import ConfigError
 from configfile import code_version, to_dict
+from contract import task_file
 from storage import (
     CHECKSUMS,
     folder_checksums,
@@ -92,7 +92,7 @@ def save(run, path: Path) -> None:
         "config": to_dict(run.cfg),
         "code": code_version(),  # the git commit and whether the tree had changed
         "run": run_identity(run.run_dir),
-        "task": {"name": run.task.name, "file": str(Path(inspect.getsourcefile(run.task.build_model)).resolve())},
+        "task": {"name": run.task.name, "file": str(task_file(run.task))},
         "precision": fabric.strategy.precision.state_dict(),
     }  # fp16: the GradScaler's scale and growth
     path.parent.mkdir(parents=True, exist_ok=True)

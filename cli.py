@@ -5,7 +5,6 @@ trainer module imports it) or a file that defines `TASK` (a config.Task), such a
 import dataclasses
 import importlib
 import importlib.util
-import inspect
 import itertools
 import os
 import shlex
@@ -20,6 +19,7 @@ import config
 import configfile
 import tools
 from config import ConfigError, Task
+from contract import task_file
 
 REGISTRY = "tasks"  # the module whose TASKS dict `python train.py NAME` looks NAME up in; the first is the default
 
@@ -65,7 +65,7 @@ def own_modules_first(task_file: Path) -> None:
 
 def task_file_of(task: Task) -> str:
     """The file that defines a task, relative to here where it is below (for the messages that say how to resume)."""
-    file = Path(inspect.getsourcefile(task.build_model)).resolve()
+    file = task_file(task)
     return os.path.relpath(file) if file.is_relative_to(Path.cwd()) else str(file)
 
 
@@ -148,7 +148,7 @@ def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, 
         task = task_from_file(argv.pop(0))
     elif task is not None:
         config.check_task(task)
-        own_modules_first(Path(inspect.getsourcefile(task.build_model)))
+        own_modules_first(task_file(task))
     tasks = registry() if task is None else None
     prog = prog or ("train.py" if task is None else shlex.quote(task_file_of(task)))
     if argv and argv[0] in ("-h", "--help"):
@@ -180,7 +180,7 @@ def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, 
                 ),
                 prog,
             )
-        out_dir = Path((flag_values(argv, "--out-dir") or ["runs"])[-1])
+        out_dir = Path((flag_values(argv, "--out-dir") or [config.OUT_DIR])[-1])
         task = checkpoint_task(ckpt, task, out_dir)
         cfg, _ = tools.load_checkpoint(Path(ckpt), task, out_dir)
         refuse_bad_choices(tools.EvaluateArgs, argv)

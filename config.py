@@ -193,6 +193,9 @@ class TrainConfig:
     """The least change of checkpoint.rank_by that counts as an improvement."""
 
 
+OUT_DIR = Path("runs")  # where run folders go unless --out-dir says otherwise
+
+
 @dataclass
 class RunConfig:
     """What every task shares: devices, optimizer, LR schedule, data, logging, checkpoints, the loop."""
@@ -205,7 +208,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    out_dir: Path = Path("runs")
+    out_dir: Path = OUT_DIR
     """Folder that holds one folder per run."""
     run_name: str | None = None
     """Name of this run's folder; unset = <task>-<date>-<time> (or the resumed run's)."""
@@ -432,14 +435,8 @@ PLAIN = "no /, \\ or ..: the run folder stays inside out_dir; no control charact
 def is_plain_name(name) -> bool:
     """One path component that stays where it is put and prints as itself: not empty, no separator, not . or ..,
     no control character (a newline or a terminal escape), no leading - (read as an option by shell commands)."""
-    return (
-        isinstance(name, str)
-        and name not in ("", ".", "..")
-        and not any(c in name for c in "/\\")
-        and name.isprintable()
-        and not name.startswith("-")
-        and Path(name).name == name
-    )
+    plain = isinstance(name, str) and name.isprintable() and not name.startswith("-")
+    return plain and name not in ("", ".", "..") and "\\" not in name and Path(name).name == name
 
 
 def literal_choices(hint) -> tuple:

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 import data
-import distributed
 import evaluation
 from config import ConfigError
 
@@ -34,6 +33,11 @@ def where(task, function: str) -> str:
 def code_of(task, function: str):
     """The code object of a task's function, under its decorators (torch.no_grad, functools.wraps)."""
     return getattr(inspect.unwrap(getattr(task, function)), "__code__", None)
+
+
+def task_file(task) -> Path:
+    """The file that defines a task (the one its build_model is in)."""
+    return Path(inspect.getsourcefile(task.build_model)).resolve()
 
 
 def failed(task, function: str, exc: Exception) -> ConfigError:
@@ -145,21 +149,10 @@ def check_evaluation(run) -> None:
     validation): every metric the task names returned, each a number."""
     task, cfg, fabric = run.task, run.cfg, run.fabric
     split = "val" if cfg.train.val_every is not None else "test"
-    loader = data.make_loader(
-        run.datasets[split],
-        cfg.data.eval_batch_size,
-        False,
-        0,
-        fabric.global_rank,
-        fabric.world_size,
-        drop_last=False,
-        device=fabric.device if cfg.data.on_device else None,
-        max_batches=1,
-        collate=task.collate,
+    batch_size, on_device = cfg.data.eval_batch_size, cfg.data.on_device
+    loader = data.eval_loader(
+        fabric, run.datasets[split], batch_size=batch_size, collate=task.collate, on_device=on_device, max_batches=1
     )
-    if not cfg.data.on_device:
-        loader = data.evaluated_on(fabric, loader)
-    training = run.model.training
     function = "evaluate" if task.evaluate else "eval_metrics" if task.eval_metrics else "eval_step"
     with same_random_numbers():
         try:
@@ -168,8 +161,6 @@ def check_evaluation(run) -> None:
             raise
         except Exception as exc:
             raise failed(task, "evaluate" if task.evaluate else "eval_step", exc) from None
-    run.model.train(training)
-    distributed.reshard(run.model)
     if not isinstance(result, tuple) or len(result) != 2 or not isinstance(result[0], dict):
         raise ConfigError(f"{where(task, function)}: expected (metrics dict, histograms), got {describe(result)}")
     metrics = result[0]

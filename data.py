@@ -237,12 +237,13 @@ def reader_part() -> tuple[int, int]:
 
 def make_loader(
     dataset,
+    *,
     batch_size: int,
-    shuffle: bool,
-    seed: int,
-    rank: int,
-    world_size: int,
-    drop_last: bool,
+    shuffle: bool = False,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
     num_workers: int = 0,
     device: torch.device | None = None,
     max_batches: int | None = None,
@@ -291,23 +292,28 @@ def make_loaders(fabric, cfg, task, datasets: dict, micro_batch: int) -> tuple[o
     rank, world, train = fabric.global_rank, fabric.world_size, datasets["train"]
     on_device = fabric.device if cfg.data.on_device else None
     pin = fabric.device.type == "cuda"  # per-example batches, copied to the GPU without blocking
-    train_loader = make_loader(train, micro_batch, True, cfg.train.seed, rank, world, drop_last=True,
-                               num_workers=cfg.data.num_workers, device=on_device, collate=task.collate,
-                               pin_memory=pin)  # fmt: skip
+    train_loader = make_loader(
+        train,
+        batch_size=micro_batch,
+        shuffle=True,
+        seed=cfg.train.seed,
+        rank=rank,
+        world_size=world,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+        device=on_device,
+        collate=task.collate,
+        pin_memory=pin,
+    )
     eval_loaders = {
-        split: make_loader(
+        split: eval_loader(
+            fabric,
             datasets[split],
-            cfg.data.eval_batch_size,
-            False,
-            0,
-            rank,
-            world,
-            drop_last=False,
-            device=on_device,
-            max_batches=cfg.train.val_batches if split == "val" else None,
+            batch_size=cfg.data.eval_batch_size,
             collate=task.collate,
-            pin_memory=pin,
-        )  # fmt: skip
+            on_device=cfg.data.on_device,
+            max_batches=cfg.train.val_batches if split == "val" else None,
+        )
         for split in ("val", "test")
     }
     for split in ("val", "test") if cfg.train.val_every is not None else ("test",):
@@ -319,8 +325,21 @@ def make_loaders(fabric, cfg, task, datasets: dict, micro_batch: int) -> tuple[o
     steps_per_epoch = len(train_loader.sampler) // cfg.train.accumulate
     if steps_per_epoch == 0:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} exceeds the {len(train)} training examples")
-    if not cfg.data.on_device:  # Fabric moves each evaluation batch to the device
-        # The training batches are moved by the loop itself (Fabric's loader wrapper costs about 35 us a
-        # step in Python, which shows on small models); evaluation is not on the hot path.
-        eval_loaders = {k: evaluated_on(fabric, v) for k, v in eval_loaders.items()}
     return train_loader, eval_loaders, steps_per_epoch
+
+
+def eval_loader(fabric, dataset, *, batch_size: int, collate=None, on_device: bool = False, max_batches=None):
+    """This rank's part of an evaluation split, from its first batch, arriving on the device: kept there
+    (`data.on_device`), or moved there by Fabric a batch at a time. The training batches are moved by the loop itself
+    (Fabric's loader wrapper costs about 35 us a step in Python); evaluation is not on the hot path."""
+    loader = make_loader(
+        dataset,
+        batch_size=batch_size,
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+        device=fabric.device if on_device else None,
+        max_batches=max_batches,
+        collate=collate,
+        pin_memory=fabric.device.type == "cuda",
+    )
+    return loader if on_device else evaluated_on(fabric, loader)

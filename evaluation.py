@@ -4,14 +4,25 @@ whole `evaluate` instead (for what sums cannot express) is called as it is."""
 
 import torch
 
+import distributed
 from config import ConfigError
 
 
 def evaluate(fabric, cfg, task, model, loader) -> tuple[dict, dict]:
-    """-> (metrics {name: number}, histograms {name: tensor}) over the whole split, every rank's examples counted."""
-    if task.eval_step is None:
-        return task.evaluate(fabric, cfg, model, loader)
+    """-> (metrics {name: number}, histograms {name: tensor}) over the whole split, every rank's examples counted; the
+    model left in the mode it was in, and sharded again under FSDP2, however the pass ends."""
     training = model.training
+    try:
+        if task.eval_step is None:
+            return task.evaluate(fabric, cfg, model, loader)
+        return summed(fabric, cfg, task, model, loader)
+    finally:
+        model.train(training)
+        distributed.reshard(model)
+
+
+def summed(fabric, cfg, task, model, loader) -> tuple[dict, dict]:
+    """The pass for a task's `eval_step`: each batch's sums added up on the device, one all-reduce over ranks."""
     model.eval()
     if hasattr(getattr(loader, "sampler", None), "start_epoch"):  # an epoch-ordered loader: from its first batch
         loader.sampler.start_epoch(0)
@@ -23,7 +34,6 @@ def evaluate(fabric, cfg, task, model, loader) -> tuple[dict, dict]:
                 names, shapes = check_sums(task, sums), [torch.as_tensor(v).shape for v in sums.values()]
             flat = torch.cat([torch.as_tensor(v, device=fabric.device).reshape(-1).double() for v in sums.values()])
             total = flat if total is None else total + flat
-    model.train(training)
     if total is None:
         raise ValueError("the split gave no batches to evaluate")
     total = fabric.all_reduce(total, reduce_op="sum").cpu() if fabric.world_size > 1 else total.cpu()
@@ -48,7 +58,9 @@ def check_sums(task, sums) -> list[str]:
 
 def report(task, cfg, metrics: dict) -> tuple[str, dict]:
     """The test table: the task's own report, or its name and every metric."""
-    return task.report(cfg, metrics) if task.report else (task.name, metrics)
+    if task.report:
+        return task.report(cfg, metrics)
+    return task.name, {name: value for name, value in metrics.items() if name != "count"}  # a count is no metric
 
 
 def means(sums: dict[str, torch.Tensor]) -> dict[str, float]:

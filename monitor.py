@@ -241,7 +241,7 @@ def mfu_setup(run) -> tuple[float, float] | None:
     train = run.datasets["train"]
     try:
         with torch.random.fork_rng(devices=[]):  # one real batch, for its shapes: the run's loader is not touched
-            loader = data.make_loader(train, micro_batch, False, 0, 0, 1, drop_last=True, collate=run.task.collate)
+            loader = data.make_loader(train, batch_size=micro_batch, drop_last=True, collate=run.task.collate)
             batch = next(iter(loader))
         size = len(train) if hasattr(train, "__len__") else None
         flops = flops_per_sample(run.task, run.cfg, batch, size, micro_batch)

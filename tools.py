@@ -60,7 +60,7 @@ def checkpoint_task(path: Path, out_dir: Path) -> tuple[str | None, str | None]:
     return name, file if isinstance(file, str) and file.isprintable() else None
 
 
-def load_checkpoint(path: Path, task: Task, out_dir: Path = Path("runs")) -> tuple[RunConfig, torch.nn.Module]:
+def load_checkpoint(path: Path, task: Task, out_dir: Path = config.OUT_DIR) -> tuple[RunConfig, torch.nn.Module]:
     """A checkpoint's config and its model with the saved weights (on the CPU), the whole checkpoint verified first.
     `path`: a checkpoint file or (sharded) folder, an artifact folder, or wandb:ARTIFACT[:ALIAS] (looked for in
     `out_dir`'s runs)."""
@@ -133,7 +133,7 @@ class EvaluateArgs(typing.Generic[DataT]):
     """Examples per batch; unset = the training run's data.eval_batch_size."""
     accelerator: Accelerator = "auto"
     """cpu, cuda or auto."""
-    out_dir: Path = Path("runs")
+    out_dir: Path = config.OUT_DIR
     """Where a wandb:NAME[:ALIAS] checkpoint is looked for offline and fetched to (the training runs' --out-dir)."""
 
 
@@ -299,9 +299,7 @@ def evaluate(args: EvaluateArgs, task: Task) -> dict[str, float]:
     fabric = Fabric(accelerator=args.accelerator, devices=1)
     model = fabric.setup_module(model)
     batch_size = args.batch_size or cfg.data.eval_batch_size
-    loader = data.evaluated_on(
-        fabric, data.make_loader(dataset, batch_size, False, 0, 0, 1, drop_last=False, collate=task.collate)
-    )
+    loader = data.eval_loader(fabric, dataset, batch_size=batch_size, collate=task.collate)
     metrics, _ = evaluation.evaluate(fabric, cfg, task, model, loader)  # the loop's own evaluation pass
     title, rows = evaluation.report(task, cfg, metrics)
     where = getattr(cfg.data, "dir", None)

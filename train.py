@@ -323,7 +323,6 @@ def validate(run: Run, hooks: callbacks.Hooks) -> None:
     count validations without improvement for early stopping."""
     cfg, progress, (metric, mode) = run.cfg, run.progress, run.rank_by
     metrics, histograms = evaluation.evaluate(run.fabric, cfg, run.task, run.model, run.eval_loaders["val"])
-    distributed.reshard(run.model)
     run.val_metrics = {f"val/{k}": float(v) for k, v in metrics.items()}  # numpy scalars too: checkpoints hold data
     if run.loggers:
         run.loggers.log(run.val_metrics, progress.step)
@@ -370,7 +369,6 @@ def test(run: Run, hooks: callbacks.Hooks | None = None) -> dict[str, float]:
     elif run.progress.best:
         fabric.print(f"no validation gave a finite {run.rank_by[0]}: testing the final weights")
     metrics, _ = evaluation.evaluate(fabric, run.cfg, run.task, run.model, run.eval_loaders["test"])
-    distributed.reshard(run.model)
     callbacks.call(hooks or {}, "on_test_end", run)
     error = None
     if fabric.is_global_zero:

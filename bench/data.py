@@ -107,7 +107,7 @@ def peak_memory(path: Path, out: Path, dedup: bool, games_per_chunk: int, dedup_
 def loader_rate(directory: Path, batch_size: int, unpack: bool, seconds: float) -> float:
     arrays = folder.load_split(directory, "train")
     split = data.ArrayDataset(arrays["positions"], folder.eval_target(arrays["cp"], arrays["mate"], 15.0))
-    loader = data.make_loader(split, batch_size, True, 0, 0, 1, drop_last=True)
+    loader = data.make_loader(split, batch_size=batch_size, shuffle=True, drop_last=True)
     delivered, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:  # whole epochs until the time has passed
         for packed, _ in loader:

@@ -136,7 +136,9 @@ def endless(loader):
 def raw_loop(cfg: ChessConfig, fabric=None) -> dict:
     """The hand-written loop; with `fabric`, the same loop through bare Fabric."""
     seed_all(SEED)
-    loader = data.make_loader(tasks.chess_datasets(cfg)["train"], cfg.data.batch_size, True, SEED, 0, 1, drop_last=True)
+    loader = data.make_loader(
+        tasks.chess_datasets(cfg)["train"], batch_size=cfg.data.batch_size, shuffle=True, seed=SEED, drop_last=True
+    )
     model = ChessEvaluator(cfg.model.width, cfg.model.depth)
     optimizer = train.make_optimizer(model, cfg.optim, fused=False)
     if fabric:
@@ -185,7 +187,9 @@ def lightning_loop(cfg: ChessConfig) -> dict:
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     seed_all(SEED)
-    loader = data.make_loader(tasks.chess_datasets(cfg)["train"], cfg.data.batch_size, True, SEED, 0, 1, drop_last=True)
+    loader = data.make_loader(
+        tasks.chess_datasets(cfg)["train"], batch_size=cfg.data.batch_size, shuffle=True, seed=SEED, drop_last=True
+    )
     module = Evaluator()
     trainer = L.Trainer(
         max_steps=cfg.train.max_steps,

@@ -65,7 +65,7 @@ def main() -> None:
             dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=workers,
             persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
-        ours = data.make_loader(dataset, args.batch_size, True, 0, 0, 1, drop_last=True, num_workers=workers)
+        ours = data.make_loader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=workers)
         rates = {"plain DataLoader": [], "kibitz": []}
         for epoch in range(args.rounds):
             ours.sampler.start_epoch(epoch)

@@ -26,6 +26,8 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(1, str(ROOT))  # the trainer, after this file's folder
 
+from config import OUT_DIR  # noqa: E402  (the trainer's, found through the line above)
+
 
 @dataclass
 class SweepArgs:
@@ -46,7 +48,7 @@ class SweepArgs:
     """GPUs Ray gives each trial (its run uses them with -- --fabric.devices N)."""
     name: str = "sweep"
     """The sweep: Ray Tune's experiment folder, the MLflow experiment, the folder of the trials' runs."""
-    out_dir: Path = Path("runs")
+    out_dir: Path = OUT_DIR
     restore: bool = False
     """Finish the interrupted sweep of this name (trials cut short resume from their last checkpoint)."""
 

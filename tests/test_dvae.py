@@ -120,7 +120,7 @@ def test_masking_only_in_training(prepared):
 
     fabric = Fabric(accelerator="cpu", devices=1)
     cfg.data.dir = prepared
-    loader = data.make_loader(tasks.board_datasets(cfg)["val"], 512, False, 0, 0, 1, drop_last=False)
+    loader = data.make_loader(tasks.board_datasets(cfg)["val"], batch_size=512)
     metrics, histograms = evaluation.evaluate(fabric, cfg, tasks.DVAE, model, loader)
     assert seen and all(not (t == MASK_TOKEN).any() for t in seen if t.dtype == torch.int64)
     cfg.dvae.mask = Ramp()

@@ -152,3 +152,36 @@ def test_a_config_built_in_code_is_checked_against_its_choices():
     cfg.checkpoint.rank_by = "val/l1"  # a chess metric: not one of this task's
     with pytest.raises(config.ConfigError, match="^checkpoint.rank_by: expected one of val/token_acc"):
         config.check(cfg, tasks.DVAE)
+
+
+def test_an_ordinary_step_enters_the_files_docs_layout_names(tmp_path):
+    """Profile one step of a one-file task between two `after_step` calls (no log, no validation, no checkpoint) and
+    count the project files it enters: docs/layout.md says the number, and cannot drift from it."""
+    import dataclasses
+    import re
+
+    from tiny_task import TinyConfig, mistaken
+
+    import train
+
+    entered, calls = set(), {"after_step": 0}
+
+    def record(frame, event, arg) -> None:
+        path = Path(frame.f_code.co_filename)
+        if event == "call" and path.is_relative_to(ROOT) and ".venv" not in path.parts:
+            entered.add(str(path.relative_to(ROOT)))
+
+    def after_step(run) -> None:
+        calls["after_step"] += 1
+        sys.setprofile(record if calls["after_step"] == 2 else None)  # from after step 2 to after step 3
+
+    cfg = TinyConfig(out_dir=tmp_path, run_name="r")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=6, val_every=None))
+    cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, every=100, logger=("csv",), progress_bar=False))
+    train.train(cfg, mistaken(hooks=lambda cfg, datasets: {"after_step": [after_step]}))
+    sys.setprofile(None)
+    entered.discard("tests/test_layout.py")  # the profiling hook itself
+    stated = re.search(
+        r"An ordinary step of a one-file task enters (\d+) project files", (ROOT / "docs/layout.md").read_text()
+    )
+    assert stated and int(stated[1]) == len(entered), ", ".join(sorted(entered))
