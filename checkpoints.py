@@ -212,7 +212,8 @@ def restore(run, path: Path | None) -> bool:
 
 def restore_loop(run, rest: dict) -> None:
     """The loop's place from a loaded checkpoint's rest, every field checked before any is used."""
-    saved = dict(rest.get("progress") or {})
+    require(isinstance(rest, dict) and isinstance(rest.get("progress"), dict), "progress", "the loop's counters")
+    saved = dict(rest["progress"])
     # before 2026-12-06 the log window's sums were saved inside progress
     window = rest.get("window") or {"sums": saved.pop("loss_sum", None), "steps": saved.pop("steps_since_log", None)}
     check_loop_state(saved, window, rest, run)
@@ -234,7 +235,8 @@ def check_loop_state(progress: dict, window: dict, rest: dict, run) -> None:
     """A checkpoint's counters, log window, RNG states and stream position, by type and range: a crafted or damaged
     field is one line naming it, and a ranked checkpoint's name is `step-N.ckpt` (a name, never a path)."""
     fields = {field.name for field in dataclasses.fields(Progress)}
-    require(set(progress) <= fields, f"progress.{min(set(progress) - fields or {''})}", "not a field of the loop")
+    unknown = sorted(map(str, set(progress) - fields))
+    require(not unknown, f"progress.{unknown[0] if unknown else ''}", "no such field (the loop's are step, epoch, ...)")
     for name in ("step", "epoch", "step_in_epoch", "bad_validations"):
         value = progress.get(name, 0)
         require(type(value) is int and value >= 0, f"progress.{name}", f"a count, got {value!r}")

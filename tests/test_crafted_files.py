@@ -203,7 +203,7 @@ def test_a_best_list_naming_paths_deletes_nothing(prepared, trained, tmp_path, c
 @pytest.mark.parametrize(
     "field, value, expected",
     [
-        ("progress.extra", 1, "progress.extra: expected not a field of the loop"),
+        ("progress.extra", 1, "progress.extra: expected no such field (the loop's are step, epoch, ...)"),
         ("progress.step", "8", "progress.step: expected a count"),
         ("rng", None, "rng: expected a list of every rank's RNG states"),
         ("rng", [], "rng: expected a list of every rank's RNG states"),
