@@ -16,7 +16,6 @@ import inspect
 import math
 import sys
 import time
-import traceback
 from pathlib import Path
 from types import MappingProxyType
 
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm as tqdm_auto
 
 import distributed
 from config import ConfigError
+from contract import line_of
 
 Hooks = dict[str, list]
 POINTS = (
@@ -71,8 +71,8 @@ def call(hooks: Hooks, point: str, run) -> None:
 def failed(hook, point: str, exc: Exception) -> str:
     """What a hook raised, as one clause naming the hook and the line of its file it came from."""
     code = getattr(inspect.unwrap(hook), "__code__", None)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if code and f.filename == code.co_filename]
-    at = f" ({Path(code.co_filename).name} line {frames[-1].lineno})" if frames else ""
+    line = line_of(code, exc)
+    at = f" ({Path(code.co_filename).name} line {line})" if line else ""
     return f"hook {getattr(hook, '__qualname__', hook)} at {point} raised {type(exc).__name__}{at}: {exc}"
 
 

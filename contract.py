@@ -42,10 +42,15 @@ def task_file(task) -> Path:
 
 def failed(task, function: str, exc: Exception) -> ConfigError:
     """An exception raised inside a task's function as one line, with the task file's line it came from."""
-    code = code_of(task, function)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if code and f.filename == code.co_filename]
-    at = f" at line {frames[-1].lineno}" if frames else ""
+    line = line_of(code_of(task, function), exc)
+    at = f" at line {line}" if line else ""
     return ConfigError(f"{where(task, function)} raised {type(exc).__name__}{at}: {exc}")
+
+
+def line_of(code, exc: Exception) -> int | None:
+    """The last line of `code`'s file that the exception passed through (a task's function, a hook)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if code and f.filename == code.co_filename]
+    return frames[-1].lineno if frames else None
 
 
 def call(task, function: str, *args):
