@@ -4,9 +4,7 @@ Reading: a checkpoint file or folder may come from anyone, so nothing of it is t
 `verify` checks a whole checkpoint as data (CRC-32s, every pickle's globals, a folder's index and every file it
 points at) before any load; the loads then read it with torch's weights-only unpickler, and a folder through a
 reader and planner of kibitz's own that never unpickle anything else. Writing: straight to a temporary name beside
-the checkpoint (never staged in $TMPDIR), fsynced and renamed into place; files of a run folder the same way, never
-through a link.
-"""
+the checkpoint (never staged in $TMPDIR), fsynced and renamed into place; a run folder's files never via a link."""
 
 import contextlib
 import io
@@ -290,6 +288,7 @@ DCP_CLASSES = {
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("pathlib", "PosixPath"),
+    ("pathlib._local", "PosixPath"),  # where Python 3.13 keeps it
     ("collections", "OrderedDict"),
 }
 
