@@ -128,12 +128,7 @@ def setup(fabric: Fabric, cfg: RunConfig, task: Task, resume_command: str, fresh
     storage.write_directly(fabric)
     if fabric.device.type == "cuda":
         torch.set_float32_matmul_precision(cfg.fabric.matmul_precision)
-    micro_batch, remainder = divmod(cfg.data.batch_size, cfg.train.accumulate * fabric.world_size)
-    if remainder or micro_batch == 0:
-        raise ConfigError(
-            f"data.batch_size: expected a multiple of train.accumulate x devices "
-            f"({cfg.train.accumulate} x {fabric.world_size}), got {cfg.data.batch_size}"
-        )
+    micro_batch = micro_batch_size(cfg, fabric.world_size)
     if task.prepare_data:  # built once if missing (rank 0 of each node first), then read by every rank
         with fabric.rank_zero_first(local=True):
             task.prepare_data(cfg)
@@ -153,12 +148,7 @@ def setup(fabric: Fabric, cfg: RunConfig, task: Task, resume_command: str, fresh
         fabric.seed_everything(cfg.train.seed + fabric.global_rank, verbose=False)  # rank 0 keeps one process's
     name_of = {id(p): n for n, p in distributed.unwrapped(model).named_parameters()}
     named = [(name_of[id(p)], p) for g in optimizer.param_groups for p in g["params"] if id(p) in name_of]
-    limits = [cfg.train.max_steps or math.inf, (cfg.train.max_epochs or math.inf) * steps_per_epoch]
-    total_steps = int(min(limits)) if min(limits) < math.inf else sys.maxsize  # max_time alone: no step limit
-    if total_steps == sys.maxsize and cfg.schedule.kind == "cosine" and cfg.schedule.total_steps is None:
-        raise ConfigError(
-            "schedule.total_steps: expected a step count for the cosine decay when only train.max_time limits the run"
-        )
+    total_steps = step_limit(cfg, steps_per_epoch)
     run_dir, resume_from, folder_lock = runs.open_run_folder(fabric, cfg, fresh_name)
     try:  # a failure from here on releases the run folder at once (a notebook may start another run)
         fields = len(task.train_fields)
@@ -180,17 +170,44 @@ def setup(fabric: Fabric, cfg: RunConfig, task: Task, resume_command: str, fresh
         runs.write_run_folder(fabric, cfg, run_dir)
         if fabric.is_global_zero:
             run.loggers = loggers.open_for(fabric, cfg, task, run_dir, run.progress.step if cfg.resume else None)
-            world = fabric.world_size
-            print(
-                f"run folder: {run_dir}  ({world} process{'es' if world > 1 else ''}, {fabric.device}, "
-                f"micro-batch {micro_batch} x {cfg.train.accumulate} accumulation x {world} = {cfg.data.batch_size})"
-            )
-            if run.sharded and not task.blocks:
-                print(f"{config.strategy_of(cfg.fabric)}: the task names no blocks, so the whole model is one unit")
+            announce(run, micro_batch)
     except BaseException:
         runs.unlock_folder(folder_lock)
         raise
     return run
+
+
+def micro_batch_size(cfg: RunConfig, world_size: int) -> int:
+    """The examples one process takes per forward: the batch split over devices and accumulation steps."""
+    micro_batch, remainder = divmod(cfg.data.batch_size, cfg.train.accumulate * world_size)
+    if remainder or micro_batch == 0:
+        raise ConfigError(
+            f"data.batch_size: expected a multiple of train.accumulate x devices "
+            f"({cfg.train.accumulate} x {world_size}), got {cfg.data.batch_size}"
+        )
+    return micro_batch
+
+
+def step_limit(cfg: RunConfig, steps_per_epoch: int) -> int:
+    """The optimizer steps the run takes: max_steps or max_epochs, the first reached (sys.maxsize: max_time only)."""
+    limits = [cfg.train.max_steps or math.inf, (cfg.train.max_epochs or math.inf) * steps_per_epoch]
+    total_steps = int(min(limits)) if min(limits) < math.inf else sys.maxsize
+    if total_steps == sys.maxsize and cfg.schedule.kind == "cosine" and cfg.schedule.total_steps is None:
+        raise ConfigError(
+            "schedule.total_steps: expected a step count for the cosine decay when only train.max_time limits the run"
+        )
+    return total_steps
+
+
+def announce(run: Run, micro_batch: int) -> None:
+    """Rank 0's first line: where the run is, on what, and how its batch is split."""
+    cfg, world = run.cfg, run.fabric.world_size
+    print(
+        f"run folder: {run.run_dir}  ({world} process{'es' if world > 1 else ''}, {run.fabric.device}, "
+        f"micro-batch {micro_batch} x {cfg.train.accumulate} accumulation x {world} = {cfg.data.batch_size})"
+    )
+    if run.sharded and not run.task.blocks:
+        print(f"{config.strategy_of(cfg.fabric)}: the task names no blocks, so the whole model is one unit")
 
 
 def standard_hooks(run: Run) -> callbacks.Hooks:
@@ -202,69 +219,116 @@ def standard_hooks(run: Run) -> callbacks.Hooks:
 
 
 def fit(run: Run, hooks: callbacks.Hooks) -> bool:
-    """The loop: optimizer steps until a limit or a stop request. False if stopped by a signal."""
+    """The loop: optimizer steps until a limit or a stop request, one function a level (the epoch's batches, a step,
+    the log, the validation). False if stopped by a signal."""
+    take_step, start_time, batches = stepper(run, hooks), time.perf_counter(), None
+    callbacks.call(hooks, "on_train_start", run)
+    while not run.should_stop and run.progress.step < run.total_steps:
+        if batches is None:
+            batches = epoch_batches(run)
+        end_of_epoch = take_step(batches)
+        callbacks.call(hooks, "after_step", run)  # a stop it asks for makes this step the last: validated, saved
+        if is_log_step(run) and not log_and_listen(run, hooks, start_time):
+            preempt(run, hooks)
+            return False
+        validate_or_save(run, hooks, end_of_epoch)
+        if end_of_epoch:
+            batches = None
+            if epochs_reached(run):
+                break
+    if run.window.steps:  # stopped early inside a log interval
+        log_training(run, hooks)
+    callbacks.call(hooks, "on_train_end", run)
+    return True
+
+
+def epoch_batches(run: Run):
+    """The training batches of the current epoch, from where the run is in it (a resumed run skips what it saw)."""
+    skip = run.progress.step_in_epoch * run.cfg.train.accumulate
+    run.train_loader.sampler.start_epoch(run.progress.epoch, skip_batches=skip)
+    return iter(run.train_loader)
+
+
+def stepper(run: Run, hooks: callbacks.Hooks):
+    """One optimizer step, as a function of the epoch's batches returning whether the epoch ended; what it needs is
+    looked up once here, not at every step."""
     cfg, fabric, model, optimizer = run.cfg, run.fabric, run.model, run.optimizer
     progress, window = run.progress, run.window  # where the loop is; what the next log reads
     accumulate, train_size, device = cfg.train.accumulate, data.size(run.datasets["train"]), fabric.device
     skip_sync = not run.sharded if cfg.train.skip_grad_sync is None else cfg.train.skip_grad_sync  # FSDP: whole grads
     clip = distributed.gradient_clipper(fabric, model, optimizer, cfg.train.clip)
-    train_step, start_time = contract.checked_once(run), time.perf_counter()  # first return checked: no sync
-    callbacks.call(hooks, "on_train_start", run)
-    while not run.should_stop and progress.step < run.total_steps:
-        run.train_loader.sampler.start_epoch(progress.epoch, skip_batches=progress.step_in_epoch * accumulate)
-        batches = iter(run.train_loader)
-        while progress.step_in_epoch < run.steps_per_epoch and progress.step < run.total_steps and not run.should_stop:
-            run.lr = run.lr_at(progress.step)
-            for group in optimizer.param_groups:
-                group["lr"] = run.lr
-            for micro in range(accumulate):
-                waited = time.perf_counter()
-                batch = to_device(next(batches), device)
-                window.data_wait_s += time.perf_counter() - waited
-                # With skip_sync, gradients are all-reduced only on the last micro-batch of the step.
-                with fabric.no_backward_sync(model, enabled=skip_sync and micro < accumulate - 1):
-                    loss, logged = train_step(cfg, model, batch, progress.step, train_size)
-                    if accumulate > 1:  # the mean over micro-batches (no extra op when there is one)
-                        loss, logged = loss / accumulate, logged / accumulate
-                    fabric.backward(loss)
-                window.sums += logged  # stays on the device
-            skip = take_gradient_norms(run)
-            callbacks.call(hooks, "after_backward", run)
-            if not skip:
-                if cfg.train.clip is not None:
-                    clip(run.grad_norms)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.step_in_epoch += 1
-            window.steps += 1
-            end_of_epoch = progress.step_in_epoch == run.steps_per_epoch
-            if end_of_epoch:
-                progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
-            callbacks.call(hooks, "after_step", run)  # a stop it asks for makes this step the last: validated, saved
-            if progress.step % cfg.log.every == 0 or progress.step == run.total_steps:
-                log_training(run, hooks)
-                if fabric.all_reduce(torch.tensor(float(run.stop_signal), device=device), reduce_op="max").item():
-                    preempt(run, hooks)
-                    return False
-                if cfg.train.max_time and fabric.broadcast(time.perf_counter() - start_time > cfg.train.max_time * 60):
-                    fabric.print(f"max_time of {cfg.train.max_time} minutes reached at step {progress.step}")
-                    run.should_stop = True
-            epochs_done = cfg.train.max_epochs is not None and progress.epoch >= cfg.train.max_epochs
-            last_step = progress.step == run.total_steps or run.should_stop or epochs_done
-            val_every = cfg.train.val_every
-            if val_every is not None and (progress.step % val_every == 0 or end_of_epoch or last_step):
-                validate(run, hooks)
-            elif cfg.checkpoint.every and progress.step % cfg.checkpoint.every == 0:
-                checkpoints.save(run, run.run_dir / "checkpoints" / "last.ckpt")
-            if end_of_epoch:
-                break
-        if cfg.train.max_epochs is not None and progress.epoch >= cfg.train.max_epochs:
-            break
-    if window.steps:  # stopped early inside a log interval
-        log_training(run, hooks)
-    callbacks.call(hooks, "on_train_end", run)
+    train_step = contract.checked_once(run)  # the first return checked, then the task's own function: no sync
+
+    def take_step(batches) -> bool:
+        run.lr = run.lr_at(progress.step)
+        for group in optimizer.param_groups:
+            group["lr"] = run.lr
+        for micro in range(accumulate):
+            waited = time.perf_counter()
+            batch = to_device(next(batches), device)
+            window.data_wait_s += time.perf_counter() - waited
+            # With skip_sync, gradients are all-reduced only on the last micro-batch of the step.
+            with fabric.no_backward_sync(model, enabled=skip_sync and micro < accumulate - 1):
+                loss, logged = train_step(cfg, model, batch, progress.step, train_size)
+                if accumulate > 1:  # the mean over micro-batches (no extra op when there is one)
+                    loss, logged = loss / accumulate, logged / accumulate
+                fabric.backward(loss)
+            window.sums += logged  # stays on the device
+        skip = take_gradient_norms(run)
+        callbacks.call(hooks, "after_backward", run)
+        if not skip:
+            if cfg.train.clip is not None:
+                clip(run.grad_norms)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return advance(run)
+
+    return take_step
+
+
+def advance(run: Run) -> bool:
+    """Count the step taken; True when it ended the epoch."""
+    progress = run.progress
+    progress.step += 1
+    progress.step_in_epoch += 1
+    run.window.steps += 1
+    if progress.step_in_epoch < run.steps_per_epoch:
+        return False
+    progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
     return True
+
+
+def is_log_step(run: Run) -> bool:
+    return run.progress.step % run.cfg.log.every == 0 or run.progress.step == run.total_steps
+
+
+def log_and_listen(run: Run, hooks: callbacks.Hooks, start_time: float) -> bool:
+    """The log, then what the ranks decide together at it: a signal received (False: stop now) and the time limit.
+    Only here, as a check at every step would cost a sync across ranks."""
+    fabric = run.fabric
+    log_training(run, hooks)
+    if fabric.all_reduce(torch.tensor(float(run.stop_signal), device=fabric.device), reduce_op="max").item():
+        return False
+    max_time = run.cfg.train.max_time
+    if max_time and fabric.broadcast(time.perf_counter() - start_time > max_time * 60):
+        fabric.print(f"max_time of {max_time} minutes reached at step {run.progress.step}")
+        run.should_stop = True
+    return True
+
+
+def validate_or_save(run: Run, hooks: callbacks.Hooks, end_of_epoch: bool) -> None:
+    """Validate (and save the ranked checkpoints) every `val_every` steps, at an epoch's end and after the last
+    step; without validation, save last.ckpt every `checkpoint.every` steps."""
+    cfg, step = run.cfg, run.progress.step
+    last_step = step == run.total_steps or run.should_stop or epochs_reached(run)
+    if cfg.train.val_every is not None and (step % cfg.train.val_every == 0 or end_of_epoch or last_step):
+        validate(run, hooks)
+    elif cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+        checkpoints.save(run, run.run_dir / "checkpoints" / "last.ckpt")
+
+
+def epochs_reached(run: Run) -> bool:
+    return run.cfg.train.max_epochs is not None and run.progress.epoch >= run.cfg.train.max_epochs
 
 
 def to_device(batch, device: torch.device):
