@@ -427,11 +427,12 @@ def load_folder(path: Path, state: dict, shards, strict: bool = True) -> dict:
 
 def read_metadata(path: Path) -> dict:
     """A checkpoint without its model and optimizer: config, progress, RNG states, run identity (a file is
-    memory-mapped, so its tensors are not read), as data."""
+    memory-mapped, so its tensors are not read), as data. A file's CRCs are left to the load that follows, which
+    verifies every byte: reading them here too would read a resumed or evaluated file twice."""
     path = Path(path)
     if path.is_dir():
         meta = path / "meta.pt"
         if meta.is_symlink() or not meta.is_file():
             raise ValueError("no meta.pt (the run's config and progress) in the folder, or a link in its place")
         return torch_file(meta)
-    return torch_file(path)
+    return torch_file(path, crc=False)

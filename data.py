@@ -343,3 +343,14 @@ def eval_loader(fabric, dataset, *, batch_size: int, collate=None, on_device: bo
         pin_memory=fabric.device.type == "cuda",
     )
     return loader if on_device else evaluated_on(fabric, loader)
+
+
+def micro_batch_size(cfg, world_size: int) -> int:
+    """The examples one process takes per forward: the batch split over devices and accumulation steps."""
+    micro_batch, remainder = divmod(cfg.data.batch_size, cfg.train.accumulate * world_size)
+    if remainder or micro_batch == 0:
+        raise ConfigError(
+            f"data.batch_size: expected a multiple of train.accumulate x devices "
+            f"({cfg.train.accumulate} x {world_size}), got {cfg.data.batch_size}"
+        )
+    return micro_batch

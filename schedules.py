@@ -10,6 +10,9 @@ generic `ramp`: hold a start value, then move to an end value with a chosen shap
 """
 
 import math
+import sys
+
+from config import ConfigError
 
 LR_SCHEDULES = ("constant", "cosine", "noam")
 RAMP_SHAPES = ("constant", "linear", "exponential", "cosine", "threshold")
@@ -85,3 +88,14 @@ def lr_function(s, base_lr: float, total_steps: int):
         step, s.kind, base_lr, s.warmup_steps, s.total_steps or total_steps, s.min_lr_ratio, s.noam_scale,
         s.noam_d_model,
     )  # fmt: skip
+
+
+def step_limit(cfg, steps_per_epoch: int) -> int:
+    """The optimizer steps the run takes: max_steps or max_epochs, the first reached (sys.maxsize: max_time only)."""
+    limits = [cfg.train.max_steps or math.inf, (cfg.train.max_epochs or math.inf) * steps_per_epoch]
+    total_steps = int(min(limits)) if min(limits) < math.inf else sys.maxsize
+    if total_steps == sys.maxsize and cfg.schedule.kind == "cosine" and cfg.schedule.total_steps is None:
+        raise ConfigError(
+            "schedule.total_steps: expected a step count for the cosine decay when only train.max_time limits the run"
+        )
+    return total_steps

@@ -201,11 +201,11 @@ def require_data_only(path: Path) -> None:
         )
 
 
-def torch_file(path: Path, checked: bool = False):
+def torch_file(path: Path, checked: bool = False, crc: bool = True):
     """A torch.save file as data only (weights_only: tensors, numbers, strings, lists, dicts), memory-mapped onto
-    the CPU (tensors are read when used), checked first unless the caller just did."""
+    the CPU (tensors are read when used), checked first unless the caller just did (`crc=False`: all but the CRCs)."""
     if not checked:
-        check_file(Path(path))
+        check_file(Path(path), crc)
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:  # what the scan let through and the safe loader still refused

@@ -11,7 +11,6 @@ may ask the loop to stop. The same script runs under `fabric run`, torchrun and 
 import datetime
 import functools
 import json
-import math
 import shlex
 import sys
 import time
@@ -128,7 +127,7 @@ def setup(fabric: Fabric, cfg: RunConfig, task: Task, resume_command: str, fresh
     storage.write_directly(fabric)
     if fabric.device.type == "cuda":
         torch.set_float32_matmul_precision(cfg.fabric.matmul_precision)
-    micro_batch = micro_batch_size(cfg, fabric.world_size)
+    micro_batch = data.micro_batch_size(cfg, fabric.world_size)
     if task.prepare_data:  # built once if missing (rank 0 of each node first), then read by every rank
         with fabric.rank_zero_first(local=True):
             task.prepare_data(cfg)
@@ -148,7 +147,7 @@ def setup(fabric: Fabric, cfg: RunConfig, task: Task, resume_command: str, fresh
         fabric.seed_everything(cfg.train.seed + fabric.global_rank, verbose=False)  # rank 0 keeps one process's
     name_of = {id(p): n for n, p in distributed.unwrapped(model).named_parameters()}
     named = [(name_of[id(p)], p) for g in optimizer.param_groups for p in g["params"] if id(p) in name_of]
-    total_steps = step_limit(cfg, steps_per_epoch)
+    total_steps = schedules.step_limit(cfg, steps_per_epoch)
     run_dir, resume_from, folder_lock = runs.open_run_folder(fabric, cfg, fresh_name)
     try:  # a failure from here on releases the run folder at once (a notebook may start another run)
         fields = len(task.train_fields)
@@ -175,28 +174,6 @@ def setup(fabric: Fabric, cfg: RunConfig, task: Task, resume_command: str, fresh
         runs.unlock_folder(folder_lock)
         raise
     return run
-
-
-def micro_batch_size(cfg: RunConfig, world_size: int) -> int:
-    """The examples one process takes per forward: the batch split over devices and accumulation steps."""
-    micro_batch, remainder = divmod(cfg.data.batch_size, cfg.train.accumulate * world_size)
-    if remainder or micro_batch == 0:
-        raise ConfigError(
-            f"data.batch_size: expected a multiple of train.accumulate x devices "
-            f"({cfg.train.accumulate} x {world_size}), got {cfg.data.batch_size}"
-        )
-    return micro_batch
-
-
-def step_limit(cfg: RunConfig, steps_per_epoch: int) -> int:
-    """The optimizer steps the run takes: max_steps or max_epochs, the first reached (sys.maxsize: max_time only)."""
-    limits = [cfg.train.max_steps or math.inf, (cfg.train.max_epochs or math.inf) * steps_per_epoch]
-    total_steps = int(min(limits)) if min(limits) < math.inf else sys.maxsize
-    if total_steps == sys.maxsize and cfg.schedule.kind == "cosine" and cfg.schedule.total_steps is None:
-        raise ConfigError(
-            "schedule.total_steps: expected a step count for the cosine decay when only train.max_time limits the run"
-        )
-    return total_steps
 
 
 def announce(run: Run, micro_batch: int) -> None:
