@@ -2,9 +2,10 @@
 read-only view of the loop's run (`RunView`), and the one thing a hook may do to it is `run.request_stop()`.
 
 Points: `on_train_start`, `after_backward` (the gradients are there, `run.grad_norms` holds their per-layer
-norms), `after_step` (before this step's log and validation), `on_log` (every log.every steps, the training values
-in `run.log_row`), `on_validation_end` (metrics in `run.val_metrics`), `on_train_end`, `on_test_end` (after the
-test of the best checkpoint, before the loggers close). A hook may return a dict of values: the loop logs them at
+norms), `before_log_update` (the same, only on a step that logs, before the optimizer's update), `after_step`
+(before this step's log and validation), `on_log` (every log.every steps, the training values in `run.log_row`),
+`on_validation_end` (metrics in `run.val_metrics`), `on_train_end`, `on_test_end` (after the test of the best
+checkpoint, before the loggers close). A hook may return a dict of values: the loop logs them at
 the current step (at `on_log` they join the row, for the hooks after it too). A factory below returns
 {point: [functions]} for one concern; `merge` joins them. Nothing here syncs with the device except where it says
 so. The monitoring's hooks are in monitor.py; a task adds its own (chess's prediction table, its test pictures)
@@ -22,14 +23,15 @@ from types import MappingProxyType
 from tqdm import tqdm
 from tqdm.auto import tqdm as tqdm_auto
 
-import distributed
 from config import ConfigError
-from contract import line_of
+from kibitz import distributed
+from kibitz.contract import line_of
 
 Hooks = dict[str, list]
 POINTS = (
     "on_train_start",
     "after_backward",
+    "before_log_update",
     "after_step",
     "on_log",
     "on_validation_end",
@@ -206,7 +208,7 @@ def curves(min_interval_s: float = 60.0) -> Hooks:
 def plot_curves(metrics_csv: Path, path: Path, val_names: list[str]) -> None:
     from matplotlib.figure import Figure  # not pyplot: a notebook's backend and figures are left alone
 
-    from trackers import metric_rows
+    from kibitz.tracking.sinks import metric_rows
 
     series: dict[str, tuple[list, list]] = {}
     for step, name, value in metric_rows(metrics_csv):
@@ -233,7 +235,7 @@ def save_figure(fig, path: Path, dpi: int = 90) -> None:
     """Write a matplotlib Figure as a PNG in one rename: a reader (a browser refreshing it) never sees half."""
     import io
 
-    from storage import write_atomic
+    from kibitz.storage import write_atomic
 
     fig.tight_layout()
     picture = io.BytesIO()

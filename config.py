@@ -129,7 +129,8 @@ class MonitorConfig:
     background thread; nothing runs on steps that log nothing."""
 
     histogram_every: int | None = 100
-    """Histograms and statistics of every weight and gradient every N optimizer steps; unset = off."""
+    """Histograms and statistics of every weight and gradient every N optimizer steps (a multiple of log.every);
+    unset = off."""
     bins: int = 64
     """Histogram bins (each tensor over its own range)."""
     max_elements: int | None = None
@@ -227,16 +228,24 @@ class ConfigError(ValueError):
     """A bad config value; the message is one line naming the field."""
 
 
-def float_fields(section, where: str = ""):
+def leaf_fields(config, prefix: str = ""):
+    """(dotted name, type hint, value) of every field of a config, a class or an instance, that is not a section of
+    its own; sections are walked into. The value is None for a class. The one walk over a config's fields."""
+    cls = config if isinstance(config, type) else type(config)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint, value = hints[f.name], None if config is cls else getattr(config, f.name)
+        if dataclasses.is_dataclass(hint) or dataclasses.is_dataclass(value):
+            yield from leaf_fields(hint if value is None else value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hint, value
+
+
+def float_fields(config):
     """(dotted name, value) of every float in a config, sections and task sections included."""
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from float_fields(value, f"{where}{f.name}.")
-        elif isinstance(value, float):
-            yield f"{where}{f.name}", value
-        elif isinstance(value, (list, tuple)):
-            yield from ((f"{where}{f.name}", v) for v in value if isinstance(v, float))
+    for name, _, value in leaf_fields(config):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        yield from ((name, v) for v in values if isinstance(v, float))
 
 
 def strategy_of(f: FabricConfig) -> str:
@@ -264,7 +273,7 @@ class Task:
     torch Dataset with __len__ and a per-example __getitem__ (examples collated into batches of any structure)."""
     train_step: Callable
     """(cfg, model, batch, step, train_size) -> the loss to backpropagate, or (loss, {name: value to log}); the
-    values are averaged over each log interval (or, as before: (loss, a detached tensor of train_fields))."""
+    values are averaged over each log interval."""
     metrics: dict[str, Direction]
     """The validation metrics that may rank checkpoints, each with whether lower or higher is better."""
     _: dataclasses.KW_ONLY  # the six fields above by position, the rest by keyword: Task(..., eval_step=...)
@@ -277,8 +286,6 @@ class Task:
     """Instead of eval_step: (fabric, cfg, model, loader) -> (metrics, histograms) over the split and the ranks."""
     report: Callable | None = None
     """(cfg, test metrics) -> (title, {row: value}) for the test table (default: the task's name and every metric)."""
-    train_fields: tuple[str, ...] = ("loss",)
-    """Only for a train_step returning (loss, a tensor of values): their names, the loss first."""
     scheduled: Callable | None = None
     """(cfg, step) -> {name: value}: values the task's own schedules apply at a step (logged as schedule/...)."""
     prepare_data: Callable | None = None
@@ -316,14 +323,10 @@ def check(cfg: RunConfig, task: Task) -> None:
     """Raise ConfigError for the first value outside what is allowed (the choices are Literals, which
     the command line already refuses; a config built in code is checked here), then the task's own check."""
     check_task(task)
-    for name in ("fabric", "schedule", "data", "log", "monitor", "checkpoint"):  # a task's own sections: its check
-        section = getattr(cfg, name)
-        for f in dataclasses.fields(section):
-            choices = literal_choices(typing.get_type_hints(type(section))[f.name])
-            value = getattr(section, f.name)
-            require(
-                not choices or value in choices, f"{name}.{f.name}", "one of " + ", ".join(map(str, choices)), value
-            )
+    for section in ("fabric", "schedule", "data", "log", "monitor", "checkpoint"):  # a task's own: its check
+        for name, hint, value in leaf_fields(getattr(cfg, section), section + "."):
+            choices = literal_choices(hint)
+            require(not choices or value in choices, name, "one of " + ", ".join(map(str, choices)), value)
     for name, value in float_fields(cfg):  # inf or NaN passes every comparison below (or fails it with no reason)
         require(math.isfinite(value), name, "a finite number", value)
     check_optimisation(cfg)
@@ -368,23 +371,36 @@ def check_run(cfg: RunConfig, task: Task) -> None:
     require(0 <= t.seed < 2**32, "train.seed", "a seed in [0, 2**32)", t.seed)
     require(cfg.log.every > 0, "log.every", "a positive count", cfg.log.every)
     trackers = cfg.log.logger
-    require(len(trackers) > 0 and ("none" not in trackers or len(trackers) == 1), "log.logger",
-            "one or more of wandb, tensorboard, mlflow, csv; or none alone", " ".join(trackers))  # fmt: skip
+    require(
+        len(trackers) > 0 and ("none" not in trackers or len(trackers) == 1),
+        "log.logger",
+        "one or more of wandb, tensorboard, mlflow, csv; or none alone",
+        " ".join(trackers),
+    )
     require(c.every is None or c.every > 0, "checkpoint.every", "a positive count", c.every)
     require(c.keep_best == -1 or c.keep_best >= 1, "checkpoint.keep_best", "-1 (all) or a count >= 1", c.keep_best)
-    require(c.rank_by is None or c.rank_by in task.metrics, "checkpoint.rank_by", "one of " + ", ".join(task.metrics),
-            c.rank_by)  # fmt: skip
+    require(
+        c.rank_by is None or c.rank_by in task.metrics,
+        "checkpoint.rank_by",
+        "one of " + ", ".join(task.metrics),
+        c.rank_by,
+    )
     strategy = strategy_of(cfg.fabric)
     sharded_ok = not c.sharded or strategy in ("fsdp", "fsdp2")
     require(sharded_ok, "checkpoint.sharded", "strategy fsdp or fsdp2 (other strategies hold whole models)", strategy)
-    require(m.histogram_every is None or m.histogram_every >= 1, "monitor.histogram_every", "a count >= 1",
-            m.histogram_every)  # fmt: skip
+    every = m.histogram_every
+    multiple = f"a multiple of log.every ({cfg.log.every}): histograms are sent at a log"
+    require(every is None or every >= 1 and every % cfg.log.every == 0, "monitor.histogram_every", multiple, every)
     require(m.bins >= 1, "monitor.bins", "a count >= 1", m.bins)
     require(m.max_elements is None or m.max_elements >= 1, "monitor.max_elements", "a count >= 1", m.max_elements)
     require(m.peak_tflops is None or m.peak_tflops > 0, "monitor.peak_tflops", "a positive number", m.peak_tflops)
     init_ok = cfg.init_from is None or cfg.init_from.startswith("wandb:") or Path(cfg.init_from).exists()
-    require(init_ok, "init_from", "a checkpoint file or folder, an artifact folder, or wandb:ARTIFACT[:ALIAS]",
-            cfg.init_from)  # fmt: skip
+    require(
+        init_ok,
+        "init_from",
+        "a checkpoint file or folder, an artifact folder, or wandb:ARTIFACT[:ALIAS]",
+        cfg.init_from,
+    )
     limited = any(v is not None for v in (t.max_steps, t.max_epochs, t.max_time))
     require(limited, "train.max_steps", "a limit: set max_steps, max_epochs or max_time", None)
     for name in ("max_steps", "max_epochs", "val_every", "val_batches", "accumulate"):
@@ -424,9 +440,6 @@ def check_task(task: Task) -> None:
     for name in ("eval_metrics", "report", "collate", "scheduled", "prepare_data", "hooks", "check"):
         value = getattr(task, name)
         require(value is None or callable(value), field + name, "a function or None", value)
-    fields = task.train_fields
-    returned = "the names of what train_step returns, the loss first"
-    require(isinstance(fields, (tuple, list)) and len(fields) > 0, field + "train_fields", returned, fields)
 
 
 PLAIN = "no /, \\ or ..: the run folder stays inside out_dir; no control character; not starting with -"

@@ -85,9 +85,15 @@ def ramp(step: int, start: float, end: float, hold: int, steps: int, shape: str)
 def lr_function(s, base_lr: float, total_steps: int):
     """step -> learning rate for a ScheduleConfig `s` (its total_steps, else the run's)."""
     return lambda step: learning_rate(
-        step, s.kind, base_lr, s.warmup_steps, s.total_steps or total_steps, s.min_lr_ratio, s.noam_scale,
+        step,
+        s.kind,
+        base_lr,
+        s.warmup_steps,
+        s.total_steps or total_steps,
+        s.min_lr_ratio,
+        s.noam_scale,
         s.noam_d_model,
-    )  # fmt: skip
+    )
 
 
 def step_limit(cfg, steps_per_epoch: int) -> int:

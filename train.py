@@ -11,6 +11,7 @@ may ask the loop to stop. The same script runs under `fabric run`, torchrun and 
 import datetime
 import functools
 import json
+import os
 import shlex
 import sys
 import time
@@ -18,46 +19,56 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TASK_MODULES = {"model", "losses", "tasks", "figures", "predict"}  # the built-in tasks': a task's own may shadow them
+TASK_MODULES = {"model", "losses"}  # the built-in tasks' own: a task's own may shadow them
 
 
 def shadowing(folder: Path) -> str | None:
-    """A task folder's module named like one of the trainer's (config.py, data.py): the task's folder comes first
-    on the import path, so one would be imported in the other's place. The message, or None."""
+    """A task folder's module or package named like one of the trainer's (config.py, data.py, kibitz/): the task's
+    folder comes first on the import path, so one would be imported in the other's place. The message, or None."""
     folder = folder.resolve()
-    for theirs in sorted(folder.glob("*.py")) if folder != HERE else []:
-        if (HERE / theirs.name).is_file() and theirs.stem not in TASK_MODULES:
+    if folder == HERE:
+        return None
+    theirs = [*folder.glob("*.py"), *(init.parent for init in folder.glob("*/__init__.py"))]
+    for path in sorted(theirs):
+        ours = HERE / path.name
+        if ours.exists() and path.stem not in TASK_MODULES:
             return (
-                f"error: task: {theirs} has the name of the trainer's {HERE / theirs.name}: one would be imported in "
-                f"the other's place; rename yours (say my_{theirs.name})"
+                f"error: task: {path} has the name of the trainer's {ours}: one would be imported in the other's "
+                f"place; rename yours (say my_{path.name})"
             )
     return None
 
 
-# Checked before the trainer's own imports, which a task folder's config.py would otherwise replace.
+def one_line_if_uncaught(clash: str) -> None:
+    """A script that imports train and does not catch the ImportError below ends with its one line, exit code 2."""
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback) -> None:
+        if isinstance(value, ImportError) and str(value) == clash:
+            sys.stderr.write(clash + "\n")
+            sys.stderr.flush()
+            os._exit(2)
+        previous(kind, value, traceback)
+
+    sys.excepthook = hook
+
+
+# Checked before the trainer's own imports, which a task folder's config.py would otherwise replace. An error, not an
+# exit: a notebook's kernel, or a caller that catches it, goes on.
 if __name__ != "__main__" and sys.path and (clash := shadowing(Path(sys.path[0] or "."))):
-    sys.stderr.write(clash + "\n")
-    sys.exit(2)
+    one_line_if_uncaught(clash)
+    raise ImportError(clash)
 
 import torch
 from lightning_fabric import Fabric
 
 import callbacks
-import checkpoints
-import cli
 import config
-import contract
 import data
-import distributed
-import evaluation
-import loggers
-import monitor
-import nonfinite
-import runs
 import schedules
-import storage
-import tools
 from config import ConfigError, RunConfig, Task
+from kibitz import checkpoints, cli, contract, distributed, evaluation, monitor, nonfinite, runs, storage, tools
+from kibitz.tracking import loggers
 
 
 @dataclass
@@ -150,16 +161,33 @@ def setup(fabric: Fabric, cfg: RunConfig, task: Task, resume_command: str, fresh
     total_steps = schedules.step_limit(cfg, steps_per_epoch)
     run_dir, resume_from, folder_lock = runs.open_run_folder(fabric, cfg, fresh_name)
     try:  # a failure from here on releases the run folder at once (a notebook may start another run)
-        fields = len(task.train_fields)
+        fields = 1  # the loss; train_step's first call may add the values it logs
         run = Run(
-            fabric, cfg, task, model, optimizer, run_dir, train_loader, eval_loaders, datasets, total_steps,
-            steps_per_epoch, schedules.lr_function(cfg.schedule, cfg.optim.lr, total_steps),
-            [p for _, p in named], [n for n, _ in named], checkpoints.is_sharding(fabric),
-            config.ranking_metric(cfg, task), resume_command, checkpoints.Progress(),
-            LogWindow(torch.zeros(fields, device=fabric.device), torch.zeros(fields, device=fabric.device),
-                      torch.empty(cfg.log.every, len(named), device=fabric.device)),
+            fabric,
+            cfg,
+            task,
+            model,
+            optimizer,
+            run_dir,
+            train_loader,
+            eval_loaders,
+            datasets,
+            total_steps,
+            steps_per_epoch,
+            schedules.lr_function(cfg.schedule, cfg.optim.lr, total_steps),
+            [p for _, p in named],
+            [n for n, _ in named],
+            checkpoints.is_sharding(fabric),
+            config.ranking_metric(cfg, task),
+            resume_command,
+            checkpoints.Progress(),
+            LogWindow(
+                torch.zeros(fields, device=fabric.device),
+                torch.zeros(fields, device=fabric.device),
+                torch.empty(cfg.log.every, len(named), device=fabric.device),
+            ),
             folder_lock=folder_lock,
-        )  # fmt: skip
+        )
         if cfg.resume is not None and checkpoints.restore(run, resume_from):
             run.window.sums_before_step = run.window.sums.clone()
         elif cfg.init_from:  # fine-tuning: the weights only, a fresh optimizer and counters (and with --resume auto,
@@ -205,7 +233,7 @@ def fit(run: Run, hooks: callbacks.Hooks) -> bool:
             batches = epoch_batches(run)
         end_of_epoch = take_step(batches)
         callbacks.call(hooks, "after_step", run)  # a stop it asks for makes this step the last: validated, saved
-        if is_log_step(run) and not log_and_listen(run, hooks, start_time):
+        if is_log_step(run, run.progress.step) and not log_and_listen(run, hooks, start_time):
             preempt(run, hooks)
             return False
         validate_or_save(run, hooks, end_of_epoch)
@@ -234,7 +262,7 @@ def stepper(run: Run, hooks: callbacks.Hooks):
     accumulate, train_size, device = cfg.train.accumulate, data.size(run.datasets["train"]), fabric.device
     skip_sync = not run.sharded if cfg.train.skip_grad_sync is None else cfg.train.skip_grad_sync  # FSDP: whole grads
     clip = distributed.gradient_clipper(fabric, model, optimizer, cfg.train.clip)
-    train_step = contract.checked_once(run)  # the first return checked, then the task's own function: no sync
+    task_step = task_stepper(run)
 
     def take_step(batches) -> bool:
         run.lr = run.lr_at(progress.step)
@@ -246,13 +274,15 @@ def stepper(run: Run, hooks: callbacks.Hooks):
             window.data_wait_s += time.perf_counter() - waited
             # With skip_sync, gradients are all-reduced only on the last micro-batch of the step.
             with fabric.no_backward_sync(model, enabled=skip_sync and micro < accumulate - 1):
-                loss, logged = train_step(cfg, model, batch, progress.step, train_size)
+                loss, logged = task_step(cfg, model, batch, progress.step, train_size)
                 if accumulate > 1:  # the mean over micro-batches (no extra op when there is one)
                     loss, logged = loss / accumulate, logged / accumulate
                 fabric.backward(loss)
             window.sums += logged  # stays on the device
         skip = take_gradient_norms(run)
         callbacks.call(hooks, "after_backward", run)
+        if is_log_step(run, progress.step + 1):
+            callbacks.call(hooks, "before_log_update", run)
         if not skip:
             if cfg.train.clip is not None:
                 clip(run.grad_norms)
@@ -261,6 +291,34 @@ def stepper(run: Run, hooks: callbacks.Hooks):
         return advance(run)
 
     return take_step
+
+
+def task_stepper(run: Run):
+    """The task's train_step as the loop calls it: -> (loss, the logged values as one tensor, the loss first). Its
+    first call is checked (contract.py: an exception or a wrong return is one line), which fixes the names logged;
+    the later calls go straight to the task's function."""
+    task, returns_dict = run.task, False
+
+    def first_call(*args):
+        nonlocal step, returns_dict
+        result = contract.checked_train_step(run, *args)
+        returns_dict, step = isinstance(result, tuple), later_call
+        return logged_values(result, returns_dict)
+
+    def later_call(*args):
+        return logged_values(task.train_step(*args), returns_dict)
+
+    step = first_call
+    return lambda *args: step(*args)
+
+
+def logged_values(result, returns_dict: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss, and what the step logs as one tensor on the device (the loss first): no sync."""
+    if not returns_dict:
+        return result, result.detach()
+    loss, logged = result
+    values = [torch.as_tensor(v, device=loss.device).detach().float().reshape(()) for v in logged.values()]
+    return loss, torch.stack([loss.detach().float(), *values])
 
 
 def advance(run: Run) -> bool:
@@ -275,8 +333,8 @@ def advance(run: Run) -> bool:
     return True
 
 
-def is_log_step(run: Run) -> bool:
-    return run.progress.step % run.cfg.log.every == 0 or run.progress.step == run.total_steps
+def is_log_step(run: Run, step: int) -> bool:
+    return step % run.cfg.log.every == 0 or step == run.total_steps
 
 
 def log_and_listen(run: Run, hooks: callbacks.Hooks, start_time: float) -> bool:
@@ -320,7 +378,7 @@ def to_device(batch, device: torch.device):
 def take_gradient_norms(run: Run) -> bool:
     """This step's per-layer gradient norms, kept on the device: the clip reuses them and the next log reads the
     interval's rows for a non-finite one (two ops, no sync). True: drop this step (only under on-nonfinite skip)."""
-    grads = [checkpoints.local(p.grad if p.grad is not None else torch.zeros_like(p)) for p in run.params]
+    grads = [distributed.local(p.grad if p.grad is not None else torch.zeros_like(p)) for p in run.params]
     if run.cfg.monitor.on_nonfinite == "skip":
         run.grad_norms = torch.stack(torch._foreach_norm(grads))
         return nonfinite.skip_this_step(run)
@@ -392,8 +450,9 @@ def preempt(run: Run, hooks: callbacks.Hooks) -> None:
     again = shlex.join(
         ["--config", str(run.run_dir / "config.json"), "--run-name", run.run_dir.name, "--resume", "auto"]
     )
-    run.fabric.print(f"stopped at step {run.progress.step} on a signal; checkpoint {last}; resume with: "
-                     f"{run.resume_command} {again}")  # fmt: skip
+    run.fabric.print(
+        f"stopped at step {run.progress.step} on a signal; checkpoint {last}; resume with: {run.resume_command} {again}"
+    )
 
 
 def test(run: Run, hooks: callbacks.Hooks | None = None) -> dict[str, float]:

@@ -25,8 +25,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from lightning_fabric import Fabric  # noqa: E402
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict  # noqa: E402
 
-import checkpoints  # noqa: E402
-import storage  # noqa: E402
+from kibitz import checkpoints, storage  # noqa: E402
 
 
 def model_and_optimizer(width: int, depth: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from throughput import measure, tiled_dataset  # noqa: E402
 
 from config import FabricConfig, LogConfig, MonitorConfig, TrainConfig  # noqa: E402
-from tasks import ChessConfig, ChessData, ChessLog, DVAEConfig, PositionsData  # noqa: E402
+from tasks.chess import ChessConfig, ChessData, ChessLog, PositionsData  # noqa: E402
+from tasks.dvae import DVAEConfig  # noqa: E402
 
 
 def train_process(args: list[str], timeout: float) -> subprocess.CompletedProcess:

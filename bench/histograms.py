@@ -25,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 import torch  # noqa: E402
 
-import loggers  # noqa: E402
-import monitor  # noqa: E402
-import trackers  # noqa: E402
+from kibitz import monitor  # noqa: E402
+from kibitz.tracking import loggers, sinks  # noqa: E402
 from model import ChessEvaluator  # noqa: E402
 
 
@@ -56,7 +55,7 @@ def main() -> None:
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in arms.items()}
     names = {name: [n for n, _ in m.named_parameters()] for name, m in arms.items()}
 
-    ours = loggers.Loggers([trackers.TensorBoardLog(tmp / "kibitz", {})])
+    ours = loggers.Loggers([sinks.TensorBoardLog(tmp / "kibitz", {})])
     naive = SummaryWriter(str(tmp / "naive"))
     run = wandb.init(project="bench", dir=tmp, mode="offline")
     run.watch(arms["wandb.watch"], log="all", log_freq=1)
@@ -98,9 +97,12 @@ def main() -> None:
     naive.close()
     run.finish()
 
-    step_time = {name: statistics.median(t) for name, t in times.items()}
+    report({name: statistics.median(t) for name, t in times.items()}, len(names["none"]) * 2, args)
+
+
+def report(step_time: dict, tensors: int, args) -> None:
+    """Each arm's median step, the cost of one histogram event, and kibitz's event against the others'."""
     plain = step_time["none"]
-    tensors = len(names["none"]) * 2
     print(
         f"chess MLP {args.depth} x {args.width}, batch {args.batch}, {tensors} tensors per event, "
         f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds of {args.steps} steps; "

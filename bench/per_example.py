@@ -62,9 +62,14 @@ def main() -> None:
     print(f"{args.examples} examples, batch {args.batch_size}, {args.rounds} interleaved rounds (medians)")
     for workers in args.workers:
         plain = torch.utils.data.DataLoader(
-            dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=workers,
-            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0),
-        )  # fmt: skip
+            dataset,
+            batch_size=args.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(0),
+        )
         ours = data.make_loader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=workers)
         rates = {"plain DataLoader": [], "kibitz": []}
         for epoch in range(args.rounds):

@@ -36,7 +36,9 @@ import train  # noqa: E402
 from chessdata.folder import SPLITS  # noqa: E402
 from chessdata.prepare import ensure_prepared  # noqa: E402
 from config import FabricConfig, LogConfig, MonitorConfig, TrainConfig  # noqa: E402
-from tasks import TASKS, ChessConfig, ChessData, ChessLog, DVAEConfig, PositionsData  # noqa: E402
+from tasks import TASKS  # noqa: E402
+from tasks.chess import ChessConfig, ChessData, ChessLog, PositionsData  # noqa: E402
+from tasks.dvae import DVAEConfig  # noqa: E402
 
 SAMPLE_DIR, SAMPLE = Path("data/cache/sample"), [Path("data/sample.pgn.zst")]
 

@@ -11,17 +11,25 @@ A position is 101 bytes (notnil/chess `Position.MarshalBinary`):
 Positions are stored packed on disk and unpacked to 808 {0, 1} features on the device.
 """
 
-import chess
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
+if TYPE_CHECKING:  # the annotations name python-chess's Board; nothing here needs it at run time
+    import chess
+
 ROW_BYTES = 101
 NUM_BITS = ROW_BYTES * 8  # 808
-PIECE_ORDER = [
-    (color, piece)
-    for color in (chess.WHITE, chess.BLACK)
-    for piece in (chess.KING, chess.QUEEN, chess.ROOK, chess.BISHOP, chess.KNIGHT, chess.PAWN)
-]
+# python-chess's own values (chess.WHITE, chess.KING, ... chess.PAWN, its bitboard squares), written out so that
+# training, which reads packed rows only, does not import python-chess (tests/test_encoding.py compares them).
+WHITE, BLACK = True, False
+KING, QUEEN, ROOK, BISHOP, KNIGHT, PAWN = 6, 5, 4, 3, 2, 1
+BB_A1, BB_H1, BB_A8, BB_H8 = 1 << 0, 1 << 7, 1 << 56, 1 << 63
+SQUARE_NAMES = [f"{file}{rank}" for rank in "12345678" for file in "abcdefgh"]
+PIECE_ORDER = [(color, piece) for color in (WHITE, BLACK) for piece in (KING, QUEEN, ROOK, BISHOP, KNIGHT, PAWN)]
 PIECE_SYMBOLS = "KQRBNPkqrbnp"  # same order as PIECE_ORDER
 # Material values of the 12 planes in pawns from White's view (kings count nothing).
 MATERIAL_VALUES = (0, 9, 5, 3, 3, 1, 0, -9, -5, -3, -3, -1)
@@ -40,11 +48,11 @@ def board_state(board: chess.Board) -> tuple:
     masks = tuple(board.pieces_mask(piece, color) for color, piece in PIECE_ORDER)
     rights = board.castling_rights
     flags = (
-        (FLAG_WHITE_OO if rights & chess.BB_H1 else 0)
-        | (FLAG_WHITE_OOO if rights & chess.BB_A1 else 0)
-        | (FLAG_BLACK_OO if rights & chess.BB_H8 else 0)
-        | (FLAG_BLACK_OOO if rights & chess.BB_A8 else 0)
-        | (FLAG_BLACK_TO_MOVE if board.turn == chess.BLACK else 0)
+        (FLAG_WHITE_OO if rights & BB_H1 else 0)
+        | (FLAG_WHITE_OOO if rights & BB_A1 else 0)
+        | (FLAG_BLACK_OO if rights & BB_H8 else 0)
+        | (FLAG_BLACK_OOO if rights & BB_A8 else 0)
+        | (FLAG_BLACK_TO_MOVE if board.turn == BLACK else 0)
     )
     ep = -1 if board.ep_square is None else board.ep_square
     if ep >= 0:
@@ -76,6 +84,8 @@ def pack_board(board: chess.Board) -> np.ndarray:
 
 
 def pack_fen(fen: str) -> np.ndarray:
+    import chess
+
     return pack_board(chess.Board(fen))
 
 
@@ -102,7 +112,7 @@ def row_to_fen(row: np.ndarray) -> str:
     flags = int(row[100])
     turn = "b" if flags & FLAG_BLACK_TO_MOVE else "w"
     castling = "".join(c for c, bit in zip("KQkq", (1, 2, 4, 8)) if flags & bit) or "-"
-    ep = chess.SQUARE_NAMES[row[99]] if flags & FLAG_EN_PASSANT and row[99] < 64 else "-"
+    ep = SQUARE_NAMES[row[99]] if flags & FLAG_EN_PASSANT and row[99] < 64 else "-"
     fullmove = (int(row[97]) << 8) | int(row[98])
     return f"{'/'.join(ranks)} {turn} {castling} {ep} {int(row[96])} {fullmove}"
 

@@ -248,13 +248,11 @@ def check_paths(sources: list[Path], out: Path, hint: str = "") -> None:
         raise SystemExit(f"error: {out}: is a file; expected a folder for the prepared data")
 
 
-def _prepare(sources, out, filters, max_games, workers, games_per_chunk, dedup_memory=2e9) -> dict:
-    start = time.perf_counter()
-    workers = workers or os.cpu_count() or 1
+def _shards_folder(out: Path, recipe: dict) -> Path:
+    """The folder of finished shards, kept from an interrupted run of the same recipe, else emptied."""
     shards = out / "shards"
     for leftover in out.glob(".shards-done-*"):  # a cleanup that was killed
         shutil.rmtree(leftover, ignore_errors=True)
-    recipe = recipe_of(sources, filters, max_games, games_per_chunk)
     recipe_file = shards / "recipe.json"
     if shards.is_dir() and (not recipe_file.is_file() or json.loads(recipe_file.read_text() or "null") != recipe):
         print(f"{shards}: left by a preparation of other sources or settings; starting over")
@@ -262,6 +260,14 @@ def _prepare(sources, out, filters, max_games, workers, games_per_chunk, dedup_m
     shards.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # the directory is incomplete until meta.json is back
     _write_atomic(recipe_file, lambda tmp: tmp.write_text(json.dumps(recipe)))
+    return shards
+
+
+def _prepare(sources, out, filters, max_games, workers, games_per_chunk, dedup_memory=2e9) -> dict:
+    start = time.perf_counter()
+    workers = workers or os.cpu_count() or 1
+    recipe = recipe_of(sources, filters, max_games, games_per_chunk)
+    shards = _shards_folder(out, recipe)
     infos: list[dict] = []
     resumed = 0
 

@@ -31,6 +31,19 @@ SAN = re.compile(r"([NBRQK])?([a-h])?([1-8])?x?([a-h][1-8])(?:=?([NBRQ]))?[+#]?$
 H1, A1, H8, A8 = 1 << 7, 1 << 0, 1 << 63, 1 << 56
 
 
+def piece_origins(kind: int, to: int, occupied: int, pieces: int) -> int:
+    """The squares (a bit mask) from which one of `pieces`, a knight, bishop, rook, queen or king, reaches `to`."""
+    if kind == KNIGHT:
+        return KNIGHT_ATTACKS[to] & pieces
+    if kind == BISHOP:
+        return slider_attacks(to, occupied, BISHOP_RAYS) & pieces
+    if kind == ROOK:
+        return slider_attacks(to, occupied, ROOK_RAYS) & pieces
+    if kind == QUEEN:
+        return (slider_attacks(to, occupied, ROOK_RAYS) | slider_attacks(to, occupied, BISHOP_RAYS)) & pieces
+    return KING_ATTACKS[to] & pieces
+
+
 class IllegalMove(ValueError):
     pass
 
@@ -219,18 +232,7 @@ class FastBoard:
         else:
             if capture_sign and not to_bit & theirs:
                 return False  # a capture sign with nothing to capture: python-chess decides
-            if kind == KNIGHT:
-                candidates = KNIGHT_ATTACKS[to] & p[o + KNIGHT]
-            elif kind == BISHOP:
-                candidates = slider_attacks(to, occupied, BISHOP_RAYS) & p[o + BISHOP]
-            elif kind == ROOK:
-                candidates = slider_attacks(to, occupied, ROOK_RAYS) & p[o + ROOK]
-            elif kind == QUEEN:
-                lines = slider_attacks(to, occupied, ROOK_RAYS) | slider_attacks(to, occupied, BISHOP_RAYS)
-                candidates = p[o + QUEEN] & lines
-            else:
-                candidates = KING_ATTACKS[to] & p[o + KING]
-            candidates &= origin_mask
+            candidates = piece_origins(kind, to, occupied, p[o + kind]) & origin_mask
         if not candidates or candidates & (candidates - 1):
             return False  # none, or several pieces fit (one must be pinned): python-chess decides
         from_bit = candidates
@@ -238,13 +240,7 @@ class FastBoard:
 
         captured = bool(to_bit & theirs)
         if captured:
-            if p[t + KING] & to_bit:
-                raise IllegalMove(san)
-            for plane in range(t + 1, t + 6):
-                if p[plane] & to_bit:
-                    p[plane] ^= to_bit
-                    break
-            occ[them] ^= to_bit
+            self._remove_captured(to_bit, t, them, san)
         victim_bit = 0
         if en_passant:
             victim_bit = 1 << (to - forward)
@@ -277,6 +273,16 @@ class FastBoard:
             and self.attacked(enemy_king, us, after)
         )
         return True
+
+    def _remove_captured(self, to_bit: int, first_plane: int, them: int, san: str) -> None:
+        p = self.planes
+        if p[first_plane + KING] & to_bit:
+            raise IllegalMove(san)
+        for plane in range(first_plane + 1, first_plane + 6):
+            if p[plane] & to_bit:
+                p[plane] ^= to_bit
+                break
+        self.occupied[them] ^= to_bit
 
     def _pawn_origin(self, to: int, forward: int, occupied: int, theirs: int, pawns: int, capture_sign, pawn_file):
         """(the one-bit mask of the pawn that moves to `to`, 0 if none; whether it takes en passant), or None where

@@ -106,7 +106,7 @@ def next_char_loss(model, window: torch.Tensor, reduction: str = "mean") -> torc
 
 def train_step(cfg: CharConfig, model, batch, step: int, train_size: int):
     loss = next_char_loss(model, batch[0])
-    return loss, loss.detach()
+    return loss
 
 
 @torch.no_grad()
@@ -135,8 +135,19 @@ def check(cfg: CharConfig) -> None:
 
 
 METRICS = {"val/bpc": "min", "val/loss": "min"}  # the first ranks checkpoints
-TASK = Task("charlm", CharConfig, build_model, datasets, train_step, METRICS, eval_step=eval_step,
-            eval_metrics=eval_metrics, report=report, check=check, blocks=(Block,))  # fmt: skip
+TASK = Task(
+    "charlm",
+    CharConfig,
+    build_model,
+    datasets,
+    train_step,
+    METRICS,
+    eval_step=eval_step,
+    eval_metrics=eval_metrics,
+    report=report,
+    check=check,
+    blocks=(Block,),
+)
 
 if __name__ == "__main__":
     sys.exit(train.main(sys.argv[1:], task=TASK))

@@ -81,8 +81,15 @@ def eval_step(cfg: DigitsConfig, model, batch: dict) -> dict:
     }
 
 
-TASK = Task("digits", DigitsConfig, build_model, datasets, train_step, {"val/acc": "max", "val/loss": "min"},
-            eval_step=eval_step)  # fmt: skip
+TASK = Task(
+    "digits",
+    DigitsConfig,
+    build_model,
+    datasets,
+    train_step,
+    {"val/acc": "max", "val/loss": "min"},
+    eval_step=eval_step,
+)
 
 if __name__ == "__main__":
     sys.exit(train.main(sys.argv[1:], task=TASK))

@@ -58,8 +58,11 @@ def space(args: SweepArgs, cfg) -> dict:
     from ray import tune
 
     lr = tune.grid_search(list(args.lr)) if args.lr else tune.loguniform(*args.lr_range)
-    wanted = {"optim.lr": lr, "model.width": args.width and tune.choice(args.width),
-              "data.batch_size": args.batch_size and tune.choice(args.batch_size)}  # fmt: skip
+    wanted = {
+        "optim.lr": lr,
+        "model.width": args.width and tune.choice(args.width),
+        "data.batch_size": args.batch_size and tune.choice(args.batch_size),
+    }
     return {key: domain for key, domain in wanted.items() if domain and has_field(cfg, key)}
 
 
@@ -122,7 +125,7 @@ def trial(params: dict, task: str, flags: list[str], runs: str, where: str, metr
 
 def validations(metrics_csv: Path, metric: str) -> list[tuple[int, float]]:
     sys.path.insert(1, str(ROOT))
-    from trackers import metric_rows
+    from kibitz.tracking.sinks import metric_rows
 
     return [(int(step), float(value)) for step, name, value in metric_rows(metrics_csv) if name == metric]
 
@@ -133,10 +136,9 @@ def main(args: SweepArgs, flags: list[str]) -> None:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    import cli
     import config
-    import loggers
-    import mlflowlog
+    from kibitz import cli
+    from kibitz.tracking import loggers, mlflow_sink
 
     task, _, cfg, _ = cli.parse([args.task, *flags])
     cfg = config.for_task(cfg, task)
@@ -144,12 +146,21 @@ def main(args: SweepArgs, flags: list[str]) -> None:
     metric, mode = config.ranking_metric(cfg, task)
     uri = loggers.mlflow_uri(cfg, args.out_dir)  # the trials get it as a flag: one store for the sweep
     runs = (args.out_dir / args.name).resolve()
-    flags = [*flags, "--log.logger", "csv", "mlflow", "--log.mlflow-uri", uri, "--log.project", args.name,
-             "--log.no-progress-bar"]  # fmt: skip
-    for name, value in mlflowlog.MLFLOW_PATIENCE.items():  # a server that is down: seconds, not minutes of retries
+    flags = [
+        *flags,
+        "--log.logger",
+        "csv",
+        "mlflow",
+        "--log.mlflow-uri",
+        uri,
+        "--log.project",
+        args.name,
+        "--log.no-progress-bar",
+    ]
+    for name, value in mlflow_sink.MLFLOW_PATIENCE.items():  # a server that is down: seconds, not minutes of retries
         os.environ.setdefault(name, value)
     try:  # the experiment made now: two trials would race to make it
-        mlflowlog.experiment_of(mlflow.MlflowClient(uri), args.name, uri)
+        mlflow_sink.experiment_of(mlflow.MlflowClient(uri), args.name, uri)
     except Exception as exc:
         sys.exit(f"error: MLflow at {uri}: cannot use it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
     ray.init(include_dashboard=False, **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}))
@@ -172,7 +183,7 @@ def main(args: SweepArgs, flags: list[str]) -> None:
                 num_samples=args.trials,
                 max_concurrent_trials=args.max_concurrent,
                 scheduler=ASHAScheduler(grace_period=1, reduction_factor=2),
-            ),  # fmt: skip
+            ),
             run_config=tune.RunConfig(name=args.name, storage_path=folder, verbose=1),
         )
     interrupted = []  # Ctrl+C: noted here, then passed to Tune as the SIGUSR1 it stops on, saving the sweep's state
@@ -190,15 +201,17 @@ def main(args: SweepArgs, flags: list[str]) -> None:
     best = grid.get_best_result(metric, mode, scope="all")  # the trial of the best validation
     reports = best.metrics_dataframe
     top = reports.loc[reports[metric].idxmin() if mode == "min" else reports[metric].idxmax()]
-    print(f"best trial: {Path(best.metrics['checkpoint']).parent.parent.name}: {metric} {top[metric]:.4f} "
-          f"at step {top['step']}")  # fmt: skip
+    print(
+        f"best trial: {Path(best.metrics['checkpoint']).parent.parent.name}: {metric} {top[metric]:.4f} "
+        f"at step {top['step']}"
+    )
     print(f"  config: {' '.join(f'--{k} {v}'.replace('_', '-') for k, v in best.config.items())}")
     print(f"  checkpoint: {best.metrics['checkpoint']}")
 
 
 if __name__ == "__main__":
     import config
-    import tools
+    from kibitz import tools
 
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)

@@ -51,8 +51,16 @@ def child_env(**extra: str) -> dict:
     service. A child inherits WANDB_SERVICE once this process has used wandb and would share its service,
     where a killed child's run stays open and its resumed run cannot start ("run ID in use")."""
     # nor the rendezvous of a run this process made (its MASTER_PORT would be every child's, and two at once collide)
-    left = {"WANDB_SERVICE", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK",
-            "MLFLOW_TRACKING_URI"}  # nor a tracking server a test read runs back from  # fmt: skip
+    left = {
+        "WANDB_SERVICE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "NODE_RANK",
+        "MLFLOW_TRACKING_URI",
+    }  # nor a tracking server a test read runs back from
     env = {k: v for k, v in os.environ.items() if k not in left}
     return {**env, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONFAULTHANDLER": "1", **extra}
 
@@ -85,7 +93,7 @@ def run_script(
 
 def parse_config(argv: list[str]):
     """The training config a command line gives (as train.py parses it)."""
-    import cli
+    from kibitz import cli
 
     return cli.parse(argv)[2]
 

@@ -56,8 +56,11 @@ def datasets(cfg: ItemsConfig) -> dict:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(640, 4)).astype(np.float32)
     y = (x @ np.array([1.0, -2.0, 0.5, 3.0], dtype=np.float32)).astype(np.float32)
-    return {"train": Points(x[:512], y[:512], True), "val": Points(x[512:576], y[512:576], False),
-            "test": Points(x[576:], y[576:], False)}  # fmt: skip
+    return {
+        "train": Points(x[:512], y[:512], True),
+        "val": Points(x[512:576], y[512:576], False),
+        "test": Points(x[576:], y[576:], False),
+    }
 
 
 def build_model(cfg: ItemsConfig) -> torch.nn.Module:
@@ -66,7 +69,7 @@ def build_model(cfg: ItemsConfig) -> torch.nn.Module:
 
 def train_step(cfg, model, batch: dict, step, train_size):
     loss = torch.nn.functional.mse_loss(model(batch["features"]), batch["target"])
-    return loss, loss.detach()
+    return loss
 
 
 def eval_step(cfg, model, batch: dict) -> dict:

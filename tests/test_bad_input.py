@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny_args
 
-import predict
 import train
 from chessdata.cli import main as chessdata_main
+from tasks import predict
 
 
 def one_line(capsys) -> str:
@@ -97,7 +97,7 @@ def test_resuming_with_another_width_or_task_says_why(prepared, trained, capsys)
 
 
 def test_dvae_resume_auto_passes_over_other_tasks_runs(prepared, trained, capsys):
-    from runs import newest_run
+    from kibitz.runs import newest_run
 
     assert newest_run(trained.parent, "chess") == trained and newest_run(trained.parent, "dvae") is None
 

@@ -29,11 +29,11 @@ from conftest import (
     wait_for_steps,
 )
 
-import predict
-import storage
 import train
 from config import ConfigError
-from tasks import CHESS
+from kibitz import storage
+from tasks import predict
+from tasks.chess import CHESS
 
 
 def readers(prepared: Path, out: Path, ckpt: str) -> list[list[str]]:

@@ -8,10 +8,10 @@ import torch
 from conftest import dvae_args
 
 import losses
-import tasks
 from chessdata.encoding import board_tokens, pack_fen
 from model import MASK_TOKEN, DiscreteVAE
-from tasks import DVAEConfig, Ramp
+from tasks import dvae
+from tasks.dvae import DVAEConfig, Ramp
 
 
 def reinmax_gradient_closed_form(logits, sample, upstream, tau):
@@ -102,9 +102,9 @@ def test_masking_only_in_training(prepared):
     cfg.model = type(cfg.model)(latents=4, codebook=8, width=16, depth=1)
     cfg.dvae.mask = Ramp(0.9, 0.9, 0, 0, "constant")
     tokens = torch.randint(0, 13, (256, 64))
-    masked = tasks.mask_squares(tokens, 0.9)
+    masked = dvae.mask_squares(tokens, 0.9)
     assert (masked == MASK_TOKEN).any() and ((masked == tokens) | (masked == MASK_TOKEN)).all()
-    assert torch.equal(tasks.mask_squares(tokens, 0.0), tokens)
+    assert torch.equal(dvae.mask_squares(tokens, 0.0), tokens)
 
     # Validation never masks: the metrics do not depend on the mask setting, and the encoder never sees MASK.
     seen = []
@@ -116,15 +116,15 @@ def test_masking_only_in_training(prepared):
     from lightning_fabric import Fabric
 
     import data
-    import evaluation
+    from kibitz import evaluation
 
     fabric = Fabric(accelerator="cpu", devices=1)
     cfg.data.dir = prepared
-    loader = data.make_loader(tasks.board_datasets(cfg)["val"], batch_size=512)
-    metrics, histograms = evaluation.evaluate(fabric, cfg, tasks.DVAE, model, loader)
+    loader = data.make_loader(dvae.board_datasets(cfg)["val"], batch_size=512)
+    metrics, histograms = evaluation.evaluate(fabric, cfg, dvae.DVAE, model, loader)
     assert seen and all(not (t == MASK_TOKEN).any() for t in seen if t.dtype == torch.int64)
     cfg.dvae.mask = Ramp()
-    assert evaluation.evaluate(fabric, cfg, tasks.DVAE, model, loader)[0] == metrics
+    assert evaluation.evaluate(fabric, cfg, dvae.DVAE, model, loader)[0] == metrics
     assert 0 <= metrics["token_acc"] <= 1 and metrics["codes_used"] >= 1
     assert len(histograms) == 4 and sum(h[0].sum() for h in histograms.values()) == 4 * metrics["boards"]
 
@@ -143,8 +143,8 @@ def read_metrics(run_dir):
 def test_dvae_trains_logs_its_schedules_and_evaluates(prepared, tmp_path, quantizer, capsys):
     import json
 
-    import tools
     import train
+    from kibitz import tools
 
     assert (
         train.main(dvae_args(prepared, tmp_path, "--run-name", "d", "--dvae.quantizer", quantizer, "--dvae.tcvae")) == 0
@@ -175,7 +175,7 @@ def test_dvae_trains_logs_its_schedules_and_evaluates(prepared, tmp_path, quanti
     # `dvae evaluate` reproduces the test metrics printed by training for the same (best) checkpoint
     best = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))
     capsys.readouterr()
-    results = [tools.evaluate(tools.EvaluateArgs(ckpt=path, accelerator="cpu"), tasks.DVAE) for path in best]
+    results = [tools.evaluate(tools.EvaluateArgs(ckpt=path, accelerator="cpu"), dvae.DVAE) for path in best]
     assert any(
         r["token_acc"] == pytest.approx(test["test/token_acc"])
         and r["board_acc"] == pytest.approx(test["test/board_acc"])

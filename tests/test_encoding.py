@@ -79,3 +79,18 @@ def test_random_flip_negates_flipped_targets():
     material = encoding.material_balance(packed)
     assert torch.equal(material, flipped_target)  # material follows the flip, sign and all
     assert 64 < (flipped_target < 0).sum() < 192
+
+
+def test_the_layouts_constants_are_python_chess_own():
+    assert encoding.PIECE_ORDER == [
+        (color, piece)
+        for color in (chess.WHITE, chess.BLACK)
+        for piece in (chess.KING, chess.QUEEN, chess.ROOK, chess.BISHOP, chess.KNIGHT, chess.PAWN)
+    ]
+    assert (encoding.BB_A1, encoding.BB_H1, encoding.BB_A8, encoding.BB_H8) == (
+        chess.BB_A1,
+        chess.BB_H1,
+        chess.BB_A8,
+        chess.BB_H8,
+    )
+    assert encoding.SQUARE_NAMES == chess.SQUARE_NAMES

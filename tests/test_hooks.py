@@ -11,9 +11,8 @@ import torch
 from tiny_task import TASK, TinyConfig, mistaken
 
 import callbacks
-import checkpoints
-import storage
 import train
+from kibitz import checkpoints, storage
 
 
 def config(tmp_path, **train_fields) -> TinyConfig:
@@ -123,7 +122,7 @@ def test_evaluate_looks_for_a_wandb_checkpoint_under_the_out_dir_given(tmp_path,
 
 
 def test_a_config_saved_before_the_rename_of_checkpoint_monitor_still_reads():
-    import configfile
+    from kibitz import configfile
 
     cfg = configfile.from_dict(TinyConfig, {"checkpoint": {"monitor": "val/mse", "keep_best": 3}})
     assert cfg.checkpoint.rank_by == "val/mse" and cfg.checkpoint.keep_best == 3
@@ -135,7 +134,7 @@ def test_the_commit_of_the_code_is_in_config_json_and_every_checkpoint(tmp_path)
 
     from conftest import ROOT
 
-    import configfile
+    from kibitz import configfile
 
     train.train(config(tmp_path), TASK)
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout

@@ -16,8 +16,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from conftest import ROOT, child_env, dvae_args, tiny_args
 
-import distributed
 import train
+from kibitz import distributed
 
 
 def test_an_in_process_run_leaves_signal_handlers_and_warning_filters_as_it_found_them(prepared, tmp_path, monkeypatch):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from lightning_fabric.utilities.throughput import measure_flops
 
-import monitor
-import tasks
 from callbacks import loss_of
+from kibitz import monitor
+from tasks import TASKS, dvae
 
 
 def micro_batch(task, cfg, size: int = 32):
@@ -19,7 +19,7 @@ def micro_batch(task, cfg, size: int = 32):
 def test_flops_per_sample_equal_measure_flops_of_the_real_step(prepared, name, tcvae):
     """The meta-device count is what measure_flops gives for the task's training step run for real on a real
     model and batch: the same ops, forward, loss and backward, with nothing computed for the count itself."""
-    task = tasks.TASKS[name]
+    task = TASKS[name]
     cfg = task.config()
     cfg.data.dir = prepared
     if tcvae:
@@ -37,11 +37,11 @@ def test_flops_per_sample_equal_measure_flops_of_the_real_step(prepared, name, t
 
 
 def test_the_meta_count_draws_nothing_from_the_runs_generator(prepared):
-    cfg = tasks.DVAEConfig()
+    cfg = dvae.DVAEConfig()
     cfg.data.dir = prepared
-    batch, train_size = micro_batch(tasks.DVAE, cfg)
+    batch, train_size = micro_batch(dvae.DVAE, cfg)
     torch.manual_seed(5)
-    monitor.flops_per_sample(tasks.DVAE, cfg, batch, train_size, len(batch[0]))  # builds the model, draws Gumbel noise
+    monitor.flops_per_sample(dvae.DVAE, cfg, batch, train_size, len(batch[0]))  # builds the model, draws Gumbel noise
     after = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(after, torch.rand(3))

@@ -25,12 +25,25 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-         "--default-artifact-root", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"), start_new_session=True,
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder}/mlflow.db",
+            "--default-artifact-root",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / "server.log", "w"),
+        start_new_session=True,
         env=child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # no job workers: tracking only, a faster start
-    )  # fmt: skip
+    )
     uri, deadline = f"http://127.0.0.1:{port}", time.time() + 90
     while time.time() < deadline and process.poll() is None:
         try:
@@ -77,10 +90,10 @@ def flat(config: dict, prefix: str = "") -> dict:
 
 
 def csv_history(run_dir: Path) -> dict[str, dict[int, float]]:
-    import trackers
+    from kibitz.tracking import sinks
 
     history: dict[str, dict[int, float]] = {}
-    for step, name, value in trackers.metric_rows(run_dir / "metrics.csv"):
+    for step, name, value in sinks.metric_rows(run_dir / "metrics.csv"):
         history.setdefault(name, {})[int(step)] = float(value)
     return history
 
@@ -132,9 +145,27 @@ def test_runs_read_back_a_killed_run_resumes_into_its_mlflow_run_and_a_server_th
     run_train(tiny_args(prepared, tmp_path, "--run-name", "chess", *to_server))
     assert_run_is_the_folder(uri, "kibitz-test", tmp_path / "chess", "chess", ["test_predictions.png"])
 
-    charlm = ["--model.width", "32", "--model.depth", "1", "--model.heads", "2", "--data.context", "32",
-              "--data.batch-size", "32", "--schedule.warmup-steps", "5", "--train.max-steps", "20",
-              "--train.val-every", "10", "--log.every", "5", "--log.no-progress-bar"]  # fmt: skip
+    charlm = [
+        "--model.width",
+        "32",
+        "--model.depth",
+        "1",
+        "--model.heads",
+        "2",
+        "--data.context",
+        "32",
+        "--data.batch-size",
+        "32",
+        "--schedule.warmup-steps",
+        "5",
+        "--train.max-steps",
+        "20",
+        "--train.val-every",
+        "10",
+        "--log.every",
+        "5",
+        "--log.no-progress-bar",
+    ]
     lm = ["--out-dir", str(tmp_path), "--run-name", "lm", "--log.checkpoint-artifacts"]  # checkpoints when asked
     assert train.main(["examples/charlm.py", *charlm, *lm, *to_server]) == 0
     assert_run_is_the_folder(uri, "kibitz-test", tmp_path / "lm", "charlm", ["checkpoints"])

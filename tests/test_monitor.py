@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import run_script, tiny_args, train_losses
 
-import monitor
-import tasks
 import train
+from kibitz import monitor
 from model import ChessEvaluator
+from tasks import chess
 
 
 def test_histogram_counts_match_numpy():
@@ -91,7 +91,7 @@ def plant_nan(monkeypatch, at_backward: int) -> None:
 
             self.layers[2].weight.register_hook(poison)
 
-    monkeypatch.setattr(tasks, "ChessEvaluator", Planted)
+    monkeypatch.setattr(chess, "ChessEvaluator", Planted)
 
 
 def test_nonfinite_warn_names_the_layer(prepared, tmp_path, monkeypatch, capsys):
@@ -250,7 +250,7 @@ def test_skip_never_lets_a_nonfinite_weight_into_a_checkpoint(prepared, tmp_path
 
             self.register_forward_pre_hook(overflow)
 
-    monkeypatch.setattr(tasks, "ChessEvaluator", Overflowing)
+    monkeypatch.setattr(chess, "ChessEvaluator", Overflowing)
     args = ["--monitor.on-nonfinite", "skip", "--train.max-steps", "8", "--run-name", "skip"]
     assert train.main(tiny_args(prepared, tmp_path, *args)) == 2
     assert re.search("layers.0.weight not finite.*last checkpoint holds the last finite", capsys.readouterr().err)

@@ -70,7 +70,8 @@ DDP_CELL = """
 import json, multiprocessing, os, sys
 sys.path.insert(0, {root!r})
 os.chdir({root!r})
-import cli, train
+import train
+from kibitz import cli
 
 def config(name, strategy="ddp_notebook"):
     return cli.parse([*{args!r}, "--run-name", name, "--fabric.accelerator", "cpu", "--fabric.devices", "2",

@@ -83,9 +83,15 @@ def test_the_readme_sweep_commands_parse(capsys):
     assert len(found) >= 2
 
 
-@pytest.mark.parametrize("command", [c for c in commands() if c[0] not in ("pip", *TOOLS)
-                                     and c[:3] != ["python", "-m", "pytest"] and "examples/sweep.py" not in c],
-                         ids=shlex.join)  # fmt: skip
+@pytest.mark.parametrize(
+    "command",
+    [
+        c
+        for c in commands()
+        if c[0] not in ("pip", *TOOLS) and c[:3] != ["python", "-m", "pytest"] and "examples/sweep.py" not in c
+    ],
+    ids=shlex.join,
+)
 def test_a_readme_command_runs_as_written(command, tmp_path, capsys):
     """The example file is run as written, in a process of its own; the other commands in this process (a process
     each would cost seconds of imports): a training command through `export-config` in its place, which parses and

@@ -26,8 +26,8 @@ from conftest import (
     weights,
 )
 
-import trackers
 import train
+from kibitz.tracking import sinks
 
 
 @pytest.mark.slow
@@ -47,7 +47,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(prepared, tmp_path):
 def wandb_history(run_dir: Path) -> list[tuple[int, dict]]:
     """(step, row) of every history row in every segment of a run's offline wandb run, in order,
     read with wandb's own reader: what `wandb sync` would upload."""
-    from trackers import wandb_records, wandb_segments
+    from kibitz.tracking.sinks import wandb_records, wandb_segments
 
     return [
         (r["history"].get("step", {}).get("num", 0), r["history"]["item"])
@@ -98,7 +98,7 @@ def test_sigkill_at_any_moment_then_resume_auto_is_exact(prepared, tmp_path):
 def test_a_resumed_wandb_run_neither_repeats_nor_loses_steps(tmp_path):
     """Segments written with the real wandb: one that holds steps past the checkpoint (they are not
     logged again), and one that lost steps before it (they are replayed from metrics.csv)."""
-    import loggers
+    from kibitz.tracking import loggers
 
     def segment(kind: str, resume_step: int | None, steps: range) -> None:
         sinks = loggers.make_loggers(kind, tmp_path, "kibitz-test", "offline", {}, resume_step)
@@ -208,7 +208,7 @@ def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_chan
     ):  # far past the switch; data.flip draws differ per process count, hence the tolerance
         assert abs(one[step] - two[step]) < 0.05 * two[step], (step, one[step], two[step])
     if sharded:  # a folder also loads whole into one process without FSDP: the evaluate tool reads it
-        import tools
+        from kibitz import tools
         from tasks import TASKS
 
         folder = tmp_path / "k2" / "checkpoints" / f"step-{STEPS:08d}.ckpt"
@@ -326,7 +326,7 @@ def test_logger_failures_are_reported_once_and_training_continues(prepared, tmp_
     run_dir = tmp_path / "lf"
     run_dir.mkdir()
     full = open("/dev/full", "a")  # the file metrics.csv is opened as (a link in the run folder is refused)
-    monkeypatch.setattr(trackers, "open_in_place", lambda path, mode: full)
+    monkeypatch.setattr(sinks, "open_in_place", lambda path, mode: full)
     (run_dir / "wandb").write_text("not a folder")
     assert train.main(tiny_args(prepared, tmp_path, "--run-name", "lf", "--log.logger", "wandb")) == 0
     out = capsys.readouterr().out
@@ -482,8 +482,9 @@ def test_the_fp16_grad_scaler_state_is_checkpointed(tmp_path):
     from lightning_fabric import Fabric
     from lightning_fabric.plugins.precision import MixedPrecision
 
-    import checkpoints
-    from tasks import TASKS, ChessConfig
+    from kibitz import checkpoints
+    from tasks import TASKS
+    from tasks.chess import ChessConfig
 
     def fp16_run(scale: float) -> train.Run:
         scaler = torch.amp.GradScaler("cpu", init_scale=scale)

@@ -28,9 +28,9 @@ from conftest import (
     wait_for_steps,
 )
 
-import predict
-import storage
 import train
+from kibitz import storage
+from tasks import predict
 
 
 @pytest.fixture
@@ -175,7 +175,7 @@ def test_a_checkpoint_never_runs_the_task_file_it_names(trained, tmp_path, capsy
 
 def test_one_writer_per_run_folder(prepared, tmp_path, capsys):
     folder = tmp_path / "busy"
-    hold = f"import runs, time, pathlib; held = runs.lock_folder(pathlib.Path({str(folder)!r}))"
+    hold = f"import time, pathlib; from kibitz import runs; held = runs.lock_folder(pathlib.Path({str(folder)!r}))"
     holder = subprocess.Popen(
         [sys.executable, "-c", hold + "; print('held', flush=True); time.sleep(120)"],
         cwd=ROOT,
@@ -198,7 +198,7 @@ def test_one_writer_per_run_folder(prepared, tmp_path, capsys):
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
-    from runs import new_run_dir
+    from kibitz.runs import new_run_dir
 
     first, second = new_run_dir(tmp_path, "lr-find-x"), new_run_dir(tmp_path, "lr-find-x")
     assert first.name == "lr-find-x" and second.name == "lr-find-x-2"

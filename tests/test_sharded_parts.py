@@ -12,8 +12,8 @@ sys.path.insert(0, {root!r})
 import torch
 from lightning_fabric import Fabric
 
-import monitor
-import nonfinite
+from kibitz import monitor
+from kibitz import nonfinite
 
 fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
 fabric.launch()

@@ -14,19 +14,60 @@ from conftest import ROOT, child_env, run_script
 pytest.importorskip("ray.tune")  # the .[sweep] extra (the test extra installs it)
 mlflow = pytest.importorskip("mlflow")
 
-TRIAL = ["--model.depth", "1", "--model.heads", "2", "--data.context", "32", "--schedule.warmup-steps", "2",
-         "--train.max-steps", "40", "--train.val-every", "5", "--log.every", "5"]  # fmt: skip
+TRIAL = [
+    "--model.depth",
+    "1",
+    "--model.heads",
+    "2",
+    "--data.context",
+    "32",
+    "--schedule.warmup-steps",
+    "2",
+    "--train.max-steps",
+    "40",
+    "--train.val-every",
+    "5",
+    "--log.every",
+    "5",
+]
 STEPS = 40
 
 
 @pytest.mark.slow
 def test_a_sweep_stops_bad_trials_early_logs_each_trial_and_restores_after_an_interruption(tmp_path):
     # two good learning rates first, then two that barely move: ASHA compares them with the first two at each rung
-    sweep = ["examples/sweep.py", "examples/charlm.py", "--trials", "1", "--lr", "0.01", "0.005", "1e-5", "1e-6",
-             "--width", "32", "--batch-size", "32", "--max-concurrent", "2", "--out-dir", str(tmp_path),
-             "--name", "s", "--", *TRIAL]  # fmt: skip
-    first = subprocess.Popen([sys.executable, *sweep], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    sweep = [
+        "examples/sweep.py",
+        "examples/charlm.py",
+        "--trials",
+        "1",
+        "--lr",
+        "0.01",
+        "0.005",
+        "1e-5",
+        "1e-6",
+        "--width",
+        "32",
+        "--batch-size",
+        "32",
+        "--max-concurrent",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "s",
+        "--",
+        *TRIAL,
+    ]
+    first = subprocess.Popen(
+        [sys.executable, *sweep],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 180
     while time.time() < deadline and first.poll() is None:  # until a trial has validated once
         if any("val/" in p.read_text() for p in (tmp_path / "s").glob("trial_*/metrics.csv")):
@@ -75,10 +116,38 @@ def test_a_mistake_in_the_trials_flags_is_one_line_before_anything_starts(tmp_pa
 def test_a_trial_trains_on_two_processes_and_logs_as_one_run(tmp_path):
     """A trial with several devices: its run starts one process a device, as Fabric launches them (here 2 CPU
     processes; on GPUs, --gpus-per-trial 2 -- --fabric.devices 2)."""
-    sweep = ["examples/sweep.py", "examples/charlm.py", "--trials", "1", "--lr", "0.01", "--width", "32",
-             "--batch-size", "32", "--cpus-per-trial", "2", "--max-concurrent", "1", "--out-dir", str(tmp_path),
-             "--name", "two", "--", *TRIAL[:-6], "--train.max-steps", "20", "--train.val-every", "10",
-             "--log.every", "5", "--fabric.accelerator", "cpu", "--fabric.devices", "2"]  # fmt: skip
+    sweep = [
+        "examples/sweep.py",
+        "examples/charlm.py",
+        "--trials",
+        "1",
+        "--lr",
+        "0.01",
+        "--width",
+        "32",
+        "--batch-size",
+        "32",
+        "--cpus-per-trial",
+        "2",
+        "--max-concurrent",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "two",
+        "--",
+        *TRIAL[:-6],
+        "--train.max-steps",
+        "20",
+        "--train.val-every",
+        "10",
+        "--log.every",
+        "5",
+        "--fabric.accelerator",
+        "cpu",
+        "--fabric.devices",
+        "2",
+    ]
     result = run_script(sweep, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (trial,) = (tmp_path / "two").glob("trial_*")

@@ -29,8 +29,8 @@ def vector_loss(cfg, model, batch, step, train_size):
 
 
 def two_values(cfg, model, batch, step, train_size):
-    loss, logged = train_step(cfg, model, batch, step, train_size)
-    return loss, torch.stack([logged, logged])
+    loss = train_step(cfg, model, batch, step, train_size)
+    return loss, torch.stack([loss.detach(), loss.detach()])
 
 
 def tensor_metric(fabric, cfg, model, loader):
@@ -58,12 +58,12 @@ MISTAKES = {
     "metrics={}": (dict(metrics={}), "task tiny: Task.metrics: expected at least one validation metric"),
     "a direction other than min/max": (dict(metrics={"val/mse": "lowest"}), "expected 'min' or 'max', got 'lowest'"),
     "train_step returns a float": (
-        dict(train_step=lambda *a: train_step(*a)[0].item()),
+        dict(train_step=lambda *a: train_step(*a).item()),
         "task tiny: train_step (test_task_contract.py): expected the loss (a scalar tensor with a gradient), or "
         "(loss, {name: value to log}), got a float",
     ),
     "train_step returns a detached loss": (
-        dict(train_step=lambda *a: train_step(*a)[0].detach()),
+        dict(train_step=lambda *a: train_step(*a).detach()),
         "got a tensor of shape () (torch.float32) without a gradient",
     ),
     "train_step returns a vector loss": (
@@ -71,14 +71,14 @@ MISTAKES = {
         "got (a tensor of shape (32,) (torch.float32), ...)",
     ),
     "train_step logs a vector": (
-        dict(train_step=lambda *a: (train_step(*a)[0], {"both": torch.zeros(2)})),
+        dict(train_step=lambda *a: (train_step(*a), {"both": torch.zeros(2)})),
         "expected {name: a scalar tensor or number} to log",
     ),
-    "train_fields longer than returned": (
-        dict(train_fields=("loss", "extra")),
-        "expected logged values as a tensor of shape (2,) for train_fields ('loss', 'extra'), got a tensor of shape ()",
+    "train_step in the dropped (loss, tensor) form": (
+        dict(train_step=lambda *a: (lambda loss: (loss, loss.detach()))(train_step(*a))),
+        "or (loss, {name: value to log}), got (loss, a tensor of shape () (torch.float32))",
     ),
-    "train_fields shorter than returned": (dict(train_step=two_values), "got a tensor of shape (2,)"),
+    "train_step returns (loss, a tensor of two)": (dict(train_step=two_values), "got (loss, a tensor of shape (2,)"),
     "no test split": (
         dict(datasets=lambda cfg: {k: v for k, v in TASK.datasets(cfg).items() if k != "test"}),
         "task tiny: datasets (test_task_contract.py): expected a dict with the splits train, val and test, got "
@@ -143,10 +143,10 @@ def test_the_tiny_task_itself_trains(tmp_path, capsys):
 
 def test_train_step_may_return_the_loss_alone_or_values_to_log_by_name(tmp_path):
     def with_values(*args):
-        loss = train_step(*args)[0]
+        loss = train_step(*args)
         return loss, {"half": loss.detach() / 2, "step": args[3]}
 
-    for name, step in (("alone", lambda *a: train_step(*a)[0]), ("named", with_values)):
+    for name, step in (("alone", train_step), ("named", with_values)):
         assert train.main(["--out-dir", str(tmp_path), "--run-name", name], task=mistaken(train_step=step)) == 0
     logged = {name: (tmp_path / name / "metrics.csv").read_text() for name in ("alone", "named")}
     assert "train/loss" in logged["alone"] and "train/half" not in logged["alone"]
@@ -182,6 +182,10 @@ TASK = {task}
         (  # a function where the metrics go
             'Task("old", TinyConfig, build_model, datasets, train_step, evaluate)',
             'Task.metrics: expected at least one validation metric, {"val/name": "min" or "max"}, the sixth field',
+        ),
+        (  # a field that is gone: the logged values are named in train_step's return
+            'Task("old", TinyConfig, build_model, datasets, train_step, {"val/mse": "min"}, train_fields=("loss",))',
+            "line 6 Task.train_fields: no longer a field; name the values train_step logs: (loss, {name: value})",
         ),
         (  # an instance where the class goes
             'Task("old", TinyConfig(), build_model, datasets, train_step, {"val/mse": "min"}, evaluate=evaluate)',

@@ -11,10 +11,10 @@ import torch
 from conftest import parse_config, tiny_args, train_losses
 
 import losses
-import predict
 import train
 from chessdata import cli, folder
 from chessdata.encoding import row_to_fen
+from tasks import predict
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_export_config_round_trip_is_identity(tmp_path, capsys):
 
 
 def tools_export(cfg) -> str:
-    import tools
+    from kibitz import tools
 
     return tools.export_config(cfg)
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import parse_config, run_script, tiny_args, train_losses, weights
 
-import monitor
-import tasks
 import train
+from kibitz import monitor
+from tasks import chess
 
 
 def test_accumulation_matches_one_full_batch(prepared, tmp_path):
@@ -190,8 +190,8 @@ def test_fabric_run_launch_with_its_precision_and_mfu_per_device(prepared, tmp_p
     assert train.main(tiny_args(prepared, tmp_path, "--run-name", "one", *peak)) == 0
     assert json.loads((tmp_path / "cli" / "config.json").read_text())["fabric"]["precision"] is None  # the launcher's
     cfg = parse_config(tiny_args(prepared, tmp_path))
-    batch = list(tasks.CHESS.datasets(cfg)["train"][np.arange(8)])
-    flops = monitor.flops_per_sample(tasks.CHESS, cfg, batch, 1000, 8)
+    batch = list(chess.CHESS.datasets(cfg)["train"][np.arange(8)])
+    flops = monitor.flops_per_sample(chess.CHESS, cfg, batch, 1000, 8)
     assert mfu_per_sample_rate(tmp_path / "one") == pytest.approx(flops / 0.5e12)
     assert mfu_per_sample_rate(tmp_path / "cli") == pytest.approx(flops / 0.5e12 / 2)
 
@@ -202,16 +202,16 @@ def test_the_launchers_fsdp_is_built_with_one_unit_per_block(monkeypatch, capsys
     import os
 
     import config
-    import distributed
-    import tasks
+    from kibitz import distributed
+    from tasks import chess
 
     monkeypatch.setenv("LT_CLI_USED", "1")
     monkeypatch.setenv("LT_STRATEGY", "fsdp")
     assert config.strategy_of(config.FabricConfig()) == "fsdp"
     assert config.strategy_of(config.FabricConfig(strategy="ddp")) == "ddp"  # a flag of ours still wins
-    sharded = tasks.ChessConfig()
+    sharded = chess.ChessConfig()
     sharded.checkpoint.sharded = True
-    config.check(sharded, tasks.CHESS)  # sharded checkpoints need fsdp: the launcher's counts
+    config.check(sharded, chess.CHESS)  # sharded checkpoints need fsdp: the launcher's counts
     with pytest.raises(config.ConfigError, match="FSDP is only available on GPU"):  # this CPU-only machine
         distributed.make_fabric(config.FabricConfig(accelerator="cpu"))
     assert "LT_STRATEGY" not in os.environ

@@ -23,8 +23,8 @@ import chessdata.cli
 import chessdata.folder
 import chessdata.pgn
 import chessdata.prepare
-import storage
 import train
+from kibitz import storage
 
 TWO_DDP = ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strategy", "ddp"]
 

@@ -23,11 +23,12 @@ import torch.distributed
 from lightning_fabric.wrappers import _unwrap_objects
 
 import data
-import distributed
 from config import ConfigError
-from configfile import code_version, to_dict
-from contract import task_file
-from storage import (
+from kibitz import distributed
+from kibitz.configfile import code_version, to_dict
+from kibitz.contract import task_file
+from kibitz.distributed import local
+from kibitz.storage import (
     CHECKSUMS,
     folder_checksums,
     fsync_tree,
@@ -53,11 +54,6 @@ class Progress:
     best: list = dataclasses.field(default_factory=list)  # [(score, checkpoint file name)], best first
     early_stop_best: float | None = None
     bad_validations: int = 0  # validations in a row without an improvement
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a parameter: an FSDP2 DTensor's shard (FSDP's flat slices are plain tensors already)."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def nonfinite_weights(run) -> torch.Tensor:
@@ -436,3 +432,15 @@ def read_metadata(path: Path) -> dict:
             raise ValueError("no meta.pt (the run's config and progress) in the folder, or a link in its place")
         return torch_file(meta)
     return torch_file(path, crc=False)
+
+
+def checked_metadata(path: Path, failure: str) -> dict:
+    """read_metadata where a checkpoint comes from the user: a truncated, foreign or unsafe file is the one-line
+    ConfigError `failure (why)`; a checkpoint that is not a dict reads as an empty one."""
+    try:
+        metadata = read_metadata(path)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{failure} ({reason(exc)})") from None
+    return metadata if isinstance(metadata, dict) else {}

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-import checkpoints
+from kibitz import checkpoints
 
 
 def on_any_rank(fabric, bad: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # not pyplot: a notebook's backend and figures are left alone
 
-import distributed
 from callbacks import save_figure
+from kibitz import distributed
 
 EVAL_EDGES = (0, 0.5, 1, 2, 4, 8)  # pawns; then up to the clamp, then the clamped evals (mates among them)
 PIECE_GLYPHS = " ♔♕♖♗♘♙♚♛♜♝♞♟"  # square tokens 0..12: empty, K Q R B N P k q r b n p (encoding.board_tokens)

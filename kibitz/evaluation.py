@@ -4,8 +4,8 @@ whole `evaluate` instead (for what sums cannot express) is called as it is."""
 
 import torch
 
-import distributed
 from config import ConfigError
+from kibitz import distributed
 
 
 def evaluate(fabric, cfg, task, model, loader) -> tuple[dict, dict]:

@@ -12,11 +12,10 @@ import socket
 import sys
 from pathlib import Path
 
-import configfile
-import distributed
-from checkpoints import read_metadata, reason
 from config import ConfigError, is_plain_name
-from storage import link_or_copy, open_in_place, remove, write_atomic
+from kibitz import configfile, distributed
+from kibitz.checkpoints import checked_metadata
+from kibitz.storage import link_or_copy, open_in_place, remove, write_atomic
 
 
 def open_run_folder(fabric, cfg, fresh_name: str | None = None) -> tuple[Path, Path | None, object]:
@@ -142,10 +141,7 @@ def decide_run_dir(cfg) -> tuple[Path, Path | None]:
 
 def recorded_run(checkpoint: Path) -> dict:
     """The run a checkpoint records ({name, wandb_id}), each name checked: data, one plain name, never a path."""
-    try:
-        recorded = read_metadata(checkpoint).get("run", {})
-    except Exception as exc:  # a truncated, foreign or unsafe file
-        raise ConfigError(f"resume: {checkpoint}: cannot load checkpoint ({reason(exc)})") from None
+    recorded = checked_metadata(checkpoint, f"resume: {checkpoint}: cannot load checkpoint").get("run", {})
     recorded = recorded if isinstance(recorded, dict) else {}
     for key, form in (("name", is_plain_name), ("wandb_id", lambda value: WANDB_ID.fullmatch(value))):
         if recorded.get(key) is not None and not (isinstance(recorded[key], str) and form(recorded[key])):
@@ -213,7 +209,7 @@ def fetch_artifact(name: str, alias: str, out_dir: Path, folder: Path) -> None:
 def offline_artifact(name: str, alias: str, out_dir: Path) -> dict[str, str] | None:
     """{path in the artifact: staged local file} of the newest version of artifact `name` that carries
     `alias` (or is version vK), as logged by the offline wandb runs under `out_dir`; None if none is."""
-    from trackers import wandb_records, wandb_segments
+    from kibitz.tracking.sinks import wandb_records, wandb_segments
 
     versions = [
         r["artifact"]

@@ -21,6 +21,11 @@ from lightning_fabric import Fabric
 from config import ConfigError, FabricConfig, strategy_of
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: an FSDP2 DTensor's shard (FSDP's flat slices are plain tensors already)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def make_fabric(cfg: FabricConfig, blocks: tuple[type, ...] = (), sharded_checkpoints: bool = False) -> Fabric:
     """Pass Fabric only what the user set: under `fabric run` a value that differs from the
     launcher's is an error, and under torchrun the device count comes from its environment."""

@@ -1,4 +1,4 @@
-"""A run's loggers, on rank 0 only: `Loggers` fans out to the sinks of trackers.py and mlflowlog.py (metrics.csv,
+"""A run's loggers, on rank 0 only: `Loggers` fans out to the sinks of sinks.py and mlflow_sink.py (metrics.csv,
 always: the run's own record; wandb, TensorBoard and MLflow beside it, any of them), and owns the histogram thread
 (`Sender`), which writes through it. A sink that fails is reported once and switched off: logging never stops training.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trackers import CSVLog, TensorBoardLog, WandbLog
+from kibitz.tracking.sinks import CSVLog, TensorBoardLog, WandbLog
 
 
 class Loggers:
@@ -137,7 +137,7 @@ class Sender:
 
 def open_for(fabric, cfg, task, run_dir: Path, resume_step: int | None) -> Loggers:
     """The loggers of a run (rank 0): the config as parameters, the task's metric directions as summaries."""
-    import configfile
+    from kibitz import configfile
 
     config = configfile.to_dict(cfg)
     mlflow = None
@@ -204,10 +204,11 @@ def make_loggers(
             elif kind == "tensorboard":
                 sinks.append(TensorBoardLog(run_dir, config))
             elif kind == "mlflow":
-                from mlflowlog import MlflowLog
+                from kibitz.tracking.mlflow_sink import MlflowLog
 
-                sinks.append(MlflowLog(run_dir, mlflow["uri"], mlflow["experiment"], config, mlflow["tags"],
-                                       resume_step))  # fmt: skip
+                sinks.append(
+                    MlflowLog(run_dir, mlflow["uri"], mlflow["experiment"], config, mlflow["tags"], resume_step)
+                )
         except Exception as exc:  # a tracker that cannot start must not cost the run
             print(
                 f"warning: the {kind} logger could not start ({type(exc).__name__}: {exc}); "

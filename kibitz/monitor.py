@@ -12,7 +12,7 @@ import torch
 
 import data
 from callbacks import loss_of
-from checkpoints import local
+from kibitz.distributed import local
 
 STAT_FIELDS = ("min", "max", "mean", "std", "norm")
 
@@ -126,23 +126,13 @@ def hooks(cfg, log_every: int) -> dict:
     def start(run) -> None:
         state["mfu"] = mfu_setup(run)
 
-    def after_backward(run) -> None:
+    def before_log_update(run) -> None:
         step = run.step + 1  # the step these gradients belong to
-        if cfg.norms and (step % log_every == 0 or step == run.total_steps):
+        if cfg.norms:
             state["grad_norms"] = run.grad_norms
             state["before"] = [local(p).detach().clone() for p in run.params]
         if cfg.histogram_every and step % cfg.histogram_every == 0:
-            params, names = [local(p) for p in run.params], run.param_names
-            grads = [local(p.grad) if p.grad is not None else torch.zeros_like(q) for p, q in zip(run.params, params)]
-            scaler = getattr(run.fabric.strategy.precision, "scaler", None)
-            scale = scaler._get_scale_async() if scaler is not None else None  # a tensor: no sync
-            for prefix, tensors, by in (("gradients", grads, scale), ("parameters", params, None)):
-                if run.sharded:  # every rank bins its part (max_elements does not apply)
-                    stats = sharded_stats(run.fabric, tensors, cfg.bins, by)
-                else:
-                    stats = gather_shares(run.fabric, names, tensors, cfg.bins, cfg.max_elements, by)
-                if stats is not None and run.loggers is not None:
-                    run.loggers.send_histograms(step, prefix, names, stats)
+            send_histograms(run, cfg, step)
 
     def on_log(run) -> dict:
         row, names = {}, run.param_names
@@ -167,7 +157,22 @@ def hooks(cfg, log_every: int) -> dict:
                 row["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(run.fabric.device) / 2**30
         return row
 
-    return {"on_train_start": [start], "after_backward": [after_backward], "on_log": [on_log]}
+    return {"on_train_start": [start], "before_log_update": [before_log_update], "on_log": [on_log]}
+
+
+def send_histograms(run, cfg, step: int) -> None:
+    """Every weight's and gradient's histogram and statistics, binned on the device and sent by the loggers' thread."""
+    params, names = [local(p) for p in run.params], run.param_names
+    grads = [local(p.grad) if p.grad is not None else torch.zeros_like(q) for p, q in zip(run.params, params)]
+    scaler = getattr(run.fabric.strategy.precision, "scaler", None)
+    scale = scaler._get_scale_async() if scaler is not None else None  # a tensor: no sync
+    for prefix, tensors, by in (("gradients", grads, scale), ("parameters", params, None)):
+        if run.sharded:  # every rank bins its part (max_elements does not apply)
+            stats = sharded_stats(run.fabric, tensors, cfg.bins, by)
+        else:
+            stats = gather_shares(run.fabric, names, tensors, cfg.bins, cfg.max_elements, by)
+        if stats is not None and run.loggers is not None:
+            run.loggers.send_histograms(step, prefix, names, stats)
 
 
 # ---------------------------------------------------------------- MFU

@@ -24,14 +24,10 @@ import torch
 import tyro
 from lightning_fabric import Fabric
 
-import checkpoints
 import config
-import configfile
 import data
-import evaluation
-import runs
-import storage
 from config import Accelerator, ConfigError, DataConfig, RunConfig, Task
+from kibitz import checkpoints, configfile, evaluation, runs, storage
 
 TOOLS = {
     "evaluate": "run a checkpoint over a split and print its metrics (the task comes from the checkpoint)",
@@ -45,17 +41,13 @@ TOOLS = {
 def checkpoint_task(path: Path, out_dir: Path) -> tuple[str | None, str | None]:
     """The task name and task file a checkpoint records (Nones if it records none; the file also when it is not a
     printable path, which is only ever shown in a message)."""
-    try:
-        metadata = checkpoints.read_metadata(runs.resolve_source(str(path), out_dir)[0])
-    except ConfigError:
-        raise
-    except Exception as exc:  # truncated, unreadable, not data only: say which
-        raise ConfigError(f"ckpt: {path} cannot be loaded ({checkpoints.reason(exc)})") from None
-    saved = metadata.get("config") if isinstance(metadata, dict) else None
+    source = runs.resolve_source(str(path), out_dir)[0]
+    metadata = checkpoints.checked_metadata(source, f"ckpt: {path} cannot be loaded")
+    saved = metadata.get("config")
     name = saved.get("task") if isinstance(saved, dict) else None
     if name is not None and not config.is_plain_name(name):
         raise ConfigError(f"ckpt: {path} records the task name {name!r}, which is not one plain name")
-    recorded = metadata.get("task") if isinstance(metadata, dict) else None
+    recorded = metadata.get("task")
     file = recorded.get("file") if isinstance(recorded, dict) else None
     return name, file if isinstance(file, str) and file.isprintable() else None
 
@@ -66,15 +58,15 @@ def load_checkpoint(path: Path, task: Task, out_dir: Path = config.OUT_DIR) -> t
     `out_dir`'s runs)."""
     if not str(path).startswith("wandb:") and not Path(path).exists():
         raise ConfigError(f"ckpt: {path} is not a checkpoint file or folder")
+    source, failure = runs.resolve_source(str(path), out_dir)[0], f"ckpt: {path} cannot be loaded"
     try:
-        source = runs.resolve_source(str(path), out_dir)[0]
         shards = storage.verify(source)
-        checkpoint = checkpoints.read_metadata(source)
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"ckpt: {path} cannot be loaded ({checkpoints.reason(exc)})") from None
-    saved = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+        raise ConfigError(f"{failure} ({checkpoints.reason(exc)})") from None
+    checkpoint = checkpoints.checked_metadata(source, failure)
+    saved = checkpoint.get("config")
     if not isinstance(saved, dict) or not (shards or isinstance(checkpoint.get("model"), dict)):
         raise ConfigError(f"ckpt: {path} is not a kibitz checkpoint (no saved config and model)")
     if saved.get("task") != task.name:

@@ -2,7 +2,6 @@
 [flags]`. A task is a name in the built-in registry (the `tasks` module, found by name so that no
 trainer module imports it) or a file that defines `TASK` (a config.Task), such as examples/charlm.py."""
 
-import dataclasses
 import importlib
 import importlib.util
 import itertools
@@ -16,10 +15,9 @@ from pathlib import Path
 import tyro
 
 import config
-import configfile
-import tools
 from config import ConfigError, Task
-from contract import task_file
+from kibitz import configfile, tools
+from kibitz.contract import task_file
 
 REGISTRY = "tasks"  # the module whose TASKS dict `python train.py NAME` looks NAME up in; the first is the default
 
@@ -44,6 +42,9 @@ def task_from_file(path: str | Path) -> Task:
     except TypeError as exc:  # Task(...) in an older order of its fields, say
         where = [frame.lineno for frame in traceback.extract_tb(exc.__traceback__) if Path(frame.filename) == path]
         line = f" line {where[-1]}" if where else ""
+        if "unexpected keyword argument 'train_fields'" in str(exc):  # a field until 2026-12
+            dropped = "Task.train_fields: no longer a field; name the values train_step logs: (loss, {name: value})"
+            raise ConfigError(f"task: {path}:{line} {dropped}") from None
         if "Task.__init__()" in str(exc):
             raise ConfigError(f"task: {path}:{line} expected {config.POSITIONAL} ({exc})") from None
         raise ConfigError(f"task: {path}:{line} cannot be imported (TypeError: {exc})") from None
@@ -89,14 +90,11 @@ def choice_fields(cls, prefix: str = "") -> dict[str, tuple[str, tuple, bool]]:
     """{flag: (field, choices, whether it takes several)} for every Literal field of a config class and its
     sections."""
     found = {}
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            found.update(choice_fields(hint, f"{prefix}{f.name}."))
-        elif choices := config.literal_choices(hint):
-            found[f"--{prefix}{f.name}".replace("_", "-")] = (f"{prefix}{f.name}", choices, False)
+    for name, hint, _ in config.leaf_fields(cls, prefix):
+        if choices := config.literal_choices(hint):
+            found[f"--{name}".replace("_", "-")] = (name, choices, False)
         elif typing.get_origin(hint) is tuple and (choices := config.literal_choices(typing.get_args(hint)[0])):
-            found[f"--{prefix}{f.name}".replace("_", "-")] = (f"{prefix}{f.name}", choices, True)  # one or several
+            found[f"--{name}".replace("_", "-")] = (name, choices, True)  # one or several
     return found
 
 
@@ -142,7 +140,29 @@ def checkpoint_task(ckpt: str, given: Task | None, out_dir: Path) -> Task:
 
 def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, object, str]:
     """-> (task, tool or None for training, the parsed config or tool arguments, the program's name)."""
-    argv, prog = list(argv), None
+    argv = list(argv)
+    task, tasks, prog = pick_task(argv, task)
+    tool = argv.pop(0) if argv and argv[0] in tools.TOOLS else None
+    if tool == "evaluate":
+        return parse_evaluate(argv, task or next(iter(tasks.values())), task is None, prog)
+    if tool == "export-checkpoint":
+        return task, tool, tyro.cli(tools.ExportArgs, args=argv, prog=f"{prog} export-checkpoint"), prog
+    if tool == "convert-checkpoint":
+        return task, tool, tyro.cli(tools.ConvertArgs, args=argv, prog=f"{prog} convert-checkpoint"), prog
+    task = task or next(iter(tasks.values()))
+    default, argv = config_given(argv, task)
+    refuse_bad_choices(task.config, argv)
+    if tool == "lr-find":
+        lr_find = tools.LRFindArgs(run=default)
+        args = tyro.cli(tools.LRFindArgs[task.config], default=lr_find, args=argv, prog=f"{prog} lr-find")
+        return task, tool, args, prog
+    return task, tool, tyro.cli(task.config, default=default, args=argv, prog=prog), prog
+
+
+def pick_task(argv: list[str], task: Task | None) -> tuple[Task | None, dict | None, str]:
+    """The task (a file, a registry name, the one given, or None for the default), the registry when no task was
+    given, and the program's name; what named the task is taken off argv."""
+    prog = None
     if task is None and argv and argv[0].endswith(".py"):  # a task file: the built-in tasks are never imported
         prog = shlex.join(["train.py", argv[0]])
         task = task_from_file(argv.pop(0))
@@ -155,48 +175,35 @@ def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, 
         print(overview(prog, tasks))
     if task is None and argv and not argv[0].startswith("-") and argv[0] not in tools.TOOLS:
         name = argv.pop(0)
-        if name in tasks:
-            task = tasks[name]
-        else:
+        if name not in tasks:
             raise ConfigError(
                 f"task: expected one of {', '.join(tasks)}, a task file (path/to/task.py) or a tool "
                 f"({', '.join(tools.TOOLS)}), got {name!r}"
             )
-        prog = f"train.py {name}"
-    tool = argv.pop(0) if argv and argv[0] in tools.TOOLS else None
-    if tool == "evaluate":
-        ckpt = (flag_values(argv, "--ckpt") or [None])[-1]
-        if ckpt is None or "-h" in argv or "--help" in argv:
-            task = task or next(iter(tasks.values()))
-            data = task.config().data  # for the help: --ckpt is required
-            return (
-                task,
-                tool,
-                tyro.cli(
-                    tools.EvaluateArgs[type(data)],
-                    default=tools.EvaluateArgs(tyro.MISSING, data),
-                    args=argv,
-                    prog=f"{prog} evaluate",
-                ),
-                prog,
-            )
-        out_dir = Path((flag_values(argv, "--out-dir") or [config.OUT_DIR])[-1])
-        task = checkpoint_task(ckpt, task, out_dir)
-        cfg, _ = tools.load_checkpoint(Path(ckpt), task, out_dir)
-        refuse_bad_choices(tools.EvaluateArgs, argv)
-        refuse_bad_choices(type(cfg.data), argv, "data.")
+        task, prog = tasks[name], f"train.py {name}"
+    return task, tasks, prog
+
+
+def parse_evaluate(argv: list[str], task: Task, default_task: bool, prog: str) -> tuple[Task, str, object, str]:
+    """`evaluate --ckpt ...`: the checkpoint's task and config (its data section's flags apply)."""
+    ckpt, prog = (flag_values(argv, "--ckpt") or [None])[-1], f"{prog} evaluate"
+    if ckpt is None or "-h" in argv or "--help" in argv:  # the help: --ckpt is required
+        data = task.config().data
         args = tyro.cli(
-            tools.EvaluateArgs[type(cfg.data)],
-            default=tools.EvaluateArgs(ckpt=Path(ckpt), data=cfg.data),
-            args=argv,
-            prog=f"{prog} evaluate",
+            tools.EvaluateArgs[type(data)], default=tools.EvaluateArgs(tyro.MISSING, data), args=argv, prog=prog
         )
-        return task, tool, args, prog
-    if tool == "export-checkpoint":
-        return task, tool, tyro.cli(tools.ExportArgs, args=argv, prog=f"{prog} export-checkpoint"), prog
-    if tool == "convert-checkpoint":
-        return task, tool, tyro.cli(tools.ConvertArgs, args=argv, prog=f"{prog} convert-checkpoint"), prog
-    task = task or next(iter(tasks.values()))
+        return task, "evaluate", args, prog
+    out_dir = Path((flag_values(argv, "--out-dir") or [config.OUT_DIR])[-1])
+    task = checkpoint_task(ckpt, None if default_task else task, out_dir)
+    cfg, _ = tools.load_checkpoint(Path(ckpt), task, out_dir)
+    refuse_bad_choices(tools.EvaluateArgs, argv)
+    refuse_bad_choices(type(cfg.data), argv, "data.")
+    default = tools.EvaluateArgs(ckpt=Path(ckpt), data=cfg.data)
+    return task, "evaluate", tyro.cli(tools.EvaluateArgs[type(cfg.data)], default=default, args=argv, prog=prog), prog
+
+
+def config_given(argv: list[str], task: Task) -> tuple[object, list[str]]:
+    """The config the flags change: the task's defaults, or the file `--config FILE` names; argv without it."""
     default = config.for_task(task.config(), task)
     argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     if argv.count("--config") > 1:
@@ -207,14 +214,4 @@ def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, 
             raise ConfigError("--config: expected a JSON file written by a run (config.json)")
         default = configfile.load_json(Path(argv[at + 1]), task.config, task.name)
         argv = argv[:at] + argv[at + 2 :]
-    refuse_bad_choices(task.config, argv)
-    if tool == "lr-find":
-        return (
-            task,
-            tool,
-            tyro.cli(
-                tools.LRFindArgs[task.config], default=tools.LRFindArgs(run=default), args=argv, prog=f"{prog} lr-find"
-            ),
-            prog,
-        )
-    return task, tool, tyro.cli(task.config, default=default, args=argv, prog=prog), prog
+    return default, argv

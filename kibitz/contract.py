@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 import data
-import evaluation
 from config import ConfigError
+from kibitz import evaluation
 
 SPLITS = ("train", "val", "test")
 
@@ -87,10 +87,9 @@ def check_model(task, model) -> None:
         raise ConfigError(f"{where(task, 'build_model')}: the model has no trainable parameters")
 
 
-def check_train_step(task, result) -> tuple[str, tuple[str, ...]]:
-    """What a train_step returned, and the names of the values it logs: `loss` (a scalar loss tensor with a gradient),
-    `dict` ((loss, {name: scalar tensor or number})) or `tensor` ((loss, a tensor of len(Task.train_fields) values)).
-    Shapes and types only: reading a value would sync the device."""
+def check_train_step(task, result) -> tuple[str, ...]:
+    """The names of the values a train_step logs: the loss alone (a scalar tensor with a gradient), or
+    (loss, {name: scalar tensor or number}). Shapes and types only: reading a value would sync the device."""
     expected = "the loss (a scalar tensor with a gradient), or (loss, {name: value to log})"
     loss, logged = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
     if not torch.is_tensor(loss) or loss.dim() != 0 or not loss.is_floating_point() or not loss.requires_grad:
@@ -100,47 +99,25 @@ def check_train_step(task, result) -> tuple[str, tuple[str, ...]]:
             got = describe(result) + (" without a gradient" if torch.is_tensor(loss) and loss.dim() == 0 else "")
         raise ConfigError(f"{where(task, 'train_step')}: expected {expected}, got {got}")
     if logged is None:
-        return "loss", ("loss",)
-    if isinstance(logged, dict):
-        bad = [k for k, v in logged.items() if not isinstance(k, str) or torch.is_tensor(v) and v.numel() != 1]
-        if bad or not all(torch.is_tensor(v) or isinstance(v, (int, float)) for v in logged.values()):
-            raise ConfigError(f"{where(task, 'train_step')}: expected {{name: a scalar tensor or number}} to log")
-        return "dict", ("loss", *logged)
-    fields = len(task.train_fields)
-    if not torch.is_tensor(logged) or logged.dim() > 1 or logged.numel() != fields:  # one value: a scalar too
-        raise ConfigError(
-            f"{where(task, 'train_step')}: expected logged values as a tensor of shape ({fields},) for train_fields "
-            f"{task.train_fields}, got {describe(logged)}"
-        )
-    return "tensor", tuple(task.train_fields)
+        return ("loss",)
+    if not isinstance(logged, dict):  # (loss, a tensor of values) was a form of its own until 2026-12
+        raise ConfigError(f"{where(task, 'train_step')}: expected {expected}, got (loss, {describe(logged)})")
+    bad = [k for k, v in logged.items() if not isinstance(k, str) or torch.is_tensor(v) and v.numel() != 1]
+    if bad or not all(torch.is_tensor(v) or isinstance(v, (int, float)) for v in logged.values()):
+        raise ConfigError(f"{where(task, 'train_step')}: expected {{name: a scalar tensor or number}} to log")
+    return ("loss", *logged)
 
 
-def checked_once(run):
-    """The task's train_step as the loop calls it: -> (loss, a tensor of the logged values, the loss first). Its
-    first call is checked (an exception in it, or a wrong return, is one line), which fixes the names logged; the
-    later ones go straight to the task's function."""
-    task, form = run.task, None
-
-    def train_step(*args):
-        nonlocal form
-        if form is None:
-            result = call(task, "train_step", *args)
-            form, run.train_fields = check_train_step(task, result)
-            window = run.window
-            if window.sums.numel() != len(run.train_fields):  # a fresh run (a resumed one restored its sums)
-                window.sums = window.sums.new_zeros(len(run.train_fields))
-                window.sums_before_step = window.sums.clone()
-        else:
-            result = task.train_step(*args)
-        if form == "loss":
-            return result, result.detach()
-        if form == "dict":
-            loss, logged = result
-            values = [torch.as_tensor(v, device=loss.device).detach().float().reshape(()) for v in logged.values()]
-            return loss, torch.stack([loss.detach().float(), *values])
-        return result
-
-    return train_step
+def checked_train_step(run, *args):
+    """The task's first train_step, checked: an exception in it, or a wrong return, is one line. Its return fixes
+    the names the run logs (a resumed run has its sums already)."""
+    result = call(run.task, "train_step", *args)
+    run.train_fields = check_train_step(run.task, result)
+    window = run.window
+    if window.sums.numel() != len(run.train_fields):
+        window.sums = window.sums.new_zeros(len(run.train_fields))
+        window.sums_before_step = window.sums.clone()
+    return result
 
 
 def describe(value) -> str:

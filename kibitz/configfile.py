@@ -123,7 +123,7 @@ def load_json(path: Path, cls, task: str):
 
 def save_json(cfg, path: Path, code: dict | None = None) -> None:
     """The config as JSON; `code`: the commit of the code that ran it, kept beside the sections (--config skips it)."""
-    from storage import write_atomic
+    from kibitz.storage import write_atomic
 
     write_atomic(path, json.dumps({**to_dict(cfg), **({"code": code} if code else {})}, indent=2) + "\n")
 

@@ -12,7 +12,7 @@ import re
 import secrets
 from pathlib import Path
 
-from storage import open_in_place, write_atomic
+from kibitz.storage import open_in_place, write_atomic
 
 
 class CSVLog:
