@@ -4,7 +4,8 @@
   fabric     the same loop through bare Fabric (setup_module/setup_optimizers/backward, nothing else)
   kibitz     train.py with its defaults: metrics.csv every 50 steps, norms, histograms every 100 steps,
              non-finite guard (validation only after the last step; the progress bar off)
-  lightning  the Lightning Trainer with an equivalent LightningModule (`pip install lightning`),
+  lightning  the Lightning Trainer with an equivalent LightningModule (from .bench-env/, which .ci/run fills:
+             `pip install --no-deps --target .bench-env lightning pytorch-lightning torchmetrics`),
              self.log every step at Trainer's default interval (50), its CSVLogger, clipping, the same LR
 
     python bench/overhead.py                            # both sizes, 3 interleaved rounds
@@ -35,7 +36,9 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's flat modules
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the trainer's modules
+LIGHTNING_ENV = ROOT / ".bench-env"
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -44,13 +47,13 @@ from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E40
 
 import data  # noqa: E402
 import schedules  # noqa: E402
-import tasks  # noqa: E402
 import train  # noqa: E402
 from chessdata.encoding import random_flip  # noqa: E402
 from chessdata.prepare import ensure_prepared  # noqa: E402
 from config import TrainConfig  # noqa: E402
 from model import ChessEvaluator  # noqa: E402
-from tasks import ChessConfig, ChessData, ChessLog, ChessModelConfig  # noqa: E402
+from tasks import chess as chess_task  # noqa: E402
+from tasks.chess import ChessConfig, ChessData, ChessLog, ChessModelConfig  # noqa: E402
 
 SIZES = {"default": (808, 4, 512), "tiny": (32, 1, 64)}  # width, depth, batch
 WARMUP_STEPS = 20
@@ -137,7 +140,7 @@ def raw_loop(cfg: ChessConfig, fabric=None) -> dict:
     """The hand-written loop; with `fabric`, the same loop through bare Fabric."""
     seed_all(SEED)
     loader = data.make_loader(
-        tasks.chess_datasets(cfg)["train"], batch_size=cfg.data.batch_size, shuffle=True, seed=SEED, drop_last=True
+        chess_task.chess_datasets(cfg)["train"], batch_size=cfg.data.batch_size, shuffle=True, seed=SEED, drop_last=True
     )
     model = ChessEvaluator(cfg.model.width, cfg.model.depth)
     optimizer = train.make_optimizer(model, cfg.optim, fused=False)
@@ -160,12 +163,13 @@ def raw_loop(cfg: ChessConfig, fabric=None) -> dict:
 
 def kibitz_loop(cfg: ChessConfig) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
-        train.train(cfg, tasks.CHESS)
+        train.train(cfg, chess_task.CHESS)
     run_dir = max(cfg.out_dir.iterdir(), key=lambda p: p.stat().st_mtime)
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["model"]
 
 
 def lightning_loop(cfg: ChessConfig) -> dict:
+    sys.path.insert(0, str(LIGHTNING_ENV))  # where .ci/run installs it (or `pip install lightning` anywhere)
     import lightning as L
 
     lr_at = lr_function(cfg)
@@ -188,7 +192,7 @@ def lightning_loop(cfg: ChessConfig) -> dict:
 
     seed_all(SEED)
     loader = data.make_loader(
-        tasks.chess_datasets(cfg)["train"], batch_size=cfg.data.batch_size, shuffle=True, seed=SEED, drop_last=True
+        chess_task.chess_datasets(cfg)["train"], batch_size=cfg.data.batch_size, shuffle=True, seed=SEED, drop_last=True
     )
     module = Evaluator()
     trainer = L.Trainer(

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure  # not pyplot: a notebook's backend and figures are left alone
 
 from callbacks import save_figure
 from kibitz import distributed
@@ -68,6 +67,8 @@ def error_by_eval(targets: np.ndarray, predictions: np.ndarray, clamp: float) ->
 
 
 def draw_predictions(path: Path, targets: np.ndarray, predictions: np.ndarray, clamp: float, buckets: list[dict]):
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend is left alone; imported when drawn
+
     fig = Figure(figsize=(12, 5))
     scatter, bars = fig.subplots(1, 2, width_ratios=(1, 1.3))
     cells = scatter.hexbin(targets, predictions, gridsize=60, bins="log", cmap="viridis", mincnt=1)
@@ -94,6 +95,8 @@ def draw_reconstructions(path: Path, boards: np.ndarray, reconstructions: np.nda
     """Pairs of 8x8 boards (square tokens, a1 = 0): the test board, then its reconstruction with each wrongly
     reconstructed square outlined in red and the count in its title."""
     rows = math.ceil(len(boards) / per_row)
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(3.2 * per_row, 1.75 * rows))
     axes = fig.subplots(rows, 2 * per_row, squeeze=False).flatten()
     for ax in axes:

@@ -106,3 +106,10 @@ def test_checkpoint_benchmark_smoke():
     assert result.returncode == 0, result.stderr[-3000:]
     for arm in ("save: torch's dcp.save", "save: kibitz", "load: torch's dcp.load", "load: kibitz"):
         assert arm in result.stdout
+
+
+def test_startup_benchmark_smoke():
+    result = run_script(["bench/startup.py", "--rounds", "1"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for arm in ("import torch, lightning_fabric", "python train.py --help", "cli.parse (a run's flags)"):
+        assert arm in result.stdout, arm

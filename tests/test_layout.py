@@ -186,3 +186,28 @@ def test_an_ordinary_step_enters_the_files_docs_layout_names(tmp_path):
         r"An ordinary step of a one-file task enters (\d+) project files", (ROOT / "docs/layout.md").read_text()
     )
     assert stated and int(stated[1]) == len(entered), ", ".join(sorted(entered))
+
+
+def test_starting_imports_no_tracker_plotting_or_chess_library():
+    """`--help` and a run's parsing import what they use: matplotlib, wandb, MLflow, TensorBoard and python-chess
+    are imported where they are used, and the test environment has no Lightning (which makes Fabric import
+    torchmetrics; bench/overhead.py's Lightning arm has an environment of its own)."""
+    probe = (
+        "import sys, contextlib, io\n"
+        "import train\n"
+        "from kibitz import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        "        train.main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "cli.parse(['chess', '--train.max-steps', '1'])\n"
+        "cli.parse(['dvae', '--train.max-steps', '1'])\n"
+        "print(' '.join(sorted({name.split('.')[0] for name in sys.modules})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = set(result.stdout.split())
+    assert "torch" in imported and "tyro" in imported, "the probe ran"
+    heavy = {"matplotlib", "wandb", "mlflow", "tensorboard", "chess", "torchmetrics", "lightning", "ray", "datasets"}
+    assert not imported & heavy, imported & heavy

@@ -204,6 +204,9 @@ def killed_and_resumed(uri: str, prepared, tmp_path) -> None:
     to_server = ["--log.logger", "csv", "mlflow", "--log.mlflow-uri", uri, "--log.project", "kibitz-test"]
     process = start(prepared, tmp_path, "killed", *to_server)
     wait_for_steps(tmp_path / "killed", 30, process)
+    deadline = time.monotonic() + 120  # MLflow's set-up runs beside the training, in its sink's thread
+    while not (tmp_path / "killed" / "mlflow_id.txt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     run_id = (tmp_path / "killed" / "mlflow_id.txt").read_text()
