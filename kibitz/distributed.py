@@ -67,7 +67,9 @@ def make_fabric(cfg: FabricConfig, blocks: tuple[type, ...] = (), sharded_checkp
 
 def in_notebook() -> bool:
     """In a Jupyter kernel's own process (not one it forked): a notebook, where a widget can render."""
-    return "ipykernel" in sys.modules and multiprocessing.parent_process() is None
+    ipython = sys.modules.get("IPython")  # imported by a kernel; a process that merely loaded it has no shell
+    shell = ipython.get_ipython() if ipython else None
+    return getattr(shell, "kernel", None) is not None and multiprocessing.parent_process() is None
 
 
 def launched(cfg, blocks: tuple[type, ...], function):

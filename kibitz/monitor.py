@@ -125,13 +125,15 @@ def hooks(cfg, log_every: int) -> dict:
 
     def start(run) -> None:
         state["mfu"] = mfu_setup(run)
+        state["histograms_at"] = run.step // cfg.histogram_every if cfg.histogram_every else 0
 
     def before_log_update(run) -> None:
         step = run.step + 1  # the step these gradients belong to
         if cfg.norms:
             state["grad_norms"] = run.grad_norms
             state["before"] = [local(p).detach().clone() for p in run.params]
-        if cfg.histogram_every and step % cfg.histogram_every == 0:
+        if cfg.histogram_every and step // cfg.histogram_every > state["histograms_at"]:  # a multiple passed
+            state["histograms_at"] = step // cfg.histogram_every
             send_histograms(run, cfg, step)
 
     def on_log(run) -> dict:

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import socket
-import sys
 from pathlib import Path
 
 from config import ConfigError, is_plain_name
@@ -328,7 +327,7 @@ class Trained:
     def show(self) -> None:
         """The pictures the run drew (curves.png, the task's test pictures): inline in a notebook, else their paths."""
         pictures = sorted(self.run_dir.glob("*.png"))
-        if "ipykernel" not in sys.modules:
+        if not distributed.in_notebook():
             print("\n".join(map(str, pictures)))
             return
         from IPython.display import Image, display

@@ -77,6 +77,19 @@ def test_tensorboard_sees_the_histograms(prepared, tmp_path):
     assert weight.num == 808 * 32 and len(weight.bucket) == 64
 
 
+def test_histograms_go_out_at_the_first_log_after_each_multiple(tmp_path):
+    """Histograms are taken at a log (the loop calls the monitoring only on a step that logs): with log.every 3 and
+    histogram_every 4 they go out at steps 6, 9 and 12, the first logs after 4, 8 and 12."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tiny_task import TASK
+
+    args = ["--out-dir", str(tmp_path), "--run-name", "h", "--log.logger", "tensorboard", "--log.every", "3"]
+    assert train.main([*args, "--monitor.histogram-every", "4", "--train.max-steps", "12"], task=TASK) == 0
+    events = EventAccumulator(str(tmp_path / "h" / "tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    assert [e.step for e in events.Histograms("gradients/weight")] == [6, 9, 12]
+
+
 def plant_nan(monkeypatch, at_backward: int) -> None:
     """Make the gradient of layers.2.weight NaN on one backward pass of a real training run."""
 

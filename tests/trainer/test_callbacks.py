@@ -77,7 +77,7 @@ def test_a_hook_that_sets_a_field_is_one_line_naming_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("error: hook test_a_hook_that_sets_a_field_is_one_line_naming_it.<locals>.sets_the_")
-    assert "at after_backward raised AttributeError (test_hooks.py line " in err and "cannot set run.lr" in err
+    assert "at after_backward raised AttributeError (test_callbacks.py line " in err and "cannot set run.lr" in err
 
 
 def test_a_misspelt_hook_point_is_refused():

@@ -59,7 +59,7 @@ MISTAKES = {
     "a direction other than min/max": (dict(metrics={"val/mse": "lowest"}), "expected 'min' or 'max', got 'lowest'"),
     "train_step returns a float": (
         dict(train_step=lambda *a: train_step(*a).item()),
-        "task tiny: train_step (test_task_contract.py): expected the loss (a scalar tensor with a gradient), or "
+        "task tiny: train_step (test_contract.py): expected the loss (a scalar tensor with a gradient), or "
         "(loss, {name: value to log}), got a float",
     ),
     "train_step returns a detached loss": (
@@ -81,12 +81,12 @@ MISTAKES = {
     "train_step returns (loss, a tensor of two)": (dict(train_step=two_values), "got (loss, a tensor of shape (2,)"),
     "no test split": (
         dict(datasets=lambda cfg: {k: v for k, v in TASK.datasets(cfg).items() if k != "test"}),
-        "task tiny: datasets (test_task_contract.py): expected a dict with the splits train, val and test, got "
+        "task tiny: datasets (test_contract.py): expected a dict with the splits train, val and test, got "
         "['train', 'val']",
     ),
     "evaluate returns a tensor": (
         dict(evaluate=tensor_metric),
-        "task tiny: evaluate (test_task_contract.py): metric 'mse' is a tensor of shape () (torch.float32); expected "
+        "task tiny: evaluate (test_contract.py): metric 'mse' is a tensor of shape () (torch.float32); expected "
         "a Python number",
     ),
     "a model without trainable parameters": (dict(build_model=frozen), "the model has no trainable parameters"),
@@ -96,7 +96,7 @@ MISTAKES = {
     ),
     "evaluate raises": (
         dict(evaluate=raises_in_evaluate),
-        "task tiny: evaluate (test_task_contract.py) raised KeyError",
+        "task tiny: evaluate (test_contract.py) raised KeyError",
     ),
     "eval_step returns a non-tensor": (
         dict(evaluate=None, eval_step=lambda cfg, model, batch: {"mse": "low", "count": 1}),

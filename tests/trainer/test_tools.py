@@ -204,7 +204,7 @@ def test_predict_refuses_what_prepare_refuses(trained, tmp_path, capsys):
 
 
 def test_export_checkpoint_refuses_what_is_not_a_folder_of_shards(trained, tmp_path, capsys):
-    """(The export of a real sharded folder is tested with the 2-process FSDP2 run in test_resume.py.)"""
+    """(The export of a real sharded folder is tested with the 2-process FSDP2 run in test_checkpoints_resume.py.)"""
     ckpt = trained / "checkpoints" / "last.ckpt"  # a file: one already
     cases = [
         (["--ckpt", str(ckpt), "--out", str(tmp_path / "x.ckpt")], "ckpt: expected a folder of shards"),
