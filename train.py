@@ -260,9 +260,16 @@ def stepper(run: Run, hooks: callbacks.Hooks):
     cfg, fabric, model, optimizer = run.cfg, run.fabric, run.model, run.optimizer
     progress, window = run.progress, run.window  # where the loop is; what the next log reads
     accumulate, train_size, device = cfg.train.accumulate, data.size(run.datasets["train"]), fabric.device
-    skip_sync = not run.sharded if cfg.train.skip_grad_sync is None else cfg.train.skip_grad_sync  # FSDP: whole grads
+    skip_sync = skips_grad_sync(run)
     clip = distributed.gradient_clipper(fabric, model, optimizer, cfg.train.clip)
-    task_step = task_stepper(run)
+
+    def first_train_step(*args):  # checked (contract.py); it fixes the names logged and the form of the later calls
+        nonlocal train_step
+        result = contract.checked_train_step(run, *args)
+        train_step = functools.partial(loss_and_values if isinstance(result, tuple) else loss_alone, run.task)
+        return logged_values(result)
+
+    train_step = first_train_step
 
     def take_step(batches) -> bool:
         run.lr = run.lr_at(progress.step)
@@ -274,7 +281,7 @@ def stepper(run: Run, hooks: callbacks.Hooks):
             window.data_wait_s += time.perf_counter() - waited
             # With skip_sync, gradients are all-reduced only on the last micro-batch of the step.
             with fabric.no_backward_sync(model, enabled=skip_sync and micro < accumulate - 1):
-                loss, logged = task_step(cfg, model, batch, progress.step, train_size)
+                loss, logged = train_step(cfg, model, batch, progress.step, train_size)
                 if accumulate > 1:  # the mean over micro-batches (no extra op when there is one)
                     loss, logged = loss / accumulate, logged / accumulate
                 fabric.backward(loss)
@@ -293,28 +300,25 @@ def stepper(run: Run, hooks: callbacks.Hooks):
     return take_step
 
 
-def task_stepper(run: Run):
-    """The task's train_step as the loop calls it: -> (loss, the logged values as one tensor, the loss first). Its
-    first call is checked (contract.py: an exception or a wrong return is one line), which fixes the names logged;
-    the later calls go straight to the task's function."""
-    task, returns_dict = run.task, False
-
-    def first_call(*args):
-        nonlocal step, returns_dict
-        result = contract.checked_train_step(run, *args)
-        returns_dict, step = isinstance(result, tuple), later_call
-        return logged_values(result, returns_dict)
-
-    def later_call(*args):
-        return logged_values(task.train_step(*args), returns_dict)
-
-    step = first_call
-    return lambda *args: step(*args)
+def skips_grad_sync(run: Run) -> bool:
+    """Whether gradients are all-reduced only on a step's last micro-batch: by default, but under FSDP, which needs
+    whole gradients."""
+    chosen = run.cfg.train.skip_grad_sync
+    return not run.sharded if chosen is None else chosen
 
 
-def logged_values(result, returns_dict: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss, and what the step logs as one tensor on the device (the loss first): no sync."""
-    if not returns_dict:
+def loss_alone(task: Task, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    loss = task.train_step(*args)
+    return loss, loss.detach()
+
+
+def loss_and_values(task: Task, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    return logged_values(task.train_step(*args))
+
+
+def logged_values(result) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss, and what train_step logs as one tensor on the device (the loss first): no sync."""
+    if not isinstance(result, tuple):
         return result, result.detach()
     loss, logged = result
     values = [torch.as_tensor(v, device=loss.device).detach().float().reshape(()) for v in logged.values()]

@@ -211,3 +211,17 @@ def test_starting_imports_no_tracker_plotting_or_chess_library():
     assert "torch" in imported and "tyro" in imported, "the probe ran"
     heavy = {"matplotlib", "wandb", "mlflow", "tensorboard", "chess", "torchmetrics", "lightning", "ray", "datasets"}
     assert not imported & heavy, imported & heavy
+
+
+def test_docs_layout_names_every_file_and_no_file_that_is_gone():
+    """docs/layout.md's tables are the tree: every module (root, kibitz/, tasks/, chessdata/, examples/, bench/) has
+    its row, and every file a row names exists."""
+    import re
+
+    text = (ROOT / "docs/layout.md").read_text()
+    rows = set(re.findall(r"^\| `([\w/.]+\.(?:py|ipynb))` \|", text, flags=re.M))
+    files = {p for p in ROOT.glob("**/*.py") if not {".venv", ".bench-env", "tests", "data"} & set(p.parts)}
+    files = {str(p.relative_to(ROOT)) for p in files if p.name != "__init__.py" or p.parent.name == "tasks"}
+    files -= {"chessdata/__main__.py"}  # `python -m chessdata`, named with chessdata/cli.py
+    assert files - rows == set(), "files without a row"
+    assert {row for row in rows if not (ROOT / row).is_file()} == set(), "rows without a file"
