@@ -4,8 +4,8 @@
   fabric     the same loop through bare Fabric (setup_module/setup_optimizers/backward, nothing else)
   kibitz     train.py with its defaults: metrics.csv every 50 steps, norms, histograms every 100 steps,
              non-finite guard (validation only after the last step; the progress bar off)
-  lightning  the Lightning Trainer with an equivalent LightningModule (from .bench-env/, which .ci/run fills:
-             `pip install --no-deps --target .bench-env lightning pytorch-lightning torchmetrics`),
+  lightning  the Lightning Trainer with an equivalent LightningModule, from .venv/bench-lightning/ (.ci/run fills it:
+             `pip install --no-deps --target .venv/bench-lightning lightning pytorch-lightning torchmetrics`),
              self.log every step at Trainer's default interval (50), its CSVLogger, clipping, the same LR
 
     python bench/overhead.py                            # both sizes, 3 interleaved rounds
@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the trainer's modules
-LIGHTNING_ENV = ROOT / ".bench-env"
+LIGHTNING_ENV = ROOT / ".venv/bench-lightning"
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -70,6 +70,7 @@ def draw_predictions(path: Path, targets: np.ndarray, predictions: np.ndarray, c
     from matplotlib.figure import Figure  # not pyplot: a notebook's backend is left alone; imported when drawn
 
     fig = Figure(figsize=(12, 5))
+    fig.subplots_adjust(left=0.06, right=0.96, bottom=0.17, top=0.92, wspace=0.25)
     scatter, bars = fig.subplots(1, 2, width_ratios=(1, 1.3))
     cells = scatter.hexbin(targets, predictions, gridsize=60, bins="log", cmap="viridis", mincnt=1)
     fig.colorbar(cells, ax=scatter, label="positions")
@@ -98,6 +99,7 @@ def draw_reconstructions(path: Path, boards: np.ndarray, reconstructions: np.nda
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(3.2 * per_row, 1.75 * rows))
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.3)
     axes = fig.subplots(rows, 2 * per_row, squeeze=False).flatten()
     for ax in axes:
         ax.set_axis_off()

@@ -220,7 +220,7 @@ def test_docs_layout_names_every_file_and_no_file_that_is_gone():
 
     text = (ROOT / "docs/layout.md").read_text()
     rows = set(re.findall(r"^\| `([\w/.]+\.(?:py|ipynb))` \|", text, flags=re.M))
-    files = {p for p in ROOT.glob("**/*.py") if not {".venv", ".bench-env", "tests", "data"} & set(p.parts)}
+    files = {p for p in ROOT.glob("**/*.py") if not {".venv", "tests", "data"} & set(p.parts)}
     files = {str(p.relative_to(ROOT)) for p in files if p.name != "__init__.py" or p.parent.name == "tasks"}
     files -= {"chessdata/__main__.py"}  # `python -m chessdata`, named with chessdata/cli.py
     assert files - rows == set(), "files without a row"
