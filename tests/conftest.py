@@ -101,6 +101,12 @@ def parse_config(argv: list[str]):
 # ---------------------------------------------------------------- shared by the trainer's tests
 
 
+def tiny_task_args(out: Path, *extra: str) -> list[str]:
+    """The flags of a short run of tiny_task.TASK (in memory): train.main(tiny_task_args(...), task=TASK)."""
+    common = ["--out-dir", str(out), "--train.max-steps", "12", "--train.val-every", "4", "--log.every", "4"]
+    return [*common, "--log.no-progress-bar", *extra]
+
+
 def tiny_args(prepared: Path, out: Path, *extra: str) -> list[str]:
     return [
         "chess",

@@ -1,4 +1,5 @@
-"""The training loop end to end on a small slice of the bundled sample (tiny models, CPU)."""
+"""The training loop end to end: on the tiny in-memory task where the task does not matter, on a small slice of the
+bundled sample where chess's own config or pictures are part of what is tested (tiny models, CPU)."""
 
 import csv
 import json
@@ -8,54 +9,39 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import parse_config, run_script, tiny_args, train_losses, weights
+from conftest import parse_config, run_script, tiny_args, tiny_task_args, train_losses, weights
+from tiny_task import TASK as TINY
 
 import train
 from kibitz import monitor
 from tasks import chess
 
 
-def test_accumulation_matches_one_full_batch(prepared, tmp_path):
+def test_accumulation_matches_one_full_batch(tmp_path):
     # float64: Adam divides by sqrt(v), which magnifies float32 summation-order noise on tiny gradients
-    common = [
-        "--data.no-flip",
-        "--fabric.precision",
-        "64-true",
-        "--train.clip",
-        "1e9",
-        "--train.max-steps",
-        "6",
-        "--checkpoint.keep-best",
-        "-1",
-    ]
-    assert train.main(tiny_args(prepared, tmp_path, *common, "--run-name", "full")) == 0
-    assert train.main(tiny_args(prepared, tmp_path, *common, "--train.accumulate", "4", "--run-name", "micro")) == 0
+    common = ["--fabric.precision", "64-true", "--train.clip", "1e9", "--train.max-steps", "6"]
+    common += ["--checkpoint.keep-best", "-1"]
+    assert train.main(tiny_task_args(tmp_path, *common, "--run-name", "full"), task=TINY) == 0
+    assert (
+        train.main(tiny_task_args(tmp_path, *common, "--train.accumulate", "4", "--run-name", "micro"), task=TINY) == 0
+    )
     full, micro = weights(tmp_path / "full"), weights(tmp_path / "micro")
     for name in full:
         torch.testing.assert_close(micro[name], full[name], rtol=1e-9, atol=1e-12)
     initial = torch.load(tmp_path / "full" / "checkpoints" / "step-00000004.ckpt", weights_only=True)["model"]
-    assert not torch.equal(initial["layers.0.weight"], full["layers.0.weight"])  # training moved the weights
+    assert not torch.equal(initial["weight"], full["weight"])  # training moved the weights
 
 
-def test_resume_mid_epoch_is_exact(prepared, tmp_path):
-    # batch 4096 over ~21k positions: 5 steps an epoch, so step 7 is inside the second epoch.
-    args = [
-        "--data.batch-size",
-        "4096",
-        "--train.max-steps",
-        "21",
-        "--train.val-every",
-        "7",
-        "--checkpoint.keep-best",
-        "-1",
-        "--log.every",
-        "1",
-    ]
-    assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "whole")) == 0
+def test_resume_mid_epoch_is_exact(tmp_path):
+    # batch 96 over 384 examples: 4 steps an epoch, so step 7 is inside the second epoch.
+    args = ["--data.batch-size", "96", "--train.max-steps", "21", "--train.val-every", "7"]
+    args += ["--checkpoint.keep-best", "-1", "--log.every", "1"]
+    assert train.main(tiny_task_args(tmp_path, *args, "--run-name", "whole"), task=TINY) == 0
     start = tmp_path / "whole" / "checkpoints" / "step-00000007.ckpt"
     progress = torch.load(start, weights_only=True)["progress"]
     assert progress["epoch"] == 1 and progress["step_in_epoch"] > 0
-    assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "resumed", "--resume", str(start))) == 0
+    resumed_args = tiny_task_args(tmp_path, *args, "--run-name", "resumed", "--resume", str(start))
+    assert train.main(resumed_args, task=TINY) == 0
     whole, resumed = train_losses(tmp_path / "whole"), train_losses(tmp_path / "resumed")
     assert sorted(resumed) == list(range(8, 22))
     assert all(resumed[step] == whole[step] for step in resumed)  # bitwise, not approximately
@@ -63,9 +49,9 @@ def test_resume_mid_epoch_is_exact(prepared, tmp_path):
     assert all(torch.equal(final_whole[k], final_resumed[k]) for k in final_whole)
 
 
-def test_resume_auto_continues_the_newest_run(prepared, tmp_path):
-    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "r", "--train.max-steps", "8")) == 0
-    assert train.main(tiny_args(prepared, tmp_path, "--train.max-steps", "12", "--resume", "auto")) == 0
+def test_resume_auto_continues_the_newest_run(tmp_path):
+    assert train.main(tiny_task_args(tmp_path, "--run-name", "r", "--train.max-steps", "8"), task=TINY) == 0
+    assert train.main(tiny_task_args(tmp_path, "--train.max-steps", "12", "--resume", "auto"), task=TINY) == 0
     assert sorted(train_losses(tmp_path / "r")) == [4, 8, 12]  # one run folder, continued
     assert [p.name for p in tmp_path.iterdir()] == ["r"]
     assert torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)["progress"]["step"] == 12
@@ -85,10 +71,10 @@ def test_best_k_checkpoints_last_and_test_on_best(prepared, tmp_path, capsys):
     assert torch.load(folder / "last.ckpt", weights_only=True)["config"]["model"]["width"] == 32
 
 
-def test_early_stopping(prepared, tmp_path, capsys):
-    # no change short of 1000 pawns counts as an improvement: the first validation stays the best
+def test_early_stopping(tmp_path, capsys):
+    # no change short of 1000 counts as an improvement: the first validation stays the best
     args = ["--train.early-stop-min-delta", "1000", "--train.early-stop-patience", "1", "--train.max-steps", "40"]
-    assert train.main(tiny_args(prepared, tmp_path, *args, "--run-name", "es")) == 0
+    assert train.main(tiny_task_args(tmp_path, *args, "--run-name", "es"), task=TINY) == 0
     assert "early stopping" in capsys.readouterr().out
     assert max(train_losses(tmp_path / "es")) == 8
 
@@ -105,8 +91,8 @@ def test_early_stopping(prepared, tmp_path, capsys):
         (["--checkpoint.sharded"], "checkpoint.sharded"),
     ],
 )
-def test_bad_config_is_one_line_naming_the_field(prepared, tmp_path, capsys, flags, field):
-    assert train.main(tiny_args(prepared, tmp_path, *flags)) == 2
+def test_bad_config_is_one_line_naming_the_field(tmp_path, capsys, flags, field):
+    assert train.main(tiny_task_args(tmp_path, *flags), task=TINY) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(f"error: {field}")
 
