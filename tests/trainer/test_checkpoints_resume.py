@@ -20,11 +20,13 @@ from conftest import (
     resume_and_compare,
     start,
     tiny_args,
+    tiny_task_args,
     train_losses,
     two_processes,
     wait_for_steps,
     weights,
 )
+from tiny_task import TASK as TINY
 
 import train
 from kibitz.tracking import sinks
@@ -115,15 +117,15 @@ def test_a_resumed_wandb_run_neither_repeats_nor_loses_steps(tmp_path):
     assert all(row["train/loss"] == 1 / step for step, row in rows)
 
 
-def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(prepared, tmp_path, capsys):
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     args = ["--run-name", "d", "--checkpoint.keep-best", "-1"]
-    assert train.main(tiny_args(prepared, tmp_path, *args)) == 0
+    assert train.main(tiny_task_args(tmp_path, *args), task=TINY) == 0
     last = tmp_path / "d" / "checkpoints" / "last.ckpt"
     damaged = last.with_name("damaged")
     damaged.write_bytes(last.read_bytes()[:1000])  # a new file: step-00000012.ckpt stays intact
     os.replace(damaged, last)
     capsys.readouterr()
-    assert train.main(tiny_args(prepared, tmp_path, *args, "--train.max-steps", "16", "--resume", "auto")) == 0
+    assert train.main(tiny_task_args(tmp_path, *args, "--train.max-steps", "16", "--resume", "auto"), task=TINY) == 0
     out = capsys.readouterr().out
     assert f"warning: {last}: cannot load checkpoint" in out
     assert "resumed from" in out and "step-00000012.ckpt at step 12" in out
@@ -158,13 +160,13 @@ def test_a_checkpoint_folder_missing_a_shard_falls_back_to_the_previous_one(prep
     assert "step-00000012.ckpt at step 12" in result.stdout
 
 
-def test_init_from_takes_the_weights_only(prepared, tmp_path, capsys):
-    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "base")) == 0
+def test_init_from_takes_the_weights_only(tmp_path, capsys):
+    assert train.main(tiny_task_args(tmp_path, "--run-name", "base"), task=TINY) == 0
     source = tmp_path / "base" / "checkpoints" / "last.ckpt"
     # a learning rate too small to move anything: the new run ends where the source ended
     args = ["--run-name", "tuned", "--init-from", str(source), "--optim.lr", "1e-30", "--schedule.kind", "constant"]
-    assert train.main(tiny_args(prepared, tmp_path, *args)) == 0
-    assert "initialised 4 of the model's 4 tensors from" in capsys.readouterr().out
+    assert train.main(tiny_task_args(tmp_path, *args), task=TINY) == 0
+    assert "initialised 2 of the model's 2 tensors from" in capsys.readouterr().out
     assert sorted(train_losses(tmp_path / "tuned")) == [4, 8, 12]  # a new run: its own steps from 0
     tuned, base = weights(tmp_path / "tuned"), weights(tmp_path / "base")
     assert all(torch.equal(tuned[k], base[k]) for k in base)
@@ -320,7 +322,7 @@ def test_a_checkpoint_write_failure_stops_the_run_and_keeps_the_previous_one(pre
     assert not (tmp_path / "cw" / "checkpoints" / "step-00000008.ckpt").exists()
 
 
-def test_logger_failures_are_reported_once_and_training_continues(prepared, tmp_path, capsys, monkeypatch):
+def test_logger_failures_are_reported_once_and_training_continues(tmp_path, capsys, monkeypatch):
     # metrics.csv on a full disk (/dev/full: every write fails with ENOSPC), and wandb unable to start
     # (its folder's path is taken by a file)
     run_dir = tmp_path / "lf"
@@ -328,7 +330,7 @@ def test_logger_failures_are_reported_once_and_training_continues(prepared, tmp_
     full = open("/dev/full", "a")  # the file metrics.csv is opened as (a link in the run folder is refused)
     monkeypatch.setattr(sinks, "open_in_place", lambda path, mode: full)
     (run_dir / "wandb").write_text("not a folder")
-    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "lf", "--log.logger", "wandb")) == 0
+    assert train.main(tiny_task_args(tmp_path, "--run-name", "lf", "--log.logger", "wandb"), task=TINY) == 0
     out = capsys.readouterr().out
     assert out.count("warning: logger CSVLog failed") == 1 and "No space left on device" in out
     assert out.count("warning: the wandb logger could not start") == 1
@@ -525,7 +527,7 @@ def test_the_fp16_grad_scaler_state_is_checkpointed(tmp_path):
     assert resumed.fabric.strategy.precision.scaler.get_scale() == 123.0
 
 
-def test_a_bad_resume_source_is_a_one_line_error(prepared, tmp_path, capsys):
+def test_a_bad_resume_source_is_a_one_line_error(tmp_path, capsys):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
     cases = [
@@ -534,6 +536,6 @@ def test_a_bad_resume_source_is_a_one_line_error(prepared, tmp_path, capsys):
         ("wandb:model-nothere:best", "not found offline"),
     ]
     for source, expected in cases:
-        assert train.main(tiny_args(prepared, tmp_path, "--resume", source)) == 2
+        assert train.main(tiny_task_args(tmp_path, "--resume", source), task=TINY) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: resume: ") and expected in err and err.count("\n") == 1, err
