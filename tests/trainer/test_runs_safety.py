@@ -25,8 +25,10 @@ from conftest import (
     run_script,
     start,
     tiny_args,
+    tiny_task_args,
     wait_for_steps,
 )
+from tiny_task import TASK as TINY
 
 import train
 from kibitz import storage
@@ -173,7 +175,7 @@ def test_a_checkpoint_never_runs_the_task_file_it_names(trained, tmp_path, capsy
     assert "only when you name it" in line and shlex.quote(str(task_file)) in line and not marker.exists()
 
 
-def test_one_writer_per_run_folder(prepared, tmp_path, capsys):
+def test_one_writer_per_run_folder(tmp_path, capsys):
     folder = tmp_path / "busy"
     hold = f"import time, pathlib; from kibitz import runs; held = runs.lock_folder(pathlib.Path({str(folder)!r}))"
     holder = subprocess.Popen(
@@ -185,14 +187,16 @@ def test_one_writer_per_run_folder(prepared, tmp_path, capsys):
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert train.main(tiny_args(prepared, tmp_path, "--run-name", "busy")) == 2
+        assert train.main(tiny_task_args(tmp_path, "--run-name", "busy"), task=TINY) == 2
         line = one_line(capsys)
         assert f"{folder} is in use by process {holder.pid}" in line and "another --run-name" in line
         assert not (folder / "metrics.csv").exists()
     finally:
         holder.kill()
         holder.wait()
-    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "busy")) == 0  # the dead holder's lock is taken over
+    assert (
+        train.main(tiny_task_args(tmp_path, "--run-name", "busy"), task=TINY) == 0
+    )  # the dead holder's lock is taken over
     assert f"taking over {folder}: its previous run (process {holder.pid}" in capsys.readouterr().out
     assert (folder / ".lock").read_text() == ""  # released at the end
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, child_env, parse_config, tiny_args
+from conftest import ROOT, child_env, parse_config, tiny_args, tiny_task_args
+from tiny_task import TASK as TINY
 
 import chessdata.cli
 import chessdata.folder
@@ -167,20 +168,22 @@ def test_checkpoints_that_fit_nothing_are_one_line(prepared, tmp_path, capsys, b
         assert expected in one_error(capsys), (flag, name)
 
 
-def test_a_rotten_checkpoint_falls_back_like_a_truncated_one(prepared, tmp_path, capsys):
+def test_a_rotten_checkpoint_falls_back_like_a_truncated_one(tmp_path, capsys):
     args = ["--run-name", "rot", "--train.max-steps", "8", "--checkpoint.keep-best", "-1"]
-    assert train.main(tiny_args(prepared, tmp_path, *args)) == 0
+    assert train.main(tiny_task_args(tmp_path, *args), task=TINY) == 0
     last = tmp_path / "rot" / "checkpoints" / "last.ckpt"
     rotten = bytearray(last.read_bytes())  # a flipped bit, the file still loads: only the checksum tells
     rotten[len(rotten) // 2] ^= 0x10
     os.unlink(last)  # a hard link of step 8's file: replace, do not write through
     last.write_bytes(rotten)
-    assert train.main(tiny_args(prepared, tmp_path, "--resume", str(last))) == 2
+    assert train.main(tiny_task_args(tmp_path, "--resume", str(last)), task=TINY) == 2
     assert "damaged" in one_error(capsys)
     leftover = last.with_name("step-00000012.ckpt.tmp")  # what a save killed midway leaves
     leftover.write_bytes(b"partial")
     os.unlink(last.with_name("step-00000008.ckpt"))
-    assert train.main(tiny_args(prepared, tmp_path, *args[:2], "--train.max-steps", "12", "--resume", "auto")) == 0
+    assert (
+        train.main(tiny_task_args(tmp_path, *args[:2], "--train.max-steps", "12", "--resume", "auto"), task=TINY) == 0
+    )
     out = capsys.readouterr().out
     assert "last.ckpt: cannot load checkpoint (ValueError: damaged" in out and "at step 4" in out
     assert not leftover.exists()
@@ -202,13 +205,15 @@ def test_a_rotten_shard_folder_fails_its_checksum(tmp_path):
 
 
 @pytest.mark.parametrize("tail", ["\n\n", "\0" * 64, "12,train/lo"])
-def test_a_torn_metrics_csv_does_not_block_resume(prepared, tmp_path, capsys, tail):
+def test_a_torn_metrics_csv_does_not_block_resume(tmp_path, capsys, tail):
     # what a crash or a power loss leaves at the end of the file: a blank line, zeroed blocks, half a row
     args = ["--run-name", "torn", "--train.max-steps", "8"]
-    assert train.main(tiny_args(prepared, tmp_path, *args)) == 0
+    assert train.main(tiny_task_args(tmp_path, *args), task=TINY) == 0
     with open(tmp_path / "torn" / "metrics.csv", "a") as f:
         f.write(tail)
-    assert train.main(tiny_args(prepared, tmp_path, *args[:2], "--train.max-steps", "12", "--resume", "auto")) == 0
+    assert (
+        train.main(tiny_task_args(tmp_path, *args[:2], "--train.max-steps", "12", "--resume", "auto"), task=TINY) == 0
+    )
     rows = list(csv.reader(open(tmp_path / "torn" / "metrics.csv")))
     assert rows[0] == ["step", "name", "value"] and all(len(row) == 3 and "\0" not in row[2] for row in rows)
     assert sorted({int(row[0]) for row in rows[1:] if row[1] == "train/loss"}) == [4, 8, 12]
@@ -279,12 +284,12 @@ def test_what_preparing_the_data_draws_does_not_change_the_run(prepared, tmp_pat
     assert all(torch.equal(weights["draws"][k], weights["ready"][k]) for k in weights["ready"])
 
 
-def test_saves_never_stage_in_tmpdir(prepared, tmp_path, monkeypatch):
+def test_saves_never_stage_in_tmpdir(tmp_path, monkeypatch):
     """Fabric's own save stages each checkpoint in $TMPDIR (a kill leaves it there, a full $TMPDIR fails the
     save); kibitz writes beside the checkpoint: with no usable temporary folder at all, the run still saves."""
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
-    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "direct")) == 0
+    assert train.main(tiny_task_args(tmp_path, "--run-name", "direct"), task=TINY) == 0
     saved = torch.load(tmp_path / "direct" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["progress"]["step"] == 12
