@@ -230,7 +230,8 @@ def plot_curves(metrics_csv: Path, path: Path, val_names: list[str]) -> None:
         for name in names:
             if name in series:
                 ax.plot(*series[name], label=name, marker="o" if title == "validation" else None, markersize=3)
-        ax.set(title=title, xlabel="step")
+        ax.set_title(title, y=1.0)  # a fixed place: placing it by the ticks' extent costs a tenth of a second an axis
+        ax.set(xlabel="step")
         if title != "lr" and any(name in series for name in names):  # nothing logged yet: no legend (and no warning)
             ax.legend(fontsize=8)
     save_figure(fig, path)

@@ -108,6 +108,7 @@ def test_checkpoint_benchmark_smoke():
         assert arm in result.stdout
 
 
+@pytest.mark.slow
 def test_startup_benchmark_smoke():
     result = run_script(["bench/startup.py", "--rounds", "1"], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
