@@ -3,9 +3,11 @@ processes, eval_step, no report of its own. It learns, and evaluates from anothe
 
 import json
 
+import pytest
 from conftest import ROOT, run_script
 
 
+@pytest.mark.slow  # two DataLoader worker processes
 def test_the_digits_example_learns_and_evaluates(tmp_path):
     example = str(ROOT / "examples" / "digits.py")
     args = ["--out-dir", str(tmp_path), "--run-name", "d", "--train.max-steps", "300", "--log.logger", "csv"]

@@ -38,6 +38,7 @@ def test_per_example_data_with_workers_resumes_exactly_after_kill_9(tmp_path, fl
     assert_same_run(tmp_path / "killed", reference_dir)
 
 
+@pytest.mark.slow  # two DataLoader worker processes
 def test_the_augmentation_does_not_depend_on_the_number_of_workers(tmp_path, one_process_reference):
     result = run_script([ITEMS_TASK, "--out-dir", str(tmp_path), "--run-name", "none", "--data.num-workers", "0"])
     assert result.returncode == 0, result.stderr[-3000:]
