@@ -186,8 +186,9 @@ def test_runs_read_back_a_killed_run_resumes_into_its_mlflow_run_and_a_server_th
     killed_and_resumed(uri, prepared, tmp_path)  # kill -9, then --resume auto: the same MLflow run, every step once
     capsys.readouterr()
 
-    def stop_the_server(run) -> None:  # mid-run, between two logs
+    def stop_the_server(run) -> None:  # mid-run, between two logs, once the sink's thread has sent a metric
         if run.step == 10:
+            sent_a_metric(uri, tmp_path / "stopped")
             stop_server(process)
 
     task = dataclasses.replace(TASK, hooks=lambda cfg, datasets: {"on_log": [stop_the_server]})
@@ -198,6 +199,18 @@ def test_runs_read_back_a_killed_run_resumes_into_its_mlflow_run_and_a_server_th
     assert len(warnings) == 1 and "MLflow tracker failed" in warnings[0], warnings
     assert sorted(train_losses(tmp_path / "stopped")) == list(range(1, 41))  # metrics.csv has every step
     assert (tmp_path / "stopped" / "test_metrics.json").exists()
+
+
+def sent_a_metric(uri: str, run_dir, patience: float = 120) -> None:
+    """Waits until the MLflow run of `run_dir` holds a metric: its sink's thread has set the run up (a server that
+    stops before that is the "could not start" warning, tested elsewhere)."""
+    client, deadline = mlflow.MlflowClient(uri), time.monotonic() + patience
+    while time.monotonic() < deadline:
+        id_file = run_dir / "mlflow_id.txt"
+        if id_file.exists() and client.get_run(id_file.read_text().strip()).data.metrics:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no metric reached MLflow from {run_dir} in {patience} s")
 
 
 def killed_and_resumed(uri: str, prepared, tmp_path) -> None:
