@@ -228,6 +228,15 @@ class ConfigError(ValueError):
     """A bad config value; the message is one line naming the field."""
 
 
+class FormChanged(ValueError):
+    """A task function's return changed its form after its first, checked call (the loop's one-line error names the
+    function and the step)."""
+
+    def __init__(self, function: str, change: str):
+        super().__init__(change)
+        self.function = function
+
+
 def leaf_fields(config, prefix: str = ""):
     """(dotted name, type hint, value) of every field of a config, a class or an instance, that is not a section of
     its own; sections are walked into. The value is None for a class. The one walk over a config's fields."""
@@ -434,6 +443,8 @@ def check_task(task: Task) -> None:
     expected = f'at least one validation metric, {{"val/name": "min" or "max"}}, the sixth field of {POSITIONAL}'
     require(named, field + "metrics", expected, task.metrics)
     for name, direction in metrics.items():
+        prefixed = name.startswith("val/") and len(name) > 4  # what the evaluation returns, as the loop logs it
+        require(prefixed, f"{field}metrics", "names of the form val/NAME (NAME: what the evaluation returns)", name)
         require(direction in ("min", "max"), f"{field}metrics[{name!r}]", "'min' or 'max'", direction)
     for name in ("build_model", "datasets", "train_step"):
         require(callable(getattr(task, name)), field + name, "a function", getattr(task, name))

@@ -266,7 +266,10 @@ def stepper(run: Run, hooks: callbacks.Hooks):
     def first_train_step(*args):  # checked (contract.py); it fixes the names logged and the form of the later calls
         nonlocal train_step
         result = contract.checked_train_step(run, *args)
-        train_step = functools.partial(loss_and_values if isinstance(result, tuple) else loss_alone, run.task)
+        if isinstance(result, tuple):
+            train_step = functools.partial(loss_and_values, run.task, tuple(result[1]))
+        else:
+            train_step = functools.partial(loss_alone, run.task)
         return logged_values(result)
 
     train_step = first_train_step
@@ -309,11 +312,23 @@ def skips_grad_sync(run: Run) -> bool:
 
 def loss_alone(task: Task, *args) -> tuple[torch.Tensor, torch.Tensor]:
     loss = task.train_step(*args)
+    if not isinstance(loss, torch.Tensor):  # one form for the run: the first call's (a type check, no sync)
+        raise config.FormChanged("train_step", f"returned the loss alone at its first call, then {describe(loss)}")
     return loss, loss.detach()
 
 
-def loss_and_values(task: Task, *args) -> tuple[torch.Tensor, torch.Tensor]:
-    return logged_values(task.train_step(*args))
+def loss_and_values(task: Task, names: tuple, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    result = task.train_step(*args)
+    if not (isinstance(result, tuple) and len(result) == 2 and tuple(result[1]) == names):
+        raise config.FormChanged("train_step", f"logged {list(names)} at its first call, then {describe(result)}")
+    return logged_values(result)
+
+
+def describe(result) -> str:
+    """What a train_step returned, in words: the loss alone, or (loss, [the names it logs])."""
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict):
+        return f"(loss, {list(result[1])})"
+    return contract.describe(result)
 
 
 def logged_values(result) -> tuple[torch.Tensor, torch.Tensor]:
@@ -451,11 +466,9 @@ def preempt(run: Run, hooks: callbacks.Hooks) -> None:
     checkpoints.save(run, last)
     if run.loggers:
         run.loggers.finish("KILLED")  # until the run resumes
-    again = shlex.join(
-        ["--config", str(run.run_dir / "config.json"), "--run-name", run.run_dir.name, "--resume", "auto"]
-    )
     run.fabric.print(
-        f"stopped at step {run.progress.step} on a signal; checkpoint {last}; resume with: {run.resume_command} {again}"
+        f"stopped at step {run.progress.step} on a signal; checkpoint {last}; resume with: {run.resume_command} "
+        f"{resume_flags(run)}"
     )
 
 
@@ -502,9 +515,28 @@ def train_on(cfg: RunConfig, task: Task, command: str, fabric: Fabric) -> runs.T
     with runs.held(run):
         contract.check_evaluation(run)
         hooks = standard_hooks(run)
-        if not fit(run, hooks):
-            return None  # stopped by a signal, last.ckpt written
-        return runs.Trained(test(run, hooks), run.run_dir)
+        try:  # one try around the loop: a mistake in the task's code at any step is one line, at no cost to a step
+            if not fit(run, hooks):
+                return None  # stopped by a signal, last.ckpt written
+            return runs.Trained(test(run, hooks), run.run_dir)
+        except Exception as exc:
+            if (mistake := contract.blame(run, exc)) is None:
+                raise  # the trainer's own error: its traceback is for us
+            raise SystemExit(f"error: {mistake}; {kept(run)}") from None
+
+
+def kept(run: Run) -> str:
+    """What a failed run leaves: its checkpoints, and the command that resumes it once the mistake is mended."""
+    if not any((run.run_dir / "checkpoints").glob("*.ckpt")):
+        return "no checkpoint had been written"
+    return f"its checkpoints are kept; once mended, resume with: {run.resume_command} {resume_flags(run)}"
+
+
+def resume_flags(run: Run) -> str:
+    """The flags that resume this run as it was configured (its config.json, its folder)."""
+    return shlex.join(
+        ["--config", str(run.run_dir / "config.json"), "--run-name", run.run_dir.name, "--resume", "auto"]
+    )
 
 
 def lr_find(args: tools.LRFindArgs, task: Task, resume_command: str) -> float:

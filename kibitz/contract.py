@@ -11,6 +11,8 @@ training data's order untouched.
 import contextlib
 import inspect
 import random
+import re
+import sys
 import traceback
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 import data
-from config import ConfigError
+from config import ConfigError, FormChanged
 from kibitz import evaluation
 
 SPLITS = ("train", "val", "test")
@@ -41,7 +43,11 @@ def task_file(task) -> Path:
 
 
 def failed(task, function: str, exc: Exception) -> ConfigError:
-    """An exception raised inside a task's function as one line, with the task file's line it came from."""
+    """An exception raised inside a task's function as one line, with the task file's line it came from; a fault
+    of the data it read named as itself."""
+    fault = data_fault(task, exc, f"in the dry run of {function}, before training")
+    if fault is not None:
+        return ConfigError(fault)
     line = line_of(code_of(task, function), exc)
     at = f" at line {line}" if line else ""
     return ConfigError(f"{where(task, function)} raised {type(exc).__name__}{at}: {exc}")
@@ -113,6 +119,11 @@ def checked_train_step(run, *args):
     the names the run logs (a resumed run has its sums already)."""
     result = call(run.task, "train_step", *args)
     run.train_fields = check_train_step(run.task, result)
+    loss = result[0] if isinstance(result, tuple) else result
+    if loss.device.type != run.fabric.device.type:  # backward would fail far from the task's code
+        raise ConfigError(
+            f"{where(run.task, 'train_step')}: expected the loss on {run.fabric.device}, got {loss.device}"
+        )
     window = run.window
     if window.sums.numel() != len(run.train_fields):
         window.sums = window.sums.new_zeros(len(run.train_fields))
@@ -175,3 +186,104 @@ def same_random_numbers():
         finally:
             random.setstate(python)
             np.random.set_state(numpy)
+
+
+# ---------------------------------------------------------------- a task's mistake at any step
+
+TORCH_COLLATE = str(Path("torch", "utils", "data", "_utils", "collate.py"))
+TASK_FUNCTIONS = ("train_step", "eval_step", "evaluate", "eval_metrics", "report", "collate", "scheduled", "hooks")
+REPOSITORY = Path(__file__).resolve().parent.parent
+TRAINER_FILES = {  # the trainer's own code: a frame in it is never the task's
+    str(path) for path in [*REPOSITORY.glob("*.py"), *REPOSITORY.glob("kibitz/**/*.py")] if path.stem != "model"
+} - {str(REPOSITORY / "losses.py")}
+
+
+def blame(run, exc: Exception) -> str | None:
+    """An exception from the task's code at any step, as `WHO raised TYPE WHEN (FILE line L): MESSAGE`: a Dataset's
+    __getitem__ (with its index), the collate, a DataLoader worker, or the task's function; None when no task code is
+    to blame (the trainer's own errors keep their traceback)."""
+    if isinstance(exc, ConfigError):  # one line already, naming what it is about
+        return str(exc)
+    frames = list(traceback.walk_tb(exc.__traceback__))
+    when = moment(run, frames)
+    if isinstance(exc, FormChanged):
+        return f"task {run.task.name}: {exc.function} {exc} ({when})"
+    fault = data_fault(run.task, exc, when)
+    if fault is not None:
+        return fault
+    functions = {code_of(run.task, name): name for name in TASK_FUNCTIONS if getattr(run.task, name, None)}
+    named = [functions[frame.f_code] for frame, _ in frames if frame.f_code in functions]
+    if named:
+        return f"task {run.task.name}: {named[0]} raised {type(exc).__name__} {when}{at(frames)}: {exc}"
+    return None
+
+
+def data_fault(task, exc: Exception, when: str) -> str | None:
+    """A fault in reading the data, named as itself: a DataLoader worker, a Dataset's __getitem__, the task's collate
+    or torch's default one (not the function that asked for the batch). None if the data is not to blame."""
+    if (worker := worker_failure(exc)) is not None:
+        return f"{worker} ({when})"
+    frames, kind = list(traceback.walk_tb(exc.__traceback__)), type(exc).__name__
+    items = [
+        frame for frame, _ in frames if frame.f_code.co_name == "__getitem__" and is_users(frame.f_code.co_filename)
+    ]
+    if items:
+        return f"{dataset_item(items[-1])} raised {kind} {when}{at(frames)}: {exc}"
+    collate = code_of(task, "collate") if task.collate else None
+    if collate is not None and any(frame.f_code is collate for frame, _ in frames):
+        return f"task {task.name}: collate raised {kind} {when}{at(frames)}: {exc}"
+    if any(frame.f_code.co_filename.endswith(TORCH_COLLATE) for frame, _ in frames):
+        return f"collating a batch (torch's default_collate) raised {kind} {when}: {exc}"
+    return None
+
+
+def moment(run, frames) -> str:
+    """`at step N`, `in the validation after step N` or `in the test`, from the loop's functions on the stack."""
+    names = {frame.f_code.co_name for frame, _ in frames if frame.f_code.co_filename in TRAINER_FILES}
+    if "test" in names:
+        return "in the test"
+    if "validate" in names:
+        return f"in the validation after step {run.progress.step}"
+    return f"at step {run.progress.step + 1}"
+
+
+def is_users(filename: str) -> bool:
+    """A frame of the task's own code: not Python's, not a library's, not the trainer's."""
+    python = filename.startswith(("<", sys.base_prefix, sys.prefix)) or "site-packages" in filename
+    return not python and filename not in TRAINER_FILES
+
+
+def at(frames: list) -> str:
+    """` (FILE line L)`: the deepest frame of the task's own code the exception passed through."""
+    own = [(frame, line) for frame, line in frames if is_users(frame.f_code.co_filename)]
+    if not own:
+        return ""
+    frame, line = own[-1]
+    return f" ({Path(frame.f_code.co_filename).name} line {line})"
+
+
+def dataset_item(frame) -> str:
+    """`NAME.__getitem__(INDEX)`: the Dataset's class and the index its __getitem__ was called with."""
+    names = frame.f_code.co_varnames[: frame.f_code.co_argcount]
+    owner = type(frame.f_locals.get(names[0])).__name__ if names else "Dataset"
+    index = frame.f_locals.get(names[1]) if len(names) > 1 else None
+    return f"{owner}.__getitem__({index!r})"
+
+
+def worker_failure(exc: Exception) -> str | None:
+    """A DataLoader worker's end: killed (by the out-of-memory killer, say), or its exception, which torch raises
+    again here with the worker's traceback as text."""
+    text = str(exc)
+    if "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text):
+        signal = re.search(r"killed by signal: (\w+)", text)
+        how = f"killed by signal {signal[1]}" if signal else "killed, or it crashed"
+        return f"a DataLoader worker died ({how}, possibly out of memory)"
+    if "Original Traceback" not in text:
+        return None
+    lines = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text)
+    own = [(file, line, function) for file, line, function in lines if is_users(file)]
+    last = text.strip().splitlines()[-1]
+    if not own:
+        return f"a DataLoader worker raised {last}"
+    file, line, function = own[-1]
+    return f"{function} raised in a DataLoader worker ({Path(file).name} line {line}): {last}"

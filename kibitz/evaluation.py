@@ -4,7 +4,7 @@ whole `evaluate` instead (for what sums cannot express) is called as it is."""
 
 import torch
 
-from config import ConfigError
+from config import ConfigError, FormChanged
 from kibitz import distributed
 
 
@@ -32,6 +32,10 @@ def summed(fabric, cfg, task, model, loader) -> tuple[dict, dict]:
             sums = task.eval_step(cfg, model, batch)
             if total is None:
                 names, shapes = check_sums(task, sums), [torch.as_tensor(v).shape for v in sums.values()]
+            elif list(sums) != names or [torch.as_tensor(v).shape for v in sums.values()] != shapes:
+                got = {name: tuple(torch.as_tensor(v).shape) for name, v in sums.items()}
+                first = {name: tuple(shape) for name, shape in zip(names, shapes)}
+                raise FormChanged("eval_step", f"returned sums of the shapes {first} at its first batch, then {got}")
             flat = torch.cat([torch.as_tensor(v, device=fabric.device).reshape(-1).double() for v in sums.values()])
             total = flat if total is None else total + flat
     if total is None:
@@ -39,6 +43,11 @@ def summed(fabric, cfg, task, model, loader) -> tuple[dict, dict]:
     total = fabric.all_reduce(total, reduce_op="sum").cpu() if fabric.world_size > 1 else total.cpu()
     sums = dict(zip(names, torch.split(total, [s.numel() for s in shapes])))
     sums = {name: value.reshape(shape) for (name, value), shape in zip(sums.items(), shapes)}
+    if task.eval_metrics is None and not float(sums["count"]) > 0:  # the trainer divides by it: say whose it is
+        raise ConfigError(
+            f"task {task.name}: eval_step: its counts add up to {float(sums['count'])} over the split; "
+            "expected the number of examples in each batch"
+        )
     result = task.eval_metrics(cfg, sums) if task.eval_metrics else means(sums)
     return result if isinstance(result, tuple) else (result, {})
 

@@ -3,6 +3,8 @@
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -241,3 +243,174 @@ def test_init_from_with_resume_auto_initialises_the_first_start_and_resumes_the_
     assert train.main([*again, "--train.max-steps", "8"], task=TASK) == 0
     second = capsys.readouterr().out
     assert "resumed from" in second and "at step 4" in second and "initialised" not in second
+
+
+# ---------------------------------------------------------------- the contract at every step (issue 36)
+
+
+def calls_counted(function, fails_at: int):
+    """`function`, raising a ValueError at its `fails_at`-th call."""
+    calls = {"n": 0}
+
+    def counted(*args):
+        calls["n"] += 1
+        if calls["n"] == fails_at:
+            raise ValueError("a mistake after the first calls")
+        return function(*args)
+
+    return counted
+
+
+def summed_squares(cfg, model, batch):
+    x, y = batch
+    return {"mse": torch.nn.functional.mse_loss(model(x), y, reduction="sum"), "count": len(y)}
+
+
+def test_train_step_raising_at_step_7_is_one_line_with_the_resume_command(tmp_path, capsys):
+    task = mistaken(train_step=calls_counted(train_step, fails_at=7))
+    assert run(tmp_path, task, "--train.max-steps", "12") == 2
+    line = one_line(capsys)
+    assert line.startswith("error: task tiny: train_step raised ValueError at step 7 (test_contract.py line "), line
+    assert "a mistake after the first calls; its checkpoints are kept; once mended, resume with: " in line
+    assert "--run-name r --resume auto" in line and (tmp_path / "r" / "checkpoints" / "step-00000004.ckpt").exists()
+
+
+def test_train_step_changing_its_form_is_one_line(tmp_path, capsys):
+    def changes(cfg, model, batch, step, train_size):
+        loss = train_step(cfg, model, batch, step, train_size)
+        return (loss, {"half": loss.detach() / 2}) if step >= 2 else loss
+
+    assert run(tmp_path, mistaken(train_step=changes)) == 2
+    line = one_line(capsys)
+    assert "task tiny: train_step returned the loss alone at its first call, then (loss, ['half']) (at step 3)" in line
+
+    def gains_a_name(cfg, model, batch, step, train_size):
+        loss = train_step(cfg, model, batch, step, train_size)
+        return loss, {"half": loss.detach() / 2, **({"step": step} if step else {})}
+
+    assert run(tmp_path / "2", mistaken(train_step=gains_a_name)) == 2
+    assert "train_step logged ['half'] at its first call, then (loss, ['half', 'step']) (at step 2)" in one_line(capsys)
+
+
+def test_eval_step_raising_or_changing_shape_in_a_validation_is_one_line(tmp_path, capsys):
+    small = ["--data.eval-batch-size", "16"]  # 4 validation batches; the dry run before training takes one
+    task = mistaken(evaluate=None, eval_step=calls_counted(summed_squares, fails_at=3))
+    assert run(tmp_path, task, *small) == 2
+    line = one_line(capsys)
+    assert line.startswith("error: task tiny: eval_step raised ValueError in the validation after step 4"), line
+    assert "(test_contract.py line " in line and "no checkpoint had been written" in line  # its first validation
+
+    calls = {"n": 0}
+
+    def reshaped(cfg, model, batch):  # the dry run's batch, the validation's first, then a vector where a scalar was
+        sums, calls["n"] = summed_squares(cfg, model, batch), calls["n"] + 1
+        return {**sums, "mse": sums["mse"].reshape(1)} if calls["n"] == 3 else sums
+
+    assert run(tmp_path / "2", mistaken(evaluate=None, eval_step=reshaped), *small) == 2
+    line = one_line(capsys)
+    assert "task tiny: eval_step returned sums of the shapes {'mse': (), 'count': ()} at its first batch" in line, line
+
+
+def test_metric_names_without_the_val_prefix_are_one_line(tmp_path, capsys):
+    assert run(tmp_path, mistaken(metrics={"mse": "min"})) == 2
+    assert "Task.metrics: expected names of the form val/NAME" in one_line(capsys)
+
+
+def test_a_dataset_raising_at_one_index_names_the_index(tmp_path, capsys):
+    class Points(torch.utils.data.Dataset):
+        def __init__(self, split):
+            self.x, self.y = split.arrays
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, index):
+            if index == 77:
+                raise ValueError("a corrupt example")
+            return torch.as_tensor(self.x[index]), torch.as_tensor(self.y[index])
+
+    def datasets(cfg):
+        return {split: Points(data) for split, data in TASK.datasets(cfg).items()}
+
+    assert run(tmp_path, mistaken(datasets=datasets), "--train.max-steps", "30") == 2
+    line = one_line(capsys)
+    assert line.startswith("error: Points.__getitem__(77) raised ValueError at step "), line
+    assert "(test_contract.py line " in line and "a corrupt example" in line
+
+
+def test_a_loss_on_another_device_is_one_line(tmp_path, capsys):
+    def on_meta(cfg, model, batch, step, train_size):
+        return torch.zeros((), device="meta", requires_grad=True)
+
+    assert run(tmp_path, mistaken(train_step=on_meta)) == 2
+    assert "task tiny: train_step (test_contract.py): expected the loss on cpu, got meta" in one_line(capsys)
+
+
+class Examples(torch.utils.data.Dataset):
+    """The tiny task's points one example at a time (the per-example path), the 300th of another length if asked
+    (in the training split only: 64 examples in the others)."""
+
+    def __init__(self, split, ragged: bool = False):
+        (self.x, self.y), self.ragged = split.arrays, ragged
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        x = self.x[index][:3] if self.ragged and index == 300 else self.x[index]
+        return torch.as_tensor(x), torch.as_tensor(self.y[index])
+
+
+def per_example(ragged: bool = False):
+    return lambda cfg: {split: Examples(data, ragged) for split, data in TASK.datasets(cfg).items()}
+
+
+def test_collate_and_the_trainers_own_division_are_named_as_themselves(tmp_path, capsys):
+    assert run(tmp_path, mistaken(datasets=per_example(ragged=True)), "--train.max-steps", "24") == 2
+    line = one_line(capsys)
+    assert line.startswith("error: collating a batch (torch's default_collate) raised RuntimeError at step "), line
+
+    def collate(examples):
+        raise TypeError("not a batch I know")
+
+    assert run(tmp_path / "2", mistaken(datasets=per_example(), collate=collate)) == 2
+    assert (
+        "task tiny: collate raised TypeError in the dry run of evaluate, before training (test_contract.py"
+        in one_line(capsys)
+    )
+
+    def uncounted(cfg, model, batch):
+        return {**summed_squares(cfg, model, batch), "count": 0}
+
+    assert run(tmp_path / "3", mistaken(evaluate=None, eval_step=uncounted)) == 2
+    assert "task tiny: eval_step: its counts add up to 0.0 over the split; expected the number" in one_line(capsys)
+
+
+class Faulty(Examples):
+    """Examples whose 300th raises, or kills the DataLoader worker process reading it (as the OOM killer would)."""
+
+    def __init__(self, split, kill: bool):
+        super().__init__(split)
+        self.kill = kill
+
+    def __getitem__(self, index):
+        if index == 300 and self.kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if index == 300:
+            raise ValueError("a corrupt example")
+        return super().__getitem__(index)
+
+
+@pytest.mark.slow  # DataLoader worker processes
+def test_a_fault_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
+    def faulty(kill: bool):
+        return lambda cfg: {split: Faulty(data, kill) for split, data in TASK.datasets(cfg).items()}
+
+    workers = ["--data.num-workers", "2", "--train.max-steps", "24"]
+    assert run(tmp_path, mistaken(datasets=faulty(kill=False)), *workers) == 2
+    line = one_line(capsys)
+    assert "__getitem__ raised in a DataLoader worker (test_contract.py line " in line, line
+    assert "ValueError: a corrupt example (at step " in line
+    assert run(tmp_path / "2", mistaken(datasets=faulty(kill=True)), *workers) == 2
+    line = one_line(capsys)
+    assert line.startswith("error: a DataLoader worker died (") and "possibly out of memory" in line, line
