@@ -114,6 +114,7 @@ class Run:
     lr: float = 0.0
     grad_norms: torch.Tensor | None = None  # this step's per-parameter gradient norms (optimizer order)
     stop_signal: int = 0  # SIGINT / SIGTERM / SIGUSR1 received: save and stop at the next log interval
+    phase: str = "train"  # or "validate", "test": what a signal stops
     should_stop: bool = False  # a limit reached, early stopping, or a hook's request
     log_row: dict = field(default_factory=dict)
     val_metrics: dict = field(default_factory=dict)
@@ -440,7 +441,11 @@ def validate(run: Run, hooks: callbacks.Hooks) -> None:
     """Evaluate on val, log, write step-N.ckpt (keeping the best k, last.ckpt pointing at it) and
     count validations without improvement for early stopping."""
     cfg, progress, (metric, mode) = run.cfg, run.progress, run.rank_by
-    metrics, histograms = evaluation.evaluate(run.fabric, cfg, run.task, run.model, run.eval_loaders["val"])
+    run.phase = "validate"
+    try:
+        metrics, histograms = evaluation.evaluate(run.fabric, cfg, run.task, run.model, run.eval_loaders["val"])
+    finally:
+        run.phase = "train"
     run.val_metrics = {f"val/{k}": float(v) for k, v in metrics.items()}  # numpy scalars too: checkpoints hold data
     if run.loggers:
         run.loggers.log(run.val_metrics, progress.step)
@@ -475,7 +480,7 @@ def preempt(run: Run, hooks: callbacks.Hooks) -> None:
 def test(run: Run, hooks: callbacks.Hooks | None = None) -> dict[str, float]:
     """Test once, on the best checkpoint by the ranking validation metric (the final weights if none); then
     the hooks' on_test_end (a task's pictures of the tested model) before the loggers close."""
-    fabric = run.fabric
+    fabric, run.phase = run.fabric, "test"
     if best := checkpoints.best_finite(run.progress.best):
         best_path = run.run_dir / "checkpoints" / best[1]
         try:  # strict: the run's own checkpoint of this model, every tensor of it must fit
@@ -519,6 +524,9 @@ def train_on(cfg: RunConfig, task: Task, command: str, fabric: Fabric) -> runs.T
             if not fit(run, hooks):
                 return None  # stopped by a signal, last.ckpt written
             return runs.Trained(test(run, hooks), run.run_dir)
+        except distributed.ValidationStopped:
+            preempt(run, hooks)
+            return None
         except Exception as exc:
             if (mistake := contract.blame(run, exc)) is None:
                 raise  # the trainer's own error: its traceback is for us

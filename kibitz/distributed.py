@@ -220,18 +220,35 @@ def shutdown_distributed() -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, a scheduler's stop, SLURM's warning
 
 
+class ValidationStopped(Exception):
+    """A signal during a validation of a one-process run: the validation stops, the last step is saved."""
+
+
 def stop_on_signals(run) -> None:
     """Ctrl-C (SIGINT), SIGTERM and SIGUSR1 (SLURM's warning before preemption) ask for a checkpoint and a clean
-    exit at the next log interval, taken by every rank together; a second signal exits at once."""
+    exit at the next log interval, taken by every rank together; during a validation of a one-process run, at once
+    (several ranks finish it: they would stop at different points of its collective); during the final test, the
+    test goes on. A second signal exits at once. DataLoader workers, which inherit the handler, leave the saying
+    to their parent."""
     if threading.current_thread() is not threading.main_thread():
         return
+    owner = os.getpid()
 
     def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if os.getpid() != owner:
+            return
         if run.stop_signal:
-            print(f"{signal.Signals(signum).name} again: exiting at once", file=sys.stderr, flush=True)
+            print(f"{name} again: exiting at once", file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)  # the shell's code for a process ended by that signal
         run.stop_signal = signum
-        print(f"{signal.Signals(signum).name} received: saving a checkpoint at the next log interval", flush=True)
+        if run.phase == "test":
+            print(f"{name} received: the training is done and saved; the test goes on (again: exit)", flush=True)
+        elif run.phase == "validate" and run.fabric.world_size == 1:
+            print(f"{name} received: stopping the validation, saving the last step's checkpoint", flush=True)
+            raise ValidationStopped
+        else:
+            print(f"{name} received: saving a checkpoint at the next log interval", flush=True)
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, handler)

@@ -5,9 +5,13 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from conftest import ITEMS_TASK, ROOT, child_env
 from tiny_task import TASK, build_model, evaluate, mistaken, train_step
 
 import train
@@ -414,3 +418,59 @@ def test_a_fault_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
     assert run(tmp_path / "2", mistaken(datasets=faulty(kill=True)), *workers) == 2
     line = one_line(capsys)
     assert line.startswith("error: a DataLoader worker died (") and "possibly out of memory" in line, line
+
+
+# ---------------------------------------------------------------- signals at any step (issue 36)
+
+
+def signalling(signum: int, at_call: int):
+    """summed_squares, sending this process `signum` at its `at_call`-th call (the dry run's batch is the first)."""
+    calls = {"n": 0}
+
+    def eval_step(cfg, model, batch):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            os.kill(os.getpid(), signum)
+        return summed_squares(cfg, model, batch)
+
+    return eval_step
+
+
+def test_a_signal_during_a_validation_stops_it_and_saves_the_last_step(tmp_path, capsys):
+    small = ["--data.eval-batch-size", "16"]  # 4 batches a validation
+    task = mistaken(evaluate=None, eval_step=signalling(signal.SIGINT, at_call=3))  # the first validation's second
+    assert run(tmp_path, task, *small) == 0
+    out = capsys.readouterr().out
+    assert "SIGINT received: stopping the validation, saving the last step's checkpoint" in out
+    assert "stopped at step 4 on a signal" in out and "--resume auto" in out and "test metrics" not in out
+    assert torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)["progress"]["step"] == 4
+
+
+def test_a_signal_during_the_final_test_lets_it_finish_without_promising_a_save(tmp_path, capsys):
+    small = ["--data.eval-batch-size", "16"]  # the dry run, 4 batches at each of 2 validations, then the test's
+    task = mistaken(evaluate=None, eval_step=signalling(signal.SIGTERM, at_call=10))
+    assert run(tmp_path, task, *small) == 0
+    out = capsys.readouterr().out
+    assert "SIGTERM received: the training is done and saved; the test goes on (again: exit)" in out
+    assert "next log interval" not in out and (tmp_path / "r" / "test_metrics.json").exists()
+
+
+@pytest.mark.slow  # DataLoader worker processes
+def test_ctrl_c_with_dataloader_workers_is_one_line_not_one_per_worker(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, ITEMS_TASK, "--out-dir", str(tmp_path), "--run-name", "w", "--train.max-steps", "100000"],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    for line in process.stdout:
+        if line.startswith("run folder:"):
+            break
+    time.sleep(2)  # the workers are up
+    os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group, workers included
+    output, _ = process.communicate(timeout=120)
+    assert output.count("SIGINT received") == 1, output[-3000:]
+    assert "stopped at step" in output and "Traceback" not in output
