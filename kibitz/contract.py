@@ -73,7 +73,14 @@ def check_datasets(task, datasets, on_device: bool = False) -> None:
         got = sorted(datasets) if isinstance(datasets, dict) else type(datasets).__name__
         raise ConfigError(f"{where(task, 'datasets')}: expected a dict with the splits train, val and test, got {got}")
     for split in SPLITS:
+        if isinstance(datasets[split], (tuple, list)):  # (x, y) arrays, say: a sequence of two "examples"
+            raise ConfigError(
+                f"{where(task, 'datasets')}: the {split} split is a {type(datasets[split]).__name__}; expected a "
+                "dataset (for arrays: data.ArrayDataset(x, y))"
+            )
         map_style = hasattr(datasets[split], "__len__") and hasattr(datasets[split], "__getitem__")
+        if map_style and len(datasets[split]) == 0:
+            raise ConfigError(f"{where(task, 'datasets')}: the {split} split is empty")
         if not map_style and not data.is_stream(datasets[split]):
             raise ConfigError(
                 f"{where(task, 'datasets')}: the {split} split is neither a map-style dataset (__len__ and "

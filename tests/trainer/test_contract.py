@@ -474,3 +474,18 @@ def test_ctrl_c_with_dataloader_workers_is_one_line_not_one_per_worker(tmp_path)
     output, _ = process.communicate(timeout=120)
     assert output.count("SIGINT received") == 1, output[-3000:]
     assert "stopped at step" in output and "Traceback" not in output
+
+
+def test_a_split_that_is_no_dataset_or_is_empty_is_said_so(tmp_path, capsys):
+    def arrays(cfg):
+        return {**TASK.datasets(cfg), "train": TASK.datasets(cfg)["train"].arrays}
+
+    assert run(tmp_path, mistaken(datasets=arrays)) == 2
+    line = one_line(capsys)
+    assert "the train split is a tuple; expected a dataset (for arrays: data.ArrayDataset(x, y))" in line, line
+
+    def empty(cfg):
+        return {**TASK.datasets(cfg), "val": torch.utils.data.TensorDataset(torch.zeros(0, 4), torch.zeros(0, 1))}
+
+    assert run(tmp_path, mistaken(datasets=empty)) == 2
+    assert "datasets (test_contract.py): the val split is empty" in one_line(capsys)
