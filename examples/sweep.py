@@ -130,7 +130,25 @@ def validations(metrics_csv: Path, metric: str) -> list[tuple[int, float]]:
     return [(int(step), float(value)) for step, name, value in metric_rows(metrics_csv) if name == metric]
 
 
+def restorable(folder: Path) -> None:
+    """A sweep to restore: Tune's state file there, whole (its pickle's opcodes read, none run), or one line."""
+    import pickletools
+
+    from config import ConfigError
+
+    state = folder / "tuner.pkl"
+    if not state.is_file():
+        raise ConfigError(f"restore: no sweep in {folder} (no {state.name}); start it without --restore")
+    try:
+        for _ in pickletools.genops(state.read_bytes()):
+            pass
+    except Exception as exc:
+        raise ConfigError(f"restore: {state} is damaged ({type(exc).__name__}: {exc}); start the sweep again") from None
+
+
 def main(args: SweepArgs, flags: list[str]) -> None:
+    if args.restore:  # before Ray and MLflow are imported: seconds
+        restorable(args.out_dir / args.name / "ray" / args.name)
     import mlflow
     import ray
     from ray import tune

@@ -158,3 +158,18 @@ def test_a_trial_trains_on_two_processes_and_logs_as_one_run(tmp_path):
     assert sorted(runs.filter(like="metrics.val/bpc").columns) == ["metrics.val/bpc"]
     mlflow.set_tracking_uri(None)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def test_restoring_a_missing_or_damaged_sweep_is_one_line_before_ray_starts(tmp_path):
+    sweep = ["examples/sweep.py", "examples/charlm.py", "--out-dir", str(tmp_path), "--name", "s", "--restore"]
+    result = run_script(sweep)
+    folder = tmp_path / "s" / "ray" / "s"
+    expected = f"error: restore: no sweep in {folder} (no tuner.pkl); start it without --restore"
+    assert result.returncode == 2 and result.stderr.strip() == expected, result.stderr[-2000:]
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(b"\x80\x05\x95 truncated")
+    result = run_script(sweep)
+    assert result.returncode == 2 and result.stderr.strip().startswith(
+        f"error: restore: {folder / 'tuner.pkl'} is damaged ("
+    ), result.stderr[-2000:]
+    assert "\n" not in result.stderr.strip() and not (tmp_path / "s" / "ray" / "s" / "basic-variant-state").exists()
