@@ -51,6 +51,10 @@ class SweepArgs:
     out_dir: Path = OUT_DIR
     restore: bool = False
     """Finish the interrupted sweep of this name (trials cut short resume from their last checkpoint)."""
+    space: tuple[str, ...] = ()
+    """Any config field of the task and its values, beside or instead of the three above: FIELD=A,B,C (one of them
+    a trial), FIELD=grid:A,B,C (each), FIELD=loguniform:LOW:HIGH or FIELD=uniform:LOW:HIGH; e.g. --space
+    model.channels=8,16,32 optim.weight_decay=loguniform:1e-4:1e-1."""
 
 
 def space(args: SweepArgs, cfg) -> dict:
@@ -63,7 +67,44 @@ def space(args: SweepArgs, cfg) -> dict:
         "model.width": args.width and tune.choice(args.width),
         "data.batch_size": args.batch_size and tune.choice(args.batch_size),
     }
-    return {key: domain for key, domain in wanted.items() if domain and has_field(cfg, key)}
+    wanted = {key: domain for key, domain in wanted.items() if domain and has_field(cfg, key)}
+    return {**wanted, **dict(domain_of(entry, cfg) for entry in args.space)}
+
+
+def domain_of(entry: str, cfg) -> tuple:
+    """`FIELD=SPEC` as (field, Tune's domain), each value of the field's own type; a field the task's config does not
+    have, or a value it cannot take, is one line."""
+    from ray import tune
+
+    import config
+
+    field, _, spec = entry.partition("=")
+    hints = {name: hint for name, hint, _ in config.leaf_fields(cfg)}
+    if field not in hints or not spec:
+        known = ", ".join(sorted(hints))
+        raise config.ConfigError(f"space: {entry!r}: expected FIELD=VALUES with a field of the task's config ({known})")
+    kind, _, bounds = spec.partition(":")
+    if kind in ("loguniform", "uniform") and len(limits := bounds.split(":")) == 2:
+        low, high = (typed(field, hints[field], value) for value in limits)
+        return field, (tune.loguniform if kind == "loguniform" else tune.uniform)(low, high)
+    if kind == "grid":  # every value, each in trials of its own
+        return field, tune.grid_search([typed(field, hints[field], value) for value in bounds.split(",")])
+    return field, tune.choice([typed(field, hints[field], value) for value in spec.split(",")])
+
+
+def typed(field: str, hint, text: str):
+    """`text` as a value of the field's type (int, float, bool or str; an optional field's inner type)."""
+    import typing
+
+    import config
+
+    kinds = [kind for kind in (typing.get_args(hint) or (hint,)) if kind in (int, float, bool, str)]
+    for kind in kinds:
+        try:
+            return {"true": True, "false": False}[text.lower()] if kind is bool else kind(text)
+        except (KeyError, ValueError):
+            continue
+    raise config.ConfigError(f"space: {field}: expected values of its type ({hint}), got {text!r}")
 
 
 def has_field(cfg, dotted: str) -> bool:
@@ -98,7 +139,7 @@ def trial(params: dict, task: str, flags: list[str], runs: str, where: str, metr
     from ray import tune
 
     name = tune.get_context().get_trial_name()
-    chosen = [item for key, value in params.items() for item in (f"--{key}".replace("_", "-"), str(value))]
+    chosen = [item for key, value in params.items() for item in flag_of(key, value)]
     run = [*flags, *chosen, "--out-dir", runs, "--run-name", name, "--resume", "auto"]
     process = subprocess.Popen([sys.executable, "-c", GUARD, str(ROOT / "train.py"), task, *run], cwd=where)
     folder, sent, best = Path(runs) / name, 0, None
@@ -121,6 +162,14 @@ def trial(params: dict, task: str, flags: list[str], runs: str, where: str, metr
             process.wait()
     if process.returncode:
         raise RuntimeError(f"{name}: train.py exited with code {process.returncode} (its output is above)")
+
+
+def flag_of(field: str, value) -> list[str]:
+    """The command line's words for one chosen value: `--section.name VALUE`, or `--section.[no-]name` for a bool."""
+    section, _, name = field.replace("_", "-").rpartition(".")
+    if isinstance(value, bool):
+        return [f"--{section}.{name}" if value else f"--{section}.no-{name}"]
+    return [f"--{section}.{name}", str(value)]
 
 
 def validations(metrics_csv: Path, metric: str) -> list[tuple[int, float]]:
@@ -162,6 +211,7 @@ def main(args: SweepArgs, flags: list[str]) -> None:
     cfg = config.for_task(cfg, task)
     config.check(cfg, task)  # the flags every trial gets: a mistake is one line now, not one per trial
     metric, mode = config.ranking_metric(cfg, task)
+    searched = space(args, cfg)  # a field the task does not have: one line, before Ray starts
     uri = loggers.mlflow_uri(cfg, args.out_dir)  # the trials get it as a flag: one store for the sweep
     runs = (args.out_dir / args.name).resolve()
     flags = [
@@ -194,7 +244,7 @@ def main(args: SweepArgs, flags: list[str]) -> None:
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=space(args, cfg),
+            param_space=searched,
             tune_config=tune.TuneConfig(
                 metric=metric,
                 mode=mode,

@@ -1,6 +1,7 @@
 """examples/sweep.py: a Ray Tune search over a task's config, each trial an ordinary kibitz run with its run folder
 and its MLflow run; ASHA stops bad trials early; an interrupted sweep restores and finishes."""
 
+import json
 import os
 import re
 import signal
@@ -173,3 +174,20 @@ def test_restoring_a_missing_or_damaged_sweep_is_one_line_before_ray_starts(tmp_
         f"error: restore: {folder / 'tuner.pkl'} is damaged ("
     ), result.stderr[-2000:]
     assert "\n" not in result.stderr.strip() and not (tmp_path / "s" / "ray" / "s" / "basic-variant-state").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_searches_a_field_of_the_tasks_own(tmp_path):
+    """--space over a field the default space does not hold (charlm's model.heads, each value a trial), and a field
+    the task does not have is one line before anything starts."""
+    sweep = ["examples/sweep.py", "examples/charlm.py", "--trials", "1", "--lr", "0.01", "--width", "32"]
+    sweep += ["--batch-size", "32", "--out-dir", str(tmp_path), "--name", "h"]
+    trial = ["--model.depth", "1", "--data.context", "32", "--schedule.warmup-steps", "2", "--train.max-steps", "10"]
+    trial += ["--train.val-every", "5", "--log.every", "5"]
+    result = run_script([*sweep, "--space", "model.heads=grid:1,2", "--", *trial], timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    heads = sorted(json.loads(p.read_text())["model"]["heads"] for p in (tmp_path / "h").glob("trial_*/config.json"))
+    assert heads == [1, 2]
+    bad = run_script([*sweep, "--name", "bad", "--space", "model.channels=8,16", "--", *trial])
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: space: 'model.channels=8,16': expected")
+    assert not (tmp_path / "bad").exists()
