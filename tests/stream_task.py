@@ -80,7 +80,7 @@ class StreamConfig(RunConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=40, val_every=20))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=0))
-    log: LogConfig = field(default_factory=lambda: LogConfig(logger="csv", every=1, progress_bar=False))
+    log: LogConfig = field(default_factory=lambda: LogConfig(logger=("csv",), every=1, progress_bar=False))
     monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig(histogram_every=None))
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=5, keep_best=-1))
 
