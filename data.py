@@ -192,8 +192,11 @@ class Stream:
                     return
             if not self.endless:
                 return
-            if count == before:
-                raise ValueError("the training stream yielded no batch")
+            if count == before:  # read again from its start, it would loop here for ever
+                raise ConfigError(
+                    "data: the training stream yielded no batch (empty, or fewer examples than a batch for each of "
+                    "its reading processes: data.num_workers x the ranks)"
+                )
 
     def rewind(self) -> None:
         """Back to the stream's start (a capped evaluation, or a resumed position, would otherwise carry over)."""

@@ -198,6 +198,10 @@ def same_random_numbers():
 # ---------------------------------------------------------------- a task's mistake at any step
 
 TORCH_COLLATE = str(Path("torch", "utils", "data", "_utils", "collate.py"))
+TORCH_DATA = (  # a batch read through a DataLoader
+    str(Path("torch", "utils", "data", "dataloader.py")),
+    str(Path("torchdata", "stateful_dataloader", "stateful_dataloader.py")),
+)
 TASK_FUNCTIONS = ("train_step", "eval_step", "evaluate", "eval_metrics", "report", "collate", "scheduled", "hooks")
 REPOSITORY = Path(__file__).resolve().parent.parent
 TRAINER_FILES = {  # the trainer's own code: a frame in it is never the task's
@@ -241,6 +245,9 @@ def data_fault(task, exc: Exception, when: str) -> str | None:
         return f"task {task.name}: collate raised {kind} {when}{at(frames)}: {exc}"
     if any(frame.f_code.co_filename.endswith(TORCH_COLLATE) for frame, _ in frames):
         return f"collating a batch (torch's default_collate) raised {kind} {when}: {exc}"
+    if any(frame.f_code.co_filename.endswith(TORCH_DATA) for frame, _ in frames):  # a stream's own read, say
+        own = [frame.f_code.co_name for frame, _ in frames if is_users(frame.f_code.co_filename)]
+        return f"reading the data{f' ({own[-1]})' if own else ''} raised {kind} {when}{at(frames)}: {exc}"
     return None
 
 

@@ -39,7 +39,7 @@ def summed(fabric, cfg, task, model, loader) -> tuple[dict, dict]:
             flat = torch.cat([torch.as_tensor(v, device=fabric.device).reshape(-1).double() for v in sums.values()])
             total = flat if total is None else total + flat
     if total is None:
-        raise ValueError("the split gave no batches to evaluate")
+        raise ConfigError("data: the evaluated split gave no batch (an empty dataset or stream)")
     total = fabric.all_reduce(total, reduce_op="sum").cpu() if fabric.world_size > 1 else total.cpu()
     sums = dict(zip(names, torch.split(total, [s.numel() for s in shapes])))
     sums = {name: value.reshape(shape) for (name, value), shape in zip(sums.items(), shapes)}

@@ -1,6 +1,7 @@
 """A task's mistakes are one line naming the task, the function and what it gave, before training; metrics that lie
 (NaN, an unknown direction) are refused; --init-from with --resume auto initialises once, then resumes."""
 
+import dataclasses
 import json
 import math
 import os
@@ -489,3 +490,35 @@ def test_a_split_that_is_no_dataset_or_is_empty_is_said_so(tmp_path, capsys):
 
     assert run(tmp_path, mistaken(datasets=empty)) == 2
     assert "datasets (test_contract.py): the val split is empty" in one_line(capsys)
+
+
+def test_stream_faults_are_one_line(tmp_path, capsys):
+    """A stream that raises mid-run, one of zero items, and an empty validation stream (torchdata reads them)."""
+    pytest.importorskip("torchdata")
+    import stream_task
+
+    class Failing(stream_task.Records):
+        def __iter__(self):
+            for i, item in enumerate(super().__iter__()):
+                if i == 200:
+                    raise OSError("the network share went away")
+                yield item
+
+    def with_train(stream):
+        return lambda cfg: {**stream_task.datasets(cfg), "train": stream}
+
+    task = dataclasses.replace(stream_task.TASK, datasets=with_train(Failing(0, None)))
+    assert train.main(["--out-dir", str(tmp_path), "--run-name", "s"], task=task) == 2
+    line = one_line(capsys)
+    assert line.startswith("error: reading the data (__iter__) raised OSError at step 7 (test_contract.py line "), line
+    assert "the network share went away; its checkpoints are kept; once mended, resume with:" in line
+    task = dataclasses.replace(stream_task.TASK, datasets=with_train(stream_task.Records(0, 0)))
+    assert train.main(["--out-dir", str(tmp_path), "--run-name", "empty"], task=task) == 2
+    assert "data: the training stream yielded no batch (empty, or fewer examples than a batch" in one_line(capsys)
+
+    def empty_val(cfg):
+        return {**stream_task.datasets(cfg), "val": stream_task.Records(10**6, 0)}
+
+    task = dataclasses.replace(stream_task.TASK, datasets=empty_val)
+    assert train.main(["--out-dir", str(tmp_path), "--run-name", "noval"], task=task) == 2
+    assert "data: the evaluated split gave no batch (an empty dataset or stream)" in one_line(capsys)
