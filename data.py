@@ -326,6 +326,8 @@ def make_loaders(fabric, cfg, task, datasets: dict, micro_batch: int) -> tuple[o
     if is_stream(train) and cfg.train.max_epochs is not None:
         raise ConfigError("train.max_epochs: a stream has no epochs; bound the run with train.max_steps or max_time")
     steps_per_epoch = len(train_loader.sampler) // cfg.train.accumulate
+    if not is_stream(train) and len(train) == 0:
+        raise ConfigError("data: the train split holds no examples (nothing to train on)")
     if steps_per_epoch == 0:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} exceeds the {len(train)} training examples")
     return train_loader, eval_loaders, steps_per_epoch

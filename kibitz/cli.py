@@ -16,7 +16,7 @@ import tyro
 
 import config
 from config import ConfigError, Task
-from kibitz import configfile, tools
+from kibitz import configfile, runs, tools
 from kibitz.contract import task_file
 
 REGISTRY = "tasks"  # the module whose TASKS dict `python train.py NAME` looks NAME up in; the first is the default
@@ -141,6 +141,7 @@ def checkpoint_task(ckpt: str, given: Task | None, out_dir: Path) -> Task:
 def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, object, str]:
     """-> (task, tool or None for training, the parsed config or tool arguments, the program's name)."""
     argv = list(argv)
+    given = [arg.split("=", 1)[0] for arg in argv]
     task, tasks, prog = pick_task(argv, task)
     tool = argv.pop(0) if argv and argv[0] in tools.TOOLS else None
     if tool == "evaluate":
@@ -152,6 +153,8 @@ def parse(argv: list[str], task: Task | None = None) -> tuple[Task, str | None, 
     task = task or next(iter(tasks.values()))
     default, argv = config_given(argv, task)
     refuse_bad_choices(task.config, argv)
+    if tool is None and "--config" not in given and (saved := config_resumed(argv, task)) is not None:
+        return task, tool, resumed_as_configured(saved, argv, task, prog), prog
     if tool == "lr-find":
         lr_find = tools.LRFindArgs(run=default)
         args = tyro.cli(tools.LRFindArgs[task.config], default=lr_find, args=argv, prog=f"{prog} lr-find")
@@ -200,6 +203,51 @@ def parse_evaluate(argv: list[str], task: Task, default_task: bool, prog: str) -
     refuse_bad_choices(type(cfg.data), argv, "data.")
     default = tools.EvaluateArgs(ckpt=Path(ckpt), data=cfg.data)
     return task, "evaluate", tyro.cli(tools.EvaluateArgs[type(cfg.data)], default=default, args=argv, prog=prog), prog
+
+
+# What a resumed run trains on: changing these under a run mixes two runs in one folder, so a flag that changes one
+# is refused (the run's config.json, given by --config and then changed, says that it is meant).
+TRAINS_ON = ("data.", "model.")
+MAY_CHANGE = ("data.batch_size", "data.eval_batch_size", "data.num_workers", "data.on_device")
+
+
+def config_resumed(argv: list[str], task: Task) -> Path | None:
+    """The config.json of the run a `--resume` continues (its folder by --run-name, by the checkpoint it names, or
+    the newest run of the task under --out-dir for `auto`), or None: a first start."""
+    resume = (flag_values(argv, "--resume") or [None])[-1]
+    if resume is None or resume.startswith("wandb:"):
+        return None
+    out_dir = Path((flag_values(argv, "--out-dir") or [config.OUT_DIR])[-1])
+    run_name = (flag_values(argv, "--run-name") or [None])[-1]
+    if run_name and config.is_plain_name(run_name):
+        folder = out_dir / run_name
+    elif resume != "auto":
+        folder = Path(resume).parent.parent  # RUN/checkpoints/FILE
+    else:
+        folder = runs.newest_run(out_dir, task.name)
+    found = folder / "config.json" if folder is not None else None
+    return found if found is not None and found.is_file() and not found.is_symlink() else None
+
+
+def resumed_as_configured(saved: Path, argv: list[str], task: Task, prog: str):
+    """The run's own config with the flags on top; what the flags change is printed, and a change to what the run
+    trains on is refused."""
+    default = configfile.load_json(saved, task.config, task.name)
+    cfg = tyro.cli(task.config, default=default, args=argv, prog=prog)
+    before = {name: value for name, _, value in config.leaf_fields(default)}
+    changed = {name: (before[name], value) for name, _, value in config.leaf_fields(cfg) if before[name] != value}
+    changed = {name: values for name, values in changed.items() if name not in ("resume", "run_name", "out_dir")}
+    trained_on = [name for name in changed if name.startswith(TRAINS_ON) and name not in MAY_CHANGE]
+    if trained_on:
+        old, new = changed[trained_on[0]]
+        raise ConfigError(
+            f"resume: --{trained_on[0].replace('_', '-')} changes what the run in {saved.parent} trains on ({old!r} "
+            f"-> {new!r}); resume it as it was, start another run, or say it is meant: --config {saved} with the flag"
+        )
+    what = "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items()) or "nothing"
+    if int(os.environ.get("RANK", "0")) == 0:  # a launcher's ranks each parse the command line: one says it
+        print(f"resuming {saved.parent} as configured ({saved.name}); the flags change {what}", flush=True)
+    return cfg
 
 
 def config_given(argv: list[str], task: Task) -> tuple[object, list[str]]:

@@ -79,8 +79,6 @@ def check_datasets(task, datasets, on_device: bool = False) -> None:
                 "dataset (for arrays: data.ArrayDataset(x, y))"
             )
         map_style = hasattr(datasets[split], "__len__") and hasattr(datasets[split], "__getitem__")
-        if map_style and len(datasets[split]) == 0:
-            raise ConfigError(f"{where(task, 'datasets')}: the {split} split is empty")
         if not map_style and not data.is_stream(datasets[split]):
             raise ConfigError(
                 f"{where(task, 'datasets')}: the {split} split is neither a map-style dataset (__len__ and "

@@ -1,5 +1,6 @@
 """Surviving interruptions: SIGTERM, SIGKILL, a damaged checkpoint, and fine-tuning from weights."""
 
+import json
 import os
 import re
 import signal
@@ -539,3 +540,22 @@ def test_a_bad_resume_source_is_a_one_line_error(tmp_path, capsys):
         assert train.main(tiny_task_args(tmp_path, "--resume", source), task=TINY) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: resume: ") and expected in err and err.count("\n") == 1, err
+
+
+def test_resume_continues_the_run_as_configured_and_refuses_a_change_of_what_it_trains_on(prepared, tmp_path, capsys):
+    args = ["--run-name", "r", "--optim.lr", "0.003", "--train.max-steps", "8"]
+    assert train.main(tiny_task_args(tmp_path, *args), task=TINY) == 0
+    capsys.readouterr()
+    again = tiny_task_args(tmp_path, "--run-name", "r", "--resume", "auto", "--train.max-steps", "12")
+    assert train.main(again, task=TINY) == 0  # no --optim.lr: the run's own 0.003, not the default
+    out = capsys.readouterr().out
+    assert f"resuming {tmp_path / 'r'} as configured (config.json); the flags change train.max_steps 8 -> 12" in out
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["optim"]["lr"] == 0.003
+    assert sorted(train_losses(tmp_path / "r")) == [4, 8, 12]
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "c", "--train.max-steps", "4")) == 0
+    capsys.readouterr()
+    wider = tiny_args(prepared, tmp_path, "--run-name", "c", "--resume", "auto", "--model.width", "64")
+    assert train.main(wider) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: resume: --model.width changes what the run in {tmp_path / 'c'} trains on (32 -> 64)")
+    assert "\n" not in err

@@ -489,7 +489,13 @@ def test_a_split_that_is_no_dataset_or_is_empty_is_said_so(tmp_path, capsys):
         return {**TASK.datasets(cfg), "val": torch.utils.data.TensorDataset(torch.zeros(0, 4), torch.zeros(0, 1))}
 
     assert run(tmp_path, mistaken(datasets=empty)) == 2
-    assert "datasets (test_contract.py): the val split is empty" in one_line(capsys)
+    assert "data: the val split holds no examples" in one_line(capsys)
+
+    def no_training(cfg):
+        return {**TASK.datasets(cfg), "train": torch.utils.data.TensorDataset(torch.zeros(0, 4), torch.zeros(0, 1))}
+
+    assert run(tmp_path, mistaken(datasets=no_training)) == 2
+    assert "data: the train split holds no examples (nothing to train on)" in one_line(capsys)
 
 
 def test_stream_faults_are_one_line(tmp_path, capsys):
