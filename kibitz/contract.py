@@ -50,7 +50,16 @@ def failed(task, function: str, exc: Exception) -> ConfigError:
         return ConfigError(fault)
     line = line_of(code_of(task, function), exc)
     at = f" at line {line}" if line else ""
-    return ConfigError(f"{where(task, function)} raised {type(exc).__name__}{at}: {exc}")
+    return ConfigError(f"{where(task, function)} raised {type(exc).__name__}{at}: {said(exc)}")
+
+
+def said(exc: Exception) -> str:
+    """An exception's message, or what its kind means where it has none (a StopIteration out of a reader)."""
+    if str(exc):
+        return str(exc)
+    if isinstance(exc, StopIteration):
+        return "an iterator ended before its first item (an empty file or stream?)"
+    return "(no message)"
 
 
 def line_of(code, exc: Exception) -> int | None:
@@ -223,7 +232,7 @@ def blame(run, exc: Exception) -> str | None:
     functions = {code_of(run.task, name): name for name in TASK_FUNCTIONS if getattr(run.task, name, None)}
     named = [functions[frame.f_code] for frame, _ in frames if frame.f_code in functions]
     if named:
-        return f"task {run.task.name}: {named[0]} raised {type(exc).__name__} {when}{at(frames)}: {exc}"
+        return f"task {run.task.name}: {named[0]} raised {type(exc).__name__} {when}{at(frames)}: {said(exc)}"
     return None
 
 
@@ -237,15 +246,15 @@ def data_fault(task, exc: Exception, when: str) -> str | None:
         frame for frame, _ in frames if frame.f_code.co_name == "__getitem__" and is_users(frame.f_code.co_filename)
     ]
     if items:
-        return f"{dataset_item(items[-1])} raised {kind} {when}{at(frames)}: {exc}"
+        return f"{dataset_item(items[-1])} raised {kind} {when}{at(frames)}: {said(exc)}"
     collate = code_of(task, "collate") if task.collate else None
     if collate is not None and any(frame.f_code is collate for frame, _ in frames):
-        return f"task {task.name}: collate raised {kind} {when}{at(frames)}: {exc}"
+        return f"task {task.name}: collate raised {kind} {when}{at(frames)}: {said(exc)}"
     if any(frame.f_code.co_filename.endswith(TORCH_COLLATE) for frame, _ in frames):
-        return f"collating a batch (torch's default_collate) raised {kind} {when}: {exc}"
+        return f"collating a batch (torch's default_collate) raised {kind} {when}: {said(exc)}"
     if any(frame.f_code.co_filename.endswith(TORCH_DATA) for frame, _ in frames):  # a stream's own read, say
         own = [frame.f_code.co_name for frame, _ in frames if is_users(frame.f_code.co_filename)]
-        return f"reading the data{f' ({own[-1]})' if own else ''} raised {kind} {when}{at(frames)}: {exc}"
+        return f"reading the data{f' ({own[-1]})' if own else ''} raised {kind} {when}{at(frames)}: {said(exc)}"
     return None
 
 
@@ -262,7 +271,8 @@ def moment(run, frames) -> str:
 def is_users(filename: str) -> bool:
     """A frame of the task's own code: not Python's, not a library's, not the trainer's."""
     python = filename.startswith(("<", sys.base_prefix, sys.prefix)) or "site-packages" in filename
-    return not python and filename not in TRAINER_FILES
+    compiled = not Path(filename).is_absolute()  # a compiled library's own source name (pyarrow/error.pxi)
+    return not python and not compiled and filename not in TRAINER_FILES
 
 
 def at(frames: list) -> str:

@@ -528,3 +528,28 @@ def test_stream_faults_are_one_line(tmp_path, capsys):
     task = dataclasses.replace(stream_task.TASK, datasets=empty_val)
     assert train.main(["--out-dir", str(tmp_path), "--run-name", "noval"], task=task) == 2
     assert "data: the evaluated split gave no batch (an empty dataset or stream)" in one_line(capsys)
+
+
+def test_an_empty_or_malformed_jsonl_read_by_hugging_face_is_one_line(tmp_path, capsys):
+    pytest.importorskip("datasets")
+    import stream_task
+
+    lines = [json.dumps({"x": [0.1, 0.2, 0.3, 0.4], "y": 1.0})] * 64
+    for name, train_lines in (("empty", []), ("malformed", [*lines[:10], '{"x": [0.1, 0.2', *lines[10:]])):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "train.jsonl").write_text("".join(line + "\n" for line in train_lines))
+        for split in ("val", "test"):
+            (folder / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
+        args = ["--out-dir", str(tmp_path), "--run-name", name, "--data.source", "hf", "--data.files", str(folder)]
+        assert train.main(args, task=stream_task.TASK) == 2
+        if name == "empty":  # Hugging Face finds no first row as the task builds its datasets
+            line = one_line(capsys)
+            assert line.startswith("error: task stream: datasets (stream_task.py) raised StopIteration"), line
+            assert "an iterator ended before its first item (an empty file or stream?)" in line
+            continue
+        err = capsys.readouterr().err  # Hugging Face logs a line of its own, naming the file; then ours, the row
+        assert "Traceback" not in err and f"{folder / 'train.jsonl'}" in err, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: reading the data raised ArrowInvalid at step 1: JSON parse error"), last
+        assert "in row 10; no checkpoint had been written" in last
