@@ -88,6 +88,15 @@ def launch(fabric: Fabric, function):
     reasons = multiprocessing.get_context("fork").SimpleQueue()  # a forked process's one-line error, for the caller
     try:
         return fabric.launch(functools.partial(reporting, function, reasons))
+    except KeyboardInterrupt:  # a notebook's interrupt reaches its kernel only: pass it on to the forked ranks
+        forked = multiprocessing.active_children()
+        if not forked:
+            raise
+        for process in forked:  # each saves at its next log interval, says how to resume, and exits
+            os.kill(process.pid, signal.SIGINT)
+        for process in forked:
+            process.join()
+        return None
     except (torch.multiprocessing.ProcessExitedException, torch.multiprocessing.ProcessRaisedException) as exc:
         if not reasons.empty():  # ours, said by the process that met it (the others fail after it, on its absence)
             kind, reason = reasons.get()
@@ -242,6 +251,8 @@ def stop_on_signals(run) -> None:
             print(f"{name} again: exiting at once", file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)  # the shell's code for a process ended by that signal
         run.stop_signal = signum
+        if run.fabric.global_rank:  # every rank stops; rank 0 says so
+            return
         if run.phase == "test":
             print(f"{name} received: the training is done and saved; the test goes on (again: exit)", flush=True)
         elif run.phase == "validate" and run.fabric.world_size == 1:

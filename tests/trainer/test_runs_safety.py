@@ -242,3 +242,31 @@ def test_a_second_ctrl_c_exits_at_once(prepared, tmp_path):
 
 
 assert LONG  # the interrupted runs above are test_resume's LONG runs, compared with its uninterrupted one
+
+
+@pytest.mark.slow
+def test_an_interrupt_to_the_process_that_forked_the_ranks_reaches_every_rank(tmp_path):
+    """A notebook's interrupt reaches its kernel only, which forked the ranks (ddp_notebook, ddp_fork): it passes the
+    signal on; every rank saves and stops, the caller returns as from a script's Ctrl-C, and no process is left."""
+    args = ["--out-dir", str(tmp_path), "--run-name", "f", "--fabric.strategy", "ddp_fork", "--fabric.devices", "2"]
+    args += ["--fabric.accelerator", "cpu", "--train.max-steps", "100000", "--log.every", "20"]
+    process = subprocess.Popen(
+        [sys.executable, "train.py", str(ROOT / "tests" / "tiny_task.py"), *args],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    for line in process.stdout:
+        if line.startswith("run folder:"):
+            break
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)  # to the forking process alone, as Jupyter interrupts its kernel
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and output.count("SIGINT received") == 1, output[-3000:]
+    assert "stopped at step" in output and "--resume auto" in output and "Traceback" not in output
+    step = torch.load(tmp_path / "f" / "checkpoints" / "last.ckpt", weights_only=True)["progress"]["step"]
+    assert step > 0 and step % 20 == 0  # saved at a log interval, by every rank together
+    assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).stdout == b""  # no rank left
