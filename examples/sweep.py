@@ -179,6 +179,15 @@ def validations(metrics_csv: Path, metric: str) -> list[tuple[int, float]]:
     return [(int(step), float(value)) for step, name, value in metric_rows(metrics_csv) if name == metric]
 
 
+def validations_of(cfg) -> int:
+    """How many validations a trial reports when it runs to its end: ASHA's max_t, so that the scheduler's last rung
+    is the trial's own length (ASHA's default, 100 reports, would stop a longer trial that was never beaten)."""
+    t = cfg.train
+    if t.max_steps is None or t.val_every is None:
+        return 10**9  # bounded by time or epochs: the trial's own limit ends it
+    return -(-t.max_steps // t.val_every)  # and the last step's
+
+
 def restorable(folder: Path) -> None:
     """A sweep to restore: Tune's state file there, whole (its pickle's opcodes read, none run), or one line."""
     import pickletools
@@ -250,7 +259,7 @@ def main(args: SweepArgs, flags: list[str]) -> None:
                 mode=mode,
                 num_samples=args.trials,
                 max_concurrent_trials=args.max_concurrent,
-                scheduler=ASHAScheduler(grace_period=1, reduction_factor=2),
+                scheduler=ASHAScheduler(max_t=validations_of(cfg), grace_period=1, reduction_factor=2),
             ),
             run_config=tune.RunConfig(name=args.name, storage_path=folder, verbose=1),
         )
