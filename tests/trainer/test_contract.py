@@ -424,34 +424,54 @@ def test_a_fault_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
 # ---------------------------------------------------------------- signals at any step (issue 36)
 
 
-def signalling(signum: int, at_call: int):
-    """summed_squares, sending this process `signum` at its `at_call`-th call (the dry run's batch is the first)."""
-    calls = {"n": 0}
+SIGNALLING = """
+import os, signal, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+import train
+from tiny_task import mistaken
 
-    def eval_step(cfg, model, batch):
-        calls["n"] += 1
-        if calls["n"] == at_call:
-            os.kill(os.getpid(), signum)
-        return summed_squares(cfg, model, batch)
-
-    return eval_step
+calls = {{"n": 0}}
 
 
-def test_a_signal_during_a_validation_stops_it_and_saves_the_last_step(tmp_path, capsys):
-    small = ["--data.eval-batch-size", "16"]  # 4 batches a validation
-    task = mistaken(evaluate=None, eval_step=signalling(signal.SIGINT, at_call=3))  # the first validation's second
-    assert run(tmp_path, task, *small) == 0
-    out = capsys.readouterr().out
+def eval_step(cfg, model, batch):  # sends this process a signal at its {at_call}th call (the dry run's is the first)
+    calls["n"] += 1
+    if calls["n"] == {at_call}:
+        os.kill(os.getpid(), signal.{signal})
+    x, y = batch
+    return {{"mse": torch.nn.functional.mse_loss(model(x), y, reduction="sum"), "count": len(y)}}
+
+
+task = mistaken(evaluate=None, eval_step=eval_step)
+args = ["--out-dir", {out!r}, "--run-name", "r", "--data.eval-batch-size", "16"]  # 4 batches an evaluation
+sys.exit(train.main(args, task=task))
+"""
+
+
+def signalled_run(tmp_path, signum: str, at_call: int) -> subprocess.CompletedProcess:
+    """The tiny task in a process of its own (a signal handler is the main thread's), signalled by its eval_step."""
+    script = tmp_path / "signalled.py"
+    script.write_text(
+        SIGNALLING.format(root=str(ROOT), tests=str(ROOT / "tests"), at_call=at_call, signal=signum, out=str(tmp_path))
+    )
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=child_env(), timeout=300)
+
+
+@pytest.mark.slow  # a process of its own
+def test_a_signal_during_a_validation_stops_it_and_saves_the_last_step(tmp_path):
+    result = signalled_run(tmp_path, "SIGINT", at_call=3)  # the first validation's second batch
+    out = result.stdout
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "SIGINT received: stopping the validation, saving the last step's checkpoint" in out
     assert "stopped at step 4 on a signal" in out and "--resume auto" in out and "test metrics" not in out
     assert torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)["progress"]["step"] == 4
 
 
-def test_a_signal_during_the_final_test_lets_it_finish_without_promising_a_save(tmp_path, capsys):
-    small = ["--data.eval-batch-size", "16"]  # the dry run, 4 batches at each of 2 validations, then the test's
-    task = mistaken(evaluate=None, eval_step=signalling(signal.SIGTERM, at_call=10))
-    assert run(tmp_path, task, *small) == 0
-    out = capsys.readouterr().out
+@pytest.mark.slow  # a process of its own
+def test_a_signal_during_the_final_test_lets_it_finish_without_promising_a_save(tmp_path):
+    result = signalled_run(tmp_path, "SIGTERM", at_call=10)  # the dry run, 2 validations of 4 batches, the test's
+    out = result.stdout
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "SIGTERM received: the training is done and saved; the test goes on (again: exit)" in out
     assert "next log interval" not in out and (tmp_path / "r" / "test_metrics.json").exists()
 
