@@ -180,8 +180,9 @@ def validations(metrics_csv: Path, metric: str) -> list[tuple[int, float]]:
 
 
 def validations_of(cfg) -> int:
-    """How many validations a trial reports when it runs to its end: ASHA's max_t, so that the scheduler's last rung
-    is the trial's own length (ASHA's default, 100 reports, would stop a longer trial that was never beaten)."""
+    """How many validations a trial reports when it runs to its end. ASHA's max_t is one more: its rungs are the
+    trial's own (its default, 100 reports, stopped a longer trial that was never beaten), and a trial that reaches
+    max_t is stopped by Tune at that report, which would cut short its test and its MLflow run's close."""
     t = cfg.train
     if t.max_steps is None or t.val_every is None:
         return 10**9  # bounded by time or epochs: the trial's own limit ends it
@@ -259,7 +260,7 @@ def main(args: SweepArgs, flags: list[str]) -> None:
                 mode=mode,
                 num_samples=args.trials,
                 max_concurrent_trials=args.max_concurrent,
-                scheduler=ASHAScheduler(max_t=validations_of(cfg), grace_period=1, reduction_factor=2),
+                scheduler=ASHAScheduler(max_t=validations_of(cfg) + 1, grace_period=1, reduction_factor=2),
             ),
             run_config=tune.RunConfig(name=args.name, storage_path=folder, verbose=1),
         )

@@ -2,6 +2,7 @@
 [flags]`. A task is a name in the built-in registry (the `tasks` module, found by name so that no
 trainer module imports it) or a file that defines `TASK` (a config.Task), such as examples/charlm.py."""
 
+import dataclasses
 import importlib
 import importlib.util
 import itertools
@@ -229,10 +230,23 @@ def config_resumed(argv: list[str], task: Task) -> Path | None:
     return found if found is not None and found.is_file() and not found.is_symlink() else None
 
 
+WHERE_IT_RUNS = ("accelerator", "devices", "num_nodes", "strategy")
+
+
+def where_it_runs_from_the_command_line(saved, task: Task):
+    """A run resumes on the machine it is started on (a launcher's, or the flags'), not on the one it was saved on:
+    8 GPUs' checkpoints resume on a laptop, 2 processes' on 1."""
+    here = config.for_task(task.config(), task).fabric
+    fabric = dataclasses.replace(saved.fabric, **{name: getattr(here, name) for name in WHERE_IT_RUNS})
+    return dataclasses.replace(saved, fabric=fabric)
+
+
 def resumed_as_configured(saved: Path, argv: list[str], task: Task, prog: str):
     """The run's own config with the flags on top; what the flags change is printed, and a change to what the run
     trains on is refused."""
-    default = configfile.load_json(saved, task.config, task.name)
+    if (found := runs.run_task(saved.parent)) not in (None, task.name):  # before its config is read as this task's
+        raise ConfigError(f"resume: {saved.parent} is a run of the {found!r} task, not of {task.name!r}")
+    default = where_it_runs_from_the_command_line(configfile.load_json(saved, task.config, task.name), task)
     cfg = tyro.cli(task.config, default=default, args=argv, prog=prog)
     before = {name: value for name, _, value in config.leaf_fields(default)}
     changed = {name: (before[name], value) for name, _, value in config.leaf_fields(cfg) if before[name] != value}

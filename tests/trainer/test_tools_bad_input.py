@@ -86,6 +86,11 @@ def test_missing_truncated_and_foreign_checkpoints_say_which(trained, tmp_path, 
 def test_resuming_with_another_width_or_task_says_why(prepared, trained, capsys):
     out = trained.parent
     assert train.main(tiny_args(prepared, out, "--run-name", "t", "--model.width", "48", "--resume", "auto")) == 2
+    line = one_line(capsys)  # a change of what the run trains on is refused before the checkpoint is read
+    assert line.startswith("error: resume: --model.width changes what the run in") and "--config" in line
+    config = ["--config", str(trained / "config.json")]  # said to be meant: the checkpoint itself then disagrees
+    resumed = tiny_args(prepared, out, *config, "--run-name", "t", "--model.width", "48", "--resume", "auto")
+    assert train.main(resumed) == 2
     captured = capsys.readouterr()
     assert "size mismatch" in captured.out and "Traceback" not in captured.err
     assert all(len(line) < 1200 for line in captured.out.splitlines())  # torch's many lines, made one
