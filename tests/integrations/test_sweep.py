@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, child_env, run_script
+from conftest import ROOT, child_env, run_script, train_losses
 
 pytest.importorskip("ray.tune")  # the .[sweep] extra (the test extra installs it)
 mlflow = pytest.importorskip("mlflow")
@@ -100,6 +100,8 @@ def test_a_sweep_stops_bad_trials_early_logs_each_trial_and_restores_after_an_in
     assert runs["metrics.val/bpc"].notna().all(), shown + "\n" + result.stdout[-6000:]
     stopped = {trial for trial in trials if not (tmp_path / "s" / trial / "test_metrics.json").exists()}
     assert stopped and set(runs[runs.status == "KILLED"]["tags.mlflow.runName"]) == stopped  # closed when ASHA stopped
+    for trial in trials - stopped:  # cut short by the interruption, restored: each went on to its full length
+        assert sorted(train_losses(tmp_path / "s" / trial)) == list(range(5, STEPS + 1, 5)), trial  # logged every 5
     assert set(runs.status) == {"FINISHED", "KILLED"} and runs.end_time.notna().all()
     mlflow.set_tracking_uri(None)  # it sets MLFLOW_TRACKING_URI too: a later test's runs would go to this store
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -111,54 +113,6 @@ def test_a_mistake_in_the_trials_flags_is_one_line_before_anything_starts(tmp_pa
     expected = "error: optim.lr: expected a positive number at most 1e30, got -1.0"
     assert result.returncode == 2 and result.stderr.strip() == expected, result.stderr[-2000:]
     assert not list(tmp_path.iterdir())  # no Ray, no trial, no run folder
-
-
-@pytest.mark.slow
-def test_a_trial_trains_on_two_processes_and_logs_as_one_run(tmp_path):
-    """A trial with several devices: its run starts one process a device, as Fabric launches them (here 2 CPU
-    processes; on GPUs, --gpus-per-trial 2 -- --fabric.devices 2)."""
-    sweep = [
-        "examples/sweep.py",
-        "examples/charlm.py",
-        "--trials",
-        "1",
-        "--lr",
-        "0.01",
-        "--width",
-        "32",
-        "--batch-size",
-        "32",
-        "--cpus-per-trial",
-        "2",
-        "--max-concurrent",
-        "1",
-        "--out-dir",
-        str(tmp_path),
-        "--name",
-        "two",
-        "--",
-        *TRIAL[:-6],
-        "--train.max-steps",
-        "20",
-        "--train.val-every",
-        "10",
-        "--log.every",
-        "5",
-        "--fabric.accelerator",
-        "cpu",
-        "--fabric.devices",
-        "2",
-    ]
-    result = run_script(sweep, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (trial,) = (tmp_path / "two").glob("trial_*")
-    assert "2 processes" in result.stdout and (trial / "test_metrics.json").exists()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["two"])
-    assert list(runs["tags.world_size"]) == ["2"] and list(runs.status) == ["FINISHED"]
-    assert sorted(runs.filter(like="metrics.val/bpc").columns) == ["metrics.val/bpc"]
-    mlflow.set_tracking_uri(None)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def test_restoring_a_missing_or_damaged_sweep_is_one_line_before_ray_starts(tmp_path):
@@ -177,17 +131,28 @@ def test_restoring_a_missing_or_damaged_sweep_is_one_line_before_ray_starts(tmp_
 
 
 @pytest.mark.slow
-def test_a_sweep_searches_a_field_of_the_tasks_own(tmp_path):
-    """--space over a field the default space does not hold (charlm's model.heads, each value a trial), and a field
-    the task does not have is one line before anything starts."""
+def test_a_sweep_searches_a_field_of_the_tasks_own_with_trials_of_two_processes(tmp_path):
+    """--space over a field the default space does not hold (charlm's model.heads, each value a trial); each trial
+    has several devices: its run starts one process a device, as Fabric launches them (here 2 CPU processes; on
+    GPUs, --gpus-per-trial 2 -- --fabric.devices 2), and logs as one MLflow run. A field the task does not have is
+    one line before anything starts."""
     sweep = ["examples/sweep.py", "examples/charlm.py", "--trials", "1", "--lr", "0.01", "--width", "32"]
-    sweep += ["--batch-size", "32", "--out-dir", str(tmp_path), "--name", "h"]
+    sweep += ["--batch-size", "32", "--cpus-per-trial", "2", "--max-concurrent", "1"]
+    sweep += ["--out-dir", str(tmp_path), "--name", "h"]
     trial = ["--model.depth", "1", "--data.context", "32", "--schedule.warmup-steps", "2", "--train.max-steps", "10"]
-    trial += ["--train.val-every", "5", "--log.every", "5"]
+    trial += ["--train.val-every", "5", "--log.every", "5", "--fabric.accelerator", "cpu", "--fabric.devices", "2"]
     result = run_script([*sweep, "--space", "model.heads=grid:1,2", "--", *trial], timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     heads = sorted(json.loads(p.read_text())["model"]["heads"] for p in (tmp_path / "h").glob("trial_*/config.json"))
-    assert heads == [1, 2]
+    assert heads == [1, 2] and "2 processes" in result.stdout
+    assert all((folder / "test_metrics.json").exists() for folder in (tmp_path / "h").glob("trial_*"))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["h"])
+    assert list(runs["tags.world_size"]) == ["2", "2"] and list(runs.status) == ["FINISHED", "FINISHED"]
+    assert sorted(runs.filter(like="metrics.val/bpc").columns) == ["metrics.val/bpc"]
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
     bad = run_script([*sweep, "--name", "bad", "--space", "model.channels=8,16", "--", *trial])
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: space: 'model.channels=8,16': expected")
     assert not (tmp_path / "bad").exists()
