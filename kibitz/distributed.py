@@ -5,6 +5,7 @@ rank's RNG states and stream position gathered for a checkpoint and given back t
 
 import contextlib
 import functools
+import logging
 import multiprocessing
 import os
 import random
@@ -86,7 +87,8 @@ def launched(cfg, blocks: tuple[type, ...], function):
 
 def launch(fabric: Fabric, function):
     reasons = multiprocessing.get_context("fork").SimpleQueue()  # a forked process's one-line error, for the caller
-    try:
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # not "Terminating process N": the
+    try:  # failed rank's line says what happened
         return fabric.launch(functools.partial(reporting, function, reasons))
     except KeyboardInterrupt:  # a notebook's interrupt reaches its kernel only: pass it on to the forked ranks
         forked = multiprocessing.active_children()
@@ -126,6 +128,8 @@ def reporting(function, reasons, fabric: Fabric):
     except SystemExit as exc:
         if isinstance(exc.code, str):
             reasons.put(("exit", exc.code))
+            if multiprocessing.parent_process() is not None:  # forked: the caller says it (a str code would be
+                raise SystemExit(2) from None  # printed here too, by multiprocessing)
         raise
 
 
@@ -261,8 +265,10 @@ def stop_on_signals(run) -> None:
         else:
             print(f"{name} received: saving a checkpoint at the next log interval", flush=True)
 
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, handler)
+    forked = multiprocessing.parent_process() is not None  # a ddp_notebook rank: SIGTERM is torch ending it after
+    for signum in STOP_SIGNALS:  # another rank failed, which has said why; it ends as SIGTERM ends a process
+        if not (forked and signum == signal.SIGTERM):
+            signal.signal(signum, handler)
 
 
 RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")  # what Fabric sets in os.environ

@@ -270,3 +270,37 @@ def test_an_interrupt_to_the_process_that_forked_the_ranks_reaches_every_rank(tm
     step = torch.load(tmp_path / "f" / "checkpoints" / "last.ckpt", weights_only=True)["progress"]["step"]
     assert step > 0 and step % 20 == 0  # saved at a log interval, by every rank together
     assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).stdout == b""  # no rank left
+
+
+RANK_1_FAILS = """
+import sys
+
+sys.path.insert(0, {tests!r})
+import torch.distributed as dist
+from tiny_task import mistaken, train_step
+
+
+def fails_on_rank_1(cfg, model, batch, step, train_size):
+    if step == 5 and dist.get_rank() == 1:
+        raise ValueError("a mistake on rank 1")
+    return train_step(cfg, model, batch, step, train_size)
+
+
+TASK = mistaken(train_step=fails_on_rank_1)
+"""
+
+
+@pytest.mark.slow
+def test_a_task_raising_on_a_forked_rank_is_one_line(tmp_path):
+    """ddp_fork (ddp_notebook outside a kernel): rank 1's train_step raises; the caller ends with that rank's one
+    line, once, not its traceback, nor torch's notice that it ended rank 0, nor rank 0's SIGTERM line."""
+    (tmp_path / "rank1_task.py").write_text(RANK_1_FAILS.format(tests=str(ROOT / "tests")))
+    args = ["--out-dir", str(tmp_path), "--run-name", "f", "--fabric.strategy", "ddp_fork", "--fabric.devices", "2"]
+    args += ["--fabric.accelerator", "cpu", "--train.max-steps", "12"]
+    result = run_script(["train.py", str(tmp_path / "rank1_task.py"), *args])
+    errors = [line for line in result.stderr.splitlines() if not line.startswith(("[rank", "Initializing", "All "))]
+    errors = [line for line in errors if line.strip() and not line.startswith(("---", "distributed_backend"))]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("error: task tiny: train_step raised ValueError at step 6 (rank1_task.py line 11)")
+    assert "a mistake on rank 1; its checkpoints are kept" in errors[0] and "SIGTERM" not in result.stdout
+    assert (tmp_path / "f" / "checkpoints" / "step-00000004.ckpt").exists()
