@@ -10,6 +10,8 @@ training data's order untouched.
 
 import contextlib
 import inspect
+import logging
+import os
 import random
 import re
 import sys
@@ -78,6 +80,7 @@ def call(task, function: str, *args):
 
 
 def check_datasets(task, datasets, on_device: bool = False) -> None:
+    quiet_library_read_errors()
     if not isinstance(datasets, dict) or any(split not in datasets for split in SPLITS):
         got = sorted(datasets) if isinstance(datasets, dict) else type(datasets).__name__
         raise ConfigError(f"{where(task, 'datasets')}: expected a dict with the splits train, val and test, got {got}")
@@ -254,8 +257,35 @@ def data_fault(task, exc: Exception, when: str) -> str | None:
         return f"collating a batch (torch's default_collate) raised {kind} {when}: {said(exc)}"
     if any(frame.f_code.co_filename.endswith(TORCH_DATA) for frame, _ in frames):  # a stream's own read, say
         own = [frame.f_code.co_name for frame, _ in frames if is_users(frame.f_code.co_filename)]
-        return f"reading the data{f' ({own[-1]})' if own else ''} raised {kind} {when}{at(frames)}: {said(exc)}"
+        what = file_being_read(frames) or "the data"
+        return f"reading {what}{f' ({own[-1]})' if own else ''} raised {kind} {when}{at(frames)}: {said(exc)}"
     return None
+
+
+def file_being_read(frames) -> str | None:
+    """The file a library's reader had open when it raised (Hugging Face's JSON reader names it `file`), if any."""
+    for frame, _ in reversed(frames):
+        for name in ("file", "filepath", "filename", "path"):
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)) and Path(value).is_file():
+                return str(value)
+    return None
+
+
+class LibraryReadErrors(logging.Filter):
+    """Drops Hugging Face's own log line about a file it failed to read: the run's one line names the file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("datasets.") and str(record.msg).startswith("Failed to "))
+
+
+def quiet_library_read_errors() -> None:
+    """Once Hugging Face `datasets` is imported (by a task's datasets), its read errors are said by the run alone."""
+    if "datasets" not in sys.modules:
+        return
+    for handler in logging.getLogger("datasets").handlers:
+        if not any(isinstance(f, LibraryReadErrors) for f in handler.filters):
+            handler.addFilter(LibraryReadErrors())
 
 
 def moment(run, frames) -> str:
