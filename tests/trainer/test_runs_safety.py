@@ -304,3 +304,13 @@ def test_a_task_raising_on_a_forked_rank_is_one_line(tmp_path):
     assert errors[0].startswith("error: task tiny: train_step raised ValueError at step 6 (rank1_task.py line 11)")
     assert "a mistake on rank 1; its checkpoints are kept" in errors[0] and "SIGTERM" not in result.stdout
     assert (tmp_path / "f" / "checkpoints" / "step-00000004.ckpt").exists()
+
+
+def test_an_out_dir_that_is_a_file_is_said_of_out_dir(tmp_path, capsys):
+    """Not of --run-name, which has nothing to do with it."""
+    (tmp_path / "a_file").write_text("not a folder")
+    out = ["--out-dir", str(tmp_path / "a_file")]
+    for given in ([], ["--run-name", "r"], ["--resume", "auto"]):
+        assert train.main([*out, *given], task=TINY) == 2
+        line = one_line(capsys)
+        assert line.startswith("error: out_dir: cannot ") and str(tmp_path / "a_file") in line, line
