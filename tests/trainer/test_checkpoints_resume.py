@@ -176,59 +176,62 @@ def test_init_from_takes_the_weights_only(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,sharded", [("ddp", False), ("fsdp2", False), ("fsdp2", True)])
 def test_two_process_sigkill_then_resume_is_exact_and_survives_a_world_size_change(
-    prepared, tmp_path, reference, strategy, sharded, capsys
+    prepared, tmp_path, reference, capsys
 ):
-    """DDP, and FSDP2 (fully_shard per layer through ModelParallelStrategy, on CPU with gloo), with whole
-    checkpoint files or with folders of shards (the reference writes files: the checkpoint form does not
-    touch training)."""
+    """FSDP2 (fully_shard per layer through ModelParallelStrategy, on CPU with gloo) with folders of shards, killed
+    at once; the reference writes files: the checkpoint form does not touch training. (DDP and FSDP2 with whole
+    files: the SIGTERM test below; a DDP run killed with SIGKILL: tests/trainer/test_data_items.py.)"""
     import shutil
 
     from conftest import run_script
 
-    flags = [*two_processes(strategy), *(["--checkpoint.sharded"] if sharded else [])]
+    flags = [*two_processes("fsdp2"), "--checkpoint.sharded"]
     process = start(prepared, tmp_path, "k2", *flags)
     wait_for_steps(tmp_path / "k2", 40, process)
     os.killpg(process.pid, signal.SIGKILL)  # both ranks at once, as when a node is lost
     process.communicate(timeout=60)
     shutil.copytree(tmp_path / "k2", tmp_path / "k1")  # the same interrupted run, to resume on one process
-    reference_dir = reference(*two_processes(strategy))
+    reference_dir = reference(*two_processes("fsdp2"))
     resume_and_compare(prepared, tmp_path, "k2", reference_dir, *flags)
+    resumes_on_one_process(prepared, tmp_path, "k1", reference_dir, True, capsys)
 
-    # 2 processes, then 1: a whole-state checkpoint loads into an unsharded model, a folder of shards into
-    # one FSDP2 process (resharded). The same global batch (each holds the same positions), so the run goes
-    # on where it stopped, its losses close to the 2-process ones.
+    # a folder also loads whole into one process without FSDP: the evaluate tool reads it
+    from kibitz import tools
+    from tasks import TASKS
+
+    folder = tmp_path / "k2" / "checkpoints" / f"step-{STEPS:08d}.ckpt"
+    assert (folder / "meta.pt").exists() and len(list(folder.glob("*.distcp"))) == 2
+    metrics = tools.evaluate(tools.EvaluateArgs(folder, split="val"), TASKS["chess"])
+    logged = val_metrics(tmp_path / "k2")[STEPS]
+    assert abs(metrics["l1"] - logged["val/l1"]) < 1e-5
+    # exported as one file (the documented command): the same checkpoint, with its config and progress
+    export = ["train.py", "export-checkpoint", "--ckpt", str(folder), "--out", str(tmp_path / "one.ckpt")]
+    assert run_script(export).returncode == 0
+    whole = torch.load(tmp_path / "one.ckpt", weights_only=True)
+    assert whole["progress"]["step"] == STEPS and whole["config"]["task"] == "chess" and "optimizer" in whole
+    assert tools.evaluate(tools.EvaluateArgs(tmp_path / "one.ckpt", split="val"), TASKS["chess"]) == metrics
+    init = ["--init-from", str(tmp_path / "one.ckpt"), "--train.max-steps", "4", "--train.val-every", "2"]
+    result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, *init, "--run-name", "tuned")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"initialised (\d+) of the model's \1 tensors", result.stdout), result.stdout[-2000:]
+
+
+def resumes_on_one_process(prepared, tmp_path, name: str, reference_dir: Path, sharded: bool, capsys) -> None:
+    """2 processes, then 1: a whole-state checkpoint loads into an unsharded model, a folder of shards into one
+    FSDP2 process (resharded). The same global batch (each holds the same positions), so the run goes on where it
+    stopped, its losses close to the 2-process ones."""
     one_process = ["--fabric.strategy", "fsdp2", "--checkpoint.sharded"] if sharded else []
     capsys.readouterr()
-    assert train.main(tiny_args(prepared, tmp_path, *LONG, *one_process, "--run-name", "k1", "--resume", "auto")) == 0
+    assert train.main(tiny_args(prepared, tmp_path, *LONG, *one_process, "--run-name", name, "--resume", "auto")) == 0
     assert "micro-batch 512 x 1 accumulation x 1 = 512" in capsys.readouterr().out
-    one, two = train_losses(tmp_path / "k1"), train_losses(reference_dir)
+    one, two = train_losses(tmp_path / name), train_losses(reference_dir)
     assert sorted(one) == list(range(1, STEPS + 1))
     for step in (
         STEPS - 1,
         STEPS,
     ):  # far past the switch; data.flip draws differ per process count, hence the tolerance
         assert abs(one[step] - two[step]) < 0.05 * two[step], (step, one[step], two[step])
-    if sharded:  # a folder also loads whole into one process without FSDP: the evaluate tool reads it
-        from kibitz import tools
-        from tasks import TASKS
-
-        folder = tmp_path / "k2" / "checkpoints" / f"step-{STEPS:08d}.ckpt"
-        assert (folder / "meta.pt").exists() and len(list(folder.glob("*.distcp"))) == 2
-        metrics = tools.evaluate(tools.EvaluateArgs(folder, split="val"), TASKS["chess"])
-        logged = val_metrics(tmp_path / "k2")[STEPS]
-        assert abs(metrics["l1"] - logged["val/l1"]) < 1e-5
-        # exported as one file (the documented command): the same checkpoint, with its config and progress
-        export = ["train.py", "export-checkpoint", "--ckpt", str(folder), "--out", str(tmp_path / "one.ckpt")]
-        assert run_script(export).returncode == 0
-        whole = torch.load(tmp_path / "one.ckpt", weights_only=True)
-        assert whole["progress"]["step"] == STEPS and whole["config"]["task"] == "chess" and "optimizer" in whole
-        assert tools.evaluate(tools.EvaluateArgs(tmp_path / "one.ckpt", split="val"), TASKS["chess"]) == metrics
-        init = ["--init-from", str(tmp_path / "one.ckpt"), "--train.max-steps", "4", "--train.val-every", "2"]
-        result = run_script(["train.py", *tiny_args(prepared, tmp_path, *LONG, *init, "--run-name", "tuned")])
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert re.search(r"initialised (\d+) of the model's \1 tensors", result.stdout), result.stdout[-2000:]
 
 
 def val_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -341,7 +344,10 @@ def test_logger_failures_are_reported_once_and_training_continues(tmp_path, caps
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_process_sigterm_saves_together_and_resumes_exactly(prepared, tmp_path, reference, strategy):
+def test_two_process_sigterm_saves_together_and_resumes_exactly(prepared, tmp_path, reference, strategy, capsys):
+    """Whole checkpoint files; resumed on 2 processes exactly, and on 1 (a world size change)."""
+    import shutil
+
     process = start(prepared, tmp_path, "t2", *two_processes(strategy))
     wait_for_steps(tmp_path / "t2", 30, process)
     os.killpg(process.pid, signal.SIGTERM)  # every rank gets it, as under SLURM's preemption
@@ -352,7 +358,10 @@ def test_two_process_sigterm_saves_together_and_resumes_exactly(prepared, tmp_pa
     stopped = saved["progress"]["step"]
     assert 30 <= stopped < STEPS and max(train_losses(tmp_path / "t2")) == stopped
     assert not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])  # each rank its own stream
-    resume_and_compare(prepared, tmp_path, "t2", reference(*two_processes(strategy)), *two_processes(strategy))
+    shutil.copytree(tmp_path / "t2", tmp_path / "t1")  # the same stopped run, to resume on one process
+    reference_dir = reference(*two_processes(strategy))
+    resume_and_compare(prepared, tmp_path, "t2", reference_dir, *two_processes(strategy))
+    resumes_on_one_process(prepared, tmp_path, "t1", reference_dir, False, capsys)
 
 
 def test_resume_and_init_from_a_wandb_model_artifact(prepared, tmp_path, capsys):
