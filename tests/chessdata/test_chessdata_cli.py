@@ -2,6 +2,7 @@
 
 import hashlib
 
+import pytest
 from conftest import SAMPLE, run_script
 
 
@@ -11,6 +12,7 @@ def digests(folder) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_prepare_and_dump_from_the_command_line(prepared, tmp_path):
     out = tmp_path / "cli"
     result = run_script(["-m", "chessdata", "prepare", str(SAMPLE), "--out", str(out), "--max-games", "300"])

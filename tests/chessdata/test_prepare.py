@@ -100,6 +100,7 @@ def test_fuzzed_pgn_never_crashes_nor_yields_an_invalid_position(tmp_path):
     assert checked > 5000
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_two_jobs_preparing_one_folder_at_once_take_turns(tmp_path):
     """As the first rank of two nodes on a shared filesystem: both ask for the same folder at the same
     moment; one prepares it, the other waits and finds it complete, and it equals a lone preparation."""

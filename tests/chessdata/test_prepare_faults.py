@@ -110,6 +110,7 @@ def test_a_dead_worker_stops_prepare_with_one_line(tmp_path):
     assert len(lines) == 1 and "worker died" in lines[0] and "chunk" in lines[0], lines
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_two_prepares_of_one_folder_take_turns(tmp_path):
     source = write(tmp_path / "g.pgn.zst", sample_games()[:300])
     out = tmp_path / "shared"

@@ -32,6 +32,7 @@ def charlm(out, *extra: str) -> list[str]:
     return ["examples/charlm.py", *SMALL, "--out-dir", str(out), *extra]
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_smoke_run_learns_checkpoints_and_evaluates(tmp_path, capsys):
     result = run_script(
         charlm(

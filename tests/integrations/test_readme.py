@@ -83,6 +83,7 @@ def test_the_readme_sweep_commands_parse(capsys):
     assert len(found) >= 2
 
 
+@pytest.mark.slow  # runs each command in a process of its own, as typed
 @pytest.mark.parametrize(
     "command",
     [

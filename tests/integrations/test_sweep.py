@@ -107,6 +107,7 @@ def test_a_sweep_stops_bad_trials_early_logs_each_trial_and_restores_after_an_in
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_a_mistake_in_the_trials_flags_is_one_line_before_anything_starts(tmp_path):
     sweep = ["examples/sweep.py", "examples/charlm.py", "--out-dir", str(tmp_path)]
     result = run_script([*sweep, "--", "--optim.lr", "-1"])
@@ -115,6 +116,7 @@ def test_a_mistake_in_the_trials_flags_is_one_line_before_anything_starts(tmp_pa
     assert not list(tmp_path.iterdir())  # no Ray, no trial, no run folder
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_restoring_a_missing_or_damaged_sweep_is_one_line_before_ray_starts(tmp_path):
     sweep = ["examples/sweep.py", "examples/charlm.py", "--out-dir", str(tmp_path), "--name", "s", "--restore"]
     result = run_script(sweep)

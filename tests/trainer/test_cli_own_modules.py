@@ -99,6 +99,7 @@ def test_a_task_folder_with_its_own_model_and_losses_runs_every_way(task_folder,
         assert result.returncode == 0 and "test metrics of" in result.stdout, result.stderr[-3000:]
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_a_task_module_named_like_the_trainers_is_one_line(task_folder, tmp_path):
     (task_folder / "config.py").write_text("SETTING = 1\n")
     task = str(task_folder / "shapes.py")

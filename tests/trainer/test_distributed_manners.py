@@ -46,6 +46,7 @@ def test_an_in_process_run_leaves_signal_handlers_and_warning_filters_as_it_foun
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_off_a_terminal_the_progress_bar_is_drawn_once_per_log_interval(prepared, tmp_path):
     args = tiny_args(prepared, tmp_path, "--train.max-steps", "200", "--log.every", "50", "--train.val-every", "100")
     args.remove("--log.no-progress-bar")

@@ -175,6 +175,7 @@ def test_a_checkpoint_never_runs_the_task_file_it_names(trained, tmp_path, capsy
     assert "only when you name it" in line and shlex.quote(str(task_file)) in line and not marker.exists()
 
 
+@pytest.mark.slow  # starts processes of its own
 def test_one_writer_per_run_folder(tmp_path, capsys):
     folder = tmp_path / "busy"
     hold = f"import time, pathlib; from kibitz import runs; held = runs.lock_folder(pathlib.Path({str(folder)!r}))"
