@@ -13,6 +13,7 @@ On a cluster every node needs this checkout at the same path, and the trials a s
 server (-- --log.mlflow-uri http://HOST:5000) to write to. The best trial's config and checkpoint come last."""
 
 import dataclasses
+import fcntl
 import os
 import shlex
 import signal
@@ -189,6 +190,26 @@ def validations_of(cfg) -> int:
     return -(-t.max_steps // t.val_every)  # and the last step's
 
 
+def wait_for_trial_runs(runs: Path, patience: float = 120) -> None:
+    """A trial that Tune stopped may still be closing its run (its checkpoint, its MLflow run) when Tune is done: the
+    sweep ends once every trial's run has released its folder (a run holds its .lock for as long as it runs)."""
+    deadline = time.monotonic() + patience
+    for lock in sorted(runs.glob("trial_*/.lock")):
+        try:
+            held = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # gone, or a link: nothing of ours to wait for
+            continue
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    fcntl.lockf(held, fcntl.LOCK_SH | fcntl.LOCK_NB)  # free: the run has ended
+                    break
+                except OSError:
+                    time.sleep(0.2)
+        finally:
+            os.close(held)
+
+
 def restorable(folder: Path) -> None:
     """A sweep to restore: Tune's state file there, whole (its pickle's opcodes read, none run), or one line."""
     import pickletools
@@ -272,6 +293,7 @@ def main(args: SweepArgs, flags: list[str]) -> None:
         again = shlex.join(["python", *sys.argv[:1], "--restore", *(a for a in sys.argv[1:] if a != "--restore")])
         why = "was interrupted" if interrupted else f"had {grid.num_errors} failed trials (their errors are above)"
         sys.exit(f"the sweep {why}; its state is in {folder}; finish it with: {again}")
+    wait_for_trial_runs(runs)
     client = mlflow.MlflowClient(uri)
     for id_file in runs.glob("trial_*/mlflow_id.txt"):  # a stopped trial whose process Ray ended before it closed
         if client.get_run(run_id := id_file.read_text().strip()).info.status == "RUNNING":

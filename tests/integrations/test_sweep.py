@@ -150,7 +150,9 @@ def test_a_sweep_searches_a_field_of_the_tasks_own_with_trials_of_two_processes(
     assert all((folder / "test_metrics.json").exists() for folder in (tmp_path / "h").glob("trial_*"))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["h"])
-    assert list(runs["tags.world_size"]) == ["2", "2"] and list(runs.status) == ["FINISHED", "FINISHED"]
+    said = [line for line in result.stdout.splitlines() if "mlflow" in line.lower() or "warning" in line.lower()]
+    assert list(runs["tags.world_size"]) == ["2", "2"], (runs.to_string(), said)
+    assert list(runs.status) == ["FINISHED", "FINISHED"], (runs.to_string(), said)
     assert sorted(runs.filter(like="metrics.val/bpc").columns) == ["metrics.val/bpc"]
     mlflow.set_tracking_uri(None)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
