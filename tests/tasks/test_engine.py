@@ -1,0 +1,110 @@
+"""tasks/engine.py: the search finds mates and always answers a legal move; the UCI conversation, driven by
+python-chess's own client, plays a whole game; `stop` is heard; a hostile `position` line is one line on stderr."""
+
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import chess
+import chess.engine
+import pytest
+from conftest import ROOT, child_env
+
+from tasks import engine
+
+
+def best(fen: str, depth: int) -> chess.Move:
+    return engine.Search(engine.material, engine.Limits(depth=depth), threading.Event(), report=lambda _: None).run(
+        chess.Board(fen)
+    )
+
+
+@pytest.mark.parametrize(
+    "fen,depth,expected",
+    [
+        ("6k1/5ppp/8/8/8/8/8/R5K1 w - - 0 1", 3, "a1a8"),  # a back-rank mate in one
+        ("r1bqkb1r/pppp1ppp/2n2n2/4p2Q/2B1P3/8/PPPP1PPP/RNB1K1NR w KQkq - 4 4", 3, "h5f7"),  # scholar's mate
+        ("kbK5/pp6/1P6/8/8/8/8/R7 w - - 0 1", 4, "a1a6"),  # mate in two: Ra6 bxa6 b7#
+        ("6rk/7p/8/8/8/8/8/K5QR b - - 0 1", 3, "g8g1"),  # Black to move takes the queen: scores from its side
+    ],
+)
+def test_the_search_finds_mates_and_wins_material_from_the_side_to_move(fen, depth, expected):
+    assert best(fen, depth).uci() == expected
+
+
+def test_a_legal_move_in_every_position_of_a_sample():
+    special = [
+        "8/P6k/8/8/8/8/8/K7 w - - 0 1",  # a promotion
+        "r3k2r/8/8/8/8/8/8/R3K2R w KQkq - 0 1",  # castling both ways
+        "8/8/8/3pP3/8/8/8/k6K w - d6 0 2",  # en passant
+        "k7/8/1Q6/8/8/8/8/7K b - - 0 1",  # one legal move... or none: stalemate
+        "7k/5Q2/6K1/8/8/8/8/8 b - - 0 1",  # stalemate
+    ]
+    rng, boards = random.Random(0), [chess.Board(fen) for fen in special]
+    for _ in range(8):  # positions of random games
+        board = chess.Board()
+        for _ in range(rng.randrange(10, 80)):
+            moves = list(board.legal_moves)
+            if not moves:
+                break
+            board.push(rng.choice(moves))
+        boards.append(board)
+    for board in boards:
+        search = engine.Search(engine.material, engine.Limits(depth=2), threading.Event(), report=lambda _: None)
+        move = search.run(board.copy())
+        if board.is_game_over():
+            assert move is None
+        else:
+            assert move in board.legal_moves, board.fen()
+
+
+def uci(*lines: str, wait: float = 0) -> subprocess.CompletedProcess:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tasks.engine", "--material"],
+        cwd=ROOT,
+        env=child_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = process.communicate("".join(line + "\n" for line in lines), timeout=60)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+@pytest.mark.slow  # starts the engine as its own process
+def test_a_hostile_position_line_or_a_missing_checkpoint_is_one_line():
+    missing = subprocess.run(
+        [sys.executable, "-m", "tasks.engine", "--ckpt", "no/such.ckpt"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert (
+        missing.returncode == 2 and missing.stderr == "error: ckpt: no/such.ckpt is not a checkpoint file or folder\n"
+    )
+    result = uci("uci", "position fen not a fen", "position startpos moves e2e5", "position", "isready", "quit")
+    assert result.returncode == 0 and "uciok" in result.stdout and "readyok" in result.stdout
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("error: position: ") for line in errors), result.stderr
+    assert "illegal move e2e5" in errors[1] and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow  # starts the engine as its own process
+def test_a_whole_game_through_python_chess_s_uci_client_and_stop_is_heard():
+    command = [sys.executable, "-m", "tasks.engine", "--material"]
+    with chess.engine.SimpleEngine.popen_uci(command, cwd=ROOT, env=child_env()) as player:
+        assert player.id["name"] == "kibitz material"
+        board, rng = chess.Board(), random.Random(1)
+        while not board.is_game_over() and board.fullmove_number < 60:  # against a random mover
+            if board.turn == chess.WHITE:
+                board.push(player.play(board, chess.engine.Limit(depth=2)).move)  # python-chess checks it is legal
+            else:
+                board.push(rng.choice(list(board.legal_moves)))
+        assert board.is_checkmate() and board.outcome().winner == chess.WHITE, board.fen()
+
+        started = time.monotonic()
+        with player.analysis(chess.Board(), chess.engine.Limit()) as analysis:  # go infinite ...
+            time.sleep(0.5)
+            analysis.stop()  # ... then stop
+            analysis.wait()
+        assert time.monotonic() - started < 5
