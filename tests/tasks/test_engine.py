@@ -9,6 +9,7 @@ import time
 
 import chess
 import chess.engine
+import chess.pgn
 import pytest
 from conftest import ROOT, child_env
 
@@ -108,3 +109,25 @@ def test_a_whole_game_through_python_chess_s_uci_client_and_stop_is_heard():
             analysis.stop()  # ... then stop
             analysis.wait()
         assert time.monotonic() - started < 5
+
+
+def test_the_arena_s_elo_is_the_score_s_and_its_interval_shrinks_with_games():
+    from tasks import arena
+
+    score, difference, interval = arena.elo([1.0, 1.0, 1.0, 0.0])  # 3 of 4: +191 Elo
+    assert score == 0.75 and round(difference) == 191 and interval > 0
+    assert arena.elo([1.0, 1.0, 1.0, 0.0] * 25)[2] < interval  # 100 games: a narrower interval
+    assert arena.elo([0.5, 0.5])[1:] == (0.0, 0.0)
+
+
+@pytest.mark.slow  # starts two engines
+def test_a_short_arena_plays_each_opening_both_ways_and_writes_its_games(tmp_path):
+    command = [sys.executable, "-m", "tasks.arena", "--games", "2", "--depth", "1", "--pgn", str(tmp_path / "g.pgn")]
+    result = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 games" in result.stdout and "Elo difference" in result.stdout
+    with open(tmp_path / "g.pgn") as f:
+        games = [chess.pgn.read_game(f), chess.pgn.read_game(f)]
+    first, second = (list(game.mainline_moves())[:8] for game in games)
+    assert first == second  # one opening, played with each colour
+    assert all(game.headers["Result"] in ("1-0", "0-1", "1/2-1/2") for game in games)
