@@ -85,8 +85,27 @@ def launched(cfg, blocks: tuple[type, ...], function):
         return launch(fabric, function)
 
 
+EARLY_SIGNALS: list[int] = []  # a forked rank's SIGINTs from before its own handlers: `stop_on_signals` takes them
+
+
+def keep_early_interrupts() -> None:
+    """SIGINT makes this process stop waiting for the ranks it forks (as Python's own handler does), while a rank
+    forked from it keeps the signal for its own handlers, so that every rank stops at the same step. The caller's
+    handler comes back with `caller_state_kept`."""
+    launcher = os.getpid()
+
+    def interrupted(signum, frame):
+        if os.getpid() == launcher:
+            raise KeyboardInterrupt
+        EARLY_SIGNALS.append(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, interrupted)
+
+
 def launch(fabric: Fabric, function):
     reasons = multiprocessing.get_context("fork").SimpleQueue()  # a forked process's one-line error, for the caller
+    keep_early_interrupts()
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # not "Terminating process N": the
     try:  # failed rank's line says what happened
         return fabric.launch(functools.partial(reporting, function, reasons))
@@ -269,6 +288,8 @@ def stop_on_signals(run) -> None:
     for signum in STOP_SIGNALS:  # another rank failed, which has said why; it ends as SIGTERM ends a process
         if not (forked and signum == signal.SIGTERM):
             signal.signal(signum, handler)
+    while EARLY_SIGNALS:
+        handler(EARLY_SIGNALS.pop(0), None)
 
 
 RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")  # what Fabric sets in os.environ

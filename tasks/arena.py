@@ -1,19 +1,23 @@
 """Games between two UCI engines, and the Elo difference they measure.
 
-    python -m tasks.arena --games 200 --depth 2 \\
+    python -m tasks.arena --games 200 --depth 1 --concurrency 2 \\
         --engine "python -m tasks.engine --ckpt runs/x/checkpoints/last.ckpt" \\
         --opponent "python -m tasks.engine --material" --pgn games.pgn
 
 Each game starts from an opening: the first moves of one of the bundled sample's games, every opening played twice,
 once with each colour, so neither side gets the better openings. A game ends by the rules (claimed draws included)
-or, past `--max-plies`, as a draw. Printed: wins, draws and losses of the engine, its score, and the Elo difference
-with its 95 % interval; every game goes into the PGN file.
+or, past `--max-plies`, as a draw. As in engine tournaments, a lost position is resigned: a game ends when both
+engines have scored it beyond `--resign-cp` for the same side on each of their last `--resign-moves` moves (an engine
+that cannot mate at a shallow depth would otherwise play on to the move limit). Printed: wins, draws and losses of
+the engine, its score, and the Elo difference with its 95 % interval; every game goes into the PGN file.
 """
 
 import io
 import math
+import queue
 import shlex
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,10 +47,20 @@ class ArenaArgs:
     """Search depth of each move, for both engines (unset: --movetime alone)."""
     movetime: float | None = None
     """Seconds a move, for both engines."""
+    opponent_depth: int | None = None
+    """The opponent's own depth, with --opponent-movetime (unset both: the same limit as the engine's)."""
+    opponent_movetime: float | None = None
+    """The opponent's own seconds a move (Stockfish's strength limits need time to think in)."""
     opening_plies: int = 8
     """How many moves of a sample game make an opening."""
     max_plies: int = 300
     """A game still going after this many plies is a draw."""
+    resign_cp: int = 1000
+    """A game is resigned when both engines score it beyond this many centipawns for the same side..."""
+    resign_moves: int = 5
+    """... on each of their last this many moves (0: never)."""
+    concurrency: int = 1
+    """Games played at once, each by its own pair of engine processes."""
     pgn: Path | None = None
     """Where to write the games."""
 
@@ -67,19 +81,38 @@ def openings(count: int, plies: int, source: Path = SAMPLE) -> list[list[chess.M
     return found
 
 
-def play(white, black, opening: list[chess.Move], limit: chess.engine.Limit, max_plies: int) -> chess.pgn.Game:
-    """One game from the opening; its result "1-0", "0-1" or "1/2-1/2"."""
-    board = chess.Board()
+def play(white: tuple, black: tuple, opening: list[chess.Move], args: ArenaArgs) -> chess.pgn.Game:
+    """One game from the opening between White's and Black's (engine, limit); its result "1-0", "0-1" or
+    "1/2-1/2"."""
+    board, scores, resigned = chess.Board(), [], None
     for move in opening:
         board.push(move)
-    while not board.is_game_over(claim_draw=True) and board.ply() < max_plies:
-        mover = white if board.turn == chess.WHITE else black
-        board.push(mover.play(board, limit).move)  # python-chess refuses an illegal move
+    while not board.is_game_over(claim_draw=True) and board.ply() < args.max_plies and resigned is None:
+        mover, limit = white if board.turn == chess.WHITE else black
+        played = mover.play(board, limit, info=chess.engine.INFO_SCORE)
+        score = played.info.get("score")
+        scores.append(None if score is None else score.white().score(mate_score=100_000))
+        board.push(played.move)  # python-chess refuses an illegal move
+        resigned = resignation(scores, args.resign_cp, args.resign_moves)
     game = chess.pgn.Game.from_board(board)
     outcome = board.outcome(claim_draw=True)
-    game.headers["Result"] = outcome.result() if outcome else "1/2-1/2"
-    game.headers["White"], game.headers["Black"] = white.id.get("name", "?"), black.id.get("name", "?")
+    game.headers["Result"] = resigned or (outcome.result() if outcome else "1/2-1/2")
+    if resigned:
+        game.headers["Termination"] = "adjudication"
+    game.headers["White"], game.headers["Black"] = white[0].id.get("name", "?"), black[0].id.get("name", "?")
     return game
+
+
+def resignation(scores: list[int | None], centipawns: int, moves: int) -> str | None:
+    """The result once both engines' last `moves` scores (from White's view) are beyond `centipawns` for one side."""
+    last = scores[-2 * moves :]
+    if moves <= 0 or len(last) < 2 * moves or None in last:
+        return None
+    if all(score >= centipawns for score in last):
+        return "1-0"
+    if all(score <= -centipawns for score in last):
+        return "0-1"
+    return None
 
 
 def elo(points: list[float]) -> tuple[float, float, float]:
@@ -98,37 +131,69 @@ def elo(points: list[float]) -> tuple[float, float, float]:
 
 
 def started(command: str, options: list[str]):
-    engine = chess.engine.SimpleEngine.popen_uci(shlex.split(command))
+    # an engine on a network imports torch and loads its checkpoint before it answers: more than python-chess's 10 s
+    # on a busy machine
+    engine = chess.engine.SimpleEngine.popen_uci(shlex.split(command), timeout=120)
     settings = dict(option.split("=", 1) for option in options)
     if settings:
         engine.configure(settings)
     return engine
 
 
+def play_all(args: ArenaArgs) -> list[tuple[chess.pgn.Game, bool]]:
+    """Every opening with each colour, `--concurrency` games at once; each game with whether the measured engine
+    had White, in the openings' order."""
+    mine = chess.engine.Limit(depth=args.depth, time=args.movetime)
+    theirs = chess.engine.Limit(depth=args.opponent_depth, time=args.opponent_movetime)
+    if args.opponent_depth is None and args.opponent_movetime is None:
+        theirs = mine
+    games = [(opening, white) for opening in openings((args.games + 1) // 2, args.opening_plies) for white in (1, 0)]
+    pairs, free = [], queue.SimpleQueue()
+
+    def one(game: tuple[list[chess.Move], bool]) -> tuple[chess.pgn.Game, bool]:
+        (opening, measured_white), (measured, opponent) = game, free.get()
+        white, black = (measured, mine), (opponent, theirs)
+        if not measured_white:
+            white, black = black, white
+        try:
+            return play(white, black, opening, args), bool(measured_white)
+        finally:
+            free.put((measured, opponent))
+
+    try:
+        for _ in range(args.concurrency):  # started here: python-chess's engines start from the main thread alone
+            pairs.append((started(args.engine, []), started(args.opponent, args.opponent_option)))
+            free.put(pairs[-1])
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            played = []
+            for game, measured_white in pool.map(one, games):
+                played.append((game, measured_white))
+                colour = "white" if measured_white else "black"
+                print(f"game {len(played)}: {game.headers['Result']} ({colour})", flush=True)
+            return played
+    finally:
+        for pair in pairs:
+            for engine in pair:
+                engine.quit()
+
+
 def main(argv: list[str]) -> int:
     args = tyro.cli(ArenaArgs, args=argv, prog="python -m tasks.arena")
-    limit = chess.engine.Limit(depth=args.depth, time=args.movetime)
-    measured, opponent = started(args.engine, []), started(args.opponent, args.opponent_option)
-    points, results, games = [], {"win": 0, "draw": 0, "loss": 0}, []
     try:
-        for opening in openings((args.games + 1) // 2, args.opening_plies):
-            for measured_white in (True, False):
-                white, black = (measured, opponent) if measured_white else (opponent, measured)
-                game = play(white, black, opening, limit, args.max_plies)
-                result = game.headers["Result"]
-                point = 0.5 if result == "1/2-1/2" else float((result == "1-0") == measured_white)
-                points.append(point)
-                results[{1.0: "win", 0.5: "draw", 0.0: "loss"}[point]] += 1
-                games.append(game)
-                print(f"game {len(games)}: {result} ({'white' if measured_white else 'black'})", flush=True)
-    finally:
-        measured.quit()
-        opponent.quit()
+        played = play_all(args)
+    except (OSError, chess.engine.EngineError, chess.engine.EngineTerminatedError) as exc:
+        print(f"error: an engine failed: {exc or type(exc).__name__}", file=sys.stderr)
+        return 2
+    points = []
+    for game, measured_white in played:
+        result = game.headers["Result"]
+        points.append(0.5 if result == "1/2-1/2" else float((result == "1-0") == measured_white))
     if args.pgn:
-        args.pgn.write_text("\n\n".join(str(game) for game in games) + "\n")
+        args.pgn.write_text("\n\n".join(str(game) for game, _ in played) + "\n")
     score, difference, interval = elo(points)
+    wins, draws = points.count(1.0), points.count(0.5)
     print(f"{args.engine} against {args.opponent}: {len(points)} games")
-    print(f"  wins {results['win']}, draws {results['draw']}, losses {results['loss']}; score {score:.3f}")
+    print(f"  wins {wins}, draws {draws}, losses {len(points) - wins - draws}; score {score:.3f}")
     print(f"  Elo difference {round(difference) or 0:+d} +- {interval:.0f} (95 %)")
     return 0
 

@@ -212,22 +212,32 @@ class Search:
 
 
 def network(ckpt) -> "callable":
-    """A chess checkpoint's evaluator: a batch of boards in one forward pass, in pawns from White's view."""
+    """A chess checkpoint's evaluator (see `evaluator`)."""
+    from kibitz.tools import load_checkpoint
+    from tasks.chess import CHESS
+
+    cfg, model = load_checkpoint(ckpt, CHESS)
+    return evaluator(model, cfg.data.target)
+
+
+def evaluator(model, target: str) -> "callable":
+    """A batch of boards in one forward pass of the chess model, on the GPU when there is one; each board's score in
+    pawns from White's view."""
     import numpy as np
     import torch
 
     from chessdata.encoding import pack_board
-    from kibitz.tools import load_checkpoint
     from losses import to_pawns
-    from tasks.chess import CHESS
 
-    cfg, model = load_checkpoint(ckpt, CHESS)
-    model.eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
+    if device == "cpu":  # a node's children make a small batch: one thread is faster, and leaves a core to the opponent
+        torch.set_num_threads(1)
 
     @torch.no_grad()
     def evaluate(boards: list[chess.Board]) -> list[float]:
-        packed = torch.from_numpy(np.stack([pack_board(board) for board in boards]))
-        return to_pawns(model(packed), cfg.data.target).reshape(-1).tolist()
+        packed = torch.from_numpy(np.stack([pack_board(board) for board in boards])).to(device)
+        return to_pawns(model(packed), target).reshape(-1).tolist()
 
     return evaluate
 

@@ -114,3 +114,10 @@ def test_startup_benchmark_smoke():
     assert result.returncode == 0, result.stderr[-3000:]
     for arm in ("import torch, lightning_fabric", "python train.py --help", "cli.parse (a run's flags)"):
         assert arm in result.stdout, arm
+
+
+def test_engine_benchmark_smoke():
+    result = run_script(["bench/engine.py", "--positions", "2", "--depth", "1"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for arm in ("material", "network", "ratio network / material nodes/s:", "time in the network:"):
+        assert arm in result.stdout, arm

@@ -11,8 +11,9 @@ import chess
 import chess.engine
 import chess.pgn
 import pytest
-from conftest import ROOT, child_env
+from conftest import ROOT, child_env, tiny_args
 
+import train
 from tasks import engine
 
 
@@ -93,7 +94,7 @@ def test_a_hostile_position_line_or_a_missing_checkpoint_is_one_line():
 @pytest.mark.slow  # starts the engine as its own process
 def test_a_whole_game_through_python_chess_s_uci_client_and_stop_is_heard():
     command = [sys.executable, "-m", "tasks.engine", "--material"]
-    with chess.engine.SimpleEngine.popen_uci(command, cwd=ROOT, env=child_env()) as player:
+    with chess.engine.SimpleEngine.popen_uci(command, cwd=ROOT, env=child_env(), timeout=120) as player:
         assert player.id["name"] == "kibitz material"
         board, rng = chess.Board(), random.Random(1)
         while not board.is_game_over() and board.fullmove_number < 60:  # against a random mover
@@ -120,14 +121,43 @@ def test_the_arena_s_elo_is_the_score_s_and_its_interval_shrinks_with_games():
     assert arena.elo([0.5, 0.5])[1:] == (0.0, 0.0)
 
 
-@pytest.mark.slow  # starts two engines
-def test_a_short_arena_plays_each_opening_both_ways_and_writes_its_games(tmp_path):
-    command = [sys.executable, "-m", "tasks.arena", "--games", "2", "--depth", "1", "--pgn", str(tmp_path / "g.pgn")]
-    result = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+def test_a_lost_game_is_resigned_only_when_both_engines_agree_long_enough():
+    from tasks import arena
+
+    assert arena.resignation([1200, 1100] * 5, 1000, 5) == "1-0"
+    assert arena.resignation([-1200, -100_000] * 5, 1000, 5) == "0-1"
+    assert arena.resignation([1200, 900] * 5, 1000, 5) is None  # one engine does not see it lost
+    assert arena.resignation([1200, 1100] * 4, 1000, 5) is None  # not for long enough
+    assert arena.resignation([1200, None] * 5, 1000, 5) is None  # an engine that gave no score
+    assert arena.resignation([1200, 1100] * 5, 1000, 0) is None  # resigning turned off
+
+
+@pytest.mark.slow  # trains a network, then starts four engines
+def test_a_short_arena_of_a_trained_network_against_material_plays_each_opening_both_ways(prepared, tmp_path):
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "net", "--train.max-steps", "4")) == 0
+    network = f"{sys.executable} -m tasks.engine --ckpt {tmp_path / 'net' / 'checkpoints' / 'last.ckpt'}"
+    pgn = tmp_path / "g.pgn"
+    command = ["-m", "tasks.arena", "--engine", network, "--games", "4", "--depth", "1", "--concurrency", "2"]
+    result = subprocess.run(
+        [sys.executable, *command, "--pgn", str(pgn)], cwd=ROOT, env=child_env(), capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 games" in result.stdout and "Elo difference" in result.stdout
-    with open(tmp_path / "g.pgn") as f:
-        games = [chess.pgn.read_game(f), chess.pgn.read_game(f)]
-    first, second = (list(game.mainline_moves())[:8] for game in games)
-    assert first == second  # one opening, played with each colour
+    assert "4 games" in result.stdout and "Elo difference" in result.stdout
+    with open(pgn) as f:
+        games = [chess.pgn.read_game(f) for _ in range(4)]
+    openings = [list(game.mainline_moves())[:8] for game in games]
+    assert openings[0] == openings[1] and openings[2] == openings[3] and openings[0] != openings[2]
+    assert [game.headers["White"] for game in games] == ["kibitz", "kibitz material"] * 2  # colours alternate
     assert all(game.headers["Result"] in ("1-0", "0-1", "1/2-1/2") for game in games)
+    for game in games:  # every move legal (python-chess would not have played it otherwise), and the game over
+        board = game.end().board()
+        over = board.is_game_over(claim_draw=True) or board.ply() >= 300
+        assert over or game.headers.get("Termination") == "adjudication", game
+
+
+@pytest.mark.slow  # starts the arena's process
+def test_an_engine_that_does_not_start_is_one_line():
+    command = [sys.executable, "-m", "tasks.arena", "--engine", "no-such-engine", "--games", "2"]
+    result = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: an engine failed: "), result.stderr
+    assert len(result.stderr.splitlines()) == 1
