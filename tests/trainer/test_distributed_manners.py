@@ -120,3 +120,30 @@ def test_dvae_reconstructions_and_hparams_reach_tensorboard(prepared, tmp_path):
     assert session.session_start_info.hparams["model.latents"].number_value == 8
     tested = json.loads((tmp_path / "tb" / "test_metrics.json").read_text())
     assert events.Scalars("test/token_acc")[-1].value == pytest.approx(tested["test/token_acc"])
+
+
+def test_a_rank_forked_before_its_handlers_keeps_an_interrupt_for_them():
+    """The forking process's SIGINT stops its wait (a KeyboardInterrupt, as Python's own handler gives); a rank
+    forked from it that meets the SIGINT before setting its own handlers keeps it for them, and stops with the other
+    ranks instead of leaving alone (which left them waiting for it)."""
+    from types import SimpleNamespace
+
+    callers = signal.getsignal(signal.SIGINT)
+    with distributed.caller_state_kept():
+        distributed.keep_early_interrupts()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.sigtimedwait([], 1)  # the handler runs once the signal is delivered
+        pid = os.fork()
+        if pid == 0:  # the rank
+            code = 1
+            try:
+                os.kill(os.getpid(), signal.SIGINT)  # before its own handlers: kept
+                run = SimpleNamespace(stop_signal=None, fabric=SimpleNamespace(global_rank=1), phase="train")
+                distributed.stop_on_signals(run)  # takes it
+                code = 0 if run.stop_signal == signal.SIGINT and not distributed.EARLY_SIGNALS else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert signal.getsignal(signal.SIGINT) is callers  # the caller's handler is back
