@@ -175,18 +175,23 @@ LONG = [
 ]  # 42 steps an epoch: kills cross epochs
 
 
-def start(prepared: Path, out: Path, name: str, *extra: str) -> subprocess.Popen:
-    """A training run in its own process group (its launched ranks too), so a test can signal them all."""
-    env = child_env()
+def started(args: list[str]) -> subprocess.Popen:
+    """`python ARGS` from the repository's root in its own process group (its launched ranks too), so a test can
+    signal them all; its output and errors merged, as text, for the test to read as they come."""
     return subprocess.Popen(
-        [sys.executable, "train.py", *tiny_args(prepared, out, *LONG, *extra, "--run-name", name)],
+        [sys.executable, *args],
         cwd=ROOT,
-        env=env,
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
+
+
+def start(prepared: Path, out: Path, name: str, *extra: str) -> subprocess.Popen:
+    """A training run of LONG (see `started`)."""
+    return started(["train.py", *tiny_args(prepared, out, *LONG, *extra, "--run-name", name)])
 
 
 def two_processes(strategy: str) -> list[str]:

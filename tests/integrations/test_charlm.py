@@ -3,13 +3,11 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import ROOT, child_env, run_script, steps_so_far, train_losses, weights
+from conftest import run_script, started, steps_so_far, train_losses, weights
 
 SMALL = [
     "--model.width",
@@ -134,15 +132,7 @@ def test_sigkill_then_resume_auto_is_bitwise_the_uninterrupted_run(tmp_path, cap
     import train  # the uninterrupted and the resumed run in this process: a fresh one would spend seconds on imports
 
     assert train.main(charlm(tmp_path, *long, "--run-name", "whole")) == 0
-    process = subprocess.Popen(
-        [sys.executable, *charlm(tmp_path, *long, "--run-name", "killed")],
-        cwd=ROOT,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    process = started(charlm(tmp_path, *long, "--run-name", "killed"))
     run_dir = tmp_path / "killed"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:

@@ -5,12 +5,10 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import ROOT, child_env, run_script, train_losses
+from conftest import run_script, started, train_losses
 
 pytest.importorskip("ray.tune")  # the .[sweep] extra (the test extra installs it)
 mlflow = pytest.importorskip("mlflow")
@@ -60,15 +58,7 @@ def test_a_sweep_stops_bad_trials_early_logs_each_trial_and_restores_after_an_in
         "--",
         *TRIAL,
     ]
-    first = subprocess.Popen(
-        [sys.executable, *sweep],
-        cwd=ROOT,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    first = started(sweep)
     deadline = time.time() + 180
     while time.time() < deadline and first.poll() is None:  # until a trial has validated once
         if any("val/" in p.read_text() for p in (tmp_path / "s").glob("trial_*/metrics.csv")):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import ITEMS_TASK, ROOT, child_env
+from conftest import ITEMS_TASK, ROOT, child_env, started
 from tiny_task import TASK, build_model, evaluate, mistaken, train_step
 
 import train
@@ -478,15 +478,7 @@ def test_a_signal_during_the_final_test_lets_it_finish_without_promising_a_save(
 
 @pytest.mark.slow  # DataLoader worker processes
 def test_ctrl_c_with_dataloader_workers_is_one_line_not_one_per_worker(tmp_path):
-    process = subprocess.Popen(
-        [sys.executable, ITEMS_TASK, "--out-dir", str(tmp_path), "--run-name", "w", "--train.max-steps", "100000"],
-        cwd=ROOT,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    process = started([ITEMS_TASK, "--out-dir", str(tmp_path), "--run-name", "w", "--train.max-steps", "100000"])
     for line in process.stdout:
         if line.startswith("run folder:"):
             break

@@ -24,6 +24,7 @@ from conftest import (
     one_line,
     run_script,
     start,
+    started,
     tiny_args,
     tiny_task_args,
     wait_for_steps,
@@ -251,15 +252,7 @@ def test_an_interrupt_to_the_process_that_forked_the_ranks_reaches_every_rank(tm
     signal on; every rank saves and stops, the caller returns as from a script's Ctrl-C, and no process is left."""
     args = ["--out-dir", str(tmp_path), "--run-name", "f", "--fabric.strategy", "ddp_fork", "--fabric.devices", "2"]
     args += ["--fabric.accelerator", "cpu", "--train.max-steps", "100000", "--log.every", "20"]
-    process = subprocess.Popen(
-        [sys.executable, "train.py", str(ROOT / "tests" / "tiny_task.py"), *args],
-        cwd=ROOT,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    process = started(["train.py", str(ROOT / "tests" / "tiny_task.py"), *args])
     for line in process.stdout:
         if line.startswith("run folder:"):
             break
