@@ -314,22 +314,19 @@ def skips_grad_sync(run: Run) -> bool:
 def loss_alone(task: Task, *args) -> tuple[torch.Tensor, torch.Tensor]:
     loss = task.train_step(*args)
     if not isinstance(loss, torch.Tensor):  # one form for the run: the first call's (a type check, no sync)
-        raise config.FormChanged("train_step", f"returned the loss alone at its first call, then {describe(loss)}")
+        raise config.FormChanged(
+            "train_step", f"returned the loss alone at its first call, then {contract.describe_step(loss)}"
+        )
     return loss, loss.detach()
 
 
 def loss_and_values(task: Task, names: tuple, *args) -> tuple[torch.Tensor, torch.Tensor]:
     result = task.train_step(*args)
     if not (isinstance(result, tuple) and len(result) == 2 and tuple(result[1]) == names):
-        raise config.FormChanged("train_step", f"logged {list(names)} at its first call, then {describe(result)}")
+        raise config.FormChanged(
+            "train_step", f"logged {list(names)} at its first call, then {contract.describe_step(result)}"
+        )
     return logged_values(result)
-
-
-def describe(result) -> str:
-    """What a train_step returned, in words: the loss alone, or (loss, [the names it logs])."""
-    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict):
-        return f"(loss, {list(result[1])})"
-    return contract.describe(result)
 
 
 def logged_values(result) -> tuple[torch.Tensor, torch.Tensor]:

@@ -154,6 +154,13 @@ def describe(value) -> str:
     return f"a {type(value).__name__}"
 
 
+def describe_step(result) -> str:
+    """What a train_step returned, in words: the loss alone, or (loss, [the names it logs])."""
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict):
+        return f"(loss, {list(result[1])})"
+    return describe(result)
+
+
 def check_evaluation(run) -> None:
     """A dry run of `evaluate` and `report` over one batch of the validation split (the test split without
     validation): every metric the task names returned, each a number."""
