@@ -2,10 +2,12 @@
 python-chess's own client, plays a whole game; `stop` is heard; a hostile `position` line is one line on stderr."""
 
 import random
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import chess
 import chess.engine
@@ -132,27 +134,51 @@ def test_a_lost_game_is_resigned_only_when_both_engines_agree_long_enough():
     assert arena.resignation([1200, 1100] * 5, 1000, 0) is None  # resigning turned off
 
 
-@pytest.mark.slow  # trains a network, then starts four engines
-def test_a_short_arena_of_a_trained_network_against_material_plays_each_opening_both_ways(prepared, tmp_path):
-    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "net", "--train.max-steps", "4")) == 0
-    network = f"{sys.executable} -m tasks.engine --ckpt {tmp_path / 'net' / 'checkpoints' / 'last.ckpt'}"
-    pgn = tmp_path / "g.pgn"
-    command = ["-m", "tasks.arena", "--engine", network, "--games", "4", "--depth", "1", "--concurrency", "2"]
-    result = subprocess.run(
-        [sys.executable, *command, "--pgn", str(pgn)], cwd=ROOT, env=child_env(), capture_output=True, text=True
-    )
+@pytest.fixture(scope="module")
+def network(prepared, tmp_path_factory) -> str:
+    """The command of an engine on a briefly trained chess network."""
+    out = tmp_path_factory.mktemp("network")
+    assert train.main(tiny_args(prepared, out, "--run-name", "net", "--train.max-steps", "4")) == 0
+    return f"{sys.executable} -m tasks.engine --ckpt {out / 'net' / 'checkpoints' / 'last.ckpt'}"
+
+
+def arena(tmp_path: Path, *args: str) -> list[chess.pgn.Game]:
+    """The games of an arena run with these flags, each checked over by the rules or resigned."""
+    command = [sys.executable, "-m", "tasks.arena", *args, "--depth", "1", "--pgn", str(tmp_path / "g.pgn")]
+    result = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "4 games" in result.stdout and "Elo difference" in result.stdout
-    with open(pgn) as f:
-        games = [chess.pgn.read_game(f) for _ in range(4)]
-    openings = [list(game.mainline_moves())[:8] for game in games]
-    assert openings[0] == openings[1] and openings[2] == openings[3] and openings[0] != openings[2]
-    assert [game.headers["White"] for game in games] == ["kibitz", "kibitz material"] * 2  # colours alternate
-    assert all(game.headers["Result"] in ("1-0", "0-1", "1/2-1/2") for game in games)
+    assert "Elo difference" in result.stdout
+    games = []
+    with open(tmp_path / "g.pgn") as f:
+        while (game := chess.pgn.read_game(f)) is not None:
+            games.append(game)
     for game in games:  # every move legal (python-chess would not have played it otherwise), and the game over
         board = game.end().board()
         over = board.is_game_over(claim_draw=True) or board.ply() >= 300
         assert over or game.headers.get("Termination") == "adjudication", game
+        assert game.headers["Result"] in ("1-0", "0-1", "1/2-1/2")
+    return games
+
+
+@pytest.mark.slow  # trains a network, then starts four engines
+def test_a_short_arena_of_a_trained_network_against_material_plays_each_opening_both_ways(network, tmp_path):
+    games = arena(tmp_path, "--engine", network, "--games", "4", "--concurrency", "2")
+    assert len(games) == 4
+    openings = [list(game.mainline_moves())[:8] for game in games]
+    assert openings[0] == openings[1] and openings[2] == openings[3] and openings[0] != openings[2]
+    assert [game.headers["White"] for game in games] == ["kibitz", "kibitz material"] * 2  # colours alternate
+
+
+STOCKFISH = shutil.which("stockfish") or next((p for p in ["/usr/games/stockfish"] if Path(p).exists()), None)
+
+
+@pytest.mark.slow  # starts the engine and Stockfish
+@pytest.mark.skipif(STOCKFISH is None, reason="Stockfish is not installed (apt-get install stockfish)")
+def test_the_network_plays_whole_games_against_stockfish(network, tmp_path):
+    opponent = ["--opponent", STOCKFISH, "--opponent-option", "Skill Level=0", "--opponent-movetime", "0.05"]
+    games = arena(tmp_path, "--engine", network, *opponent, "--games", "2")
+    assert len(games) == 2 and games[0].headers["White"] == "kibitz"
+    assert games[1].headers["White"].startswith("Stockfish")
 
 
 @pytest.mark.slow  # starts the arena's process
