@@ -39,14 +39,19 @@ def test_the_search_finds_mates_and_wins_material_from_the_side_to_move(fen, dep
 
 
 def test_a_legal_move_in_every_position_of_a_sample():
+    from tasks import arena
+
     special = [
         "8/P6k/8/8/8/8/8/K7 w - - 0 1",  # a promotion
         "r3k2r/8/8/8/8/8/8/R3K2R w KQkq - 0 1",  # castling both ways
         "8/8/8/3pP3/8/8/8/k6K w - d6 0 2",  # en passant
-        "k7/8/1Q6/8/8/8/8/7K b - - 0 1",  # one legal move... or none: stalemate
+        "k7/8/1K6/8/8/8/8/7R b - - 0 1",  # one legal move
+        "4k3/8/8/8/8/8/4q3/4K3 w - - 0 1",  # one legal move, out of check: take the queen
+        "k7/8/1Q6/8/8/8/8/7K b - - 0 1",  # stalemate
         "7k/5Q2/6K1/8/8/8/8/8 b - - 0 1",  # stalemate
     ]
     rng, boards = random.Random(0), [chess.Board(fen) for fen in special]
+    assert [boards[3].legal_moves.count(), boards[4].legal_moves.count()] == [1, 1]
     for _ in range(8):  # positions of random games
         board = chess.Board()
         for _ in range(rng.randrange(10, 80)):
@@ -55,6 +60,12 @@ def test_a_legal_move_in_every_position_of_a_sample():
                 break
             board.push(rng.choice(moves))
         boards.append(board)
+    for opening in arena.openings(4, 24):  # positions of the bundled sample's games, every fourth ply
+        board = chess.Board()
+        for ply, move in enumerate(opening):
+            board.push(move)
+            if ply % 4 == 3:
+                boards.append(board.copy())
     for board in boards:
         search = engine.Search(engine.material, engine.Limits(depth=2), threading.Event(), report=lambda _: None)
         move = search.run(board.copy())
