@@ -134,9 +134,11 @@ def started(command: str, options: list[str]):
     # an engine on a network imports torch and loads its checkpoint before it answers: more than python-chess's 10 s
     # on a busy machine
     engine = chess.engine.SimpleEngine.popen_uci(shlex.split(command), timeout=120)
-    settings = dict(option.split("=", 1) for option in options)
-    if settings:
-        engine.configure(settings)
+    try:
+        engine.configure(dict(option.split("=", 1) for option in options))
+    except BaseException:
+        engine.quit()
+        raise
     return engine
 
 
@@ -148,7 +150,7 @@ def play_all(args: ArenaArgs) -> list[tuple[chess.pgn.Game, bool]]:
     if args.opponent_depth is None and args.opponent_movetime is None:
         theirs = mine
     games = [(opening, white) for opening in openings((args.games + 1) // 2, args.opening_plies) for white in (1, 0)]
-    pairs, free = [], queue.SimpleQueue()
+    engines, free = [], queue.SimpleQueue()
 
     def one(game: tuple[list[chess.Move], bool]) -> tuple[chess.pgn.Game, bool]:
         (opening, measured_white), (measured, opponent) = game, free.get()
@@ -162,8 +164,9 @@ def play_all(args: ArenaArgs) -> list[tuple[chess.pgn.Game, bool]]:
 
     try:
         for _ in range(args.concurrency):  # started here: python-chess's engines start from the main thread alone
-            pairs.append((started(args.engine, []), started(args.opponent, args.opponent_option)))
-            free.put(pairs[-1])
+            engines.append(started(args.engine, []))
+            engines.append(started(args.opponent, args.opponent_option))
+            free.put((engines[-2], engines[-1]))
         with ThreadPoolExecutor(args.concurrency) as pool:
             played = []
             for game, measured_white in pool.map(one, games):
@@ -172,13 +175,26 @@ def play_all(args: ArenaArgs) -> list[tuple[chess.pgn.Game, bool]]:
                 print(f"game {len(played)}: {game.headers['Result']} ({colour})", flush=True)
             return played
     finally:
-        for pair in pairs:
-            for engine in pair:
-                engine.quit()
+        for engine in engines:
+            engine.quit()
+
+
+def mistake_in(args: ArenaArgs) -> str | None:
+    """What is wrong with the arena's flags, in words; None when nothing is."""
+    for name in ("games", "concurrency", "opening_plies", "max_plies"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')}: expected at least 1, got {getattr(args, name)}"
+    bad = [option for option in args.opponent_option if "=" not in option]
+    if bad:
+        return f"--opponent-option: expected NAME=VALUE, got {bad[0]!r}"
+    return None
 
 
 def main(argv: list[str]) -> int:
     args = tyro.cli(ArenaArgs, args=argv, prog="python -m tasks.arena")
+    if mistake := mistake_in(args):
+        print(f"error: {mistake}", file=sys.stderr)
+        return 2
     try:
         played = play_all(args)
     except (OSError, chess.engine.EngineError, chess.engine.EngineTerminatedError) as exc:

@@ -250,6 +250,8 @@ def limits_of(words: list[str], board: chess.Board) -> Limits:
     values = {}
     for name, value in zip(words, words[1:]):
         if name in ("depth", "nodes", "movetime", "wtime", "btime", "winc", "binc", "movestogo"):
+            if not value.lstrip("-").isdigit():
+                raise ValueError(f"{name} expects a whole number, got {value!r}")
             values[name] = int(value)
     limits = Limits(depth=values.get("depth", 64), nodes=values.get("nodes"))
     if "movetime" in values:
@@ -310,7 +312,10 @@ class Engine:
         elif command == "go":
             self.finish()
             self.infinite = "infinite" in words
-            self.go(Limits() if self.infinite else limits_of(words, self.board))
+            try:
+                self.go(Limits() if self.infinite else limits_of(words, self.board))
+            except ValueError as exc:  # no search: the GUI hears of it on stderr, as of a bad position
+                print(f"error: go: {exc}", file=sys.stderr, flush=True)
         elif command == "stop":
             self.wait()
         elif command == "quit":

@@ -97,11 +97,13 @@ def test_a_hostile_position_line_or_a_missing_checkpoint_is_one_line():
     assert (
         missing.returncode == 2 and missing.stderr == "error: ckpt: no/such.ckpt is not a checkpoint file or folder\n"
     )
-    result = uci("uci", "position fen not a fen", "position startpos moves e2e5", "position", "isready", "quit")
+    lines = ["uci", "position fen not a fen", "position startpos moves e2e5", "position", "go depth x", "isready"]
+    result = uci(*lines, "quit")
     assert result.returncode == 0 and "uciok" in result.stdout and "readyok" in result.stdout
     errors = result.stderr.strip().splitlines()
-    assert len(errors) == 3 and all(line.startswith("error: position: ") for line in errors), result.stderr
+    assert len(errors) == 4 and all(line.startswith("error: position: ") for line in errors[:3]), result.stderr
     assert "illegal move e2e5" in errors[1] and "Traceback" not in result.stderr
+    assert errors[3] == "error: go: depth expects a whole number, got 'x'" and "bestmove" not in result.stdout
 
 
 @pytest.mark.slow  # starts the engine as its own process
@@ -192,9 +194,22 @@ def test_the_network_plays_whole_games_against_stockfish(network, tmp_path):
     assert games[1].headers["White"].startswith("Stockfish")
 
 
-@pytest.mark.slow  # starts the arena's process
-def test_an_engine_that_does_not_start_is_one_line():
-    command = [sys.executable, "-m", "tasks.arena", "--engine", "no-such-engine", "--games", "2"]
-    result = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.startswith("error: an engine failed: "), result.stderr
-    assert len(result.stderr.splitlines()) == 1
+def test_a_mistake_in_the_arena_s_flags_is_named():
+    from tasks import arena
+
+    assert arena.mistake_in(arena.ArenaArgs()) is None
+    assert arena.mistake_in(arena.ArenaArgs(games=0)) == "--games: expected at least 1, got 0"
+    assert arena.mistake_in(arena.ArenaArgs(concurrency=0)) == "--concurrency: expected at least 1, got 0"
+    assert arena.mistake_in(arena.ArenaArgs(opponent_option=["Skill"])) == (
+        "--opponent-option: expected NAME=VALUE, got 'Skill'"
+    )
+
+
+@pytest.mark.slow  # starts the arena's process and engines
+def test_an_engine_that_does_not_start_or_take_its_option_is_one_line_and_nothing_is_left_running():
+    for flags in (["--engine", "no-such-engine"], ["--opponent-option", "NoSuchOption=1"]):
+        command = [sys.executable, "-m", "tasks.arena", *flags, "--games", "2"]
+        result = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and result.stderr.startswith("error: an engine failed: "), result.stderr
+        assert len(result.stderr.splitlines()) == 1
+    assert "NoSuchOption" in result.stderr  # and the engine that did start was stopped: the arena exited
