@@ -84,12 +84,12 @@ def openings(count: int, plies: int, source: Path = SAMPLE) -> list[list[chess.M
 def play(white: tuple, black: tuple, opening: list[chess.Move], args: ArenaArgs) -> chess.pgn.Game:
     """One game from the opening between White's and Black's (engine, limit); its result "1-0", "0-1" or
     "1/2-1/2"."""
-    board, scores, resigned = chess.Board(), [], None
+    board, scores, resigned, this_game = chess.Board(), [], None, object()
     for move in opening:
         board.push(move)
     while not board.is_game_over(claim_draw=True) and board.ply() < args.max_plies and resigned is None:
         mover, limit = white if board.turn == chess.WHITE else black
-        played = mover.play(board, limit, info=chess.engine.INFO_SCORE)
+        played = mover.play(board, limit, info=chess.engine.INFO_SCORE, game=this_game)  # a new game: ucinewgame
         score = played.info.get("score")
         scores.append(None if score is None else score.white().score(mate_score=100_000))
         board.push(played.move)  # python-chess refuses an illegal move
