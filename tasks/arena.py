@@ -187,6 +187,8 @@ def mistake_in(args: ArenaArgs) -> str | None:
     bad = [option for option in args.opponent_option if "=" not in option]
     if bad:
         return f"--opponent-option: expected NAME=VALUE, got {bad[0]!r}"
+    if args.pgn is not None and (args.pgn.is_dir() or not args.pgn.parent.is_dir()):  # known before the games
+        return f"--pgn: expected a file in an existing folder, got {args.pgn}"
     return None
 
 

@@ -203,6 +203,10 @@ def test_a_mistake_in_the_arena_s_flags_is_named():
     assert arena.mistake_in(arena.ArenaArgs(opponent_option=["Skill"])) == (
         "--opponent-option: expected NAME=VALUE, got 'Skill'"
     )
+    assert arena.mistake_in(arena.ArenaArgs(pgn=ROOT / "no-such-folder" / "g.pgn")) == (
+        f"--pgn: expected a file in an existing folder, got {ROOT / 'no-such-folder' / 'g.pgn'}"
+    )
+    assert arena.mistake_in(arena.ArenaArgs(pgn=ROOT)).startswith("--pgn: expected a file")
 
 
 @pytest.mark.slow  # starts the arena's process and engines
