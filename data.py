@@ -285,8 +285,19 @@ def end_with_parent(worker_id: int) -> None:
     if sys.platform == "linux":
         import ctypes
         import signal
+        import threading
+        import time
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        previous = threading.excepthook
+
+        def after_a_moment(args) -> None:
+            # The thread that hands batches to the run sees the run's sockets close a moment before the kernel
+            # kills this worker for its parent's death. Waiting lets that kill come first; a real error still prints.
+            time.sleep(1)
+            previous(args)
+
+        threading.excepthook = after_a_moment
 
 
 def make_loaders(fabric, cfg, task, datasets: dict, micro_batch: int) -> tuple[object, dict, int]:

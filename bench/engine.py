@@ -56,7 +56,7 @@ def the_network(ckpt: Path | None):
     return engine.evaluator(CHESS.build_model(cfg), cfg.data.target)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, default=None, help="a chess checkpoint (default: an untrained model)")
     parser.add_argument("--positions", type=int, default=8)
@@ -68,7 +68,15 @@ def main() -> None:
         for move in opening:
             board.push(move)
         positions.append(board)
-    network, in_network = timed(the_network(args.ckpt))
+    if args.positions < 1 or args.depth < 1:
+        parser.error("--positions and --depth must be at least 1")
+    from config import ConfigError
+
+    try:
+        network, in_network = timed(the_network(args.ckpt))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     network(positions[:1])  # the first forward pass allocates: not part of a search
     in_network[0] = 0.0
     arms = {"material": search_all(engine.material, positions, args.depth)}
@@ -81,7 +89,8 @@ def main() -> None:
     ratio = (network_nodes / network_seconds) / (material_nodes / material_seconds)
     print(f"  ratio network / material nodes/s: {ratio:.3f}")
     print(f"  share of the network search's time in the network: {in_network[0] / network_seconds:.1%}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -65,6 +65,41 @@ def child_env(**extra: str) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONFAULTHANDLER": "1", **extra}
 
 
+_fork_server: dict = {}
+
+
+def python_process(args: list, **kwargs) -> subprocess.Popen:
+    """`subprocess.Popen(args, **kwargs)`; for `python SCRIPT`, `python -m MODULE` and `python -c CODE` a process
+    forked from a server that has imported torch and Fabric already (tests/forkserver.py): the same process, seconds
+    sooner. A test of what a start imports or how long it takes uses subprocess itself."""
+    import forkserver
+
+    if not forkserver.can_fork(args, **kwargs):
+        return subprocess.Popen(args, **kwargs)
+    if not _fork_server:
+        import atexit
+        import tempfile
+
+        address = os.path.join(tempfile.mkdtemp(prefix="kibitz-fork-"), "socket")
+        server = forkserver.start_server(address, child_env())
+        atexit.register(server.kill)
+        _fork_server.update(address=address, server=server)
+    return forkserver.Forked(_fork_server["address"], args, **kwargs)
+
+
+def run_python(args: list, timeout: float | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(args, **kwargs)` through `python_process`."""
+    if kwargs.pop("capture_output", False):
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with python_process(args, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def run_script(
     args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None, program: str = sys.executable
 ):
@@ -73,7 +108,7 @@ def run_script(
     fails with them, so a hang names the line it hangs on."""
     import signal
 
-    process = subprocess.Popen(
+    process = python_process(
         [program, *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
@@ -178,7 +213,7 @@ LONG = [
 def started(args: list[str]) -> subprocess.Popen:
     """`python ARGS` from the repository's root in its own process group (its launched ranks too), so a test can
     signal them all; its output and errors merged, as text, for the test to read as they come."""
-    return subprocess.Popen(
+    return python_process(
         [sys.executable, *args],
         cwd=ROOT,
         env=child_env(),
@@ -281,7 +316,7 @@ DDP = ["--fabric.accelerator", "cpu", "--fabric.devices", "2", "--fabric.strateg
 
 
 def kill_at_a_random_step(out: Path, name: str, *flags: str, task: str = ITEMS_TASK) -> int:
-    process = subprocess.Popen(
+    process = python_process(
         [sys.executable, task, "--out-dir", str(out), "--run-name", name, *flags],
         env=child_env(),
         stdout=subprocess.DEVNULL,

@@ -2,7 +2,6 @@
 what a PGN means), with the counts by reason, and never a traceback."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import chess.pgn
 import numpy as np
 import pytest
 import zstandard
-from conftest import ROOT, child_env
+from conftest import ROOT, child_env, run_python
 
 from chessdata import dedup, evals, folder, pgn, prepare
 from chessdata.encoding import pack_board
@@ -266,7 +265,7 @@ def test_every_case_at_once_through_the_command_line_ends_without_a_traceback(tm
     text += game_text("1. e4 { [%eval 0.1] } 1... e5 { unclosed") + "\x00\xff garbage line\n"  # a comment to the end
     (tmp_path / "g.pgn").write_text(text, errors="surrogateescape")
     (tmp_path / "p.csv").write_text(f"{START} 0 1,1e400\n{START} 0 1,0.3\nno comma here\n")
-    result = subprocess.run(
+    result = run_python(
         [
             sys.executable,
             "-m",

@@ -8,7 +8,7 @@ import chess
 import numpy as np
 import pytest
 import zstandard
-from conftest import assert_same_output
+from conftest import assert_same_output, python_process
 
 from chessdata import folder as data
 from chessdata import pgn, prepare
@@ -116,7 +116,7 @@ def test_two_jobs_preparing_one_folder_at_once_take_turns(tmp_path):
         f"data.ensure_prepared([pathlib.Path({str(source)!r})], pathlib.Path({str(out)!r}))"
     )
     jobs = [
-        subprocess.Popen(
+        python_process(
             [sys.executable, "-c", job],
             cwd=ROOT,
             env=child_env(),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import ROOT, assert_same_output, child_env, run_script, sample_games
+from conftest import ROOT, assert_same_output, child_env, python_process, run_python, run_script, sample_games
 
 from chessdata import folder, prepare
 
@@ -76,7 +76,7 @@ def test_a_kill_during_the_final_cleanup_leaves_a_usable_folder_and_reruns_clean
         "prepare.shutil.rmtree = dying_rmtree\n"
         f"prepare.prepare([pathlib.Path({str(source)!r})], pathlib.Path({str(out)!r}), workers=1, games_per_chunk=20)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    result = run_python([sys.executable, "-c", script], cwd=ROOT, env=child_env(), capture_output=True, text=True)
     assert result.returncode == -9
     assert len(folder.load_split(out, "train")["cp"]) > 0  # meta.json was written before the cleanup
     meta = prepare.prepare([source], out, workers=1, games_per_chunk=20)
@@ -91,7 +91,7 @@ def test_a_dead_worker_stops_prepare_with_one_line(tmp_path):
     source = write(tmp_path / "g.pgn.zst", sample_games() * 6)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "chessdata", "prepare", str(source), "--out", str(out), "--workers", "2"]
-    process = subprocess.Popen(
+    process = python_process(
         [*command, "--games-per-chunk", "20"], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     children: list[int] = []
@@ -115,8 +115,8 @@ def test_two_prepares_of_one_folder_take_turns(tmp_path):
     source = write(tmp_path / "g.pgn.zst", sample_games()[:300])
     out = tmp_path / "shared"
     command = [sys.executable, "-m", "chessdata", "prepare", str(source), "--out", str(out), "--workers", "1"]
-    jobs = [subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
-    jobs.append(subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    jobs = [python_process(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
+    jobs.append(python_process(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     results = [job.communicate(timeout=120) for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], results
     prepare.prepare([source], tmp_path / "alone", workers=1)

@@ -121,3 +121,9 @@ def test_engine_benchmark_smoke():
     assert result.returncode == 0, result.stderr[-3000:]
     for arm in ("material", "network", "ratio network / material nodes/s:", "time in the network:"):
         assert arm in result.stdout, arm
+
+
+def test_engine_benchmark_names_a_checkpoint_it_cannot_read_in_one_line(tmp_path):
+    result = run_script(["bench/engine.py", "--ckpt", str(tmp_path / "missing.ckpt")], timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(errors) == 1 and "missing.ckpt" in errors[0], result.stderr[-3000:]

@@ -13,7 +13,7 @@ import chess
 import chess.engine
 import chess.pgn
 import pytest
-from conftest import ROOT, child_env, tiny_args
+from conftest import ROOT, child_env, python_process, run_python, tiny_args
 
 import train
 from tasks import engine
@@ -76,7 +76,7 @@ def test_a_legal_move_in_every_position_of_a_sample():
 
 
 def uci(*lines: str, wait: float = 0) -> subprocess.CompletedProcess:
-    process = subprocess.Popen(
+    process = python_process(
         [sys.executable, "-m", "tasks.engine", "--material"],
         cwd=ROOT,
         env=child_env(),
@@ -91,7 +91,7 @@ def uci(*lines: str, wait: float = 0) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow  # starts the engine as its own process
 def test_a_hostile_position_line_or_a_missing_checkpoint_is_one_line():
-    missing = subprocess.run(
+    missing = run_python(
         [sys.executable, "-m", "tasks.engine", "--ckpt", "no/such.ckpt"], cwd=ROOT, capture_output=True, text=True
     )
     assert (
@@ -158,7 +158,7 @@ def network(prepared, tmp_path_factory) -> str:
 def arena(tmp_path: Path, *args: str) -> list[chess.pgn.Game]:
     """The games of an arena run with these flags, each checked over by the rules or resigned."""
     command = [sys.executable, "-m", "tasks.arena", *args, "--depth", "1", "--pgn", str(tmp_path / "g.pgn")]
-    result = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    result = run_python(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Elo difference" in result.stdout
     games = []
@@ -213,7 +213,7 @@ def test_a_mistake_in_the_arena_s_flags_is_named():
 def test_an_engine_that_does_not_start_or_take_its_option_is_one_line_and_nothing_is_left_running():
     for flags in (["--engine", "no-such-engine"], ["--opponent-option", "NoSuchOption=1"]):
         command = [sys.executable, "-m", "tasks.arena", *flags, "--games", "2"]
-        result = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+        result = run_python(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and result.stderr.startswith("error: an engine failed: "), result.stderr
         assert len(result.stderr.splitlines()) == 1
     assert "NoSuchOption" in result.stderr  # and the engine that did start was stopped: the arena exited

@@ -18,7 +18,9 @@ from conftest import (
     assert_matches_reference,
     assert_same_as_uninterrupted,
     child_env,
+    python_process,
     resume_and_compare,
+    run_python,
     start,
     tiny_args,
     tiny_task_args,
@@ -305,7 +307,7 @@ def test_a_checkpoint_write_failure_stops_the_run_and_keeps_the_previous_one(pre
         resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
-    result = subprocess.run(
+    result = run_python(
         [
             sys.executable,
             "train.py",
@@ -444,7 +446,7 @@ def test_srun_launch_sigusr1_saves_and_resumes_exactly(prepared, tmp_path, refer
 
     def srun(*extra: str) -> list[subprocess.Popen]:
         return [
-            subprocess.Popen(
+            python_process(
                 [sys.executable, "train.py", *tiny_args(prepared, tmp_path, *LONG, *flags, *extra)],
                 cwd=ROOT,
                 stdout=subprocess.PIPE,

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import ITEMS_TASK, ROOT, child_env, started
+from conftest import ITEMS_TASK, ROOT, child_env, run_python, started
 from tiny_task import TASK, build_model, evaluate, mistaken, train_step
 
 import train
@@ -454,7 +454,7 @@ def signalled_run(tmp_path, signum: str, at_call: int) -> subprocess.CompletedPr
     script.write_text(
         SIGNALLING.format(root=str(ROOT), tests=str(ROOT / "tests"), at_call=at_call, signal=signum, out=str(tmp_path))
     )
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=child_env(), timeout=300)
+    return run_python([sys.executable, str(script)], capture_output=True, text=True, env=child_env(), timeout=300)
 
 
 @pytest.mark.slow  # a process of its own

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import ROOT, child_env, dvae_args, tiny_args
+from conftest import ROOT, child_env, dvae_args, run_python, tiny_args
 
 import train
 from kibitz import distributed
@@ -50,7 +49,7 @@ def test_an_in_process_run_leaves_signal_handlers_and_warning_filters_as_it_foun
 def test_off_a_terminal_the_progress_bar_is_drawn_once_per_log_interval(prepared, tmp_path):
     args = tiny_args(prepared, tmp_path, "--train.max-steps", "200", "--log.every", "50", "--train.val-every", "100")
     args.remove("--log.no-progress-bar")
-    result = subprocess.run(
+    result = run_python(
         [sys.executable, "train.py", *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]

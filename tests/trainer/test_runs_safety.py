@@ -22,6 +22,7 @@ from conftest import (
     assert_same_as_uninterrupted,
     child_env,
     one_line,
+    python_process,
     run_script,
     start,
     started,
@@ -180,7 +181,7 @@ def test_a_checkpoint_never_runs_the_task_file_it_names(trained, tmp_path, capsy
 def test_one_writer_per_run_folder(tmp_path, capsys):
     folder = tmp_path / "busy"
     hold = f"import time, pathlib; from kibitz import runs; held = runs.lock_folder(pathlib.Path({str(folder)!r}))"
-    holder = subprocess.Popen(
+    holder = python_process(
         [sys.executable, "-c", hold + "; print('held', flush=True); time.sleep(120)"],
         cwd=ROOT,
         stdout=subprocess.PIPE,

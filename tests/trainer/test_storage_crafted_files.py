@@ -8,7 +8,6 @@ import os
 import pickle
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from conftest import (
     child_env,
     one_line,
     parse_config,
+    run_python,
     start,
     tiny_args,
     wait_for_steps,
@@ -336,7 +336,7 @@ for path in ("../../../victim.txt", {str(victim)!r}):  # wandb refuses these nam
 run.log_artifact(artifact, aliases=["latest"])
 run.finish()
 """
-    made = subprocess.run([sys.executable, "-c", plant], env=child_env(), capture_output=True, text=True, timeout=300)
+    made = run_python([sys.executable, "-c", plant], env=child_env(), capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-3000:]
     commands = [
         tiny_args(prepared, out, "--resume", "wandb:model-shared"),
@@ -369,7 +369,7 @@ def test_kill_9_with_dataloader_workers_then_resume_auto_at_once(prepared, tmp_p
     process.kill()  # SIGKILL to the run alone: its DataLoader workers live on for a moment
     process.wait(timeout=60)
     started = time.time()
-    resumed = subprocess.run(
+    resumed = run_python(
         [sys.executable, "train.py", *tiny_args(prepared, tmp_path, *LONG, "--run-name", "workers")]
         + ["--data.num-workers", "2", "--resume", "auto"],
         cwd=ROOT,

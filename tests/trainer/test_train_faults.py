@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, child_env, parse_config, tiny_args, tiny_task_args
+from conftest import ROOT, child_env, parse_config, python_process, tiny_args, tiny_task_args
 from tiny_task import TASK as TINY
 
 import chessdata.cli
@@ -41,7 +41,7 @@ def test_a_failed_checkpoint_write_stops_every_rank_of_a_two_process_run(prepare
     strategy = ["--fabric.strategy", "fsdp2", "--checkpoint.sharded"] if sharded else []
     args = tiny_args(prepared, tmp_path, "--run-name", "full", *TWO_DDP, *strategy)
     started = time.monotonic()
-    process = subprocess.Popen(
+    process = python_process(
         [sys.executable, "train.py", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -247,7 +247,7 @@ def test_a_run_that_prepares_its_data_equals_one_that_finds_it_prepared(tmp_path
         args = tiny_args(data_dir, tmp_path, *flags, "--run-name", name)
         args[args.index("--data.sources") + 1] = sources
         command = [sys.executable, "train.py", *args]
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return python_process(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     capped = tmp_path / "300.pgn"  # the games `prepared` holds, as a source of their own
     games = [game for _, game in zip(range(300), chessdata.pgn.iter_games(chessdata.folder.SAMPLE_PGN))]

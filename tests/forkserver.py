@@ -1,0 +1,229 @@
+"""Start `python SCRIPT ARGS` in a fraction of a second: a server that has imported torch and Fabric once forks a
+process for each command, and the fork runs the command as a fresh interpreter would.
+
+Importing torch and Fabric costs a fresh interpreter about 6 seconds on the 2-core CI, and the suite starts a few
+hundred commands. `Forked` is a `subprocess.Popen` whose process comes from this server instead of fork and exec, so
+a test reads its output, signals its process group and waits for its exit code exactly as it does a real process's.
+What differs from a real start is only what was imported before the command ran: the libraries in PRELOAD, never a
+module of the repository. Tests of start-up itself (what a start imports, how long it takes) start real processes,
+and so does anything other than `python SCRIPT` or `python -m MODULE` (`-c`, interpreter flags, other programs).
+
+The server runs in the background of one pytest worker: `python tests/forkserver.py SOCKET`. A client sends one line
+of JSON (argv, cwd, env) with its stdin, stdout and stderr as file descriptors; the server answers the process id at
+once and the wait status when the process ends.
+"""
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+PRELOAD = ["numpy", "torch", "lightning_fabric", "tyro", "torch.distributed.checkpoint"]
+
+
+# ---------------------------------------------------------------- the client: a Popen whose process the server forks
+
+
+def can_fork(args, preexec_fn=None, **_) -> bool:
+    """Whether `subprocess.Popen(args, ...)` runs `python SCRIPT`, `python -m MODULE` or `python -c CODE` with this
+    interpreter, and nothing before it (a `preexec_fn` is a function of the caller's, which the server cannot run)."""
+    if preexec_fn is not None or not isinstance(args, (list, tuple)) or len(args) < 2 or args[0] != sys.executable:
+        return False
+    return args[1] in ("-m", "-c") and len(args) > 2 or not args[1].startswith("-")
+
+
+class Forked(subprocess.Popen):
+    """`subprocess.Popen(args, ...)` for `python SCRIPT ...`, its process forked by the server at `address`."""
+
+    def __init__(self, address: str, args, **kwargs):
+        self._address = address
+        super().__init__(args, **kwargs)
+
+    def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo, *rest):
+        creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite = rest[:8]
+        standard = [fd if fd != -1 else default for fd, default in ((p2cread, 0), (c2pwrite, 1), (errwrite, 2))]
+        request = {"argv": list(args[1:]), "cwd": str(cwd or os.getcwd()), "env": dict(env or os.environ)}
+        self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._connection.connect(self._address)
+        socket.send_fds(self._connection, [json.dumps(request).encode() + b"\n"], standard)
+        self._answers = self._connection.makefile("rb")
+        self.pid = int(self._answers.readline())
+        self._child_created = True
+        self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
+
+    def _try_wait(self, wait_flags):
+        if wait_flags & os.WNOHANG and not select.select([self._connection], [], [], 0)[0]:
+            return 0, 0
+        status = self._answers.readline()
+        self._connection.close()
+        return self.pid, int(status) if status else 255 << 8  # a server gone: exit code 255
+
+    def _internal_poll(self, _deadstate=None, **_):
+        if self.returncode is None and self._waitpid_lock.acquire(False):
+            try:
+                if self.returncode is None:
+                    pid, status = self._try_wait(os.WNOHANG)
+                    if pid == self.pid:
+                        self._handle_exitstatus(status)
+            finally:
+                self._waitpid_lock.release()
+        return self.returncode
+
+
+def start_server(path: str, env: dict) -> subprocess.Popen:
+    """The server, listening at `path` once it has imported PRELOAD."""
+    server = subprocess.Popen(
+        [sys.executable, __file__, path], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not os.path.exists(path):
+        if server.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"the fork server did not start: {server.poll()}")
+        time.sleep(0.05)
+    return server
+
+
+# ---------------------------------------------------------------- the server
+
+
+def serve(path: str) -> None:
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path + ".binding")
+    listener.listen(64)
+    os.rename(path + ".binding", path)  # the path appears once the server accepts
+    parent, waiting = os.getppid(), {}
+    while os.getppid() == parent:  # the pytest worker that started it is gone: so is the server
+        if select.select([listener], [], [], 0.05)[0]:
+            connection = listener.accept()[0]
+            pid = fork_one(connection, listener, waiting)
+            connection.sendall(b"%d\n" % pid)
+            waiting[pid] = connection
+        while waiting:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            connection = waiting.pop(pid)
+            connection.sendall(b"%d\n" % status)
+            connection.close()
+
+
+def fork_one(connection: socket.socket, listener: socket.socket, waiting: dict) -> int:
+    data, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
+    while not data.endswith(b"\n"):
+        data += connection.recv(1 << 20)
+    request = json.loads(data)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        for fd in fds:
+            os.close(fd)
+        return pid
+    listener.close()
+    connection.close()
+    for other in waiting.values():
+        other.close()
+    os.setsid()
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os._exit(run_as_main(request["argv"], request["cwd"], request["env"]))
+
+
+def run_as_main(argv: list[str], cwd: str, env: dict) -> int:
+    """Run `python ARGV` in this process as the interpreter would, and return its exit code."""
+    import atexit
+    import importlib
+    import threading
+
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    importlib.invalidate_caches()  # files written since the server started
+    if "numpy" in sys.modules:  # a fresh interpreter seeds numpy's global generator from the OS
+        sys.modules["numpy"].random.seed()
+    interrupted, code = False, 0
+    try:
+        if argv[0] == "-m":
+            run_module(argv[1], argv[2:])
+        elif argv[0] == "-c":
+            run_code(argv[1], argv[2:])
+        else:
+            run_script(argv[0], argv[1:])
+    except SystemExit as exc:
+        code = exit_code(exc.code)
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())
+        interrupted = True
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    threading._shutdown()  # as the interpreter ends: its threads, then atexit
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if interrupted:  # the interpreter ends an uncaught KeyboardInterrupt by SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    return code
+
+
+def exit_code(code) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def run_script(path: str, args: list[str]) -> None:
+    from importlib.machinery import SourceFileLoader
+
+    sys.argv = [path, *args]
+    sys.path[0] = os.path.dirname(os.path.realpath(path))
+    main = new_main(__file__=path, __cached__=None, __loader__=SourceFileLoader("__main__", path))
+    with open(path, "rb") as f:
+        code = compile(f.read(), path, "exec")
+    exec(code, main.__dict__)
+
+
+def run_code(source: str, args: list[str]) -> None:
+    from importlib.machinery import BuiltinImporter
+
+    sys.argv = ["-c", *args]
+    sys.path[0] = ""
+    exec(compile(source, "<string>", "exec"), new_main(__loader__=BuiltinImporter).__dict__)
+
+
+def new_main(**attributes):
+    """A new `__main__` module in sys.modules, as the interpreter makes one for the code it runs."""
+    import types
+
+    main = types.ModuleType("__main__")
+    main.__spec__ = None
+    for name, value in attributes.items():
+        setattr(main, name, value)
+    sys.modules["__main__"] = main
+    return main
+
+
+def run_module(name: str, args: list[str]) -> None:
+    import runpy
+
+    sys.argv = ["-m", *args]
+    sys.path[0] = os.getcwd()
+    runpy._run_module_as_main(name, alter_argv=True)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
