@@ -22,7 +22,18 @@ import subprocess
 import sys
 import time
 
-PRELOAD = ["numpy", "torch", "lightning_fabric", "tyro", "torch.distributed.checkpoint"]
+# What a run imports that takes a fresh interpreter seconds. Not MLflow: its import starts a thread (jemalloc's), and
+# a process that forks must have none.
+PRELOAD = [
+    "numpy",
+    "torch",
+    "lightning_fabric",
+    "tyro",
+    "torch.distributed.checkpoint",
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
+    "wandb",
+]
 
 
 # ---------------------------------------------------------------- the client: a Popen whose process the server forks

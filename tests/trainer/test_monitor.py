@@ -3,8 +3,6 @@
 import csv
 import json
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,7 +45,7 @@ NAMES = ["layers.0.weight", "layers.0.bias", "layers.2.weight", "layers.2.bias"]
 def test_wandb_history_holds_histograms_and_norms(prepared, tmp_path):
     assert train.main(tiny_args(prepared, tmp_path, *HIST, "--run-name", "w", "--log.logger", "wandb")) == 0
     run = next((tmp_path / "w" / "wandb").glob("offline-run-*"))
-    result = run_script(["leet", "inspect", str(run), "--json"], program=str(Path(sys.executable).parent / "wandb"))
+    result = run_script(["-m", "wandb", "leet", "inspect", str(run), "--json"])
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     history: dict[int, dict] = {}
     for r in records:
@@ -165,7 +163,7 @@ def test_wandb_prediction_tables_and_checkpoint_artifacts(prepared, tmp_path):
     args = ["--run-name", "a", "--log.logger", "wandb", "--log.checkpoint-artifacts", "--checkpoint.keep-best", "1"]
     assert train.main(tiny_args(prepared, tmp_path, *args)) == 0
     run = next((tmp_path / "a" / "wandb").glob("offline-run-*"))
-    result = run_script(["leet", "inspect", str(run), "--json"], program=str(Path(sys.executable).parent / "wandb"))
+    result = run_script(["-m", "wandb", "leet", "inspect", str(run), "--json"])
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     tables = {
         int(r["history"]["step"]["num"]): r["history"]["item"]

@@ -210,8 +210,7 @@ def test_wandb_offline_run_is_written(prepared, tmp_path):
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))  # the folder `wandb sync` uploads
     # Read the run back with wandb's own transaction-log reader.
-    wandb_cli = str(Path(sys.executable).parent / "wandb")
-    result = run_script(["leet", "inspect", str(runs[0]), "--json"], program=wandb_cli, timeout=60)
+    result = run_script(["-m", "wandb", "leet", "inspect", str(runs[0]), "--json"], timeout=60)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     history = {int(r["history"]["step"]["num"]): r["history"]["item"] for r in records if r["type"] == "history"}
