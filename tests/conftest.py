@@ -74,6 +74,8 @@ def python_process(args: list, **kwargs) -> subprocess.Popen:
     sooner. A test of what a start imports or how long it takes uses subprocess itself."""
     import forkserver
 
+    if isinstance(args, list) and args and is_console_script(args[0]):  # `fabric run`, `torchrun`, `wandb`: a script
+        args = [sys.executable, *args]
     if not forkserver.can_fork(args, **kwargs):
         return subprocess.Popen(args, **kwargs)
     if not _fork_server:
@@ -85,6 +87,26 @@ def python_process(args: list, **kwargs) -> subprocess.Popen:
         atexit.register(server.kill)
         _fork_server.update(address=address, server=server)
     return forkserver.Forked(_fork_server["address"], args, **kwargs)
+
+
+def free_port() -> str:
+    """A port no process listens on now: `fabric run`'s rendezvous defaults to 29400, and two launches at once (the
+    suite's two workers) would collide there."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def is_console_script(program) -> bool:
+    """Whether `program` is a console script of this environment's packages (its first line runs this Python), which
+    this Python runs exactly as the kernel would through that line."""
+    path = Path(str(program))
+    if path.parent != Path(sys.executable).parent or path == Path(sys.executable) or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.readline().strip() == b"#!" + sys.executable.encode()
 
 
 def run_python(args: list, timeout: float | None = None, **kwargs) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, child_env, run_script, tiny_args
+from conftest import ROOT, child_env, free_port, run_script, tiny_args
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -119,7 +119,7 @@ def test_ddp_notebook_from_a_kernel_twice_equals_fabric_run_and_leaves_no_proces
     )
 
     fabric = str(Path(sys.executable).parent / "fabric")  # the launcher, as the README runs it
-    two = ["run", "--accelerator", "cpu", "--devices", "2"]
+    two = ["run", "--accelerator", "cpu", "--devices", "2", "--main-port", free_port()]
     launched = run_script([*two, "train.py", *args, "--run-name", "launched"], program=fabric)
     assert launched.returncode == 0, launched.stderr[-3000:]
     tested = json.loads((tmp_path / "launched" / "test_metrics.json").read_text())

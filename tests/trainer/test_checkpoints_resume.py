@@ -259,7 +259,7 @@ def test_two_nodes_on_one_machine_train_checkpoint_and_resume(prepared, tmp_path
 
     def both_nodes(*extra: str) -> list[str]:
         processes = [
-            subprocess.Popen(
+            python_process(
                 [
                     fabric_cli,
                     "run",

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, free_port, run_script
 
 TASK = """
 import sys
@@ -84,7 +84,8 @@ def test_a_task_folder_with_its_own_model_and_losses_runs_every_way(task_folder,
         "direct": ([task], sys.executable),
         "trainer": ([trainer, task, "--run-name", "trainer"], sys.executable),
         "fabric": (
-            ["run", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", task, "--run-name", "f"],
+            ["run", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--main-port", free_port(), task]
+            + ["--run-name", "f"],
             fabric,
         ),
     }

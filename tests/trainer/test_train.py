@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import parse_config, run_script, tiny_args, tiny_task_args, train_losses, weights
+from conftest import free_port, parse_config, run_script, tiny_args, tiny_task_args, train_losses, weights
 from tiny_task import TASK as TINY
 
 import train
@@ -165,6 +165,8 @@ def test_fabric_run_launch_with_its_precision_and_mfu_per_device(prepared, tmp_p
             "ddp",
             "--precision",
             "bf16-mixed",
+            "--main-port",
+            free_port(),
             "train.py",
             *tiny_args(prepared, tmp_path, "--run-name", "cli", *peak),
         ],
