@@ -202,7 +202,7 @@ def run_script(path: str, args: list[str]) -> None:
 
     sys.argv = [path, *args]
     sys.path[0] = os.path.dirname(os.path.realpath(path))
-    main = new_main(__file__=path, __cached__=None, __loader__=SourceFileLoader("__main__", path))
+    main = new_main(__file__=os.path.abspath(path), __cached__=None, __loader__=SourceFileLoader("__main__", path))
     with open(path, "rb") as f:
         code = compile(f.read(), path, "exec")
     exec(code, main.__dict__)
