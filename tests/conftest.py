@@ -65,9 +65,6 @@ def child_env(**extra: str) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONFAULTHANDLER": "1", **extra}
 
 
-_fork_server: dict = {}
-
-
 def python_process(args: list, **kwargs) -> subprocess.Popen:
     """`subprocess.Popen(args, **kwargs)`; for `python SCRIPT`, `python -m MODULE` and `python -c CODE` a process
     forked from a server that has imported torch and Fabric already (tests/forkserver.py): the same process, seconds
@@ -78,15 +75,7 @@ def python_process(args: list, **kwargs) -> subprocess.Popen:
         args = [sys.executable, *args]
     if not forkserver.can_fork(args, **kwargs):
         return subprocess.Popen(args, **kwargs)
-    if not _fork_server:
-        import atexit
-        import tempfile
-
-        address = os.path.join(tempfile.mkdtemp(prefix="kibitz-fork-"), "socket")
-        server = forkserver.start_server(address, child_env())
-        atexit.register(server.kill)
-        _fork_server.update(address=address, server=server)
-    return forkserver.Forked(_fork_server["address"], args, **kwargs)
+    return forkserver.Forked(forkserver.address(child_env()), args, **kwargs)
 
 
 def free_port() -> str:
@@ -110,42 +99,40 @@ def is_console_script(program) -> bool:
 
 
 def run_python(args: list, timeout: float | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """`subprocess.run(args, **kwargs)` through `python_process`."""
+    """`subprocess.run(args, **kwargs)` through `python_process`. On a timeout a process in a group of its own (a
+    forked one, or one started with start_new_session) has every process of the group (launched ranks too) dump its
+    Python stacks, and the test fails with them, so a hang names the line it hangs on."""
+    import signal
+
     if kwargs.pop("capture_output", False):
         kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     with python_process(args, **kwargs) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
-            raise
+            if os.getpgid(process.pid) != process.pid:
+                process.kill()
+                raise
+            os.killpg(process.pid, signal.SIGABRT)  # faulthandler prints every thread's stack
+            stdout, stderr = process.communicate()
+            raise AssertionError(f"timed out after {timeout} s: {args}\n{stdout[-3000:]}\n{stderr[-12000:]}") from None
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def run_script(
     args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None, program: str = sys.executable
 ):
-    """Run a repository script in a fresh process (one thread per process on the 2-core CI). On a
-    timeout every process of the run (launched ranks too) dumps its Python stacks before the test
-    fails with them, so a hang names the line it hangs on."""
-    import signal
-
-    process = python_process(
+    """`python ARGS` (or PROGRAM ARGS) from the repository's root in a process group of its own, one thread per
+    process on the 2-core CI; its output and errors as text."""
+    return run_python(
         [program, *args],
+        timeout=timeout,
         cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
         env=child_env(**(env or {})),
         start_new_session=True,
     )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGABRT)  # faulthandler prints every thread's stack
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"timed out after {timeout} s: {args}\n{stdout[-3000:]}\n{stderr[-12000:]}") from None
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def parse_config(argv: list[str]):

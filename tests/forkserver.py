@@ -85,17 +85,30 @@ class Forked(subprocess.Popen):
         return self.returncode
 
 
-def start_server(path: str, env: dict) -> subprocess.Popen:
-    """The server, listening at `path` once it has imported PRELOAD."""
-    server = subprocess.Popen(
-        [sys.executable, __file__, path], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
-    )
-    deadline = time.time() + 300
-    while not os.path.exists(path):
-        if server.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"the fork server did not start: {server.poll()}")
-        time.sleep(0.05)
-    return server
+_server: dict = {}
+
+
+def address(env: dict) -> str:
+    """The socket of this process's server, started with `env` on first use (it imports PRELOAD first) and stopped,
+    its folder removed, when this process exits."""
+    if not _server:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="kibitz-fork-")
+        path = os.path.join(folder, "socket")
+        server = subprocess.Popen(
+            [sys.executable, __file__, path], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+        )
+        atexit.register(lambda: (server.kill(), server.wait(), shutil.rmtree(folder, ignore_errors=True)))
+        deadline = time.time() + 300
+        while not os.path.exists(path):
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the fork server did not start: {server.poll()}")
+            time.sleep(0.05)
+        _server["address"] = path
+    return _server["address"]
 
 
 # ---------------------------------------------------------------- the server

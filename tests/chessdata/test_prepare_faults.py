@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import ROOT, assert_same_output, child_env, python_process, run_python, run_script, sample_games
+from conftest import ROOT, assert_same_output, child_env, python_process, run_script, sample_games
 
 from chessdata import folder, prepare
 
@@ -76,7 +76,7 @@ def test_a_kill_during_the_final_cleanup_leaves_a_usable_folder_and_reruns_clean
         "prepare.shutil.rmtree = dying_rmtree\n"
         f"prepare.prepare([pathlib.Path({str(source)!r})], pathlib.Path({str(out)!r}), workers=1, games_per_chunk=20)\n"
     )
-    result = run_python([sys.executable, "-c", script], cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    result = run_script(["-c", script])
     assert result.returncode == -9
     assert len(folder.load_split(out, "train")["cp"]) > 0  # meta.json was written before the cleanup
     meta = prepare.prepare([source], out, workers=1, games_per_chunk=20)

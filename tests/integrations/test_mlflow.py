@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,13 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conftest import LONG, STEPS, child_env, run_train, start, tiny_args, train_losses, wait_for_steps
+from conftest import LONG, STEPS, child_env, free_port, run_train, start, tiny_args, train_losses, wait_for_steps
 
 mlflow = pytest.importorskip("mlflow")  # the .[mlflow] extra (the test extra installs it)
 
 
 def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "mlflow"),
@@ -238,9 +235,7 @@ def test_a_server_that_cannot_be_reached_at_the_start_costs_one_warning(tmp_path
 
     import train
 
-    with socket.socket() as s:  # a port that nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port that nothing listens on
     args = ["--out-dir", str(tmp_path), "--run-name", "unreached", "--log.logger", "mlflow"]
     assert train.main([*args, "--log.mlflow-uri", f"http://127.0.0.1:{port}"], task=TASK) == 0
     out = capsys.readouterr()

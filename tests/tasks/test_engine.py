@@ -13,7 +13,7 @@ import chess
 import chess.engine
 import chess.pgn
 import pytest
-from conftest import ROOT, child_env, python_process, run_python, tiny_args
+from conftest import ROOT, child_env, python_process, run_python, run_script, tiny_args
 
 import train
 from tasks import engine
@@ -158,7 +158,7 @@ def network(prepared, tmp_path_factory) -> str:
 def arena(tmp_path: Path, *args: str) -> list[chess.pgn.Game]:
     """The games of an arena run with these flags, each checked over by the rules or resigned."""
     command = [sys.executable, "-m", "tasks.arena", *args, "--depth", "1", "--pgn", str(tmp_path / "g.pgn")]
-    result = run_python(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    result = run_script(command[1:], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Elo difference" in result.stdout
     games = []
@@ -213,7 +213,7 @@ def test_a_mistake_in_the_arena_s_flags_is_named():
 def test_an_engine_that_does_not_start_or_take_its_option_is_one_line_and_nothing_is_left_running():
     for flags in (["--engine", "no-such-engine"], ["--opponent-option", "NoSuchOption=1"]):
         command = [sys.executable, "-m", "tasks.arena", *flags, "--games", "2"]
-        result = run_python(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+        result = run_script(command[1:], timeout=120)
         assert result.returncode == 2 and result.stderr.startswith("error: an engine failed: "), result.stderr
         assert len(result.stderr.splitlines()) == 1
     assert "NoSuchOption" in result.stderr  # and the engine that did start was stopped: the arena exited

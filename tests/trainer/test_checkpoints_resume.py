@@ -18,6 +18,7 @@ from conftest import (
     assert_matches_reference,
     assert_same_as_uninterrupted,
     child_env,
+    free_port,
     python_process,
     resume_and_compare,
     run_python,
@@ -249,12 +250,8 @@ def val_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
 
 @pytest.mark.slow
 def test_two_nodes_on_one_machine_train_checkpoint_and_resume(prepared, tmp_path):
-    import socket
-
     fabric_cli = str(Path(sys.executable).parent / "fabric")
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()  # for the rendezvous
     env = child_env()
 
     def both_nodes(*extra: str) -> list[str]:
@@ -427,11 +424,7 @@ def test_srun_launch_sigusr1_saves_and_resumes_exactly(prepared, tmp_path, refer
     variables and Fabric's SLURM environment takes its rank from them (SLURM itself is not installed
     here, so the variables are set by the test). SIGUSR1, SLURM's warning before preemption, reaches
     every task: they save together, exit 0, and a second srun continues bitwise exactly."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()
     slurm = {
         "SLURM_NTASKS": "2",
         "SLURM_NTASKS_PER_NODE": "2",

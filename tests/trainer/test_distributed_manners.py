@@ -6,14 +6,13 @@ import json
 import os
 import re
 import signal
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import ROOT, child_env, dvae_args, run_python, tiny_args
+from conftest import dvae_args, run_script, tiny_args
 
 import train
 from kibitz import distributed
@@ -49,9 +48,7 @@ def test_an_in_process_run_leaves_signal_handlers_and_warning_filters_as_it_foun
 def test_off_a_terminal_the_progress_bar_is_drawn_once_per_log_interval(prepared, tmp_path):
     args = tiny_args(prepared, tmp_path, "--train.max-steps", "200", "--log.every", "50", "--train.val-every", "100")
     args.remove("--log.no-progress-bar")
-    result = run_python(
-        [sys.executable, "train.py", *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300
-    )
+    result = run_script(["train.py", *args])
     assert result.returncode == 0, result.stderr[-3000:]
     draws = [piece for piece in re.split(r"[\r\n]", result.stderr) if re.search(r"\d+/200 \[", piece)]
     assert 4 <= len(draws) <= 4 + 2, draws  # each log, plus the bar's first and last drawing

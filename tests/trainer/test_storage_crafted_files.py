@@ -17,13 +17,13 @@ import torch
 from conftest import (
     FEN,
     LONG,
-    ROOT,
     Plant,
     as_folder,
     child_env,
     one_line,
     parse_config,
     run_python,
+    run_script,
     start,
     tiny_args,
     wait_for_steps,
@@ -369,14 +369,9 @@ def test_kill_9_with_dataloader_workers_then_resume_auto_at_once(prepared, tmp_p
     process.kill()  # SIGKILL to the run alone: its DataLoader workers live on for a moment
     process.wait(timeout=60)
     started = time.time()
-    resumed = run_python(
-        [sys.executable, "train.py", *tiny_args(prepared, tmp_path, *LONG, "--run-name", "workers")]
-        + ["--data.num-workers", "2", "--resume", "auto"],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    resumed = run_script(
+        ["train.py", *tiny_args(prepared, tmp_path, *LONG, "--run-name", "workers")]
+        + ["--data.num-workers", "2", "--resume", "auto"]
     )
     output = process.communicate(timeout=60)[0]
     with contextlib.suppress(ProcessLookupError):
