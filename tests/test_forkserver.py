@@ -59,3 +59,56 @@ def test_a_forked_process_is_signalled_as_a_process_group_leader(tmp_path):
     assert process.poll() is None and os.getpgid(process.pid) == process.pid
     os.killpg(process.pid, signal.SIGTERM)
     assert process.wait(timeout=30) == -signal.SIGTERM
+
+
+LAUNCHER = """
+import json, os, subprocess, sys
+print(json.dumps({"group": os.getpgid(0)}), flush=True)
+for flags, new_session in (([], False), (["-u"], True)):
+    child = subprocess.Popen([sys.executable, *flags, "rank.py"], start_new_session=new_session)
+    assert child.wait() == 4, child.returncode
+subprocess.Popen([sys.executable, "rank.py", "wait"]).wait()
+"""
+
+RANK = """
+import json, os, sys, time
+print(json.dumps({"preloaded": "torch" in sys.modules, "group": os.getpgid(0), "pid": os.getpid()}), flush=True)
+if sys.argv[1:] == ["wait"]:
+    time.sleep(60)
+sys.exit(4)
+"""
+
+
+def test_a_forked_process_launches_its_ranks_forked_into_its_own_process_group(tmp_path):
+    """Fabric's launcher (and torchrun, with -u) starting `python SCRIPT` from a forked process: the script is forked
+    too, in the launcher's process group (a new one with start_new_session), so a signal to the group reaches it."""
+    import os
+
+    (tmp_path / "launcher.py").write_text(LAUNCHER)
+    (tmp_path / "rank.py").write_text(RANK)
+    process = python_process(
+        [sys.executable, "launcher.py"], cwd=tmp_path, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    launcher, same, own, waiting = (json.loads(process.stdout.readline()) for _ in range(4))
+    assert launcher["group"] == process.pid
+    assert same["preloaded"] and same["group"] == process.pid  # forked, in the launcher's group
+    assert own["preloaded"] and own["group"] == own["pid"]  # start_new_session: a group of its own
+    assert waiting["group"] == process.pid
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and its rank, as a test kills a run
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    assert ended(waiting["pid"])
+
+
+def ended(pid: int, patience: float = 10) -> bool:
+    """Whether process `pid` is gone within `patience` seconds (the server reaps its processes as they end)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
