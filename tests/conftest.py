@@ -201,7 +201,7 @@ STEPS = 120  # long enough to be killed at a random step well inside the run
 
 LONG = [
     "--model.width",
-    "256",
+    "64",
     "--model.depth",
     "2",
     "--train.max-steps",

@@ -221,7 +221,7 @@ def test_ctrl_c_saves_and_the_printed_command_resumes_the_run_as_configured(prep
     assert process.returncode == 0 and "Traceback" not in output, output[-2000:]
     assert "SIGINT received" in output
     command = shlex.split(output.split("resume with: ")[1].splitlines()[0])
-    # the run's flags (a model width of 256, say) come from its config.json: without them nothing would load
+    # the run's flags (a model width of 64, say) come from its config.json: without them nothing would load
     assert command[:3] == ["python", "train.py", "chess"] and "--model.width" not in command
     resumed = run_script(command[1:])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
