@@ -12,7 +12,7 @@ import re
 import secrets
 from pathlib import Path
 
-from kibitz.storage import open_in_place, write_atomic
+from kibitz.storage import open_in_place, read_no_follow, write_atomic
 
 
 class CSVLog:
@@ -206,18 +206,76 @@ def staging_in(folder: Path):
 
 
 def wandb_records(log: Path) -> list[dict]:
-    """The records of a run's .wandb file, read with wandb's own reader (it stops cleanly at the cut
-    end of a killed run's file)."""
-    import subprocess
-    import sys
+    """The records of a run's .wandb file, in order, each as {"type": KIND, KIND: its fields} (a history row's items
+    as {name: value}), read in this process; they end where a killed run's file was cut short. A file that is not a
+    wandb log, or a link, is one line (ConfigError)."""
+    from google.protobuf.json_format import MessageToDict
+    from wandb.proto import wandb_internal_pb2
 
-    lines = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    return [json.loads(line) for line in lines if line.startswith("{")]
+    from config import ConfigError
+
+    try:
+        data = read_no_follow(log)
+    except OSError as exc:
+        raise ConfigError(f"{log}: cannot read this wandb log ({exc.strerror}; links are not followed)") from None
+    if not data.startswith(WANDB_LOG_HEADER):
+        raise ConfigError(f"{log}: not a wandb log (it does not start with wandb's header)")
+    records = []
+    for payload in log_payloads(data):
+        record = wandb_internal_pb2.Record()
+        try:
+            record.ParseFromString(payload)
+        except Exception:  # a damaged record: nothing after it can be trusted
+            break
+        kind = record.WhichOneof("record_type")
+        fields = MessageToDict(getattr(record, kind), preserving_proto_field_name=True) if kind else {}
+        if kind == "history":
+            fields = {"step": {"num": record.history.step.num}, "item": history_items(record.history)}
+        records.append({"type": kind, kind: fields})
+    return records
+
+
+# wandb's transaction log is LevelDB's log format: blocks of 32 KiB holding records, each with a header of CRC-32
+# (of its kind and bytes), length and kind (whole, or the first, a middle or the last piece of one split over
+# blocks), the file's first block starting with wandb's own 7-byte header (":W&B", 0xBEE1, version 0).
+WANDB_LOG_HEADER = b":W&B\xe1\xbe\x00"
+LOG_BLOCK = 32 * 1024
+WHOLE, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def log_payloads(data: bytes):
+    """The records' bytes, in order, up to the first piece that is cut short, zeroed or fails its checksum."""
+    import struct
+    import zlib
+
+    position, pieces = len(WANDB_LOG_HEADER), []
+    while position + 7 <= len(data):
+        room = LOG_BLOCK - position % LOG_BLOCK
+        if room < 7:  # a block's last bytes, too few for a header, are padding
+            position += room
+            continue
+        checksum, length, kind = struct.unpack_from("<IHB", data, position)
+        payload = data[position + 7 : position + 7 + length]
+        if kind not in (WHOLE, FIRST, MIDDLE, LAST) or len(payload) < length or length > room - 7:
+            return
+        if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != checksum:
+            return
+        position += 7 + length
+        pieces = [payload] if kind in (WHOLE, FIRST) else [*pieces, payload]
+        if kind in (WHOLE, LAST):
+            yield b"".join(pieces)
+            pieces = []
+
+
+def history_items(history) -> dict:
+    """A history row's items as {name: value}; a value that is not JSON (a damaged row) as its text."""
+    items = {}
+    for item in history.item:
+        try:
+            items[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        except ValueError:
+            items[item.key or "/".join(item.nested_key)] = item.value_json
+    return items
 
 
 def wandb_segments(wandb_dirs: list[Path], run_id: str | None = None) -> list[Path]:

@@ -225,6 +225,36 @@ def test_wandb_offline_run_is_written(prepared, tmp_path):
     assert summary["test/l1"] == json.loads((tmp_path / "w" / "test_metrics.json").read_text())["test/l1"]
     config = next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
     assert config["model"]["width"] == 32
+    reads_as_wandb_does(next(runs[0].glob("run-*.wandb")), records, tmp_path)
+
+
+def reads_as_wandb_does(log, records: list[dict], tmp_path) -> None:
+    """kibitz's own reader of a .wandb log (resume and `wandb:` checkpoints use it) finds the records wandb's does;
+    a file cut anywhere, or with a damaged byte, gives the records before the cut; a link or another file is one
+    line."""
+    from config import ConfigError
+    from kibitz.tracking.sinks import wandb_records
+
+    ours = wandb_records(log)
+    assert [r["type"] for r in ours] == [r["type"] for r in records]
+    for mine, theirs in zip(ours, records):
+        if mine["type"] == "history":  # wandb's reader leaves a step of 0 out
+            assert mine["history"]["step"]["num"] == theirs["history"].get("step", {}).get("num", 0)
+            assert mine["history"]["item"]["train/loss"] == theirs["history"]["item"]["train/loss"]
+    data = log.read_bytes()
+    for cut in range(7, len(data), max(1, len(data) // 40)):
+        (tmp_path / "cut.wandb").write_bytes(data[:cut])
+        assert ours[: len(read := wandb_records(tmp_path / "cut.wandb"))] == read  # the records before the cut
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0xFF
+    (tmp_path / "damaged.wandb").write_bytes(damaged)
+    assert len(read := wandb_records(tmp_path / "damaged.wandb")) < len(ours) and ours[: len(read)] == read
+    (tmp_path / "linked.wandb").symlink_to(log)
+    (tmp_path / "other.wandb").write_bytes(b"PK\x03\x04" + data[4:])
+    for name, expected in (("linked", "links are not followed"), ("other", "not a wandb log")):
+        with pytest.raises(ConfigError, match=expected) as caught:
+            wandb_records(tmp_path / f"{name}.wandb")
+        assert "\n" not in str(caught.value) and str(tmp_path / f"{name}.wandb") in str(caught.value)
 
 
 def test_tensorboard_scalars_are_readable(prepared, tmp_path):
