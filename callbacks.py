@@ -198,7 +198,8 @@ def curves(min_interval_s: float = 60.0) -> Hooks:
     def draw(run, force: bool = False) -> None:
         due = force or time.monotonic() - last["drawn"] >= min_interval_s
         # not with --log.logger none (no metrics.csv); a picture that cannot be drawn never stops training
-        if run.fabric.is_global_zero and due and not last["failed"] and (run.run_dir / "metrics.csv").is_file():
+        wanted = run.fabric.is_global_zero and run.cfg.log.pictures and due and not last["failed"]
+        if wanted and (run.run_dir / "metrics.csv").is_file():
             try:
                 plot_curves(run.run_dir / "metrics.csv", run.run_dir / "curves.png", list(run.task.metrics))
             except Exception as exc:

@@ -119,6 +119,9 @@ class LogConfig:
     """Log training metrics every N optimizer steps (the only host syncs of the loop)."""
     progress_bar: bool = True
     """A tqdm progress bar on rank 0."""
+    pictures: bool = True
+    """curves.png and the task's pictures (the built-in tasks' test pictures); --log.no-pictures draws none, for
+    sweeps of many short trials (drawing costs a short run more than its training)."""
     checkpoint_artifacts: bool = False
     """wandb and MLflow: log each checkpoint as an artifact (wandb: aliases best, last, step-N); copies every file."""
 

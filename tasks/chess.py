@@ -160,6 +160,8 @@ def chess_test_pictures(cfg: ChessConfig, datasets: dict) -> dict:
     index = figures.spread(len(test), 20_000)
 
     def draw(run) -> None:
+        if not run.cfg.log.pictures:
+            return
         positions, targets = (np.asarray(a[index]) for a in test.arrays)
         predictions = predicted_pawns(cfg, run, positions, cfg.data.eval_batch_size)
 

@@ -198,6 +198,8 @@ def dvae_test_pictures(cfg: DVAEConfig, datasets: dict) -> dict:
     index = figures.spread(len(test), 8)
 
     def draw(run) -> None:
+        if not run.cfg.log.pictures:
+            return
         tokens = board_tokens(torch.from_numpy(np.asarray(test.arrays[0][index]))).numpy()
         recon = figures.predict(run.model, tokens, run.fabric.device, len(tokens) or 1, lambda out: out[0].argmax(-1))
         figures.publish(

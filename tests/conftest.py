@@ -148,7 +148,7 @@ def parse_config(argv: list[str]):
 def tiny_task_args(out: Path, *extra: str) -> list[str]:
     """The flags of a short run of tiny_task.TASK (in memory): train.main(tiny_task_args(...), task=TASK)."""
     common = ["--out-dir", str(out), "--train.max-steps", "12", "--train.val-every", "4", "--log.every", "4"]
-    return [*common, "--log.no-progress-bar", *extra]
+    return [*common, "--log.no-progress-bar", "--log.no-pictures", *extra]
 
 
 def tiny_args(prepared: Path, out: Path, *extra: str) -> list[str]:
@@ -175,6 +175,7 @@ def tiny_args(prepared: Path, out: Path, *extra: str) -> list[str]:
         "--log.logger",
         "csv",
         "--log.no-progress-bar",
+        "--log.no-pictures",  # drawing costs a short run more than its training; the tests of pictures ask for them
         "--out-dir",
         str(out),
         *extra,
@@ -375,6 +376,7 @@ def dvae_args(prepared, out, *extra):
         "--log.logger",
         "csv",
         "--log.no-progress-bar",
+        "--log.no-pictures",
         "--out-dir",
         str(out),
         "--dvae.kl-weight.end",

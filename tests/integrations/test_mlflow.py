@@ -139,7 +139,7 @@ def test_runs_read_back_a_killed_run_resumes_into_its_mlflow_run_and_a_server_th
 
     process, uri = server
     to_server = ["--log.logger", "csv", "mlflow", "--log.mlflow-uri", uri, "--log.project", "kibitz-test"]
-    run_train(tiny_args(prepared, tmp_path, "--run-name", "chess", *to_server))
+    run_train(tiny_args(prepared, tmp_path, "--run-name", "chess", "--log.pictures", *to_server))
     assert_run_is_the_folder(uri, "kibitz-test", tmp_path / "chess", "chess", ["test_predictions.png"])
 
     charlm = [

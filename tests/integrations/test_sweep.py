@@ -26,6 +26,7 @@ TRIAL = [
     "5",
     "--log.every",
     "5",
+    "--log.no-pictures",
 ]
 STEPS = 40
 
@@ -142,6 +143,7 @@ def test_a_sweeps_trial_has_two_processes_and_a_field_the_task_does_not_have_is_
     sweep += ["--out-dir", str(tmp_path), "--name", "h"]
     trial = ["--model.depth", "1", "--data.context", "32", "--schedule.warmup-steps", "2", "--train.max-steps", "10"]
     trial += ["--train.val-every", "5", "--log.every", "5", "--fabric.accelerator", "cpu", "--fabric.devices", "2"]
+    trial += ["--log.no-pictures"]
     result = run_script([*sweep, "--space", "model.heads=grid:2", "--", *trial], timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     heads = [json.loads(p.read_text())["model"]["heads"] for p in (tmp_path / "h").glob("trial_*/config.json")]

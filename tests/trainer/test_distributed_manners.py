@@ -67,7 +67,7 @@ def test_wandb_stages_a_runs_artifacts_inside_its_folder(prepared, tmp_path, mon
     home_data = tmp_path / "xdg"  # where wandb would stage them otherwise (~/.local/share/wandb)
     monkeypatch.setenv("XDG_DATA_HOME", str(home_data))
     monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
-    args = ["--run-name", "staged", "--log.logger", "wandb", "--log.checkpoint-artifacts"]
+    args = ["--run-name", "staged", "--log.logger", "wandb", "--log.checkpoint-artifacts", "--log.pictures"]
     assert train.main(tiny_args(prepared, tmp_path, *args)) == 0
     staged = [f for f in (tmp_path / "staged" / "wandb" / "data").rglob("*") if f.is_file()]
     assert staged and sum(f.stat().st_size for f in staged) > 100_000  # the checkpoints' copies
@@ -85,7 +85,9 @@ def opens_as_a_picture(path: Path) -> None:
 
 
 def test_every_run_folder_gets_its_curves_and_the_tasks_pictures(prepared, tmp_path):
-    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "pic")) == 0
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "none", "--log.no-pictures")) == 0
+    assert not list((tmp_path / "none").glob("*.png")) and not (tmp_path / "none" / "test_error_by_eval.json").exists()
+    assert train.main(tiny_args(prepared, tmp_path, "--run-name", "pic", "--log.pictures")) == 0  # the default
     opens_as_a_picture(tmp_path / "pic" / "curves.png")
     opens_as_a_picture(tmp_path / "pic" / "test_predictions.png")
     buckets = json.loads((tmp_path / "pic" / "test_error_by_eval.json").read_text())
@@ -100,7 +102,8 @@ def test_dvae_reconstructions_and_hparams_reach_tensorboard(prepared, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    assert train.main(dvae_args(prepared, tmp_path, "--run-name", "tb", "--log.logger", "tensorboard")) == 0
+    args = ["--run-name", "tb", "--log.logger", "tensorboard", "--log.pictures"]
+    assert train.main(dvae_args(prepared, tmp_path, *args)) == 0
     opens_as_a_picture(tmp_path / "tb" / "test_reconstructions.png")
     events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
