@@ -26,8 +26,7 @@ TRIAL = [
     "5",
     "--log.every",
     "5",
-    "--log.no-pictures",
-]
+]  # pictures drawn: a trial ASHA stops at its first validations is still running when the stop reaches it
 STEPS = 40
 
 
