@@ -21,13 +21,15 @@ TRIAL = [
     "--schedule.warmup-steps",
     "2",
     "--train.max-steps",
-    "40",
+    "200",
     "--train.val-every",
-    "5",
+    "10",
     "--log.every",
     "5",
-]  # pictures drawn: a trial ASHA stops at its first validations is still running when the stop reaches it
-STEPS = 40
+    "--log.no-pictures",
+]
+STEPS = 200  # long enough that a trial ASHA stops at one of its first validations is still running when the stop
+# reaches it (Tune's decision and the trial's poll of metrics.csv take a second or two; 40 steps took less)
 
 
 @pytest.mark.slow
