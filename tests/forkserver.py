@@ -198,11 +198,20 @@ def fork_one(connection: socket.socket, listener: socket.socket, waiting: dict) 
         other.close()
     if not join(0, request["group"]):  # the group it was to join has ended
         os._exit(255)
-    subprocess.Popen = Launched  # Fabric's launcher starts the other ranks through it
+    launch_through_server()
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
     os._exit(run_as_main(request["argv"], request["cwd"], request["env"]))
+
+
+def launch_through_server() -> None:
+    """Make `Launched` this process's Popen: `subprocess.Popen` (Fabric's launcher calls it) and the name in every
+    module that imported it before (torchrun's worker handler: `from subprocess import Popen`)."""
+    started = subprocess.Popen
+    for module in list(sys.modules.values()):
+        if getattr(module, "__dict__", {}).get("Popen") is started:  # its own names: no lazy attribute loads
+            module.Popen = Launched
 
 
 def join(pid: int, group: int) -> bool:

@@ -63,7 +63,8 @@ def test_a_forked_process_is_signalled_as_a_process_group_leader(tmp_path):
 
 LAUNCHER = """
 import json, os, subprocess, sys
-print(json.dumps({"group": os.getpgid(0)}), flush=True)
+from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler  # torchrun's
+print(json.dumps({"group": os.getpgid(0), "torchrun": subprocess_handler.Popen.__name__}), flush=True)
 for flags, new_session in (([], False), (["-u"], True)):
     child = subprocess.Popen([sys.executable, *flags, "rank.py"], start_new_session=new_session)
     assert child.wait() == 4, child.returncode
@@ -90,7 +91,7 @@ def test_a_forked_process_launches_its_ranks_forked_into_its_own_process_group(t
         [sys.executable, "launcher.py"], cwd=tmp_path, stdout=subprocess.PIPE, text=True, start_new_session=True
     )
     launcher, same, own, waiting = (json.loads(process.stdout.readline()) for _ in range(4))
-    assert launcher["group"] == process.pid
+    assert launcher["group"] == process.pid and launcher["torchrun"] == "Launched"  # it imported Popen by name
     assert same["preloaded"] and same["group"] == process.pid  # forked, in the launcher's group
     assert own["preloaded"] and own["group"] == own["pid"]  # start_new_session: a group of its own
     assert waiting["group"] == process.pid
