@@ -23,6 +23,7 @@ SMALL = [
     "--schedule.warmup-steps",
     "5",
     "--log.no-progress-bar",
+    "--log.no-pictures",
 ]
 
 
