@@ -138,6 +138,7 @@ def trial(params: dict, task: str, flags: list[str], runs: str, where: str, metr
     import subprocess
 
     from ray import tune
+    from ray.train._internal.session import get_session  # this trial's; Tune ends it when it stops the trial
 
     name = tune.get_context().get_trial_name()
     chosen = [item for key, value in params.items() for item in flag_of(key, value)]
@@ -145,7 +146,7 @@ def trial(params: dict, task: str, flags: list[str], runs: str, where: str, metr
     process = subprocess.Popen([sys.executable, "-c", GUARD, str(ROOT / "train.py"), task, *run], cwd=where)
     folder, sent, best = Path(runs) / name, 0, None
     try:
-        while True:
+        while get_session() is not None:  # stopped by Tune (ASHA): later reports would be ignored, the run stops
             ended = process.poll() is not None
             found = validations(folder / "metrics.csv", metric)
             for step, value in found[sent:]:
