@@ -116,7 +116,6 @@ class Launched(Forked):
         return 0 if start_new_session or process_group == 0 else os.getpgid(0)
 
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 _server: dict = {}
 
 

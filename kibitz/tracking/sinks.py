@@ -271,10 +271,11 @@ def history_items(history) -> dict:
     """A history row's items as {name: value}; a value that is not JSON (a damaged row) as its text."""
     items = {}
     for item in history.item:
+        name = item.key or "/".join(item.nested_key)
         try:
-            items[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            items[name] = json.loads(item.value_json)
         except ValueError:
-            items[item.key or "/".join(item.nested_key)] = item.value_json
+            items[name] = item.value_json
     return items
 
 
