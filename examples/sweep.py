@@ -181,14 +181,33 @@ def validations(metrics_csv: Path, metric: str) -> list[tuple[int, float]]:
     return [(int(step), float(value)) for step, name, value in metric_rows(metrics_csv) if name == metric]
 
 
-def validations_of(cfg) -> int:
-    """How many validations a trial reports when it runs to its end. ASHA's max_t is one more: its rungs are the
-    trial's own (its default, 100 reports, stopped a longer trial that was never beaten), and a trial that reaches
-    max_t is stopped by Tune at that report, which would cut short its test and its MLflow run's close."""
+def rungs_in_steps(cfg) -> tuple[int, int]:
+    """ASHA's first rung and its max_t, in the run's steps (the `step` of each report). Rungs counted in steps stay
+    where they are when a restored trial reports its validations again, as it does. The rungs are the trial's own:
+    the first validation, then twice as many steps each time (ASHA's default, 100 reports, stopped a longer trial
+    that was never beaten). max_t lies past the last step, because a trial that reaches max_t is stopped by Tune at
+    that report, which would cut short its test and its MLflow run's close."""
     t = cfg.train
-    if t.max_steps is None or t.val_every is None:
-        return 10**9  # bounded by time or epochs: the trial's own limit ends it
-    return -(-t.max_steps // t.val_every)  # and the last step's
+    last = t.max_steps if t.max_steps is not None else 10**9  # bounded by time or epochs: the trial's own limit
+    return t.val_every or 1, last + 1
+
+
+def replaying_asha(runs: Path, metric: str, **options):
+    """ASHA that, when Tune adds a restored trial, first hears the validations that trial's run has recorded. Tune
+    does not save its scheduler's state, so after a restore ASHA would know nothing of the trials that ended before
+    the interruption, and judge the trials still to run only against each other."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    class ReplayingASHA(ASHAScheduler):
+        def on_trial_add(self, tune_controller, trial):
+            super().on_trial_add(tune_controller, trial)
+            name = str(trial)
+            if Path(name).name != name or name in (".", ".."):  # a name from Tune's state file: one plain name
+                return
+            for step, value in validations(runs / name / "metrics.csv", metric):  # none for a new trial
+                self.on_trial_result(tune_controller, trial, {"step": step, metric: value})
+
+    return ReplayingASHA(**options)
 
 
 def wait_for_trial_runs(runs: Path, patience: float = 120) -> None:
@@ -233,7 +252,6 @@ def main(args: SweepArgs, flags: list[str]) -> None:
     import mlflow
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     import config
     from kibitz import cli
@@ -274,6 +292,7 @@ def main(args: SweepArgs, flags: list[str]) -> None:
     if args.restore:
         tuner = tune.Tuner.restore(folder + "/" + args.name, trainable, resume_unfinished=True, restart_errored=True)
     else:
+        first, last = rungs_in_steps(cfg)
         tuner = tune.Tuner(
             trainable,
             param_space=searched,
@@ -282,7 +301,9 @@ def main(args: SweepArgs, flags: list[str]) -> None:
                 mode=mode,
                 num_samples=args.trials,
                 max_concurrent_trials=args.max_concurrent,
-                scheduler=ASHAScheduler(max_t=validations_of(cfg) + 1, grace_period=1, reduction_factor=2),
+                scheduler=replaying_asha(
+                    runs, metric, time_attr="step", grace_period=first, max_t=last, reduction_factor=2
+                ),
             ),
             run_config=tune.RunConfig(name=args.name, storage_path=folder, verbose=1),
         )

@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from conftest import run_script, started, train_losses
+from conftest import ROOT, parse_config, run_script, started, train_losses
 
 pytest.importorskip("ray.tune")  # the .[sweep] extra (the test extra installs it)
 mlflow = pytest.importorskip("mlflow")
@@ -107,6 +107,46 @@ def test_a_sweep_searches_a_field_of_the_tasks_own_stops_bad_trials_early_and_re
     assert set(runs.status) == {"FINISHED", "KILLED"} and runs.end_time.notna().all()
     mlflow.set_tracking_uri(None)  # it sets MLFLOW_TRACKING_URI too: a later test's runs would go to this store
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def test_a_restored_sweeps_asha_judges_new_trials_against_the_trials_that_ended_before_it(tmp_path):
+    """Tune does not save its scheduler: the sweep's ASHA hears again what each restored trial's run recorded, so a
+    bad trial after a restore is stopped at its first rung, as it would have been without the interruption. Its
+    rungs are counted in steps: a restored trial's validations, reported again, are not judged twice."""
+    import importlib.util
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "examples" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    options = {"time_attr": "step", "grace_period": 10, "max_t": 201, "reduction_factor": 2}
+    ended = [Trial("trial", stub=True) for _ in range(2)]
+    for number, trial in enumerate(ended):  # good trials that ran to their end before the interruption
+        (tmp_path / str(trial)).mkdir()
+        rows = [f"{step},val/bpc,{2.0 + number + 1 / step}" for step in range(10, 201, 10)]
+        (tmp_path / str(trial) / "metrics.csv").write_text("step,name,value\n" + "\n".join(["5,train/loss,3", *rows]))
+
+    def after_restore(scheduler) -> list[str]:
+        scheduler.set_search_properties("val/bpc", "min")
+        for trial in ended:
+            scheduler.on_trial_add(None, trial)
+        bad = Trial("trial", stub=True)  # a trial that had not started: no run folder
+        scheduler.on_trial_add(None, bad)
+        return [scheduler.on_trial_result(None, bad, {"step": step, "val/bpc": 8.0}) for step in (10, 20)]
+
+    assert after_restore(sweep.replaying_asha(tmp_path, "val/bpc", **options))[0] == TrialScheduler.STOP
+    assert after_restore(ASHAScheduler(**options)) == [TrialScheduler.CONTINUE] * 2  # what Tune's own would do
+
+    replaying = sweep.replaying_asha(tmp_path, "val/bpc", **options)
+    replaying.set_search_properties("val/bpc", "min")
+    replaying.on_trial_add(None, ended[1])  # the worse of the two, restored while still running ...
+    replaying.on_trial_add(None, ended[0])
+    again = [replaying.on_trial_result(None, ended[1], {"step": s, "val/bpc": 3.1}) for s in range(10, 201, 10)]
+    assert again == [TrialScheduler.CONTINUE] * 20  # ... reports them again: its rungs were judged already
+    trials = ["examples/charlm.py", "--train.val-every", "10"]
+    assert sweep.rungs_in_steps(parse_config([*trials, "--train.max-steps", "200"])) == (10, 201)  # past the last
 
 
 @pytest.mark.slow  # starts processes of its own
