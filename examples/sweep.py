@@ -202,7 +202,8 @@ def replaying_asha(runs: Path, metric: str, **options):
         def on_trial_add(self, tune_controller, trial):
             super().on_trial_add(tune_controller, trial)
             name = str(trial)
-            if Path(name).name != name or name in (".", ".."):  # a name from Tune's state file: one plain name
+            plain = Path(name).name == name and name not in (".", "..")  # a name from Tune's state file
+            if not plain or (runs / name).is_symlink():  # links are never followed
                 return
             for step, value in validations(runs / name / "metrics.csv", metric):  # none for a new trial
                 self.on_trial_result(tune_controller, trial, {"step": step, metric: value})

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 
 from kibitz.storage import open_in_place, read_no_follow, write_atomic
@@ -63,11 +64,16 @@ def csv_rows(path: Path, first: int, last: int):
 
 def metric_rows(path: Path) -> list[list[str]]:
     """The well-formed [step, name, value] rows of a metrics.csv, as written. A crash or a power loss can leave a
-    torn last line, a blank line or a tail of NUL bytes: those are not rows."""
+    torn last line, a blank line or a tail of NUL bytes: those are not rows. A link, a device or a folder has none."""
     rows = []
-    if not path.is_file():  # a device (/dev/full, say) would be read forever
+    try:  # a link is not followed; O_NONBLOCK: a FIFO does not hold the open
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # missing, or a link
         return rows
-    with open(path, newline="", errors="replace") as f:
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # a device (/dev/full, say) would be read forever
+        os.close(descriptor)
+        return rows
+    with open(descriptor, newline="", errors="replace") as f:
         for row in csv.reader(line.replace("\0", "") for line in f):
             try:
                 if len(row) == 3 and int(row[0]) >= 0 and float(row[2]) is not None:  # a NaN loss is a row too

@@ -145,6 +145,10 @@ def test_a_restored_sweeps_asha_judges_new_trials_against_the_trials_that_ended_
     replaying.on_trial_add(None, ended[0])
     again = [replaying.on_trial_result(None, ended[1], {"step": s, "val/bpc": 3.1}) for s in range(10, 201, 10)]
     assert again == [TrialScheduler.CONTINUE] * 20  # ... reports them again: its rungs were judged already
+    linked = Trial("trial", stub=True)  # a run folder that is a link to a good trial's: not read
+    (tmp_path / str(linked)).symlink_to(tmp_path / str(ended[0]))
+    replaying.on_trial_add(None, linked)
+    assert replaying.on_trial_result(None, linked, {"step": 10, "val/bpc": 8.0}) == TrialScheduler.STOP
     trials = ["examples/charlm.py", "--train.val-every", "10"]
     assert sweep.rungs_in_steps(parse_config([*trials, "--train.max-steps", "200"])) == (10, 201)  # past the last
 

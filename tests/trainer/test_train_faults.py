@@ -219,6 +219,21 @@ def test_a_torn_metrics_csv_does_not_block_resume(tmp_path, capsys, tail):
     assert sorted({int(row[0]) for row in rows[1:] if row[1] == "train/loss"}) == [4, 8, 12]
 
 
+def test_metrics_csv_is_read_only_from_a_file_of_its_own(tmp_path):
+    """A metrics.csv that is a link (to a run's real one), a FIFO, a device or a folder gives no rows, at once: the
+    sweep's trials and its restored ASHA read run folders too, and links in them are never followed."""
+    from kibitz.tracking.sinks import metric_rows
+
+    real = tmp_path / "metrics.csv"
+    real.write_text("step,name,value\n10,val/bpc,2.5\n")
+    assert metric_rows(real) == [["10", "val/bpc", "2.5"]]
+    (tmp_path / "link.csv").symlink_to(real)
+    os.mkfifo(tmp_path / "fifo.csv")  # no writer: an ordinary open would wait for one forever
+    (tmp_path / "folder.csv").mkdir()
+    for path in ("link.csv", "fifo.csv", "folder.csv", "missing.csv", "/dev/zero"):
+        assert metric_rows(tmp_path / path) == [], path
+
+
 def written_to_a_full_disk(path: Path, text) -> None:
     """A run folder's file written where every write fails as on a full disk: /dev/full answers ENOSPC."""
     with open("/dev/full", "wb") as full:
