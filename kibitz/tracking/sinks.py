@@ -13,11 +13,14 @@ import secrets
 import stat
 from pathlib import Path
 
-from kibitz.storage import open_in_place, read_no_follow, write_atomic
+# kibitz.storage (and with it torch) is imported where it is used: reading a metrics.csv (metric_rows) stays light for
+# the sweep's trials, which poll their runs' files from Ray's workers, where importing torch took seconds.
 
 
 class CSVLog:
     def __init__(self, path: Path, resume_step: int | None = None):
+        from kibitz.storage import open_in_place, write_atomic
+
         if resume_step is not None and path.exists():  # rows past the checkpoint will be logged again
             rows = [row for row in metric_rows(path) if int(row[0]) <= resume_step]
             text = io.StringIO()
@@ -103,6 +106,8 @@ class WandbLog:
         summaries: dict[str, str] | None = None,
     ):
         import wandb  # slow to import: only when used
+
+        from kibitz.storage import write_atomic
 
         id_file = run_dir / "wandb_id.txt"
         # secrets, not random: drawing from the training RNG here would change the run.
@@ -219,6 +224,7 @@ def wandb_records(log: Path) -> list[dict]:
     from wandb.proto import wandb_internal_pb2
 
     from config import ConfigError
+    from kibitz.storage import read_no_follow
 
     try:
         data = read_no_follow(log)

@@ -5,6 +5,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -151,6 +153,22 @@ def test_a_restored_sweeps_asha_judges_new_trials_against_the_trials_that_ended_
     assert replaying.on_trial_result(None, linked, {"step": 10, "val/bpc": 8.0}) == TrialScheduler.STOP
     trials = ["examples/charlm.py", "--train.val-every", "10"]
     assert sweep.rungs_in_steps(parse_config([*trials, "--train.max-steps", "200"])) == (10, 201)  # past the last
+
+
+def test_a_trial_reads_its_runs_validations_without_importing_torch(tmp_path):
+    """A trial polls its run's metrics.csv from a Ray worker. Importing torch there took half a minute on a busy
+    machine: the run had ended before its first validation was reported, and ASHA's stop came too late."""
+    (tmp_path / "metrics.csv").write_text("step,name,value\n5,train/loss,3\n10,val/bpc,2.5\n")
+    probe = (
+        "import importlib.util, sys\n"
+        "from pathlib import Path\n"
+        f"spec = importlib.util.spec_from_file_location('sweep', {str(ROOT / 'examples' / 'sweep.py')!r})\n"
+        "sweep = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(sweep)\n"
+        "print(sweep.validations(Path('metrics.csv'), 'val/bpc'), 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split("\n")[0] == "[(10, 2.5)] False", result.stdout + result.stderr[-3000:]
 
 
 @pytest.mark.slow  # starts processes of its own
