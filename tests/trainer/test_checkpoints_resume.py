@@ -33,7 +33,7 @@ from conftest import (
 from tiny_task import TASK as TINY
 
 import train
-from kibitz.tracking import sinks
+from kibitz import storage
 
 
 @pytest.mark.slow
@@ -331,7 +331,10 @@ def test_logger_failures_are_reported_once_and_training_continues(tmp_path, caps
     run_dir = tmp_path / "lf"
     run_dir.mkdir()
     full = open("/dev/full", "a")  # the file metrics.csv is opened as (a link in the run folder is refused)
-    monkeypatch.setattr(sinks, "open_in_place", lambda path, mode: full)
+    opened = storage.open_in_place  # the CSV sink imports it where it opens the file
+    monkeypatch.setattr(
+        storage, "open_in_place", lambda path, mode: full if path.name == "metrics.csv" else opened(path, mode)
+    )
     (run_dir / "wandb").write_text("not a folder")
     assert train.main(tiny_task_args(tmp_path, "--run-name", "lf", "--log.logger", "wandb"), task=TINY) == 0
     out = capsys.readouterr().out
