@@ -175,7 +175,10 @@ def flag_of(field: str, value) -> list[str]:
 
 
 def validations(metrics_csv: Path, metric: str) -> list[tuple[int, float]]:
-    sys.path.insert(1, str(ROOT))
+    """The run's (step, value) of `metric`. A trial calls it every half second from a Ray worker, where this file's
+    own line that puts the trainer on the path has not run: it is put there once, not at every call."""
+    if sys.path[1:2] != [str(ROOT)]:
+        sys.path.insert(1, str(ROOT))
     from kibitz.tracking.sinks import metric_rows
 
     return [(int(step), float(value)) for step, name, value in metric_rows(metrics_csv) if name == metric]

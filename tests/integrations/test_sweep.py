@@ -166,9 +166,11 @@ def test_a_trial_reads_its_runs_validations_without_importing_torch(tmp_path):
         "sweep = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(sweep)\n"
         "print(sweep.validations(Path('metrics.csv'), 'val/bpc'), 'torch' in sys.modules)\n"
+        "sweep.validations(Path('metrics.csv'), 'val/bpc')\n"
+        "print(sys.path.count(str(sweep.ROOT)))\n"  # called every half second: the path does not grow
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.stdout.split("\n")[0] == "[(10, 2.5)] False", result.stdout + result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["[(10, 2.5)] False", "1"], result.stdout + result.stderr[-3000:]
 
 
 @pytest.mark.slow  # starts processes of its own
